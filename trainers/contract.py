@@ -1,0 +1,96 @@
+"""The in-container contract between the site agent and the code that runs in the job.
+
+The agent mounts the paths below and passes the job's trainer configuration as JSON in the
+environment variable :data:`JOB_ENV`. This module is imported on both sides (the agent on the
+host, the harness in the container), so it holds only constants and plain parsing, no I/O
+beyond reading the environment.
+
+| path            | what                                                  | mode       |
+| --------------- | ----------------------------------------------------- | ---------- |
+| /data/<dataset> | the approved datasets, decrypted for this job only    | read-only  |
+| /model/base     | the base model (Hugging Face format directory)        | read-only  |
+| /code           | the code bundle                                       | read-only  |
+| /output         | the only writable place that outlives the job; capped | read-write |
+| /tmp            | scratch, memory-backed, capped                        | read-write |
+
+Release candidates: ``/output/weights/*.safetensors`` and ``/output/metrics.json`` (a flat
+object of name -> number). Live progress: ``/output/metrics.jsonl``, one JSON object a line
+with at least ``step``, ``total`` and ``loss``. Checkpoints for resuming go to
+``/output/checkpoints/`` and are never released. Stdout and stderr stay in the site.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+DATA_DIR = PurePosixPath("/data")
+MODEL_DIR = PurePosixPath("/model/base")
+CODE_DIR = PurePosixPath("/code")
+OUTPUT_DIR = PurePosixPath("/output")
+WEIGHTS_DIR = OUTPUT_DIR / "weights"
+METRICS_FILE = OUTPUT_DIR / "metrics.json"
+PROGRESS_FILE = OUTPUT_DIR / "metrics.jsonl"
+CHECKPOINT_DIR = OUTPUT_DIR / "checkpoints"
+
+JOB_ENV = "SEALROOM_JOB"
+"""Environment variable that carries :class:`JobConfig` as JSON."""
+
+JOB_USER = "10001:10001"
+"""The unprivileged uid:gid the job runs as (created in the runtime image)."""
+
+# Exit codes of the harness, so the agent can tell the job's fault from a bad configuration.
+EXIT_OK = 0
+EXIT_TRAINING_FAILED = 1
+EXIT_BAD_CONFIG = 2
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """What the harness needs to know about the job. Built by the site agent from the spec.
+
+    ``trainer`` is a built-in trainer's name (e.g. ``"causal-lm"``) or ``"custom"``, in which
+    case ``entrypoint`` names ``module:ClassName`` inside ``/code``.
+    """
+
+    job_id: str
+    trainer: str
+    datasets: tuple[str, ...]
+    hyperparameters: Mapping[str, Any] = field(default_factory=dict)
+    entrypoint: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "job_id": self.job_id,
+                "trainer": self.trainer,
+                "datasets": list(self.datasets),
+                "hyperparameters": dict(self.hyperparameters),
+                "entrypoint": self.entrypoint,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> JobConfig:
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{JOB_ENV} must be a JSON object")
+        return cls(
+            job_id=str(raw["job_id"]),
+            trainer=str(raw["trainer"]),
+            datasets=tuple(str(d) for d in raw.get("datasets", ())),
+            hyperparameters=dict(raw.get("hyperparameters") or {}),
+            entrypoint=raw.get("entrypoint"),
+        )
+
+    @classmethod
+    def from_env(cls) -> JobConfig:
+        text = os.environ.get(JOB_ENV)
+        if text is None:
+            raise ValueError(f"environment variable {JOB_ENV} is not set")
+        return cls.from_json(text)
