@@ -1,0 +1,212 @@
+"""The Gateway gRPC servicer: messages in, one call into :class:`gateway.core.Gateway`, messages
+out. Authorisation, audit and error mapping happen around it (:mod:`gateway._auth`); protobuf
+types stop here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from gateway._auth import principal_of
+from gateway.core import Gateway, JobEvent
+from gateway.lifecycle import JobState
+from gateway.store import DatasetRecord, JobRecord, PolicyRecord
+from policies.errors import InvalidInput, ResourceExhausted
+from sealroom.v1 import gateway_pb2 as pb
+from sealroom.v1 import gateway_pb2_grpc as pb_grpc
+
+CHUNK = 1 << 20
+
+
+def _receive(
+    chunks: Iterable[Any], *, header_field: str, data_field: str, limit: int, into: Path
+) -> tuple[Any, Path | None, str]:
+    """Read a header message then data chunks into a file, hashing, size-capped.
+
+    Returns (header, path or None when no data came, sha256 hex).
+    """
+    it = iter(chunks)
+    first = next(it, None)
+    if first is None or first.WhichOneof("part") != header_field:
+        raise InvalidInput(f"the first message must carry the {header_field}")
+    header = getattr(first, header_field)
+    h = hashlib.sha256()
+    size = 0
+    with into.open("wb") as f:
+        for msg in it:
+            if msg.WhichOneof("part") != data_field:
+                raise InvalidInput(f"only {data_field} may follow the {header_field}")
+            data = getattr(msg, data_field)
+            size += len(data)
+            if size > limit:
+                raise ResourceExhausted(f"upload is over the {limit}-byte limit")
+            h.update(data)
+            f.write(data)
+    return header, (into if size else None), h.hexdigest()
+
+
+def _dataset(d: DatasetRecord) -> pb.Dataset:
+    return pb.Dataset(
+        name=d.name, version=d.version, owner=d.owner, root_hash=d.root_hash, size=d.size,
+        files=[pb.DatasetFile(path=f.path, size=f.size, sha256=f.sha256) for f in d.files],
+        created_at=d.created_at, description=d.description,
+    )
+
+
+def _policy(p: PolicyRecord) -> pb.Policy:
+    return pb.Policy(dataset=p.dataset, version=p.version, document=p.document, sha256=p.sha256,
+                     author=p.author, created_at=p.created_at)
+
+
+def _event(e: JobEvent) -> pb.JobEvent:
+    msg = pb.JobEvent(job_id=e.job_id, state=e.state.value, reason=e.reason, time=e.time,
+                      terminal=e.terminal)
+    if e.progress is not None:
+        step, total, loss = e.progress
+        msg.progress.CopyFrom(pb.Progress(step=step, total=total, loss=loss))
+    return msg
+
+
+class GatewayServicer(pb_grpc.GatewayServicer):
+    def __init__(self, gateway: Gateway) -> None:
+        self.g = gateway
+
+    def _job(self, j: JobRecord) -> pb.Job:
+        return pb.Job(
+            id=j.id, name=j.name, state=j.state.value, submitter=j.submitter, team=j.team,
+            spec=j.spec, spec_sha256=j.spec_sha256, bundle_sha256=j.bundle_sha256,
+            datasets=[pb.DatasetVersionRef(name=d.name, version=d.version, root_hash=d.root_hash)
+                      for d in j.datasets],
+            policy_versions=dict(j.policy_versions), reasons=list(j.reasons),
+            approvals=[pb.Approval(owner=a.owner, decision=a.decision, reason=a.reason,
+                                   binding=a.binding, created_at=a.created_at)
+                       for a in self.g.approvals(j.id)],
+            image_id=j.image_id, created_at=j.created_at, updated_at=j.updated_at,
+            metrics=dict(j.metrics), release_id=j.release_id,
+        )
+
+    def WhoAmI(self, request: pb.WhoAmIRequest, context: grpc.ServicerContext) -> pb.Principal:
+        p = principal_of(context)
+        return pb.Principal(name=p.name, role=p.role.value, team=p.team)
+
+    def RegisterDataset(self, request_iterator: Iterator[pb.RegisterDatasetChunk],
+                        context: grpc.ServicerContext) -> pb.Dataset:
+        with tempfile.TemporaryDirectory(dir=self.g.home) as tmp:
+            header, path, _ = _receive(
+                request_iterator, header_field="header", data_field="data",
+                limit=self.g.max_bundle_bytes * 8, into=Path(tmp) / "dataset.tar")
+            if path is None:
+                raise InvalidInput("the dataset archive is empty")
+            record = self.g.register_dataset(
+                principal=principal_of(context), name=header.name,
+                description=header.description, archive=path,
+                archive_sha256=header.archive_sha256)
+        return _dataset(record)
+
+    def ListDatasets(self, request: pb.ListDatasetsRequest,
+                     context: grpc.ServicerContext) -> pb.ListDatasetsResponse:
+        return pb.ListDatasetsResponse(
+            datasets=[_dataset(d) for d in self.g.datasets(principal=principal_of(context))])
+
+    def PutPolicy(self, request: pb.PutPolicyRequest, context: grpc.ServicerContext) -> pb.Policy:
+        return _policy(self.g.put_policy(principal=principal_of(context),
+                                         dataset=request.dataset, text=request.document))
+
+    def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.ServicerContext) -> pb.Policy:
+        return _policy(self.g.policy(principal=principal_of(context), dataset=request.dataset,
+                                     version=request.version or None))
+
+    def ListPolicyVersions(self, request: pb.GetPolicyRequest,
+                           context: grpc.ServicerContext) -> pb.ListPolicyVersionsResponse:
+        versions = self.g.policy_versions(principal=principal_of(context),
+                                          dataset=request.dataset)
+        return pb.ListPolicyVersionsResponse(versions=[_policy(p) for p in versions])
+
+    def SubmitJob(self, request_iterator: Iterator[pb.SubmitJobChunk],
+                  context: grpc.ServicerContext) -> pb.Job:
+        with tempfile.TemporaryDirectory(dir=self.g.home) as tmp:
+            header, path, _ = _receive(
+                request_iterator, header_field="header", data_field="bundle",
+                limit=self.g.max_bundle_bytes, into=Path(tmp) / "bundle.tar.gz")
+            job = self.g.submit(principal=principal_of(context), spec_text=header.spec,
+                                bundle=path, bundle_sha256=header.bundle_sha256)
+        return self._job(job)
+
+    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        return self._job(self.g.job(principal=principal_of(context), job_id=request.job_id))
+
+    def ListJobs(self, request: pb.ListJobsRequest,
+                 context: grpc.ServicerContext) -> pb.ListJobsResponse:
+        try:
+            state = JobState(request.state) if request.state else None
+        except ValueError:
+            raise InvalidInput(f"unknown job state {request.state!r}") from None
+        jobs = self.g.jobs(principal=principal_of(context), state=state)
+        return pb.ListJobsResponse(jobs=[self._job(j) for j in jobs])
+
+    def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        return self._job(self.g.cancel(principal=principal_of(context), job_id=request.job_id,
+                                       reason=request.reason))
+
+    def DecideJob(self, request: pb.DecideJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        return self._job(self.g.decide(principal=principal_of(context), job_id=request.job_id,
+                                       approve=request.approve, reason=request.reason))
+
+    def WatchJob(self, request: pb.WatchJobRequest,
+                 context: grpc.ServicerContext) -> Iterator[pb.JobEvent]:
+        for event in self.g.watch(principal=principal_of(context), job_id=request.job_id):
+            if not context.is_active():
+                return
+            yield _event(event)
+
+    def GetJobLogs(self, request: pb.GetJobLogsRequest,
+                   context: grpc.ServicerContext) -> Iterator[pb.LogChunk]:
+        data = self.g.logs(principal=principal_of(context), job_id=request.job_id)
+        for i in range(0, max(len(data), 1), CHUNK):
+            yield pb.LogChunk(data=data[i : i + CHUNK])
+
+    def DownloadRelease(self, request: pb.DownloadReleaseRequest,
+                        context: grpc.ServicerContext) -> Iterator[pb.ReleaseChunk]:
+        root = self.g.release_dir(principal=principal_of(context), job_id=request.job_id)
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
+            rel = path.relative_to(root).as_posix()
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            yield pb.ReleaseChunk(file=pb.ReleaseFileHeader(path=rel, size=path.stat().st_size,
+                                                            sha256=digest))
+            with path.open("rb") as f:
+                while data := f.read(CHUNK):
+                    yield pb.ReleaseChunk(data=data)
+
+    # -- audit ------------------------------------------------------------------------------
+
+    def QueryAudit(self, request: pb.QueryAuditRequest,
+                   context: grpc.ServicerContext) -> pb.QueryAuditResponse:
+        records = self.g.audit.query(
+            job=request.job_id or None, dataset=request.dataset or None,
+            file=request.file or None, principal=request.principal or None,
+            role=request.role or None, action=request.action or None,
+            outcome=request.outcome or None, since=request.since or None,
+            until=request.until or None, limit=request.limit or 1000)
+        return pb.QueryAuditResponse(records=[
+            pb.AuditRecord(
+                seq=r.seq, time=r.time, principal=r.event.principal, role=r.event.role,
+                action=r.event.action, outcome=r.event.outcome, job_id=r.event.job_id or "",
+                dataset=r.event.dataset or "", file=r.event.file or "",
+                details_json=json.dumps(dict(r.event.details), sort_keys=True),
+                leaf_hash=r.leaf_hash.hex() if isinstance(r.leaf_hash, bytes) else r.leaf_hash)
+            for r in records])
+
+    def ExportAudit(self, request: pb.ExportAuditRequest,
+                    context: grpc.ServicerContext) -> Iterator[pb.ExportChunk]:
+        with tempfile.TemporaryDirectory(dir=self.g.home) as tmp:
+            path = Path(tmp) / "export.jsonl"
+            self.g.audit.export(path)
+            with path.open("rb") as f:
+                while data := f.read(CHUNK):
+                    yield pb.ExportChunk(data=data)

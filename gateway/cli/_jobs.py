@@ -1,0 +1,123 @@
+"""Model team and data owner verbs for jobs: submit, watch, approve or deny, logs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
+
+from gateway.cli._common import JsonOpt, client, console, emit, errors, to_dict
+from sealroom.v1 import gateway_pb2 as pb
+
+job_app = typer.Typer(help="Training jobs.", no_args_is_help=True)
+
+
+def _summary(j: pb.Job) -> str:
+    line = f"job {j.id} ({j.name}): {j.state}"
+    if j.reasons:
+        line += "\n  " + "\n  ".join(j.reasons)
+    return line
+
+
+@job_app.command("submit")
+def job_submit(
+    spec: Path = typer.Argument(..., help="the job spec (YAML or JSON)"),
+    bundle: Path | None = typer.Option(None, help="code bundle: a directory or a tar.gz"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Submit a job spec (and a code bundle for custom trainers)."""
+    with errors(as_json), client() as c:
+        j = c.submit(spec.read_text(), bundle=bundle)
+        emit(as_json, to_dict(j), _summary(j))
+
+
+@job_app.command("get")
+def job_get(job_id: str, as_json: bool = JsonOpt) -> None:
+    """Show a job."""
+    with errors(as_json), client() as c:
+        j = c.job(job_id)
+        emit(as_json, to_dict(j), _summary(j))
+
+
+@job_app.command("list")
+def job_list(state: str = typer.Option("", help="only jobs in this state"),
+             as_json: bool = JsonOpt) -> None:
+    """List the jobs you may see."""
+    with errors(as_json), client() as c:
+        jobs = c.jobs(state)
+
+        def text() -> None:
+            t = Table("id", "name", "state", "submitter", "datasets", "updated")
+            for j in jobs:
+                t.add_row(j.id, j.name, j.state, j.submitter,
+                          ", ".join(f"{d.name}@v{d.version}" for d in j.datasets), j.updated_at)
+            console.print(t)
+
+        emit(as_json, [to_dict(j) for j in jobs], text)
+
+
+@job_app.command("approve")
+def job_approve(job_id: str, reason: str = typer.Option("", help="why"),
+                as_json: bool = JsonOpt) -> None:
+    """Approve a job naming your dataset (binds its spec, bundle, data and policy versions)."""
+    with errors(as_json), client() as c:
+        j = c.decide(job_id, approve=True, reason=reason)
+        emit(as_json, to_dict(j), _summary(j))
+
+
+@job_app.command("deny")
+def job_deny(job_id: str, reason: str = typer.Option("", help="why"),
+             as_json: bool = JsonOpt) -> None:
+    """Deny a job naming your dataset."""
+    with errors(as_json), client() as c:
+        j = c.decide(job_id, approve=False, reason=reason)
+        emit(as_json, to_dict(j), _summary(j))
+
+
+@job_app.command("cancel")
+def job_cancel(job_id: str, reason: str = typer.Option("", help="why"),
+               as_json: bool = JsonOpt) -> None:
+    """Cancel a job that has not ended."""
+    with errors(as_json), client() as c:
+        j = c.cancel(job_id, reason)
+        emit(as_json, to_dict(j), _summary(j))
+
+
+@job_app.command("watch")
+def job_watch(job_id: str, as_json: bool = JsonOpt) -> None:
+    """Follow a job's states and progress until it ends (a progress bar; --json: JSON lines)."""
+    with errors(as_json), client() as c:
+        final = None
+        if as_json:
+            for e in c.watch(job_id):
+                sys.stdout.write(json.dumps(to_dict(e), sort_keys=True) + "\n")
+                sys.stdout.flush()
+                final = e
+        else:
+            with Progress(TextColumn("{task.description}"), BarColumn(),
+                          TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+                          console=console, transient=False) as bar:
+                task = bar.add_task(job_id, total=None, loss="-")
+                for e in c.watch(job_id):
+                    final = e
+                    if e.HasField("progress"):
+                        bar.update(task, completed=e.progress.step, total=e.progress.total,
+                                   loss=f"{e.progress.loss:.4f}")
+                    else:
+                        bar.console.print(f"{e.time}  {e.state}" + (f"  {e.reason}" if e.reason
+                                                                       else ""))
+        if final is not None and final.state not in ("RELEASED",):
+            raise typer.Exit(code=3 if final.terminal else 0)
+
+
+@job_app.command("logs")
+def job_logs(job_id: str, as_json: bool = JsonOpt) -> None:
+    """Print a job's stdout and stderr (data owners and operators; they can carry data)."""
+    with errors(as_json), client() as c:
+        data = c.logs(job_id)
+        emit(as_json, {"job_id": job_id, "logs": data.decode("utf-8", "replace")},
+             lambda: sys.stdout.write(data.decode("utf-8", "replace")))

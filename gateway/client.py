@@ -1,0 +1,221 @@
+"""The Python SDK: a typed client for the gateway over mTLS.
+
+Every method raises :mod:`policies.errors` classes (gRPC errors are mapped back through the
+same table the server uses), so SDK users catch ``SealroomError`` and nothing from grpc.
+Uploads stream in 1 MiB chunks with their SHA-256 in the header; downloads are written into a
+fresh directory, refusing any path that would land outside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any, TypeVar
+
+import grpc
+
+from gateway._status import error_for
+from gateway.identity import IdentityFiles
+from policies.errors import IntegrityError, InvalidInput
+from sealroom.v1 import gateway_pb2 as pb
+from sealroom.v1 import gateway_pb2_grpc as pb_grpc
+
+CHUNK = 1 << 20
+T = TypeVar("T")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while data := f.read(CHUNK):
+            h.update(data)
+    return h.hexdigest()
+
+
+def pack_directory(src: Path, dest: Path, *, gzip: bool) -> Path:
+    """Tar ``src`` (regular files and directories only) reproducibly into ``dest``."""
+    if not src.is_dir():
+        raise InvalidInput(f"{src} is not a directory")
+    mode = "w:gz" if gzip else "w"
+    with tarfile.open(dest, mode, format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(src.rglob("*")):
+            if path.is_symlink():
+                raise InvalidInput(f"{path} is a symbolic link; pack real files only")
+            if not (path.is_file() or path.is_dir()):
+                raise InvalidInput(f"{path} is not a regular file or directory")
+            info = tar.gettarinfo(path, arcname=path.relative_to(src).as_posix())
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mtime = 0
+            if path.is_file():
+                with path.open("rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
+    return dest
+
+
+class Client:
+    def __init__(self, address: str, identity: IdentityFiles, *, timeout_s: float = 60.0) -> None:
+        cert, key, ca = identity.read()
+        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                             certificate_chain=cert)
+        self._channel = grpc.secure_channel(address, creds, options=[
+            ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+            ("grpc.max_send_message_length", 8 * 1024 * 1024)])
+        self._stub = pb_grpc.GatewayStub(self._channel)
+        self.timeout_s = timeout_s
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        try:
+            return fn(*args, timeout=kw.pop("timeout", self.timeout_s), **kw)
+        except grpc.RpcError as e:
+            raise error_for(e.code(), e.details() or str(e.code())) from e
+
+    def _stream(self, fn: Callable[..., Iterator[T]], request: Any,
+                timeout: float | None = None) -> Iterator[T]:
+        try:
+            yield from fn(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise error_for(e.code(), e.details() or str(e.code())) from e
+
+    @staticmethod
+    def _chunks(path: Path | None, wrap: Callable[[bytes], Any]) -> Iterator[Any]:
+        if path is None:
+            return
+        with path.open("rb") as f:
+            while data := f.read(CHUNK):
+                yield wrap(data)
+
+    # -- identity and datasets ----------------------------------------------------------------
+
+    def whoami(self) -> pb.Principal:
+        return self._call(self._stub.WhoAmI, pb.WhoAmIRequest())
+
+    def register_dataset(self, name: str, source: Path, *, description: str = "") -> pb.Dataset:
+        """Register a directory (packed as tar) or a tar archive as the next version."""
+        with tempfile.TemporaryDirectory() as tmp:
+            archive = source if source.is_file() else pack_directory(
+                source, Path(tmp) / "dataset.tar", gzip=False)
+            header = pb.RegisterDatasetHeader(name=name, description=description,
+                                              archive_sha256=_sha256_file(archive))
+
+            def messages() -> Iterator[pb.RegisterDatasetChunk]:
+                yield pb.RegisterDatasetChunk(header=header)
+                yield from self._chunks(archive, lambda d: pb.RegisterDatasetChunk(data=d))
+
+            return self._call(self._stub.RegisterDataset, messages(), timeout=None)
+
+    def datasets(self) -> list[pb.Dataset]:
+        return list(self._call(self._stub.ListDatasets, pb.ListDatasetsRequest()).datasets)
+
+    def put_policy(self, dataset: str, document: str) -> pb.Policy:
+        return self._call(self._stub.PutPolicy,
+                          pb.PutPolicyRequest(dataset=dataset, document=document))
+
+    def policy(self, dataset: str, version: int = 0) -> pb.Policy:
+        return self._call(self._stub.GetPolicy,
+                          pb.GetPolicyRequest(dataset=dataset, version=version))
+
+    def policy_versions(self, dataset: str) -> list[pb.Policy]:
+        return list(self._call(self._stub.ListPolicyVersions,
+                               pb.GetPolicyRequest(dataset=dataset)).versions)
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def submit(self, spec_text: str, *, bundle: Path | None = None) -> pb.Job:
+        """Submit a spec, with a code bundle (a directory, packed as tar.gz, or an archive)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            archive = None
+            if bundle is not None:
+                archive = bundle if bundle.is_file() else pack_directory(
+                    bundle, Path(tmp) / "bundle.tar.gz", gzip=True)
+            header = pb.SubmitJobHeader(
+                spec=spec_text, bundle_sha256=_sha256_file(archive) if archive else "")
+
+            def messages() -> Iterator[pb.SubmitJobChunk]:
+                yield pb.SubmitJobChunk(header=header)
+                yield from self._chunks(archive, lambda d: pb.SubmitJobChunk(bundle=d))
+
+            return self._call(self._stub.SubmitJob, messages(), timeout=None)
+
+    def job(self, job_id: str) -> pb.Job:
+        return self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))
+
+    def jobs(self, state: str = "") -> list[pb.Job]:
+        return list(self._call(self._stub.ListJobs, pb.ListJobsRequest(state=state)).jobs)
+
+    def decide(self, job_id: str, *, approve: bool, reason: str = "") -> pb.Job:
+        return self._call(self._stub.DecideJob,
+                          pb.DecideJobRequest(job_id=job_id, approve=approve, reason=reason))
+
+    def cancel(self, job_id: str, reason: str = "") -> pb.Job:
+        return self._call(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id, reason=reason))
+
+    def watch(self, job_id: str, *, timeout: float | None = None) -> Iterator[pb.JobEvent]:
+        return self._stream(self._stub.WatchJob, pb.WatchJobRequest(job_id=job_id), timeout)
+
+    def logs(self, job_id: str) -> bytes:
+        buf = io.BytesIO()
+        for chunk in self._stream(self._stub.GetJobLogs, pb.GetJobLogsRequest(job_id=job_id)):
+            buf.write(chunk.data)
+        return buf.getvalue()
+
+    def download_release(self, job_id: str, dest: Path) -> Path:
+        """Write the release into ``dest`` (created; must not exist or be empty)."""
+        dest.mkdir(parents=True, exist_ok=True)
+        if any(dest.iterdir()):
+            raise InvalidInput(f"{dest} is not empty")
+        current: tuple[Path, str, Any, Any] | None = None
+
+        def finish() -> None:
+            if current is None:
+                return
+            path, expected, f, h = current
+            f.close()
+            if h.hexdigest() != expected:
+                raise IntegrityError(f"{path.name}: sha256 {h.hexdigest()} != sent {expected}")
+
+        for chunk in self._stream(self._stub.DownloadRelease,
+                                  pb.DownloadReleaseRequest(job_id=job_id)):
+            if chunk.WhichOneof("part") == "file":
+                finish()
+                rel = PurePosixPath(chunk.file.path)
+                if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+                    raise IntegrityError(f"release sent an unsafe path {chunk.file.path!r}")
+                path = dest.joinpath(*rel.parts)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                current = (path, chunk.file.sha256, os.fdopen(fd, "wb"), hashlib.sha256())
+            else:
+                if current is None:
+                    raise IntegrityError("release sent data before a file header")
+                current[2].write(chunk.data)
+                current[3].update(chunk.data)
+        finish()
+        return dest
+
+    # -- audit ------------------------------------------------------------------------------
+
+    def audit_query(self, **filters: Any) -> list[pb.AuditRecord]:
+        return list(self._call(self._stub.QueryAudit, pb.QueryAuditRequest(**filters)).records)
+
+    def audit_export(self, dest: Path) -> Path:
+        with dest.open("wb") as f:
+            for chunk in self._stream(self._stub.ExportAudit, pb.ExportAuditRequest()):
+                f.write(chunk.data)
+        return dest

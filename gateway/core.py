@@ -1,0 +1,680 @@
+"""The gateway's logic, callable without a server: datasets, policies, jobs, approvals, releases.
+
+Every public method takes the authenticated :class:`Principal` as the keyword ``principal``
+and checks ownership itself (the RPC layer has already checked the role). Every state change is
+persisted, then recorded in the audit log, before the method returns or acts on it. Methods
+raise only :mod:`policies.errors` classes; the RPC layer maps them to status codes.
+
+Jobs move through :mod:`gateway.lifecycle`. Approved jobs wait in a bounded queue; worker
+threads hand them to the site one at a time each, after checking that the approval still binds
+the job as it is now (spec, bundle, dataset versions, policy versions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import datetime as dt
+import queue
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.audit import AuditEvent, AuditLog
+from gateway.lifecycle import TERMINAL, JobState
+from gateway.site import RunOrder, Site, SiteReport
+from gateway.store import (
+    ApprovalRecord,
+    DatasetFileRecord,
+    DatasetRecord,
+    JobRecord,
+    PinnedDataset,
+    PolicyRecord,
+    Store,
+    utcnow,
+)
+from policies import access, approval, document
+from policies.errors import (
+    InvalidInput,
+    InvalidState,
+    NotFound,
+    PermissionDenied,
+    PolicyViolation,
+    ResourceExhausted,
+    SealroomError,
+)
+from policies.identity import Principal, Role
+from policies.spec import NAME_RE, JobSpec, parse_spec
+
+SYSTEM = Principal(name="gateway", role=Role.OPERATOR, team="")
+"""The principal recorded for what the gateway does on its own (transitions, dispatch)."""
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    job_id: str
+    state: JobState
+    reason: str = ""
+    progress: tuple[int, int, float] | None = None
+    time: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL and self.progress is None
+
+
+class _EventHub:
+    """Per-job event history with blocking readers, for WatchJob."""
+
+    def __init__(self, *, keep: int = 1000) -> None:
+        self._cond = threading.Condition()
+        self._events: dict[str, list[JobEvent]] = {}
+        self._keep = keep
+
+    def publish(self, event: JobEvent) -> None:
+        with self._cond:
+            events = self._events.setdefault(event.job_id, [])
+            events.append(event)
+            if len(events) > self._keep:
+                # Keep state changes, drop the oldest progress lines first.
+                for i, e in enumerate(events):
+                    if e.progress is not None:
+                        del events[i]
+                        break
+                else:
+                    del events[0]
+            self._cond.notify_all()
+
+    def follow(self, job_id: str, *, start: int = 0, timeout_s: float = 1.0) -> list[JobEvent]:
+        with self._cond:
+            self._cond.wait_for(
+                lambda: len(self._events.get(job_id, ())) > start, timeout=timeout_s
+            )
+            return list(self._events.get(job_id, ())[start:])
+
+
+class Gateway:
+    """The control plane. ``home`` holds bundles and releases; state is in ``store``."""
+
+    def __init__(
+        self,
+        *,
+        home: Path,
+        store: Store,
+        audit: AuditLog,
+        site: Site,
+        workers: int = 1,
+        max_queued: int = 100,
+        max_bundle_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
+        self.home = home
+        self.store = store
+        self.audit = audit
+        self.site = site
+        self.max_bundle_bytes = max_bundle_bytes
+        self._bundles = home / "bundles"
+        self._releases = home / "releases"
+        self._bundles.mkdir(parents=True, exist_ok=True)
+        self._releases.mkdir(parents=True, exist_ok=True)
+        self._events = _EventHub()
+        self._queue: queue.Queue[str | None] = queue.Queue(maxsize=max_queued)
+        self._workers = [
+            threading.Thread(target=self._work, name=f"dispatch-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        self._started = False
+
+    # -- life -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the dispatch workers; re-queue approved jobs left by a previous run."""
+        if self._started:
+            return
+        self._started = True
+        for t in self._workers:
+            t.start()
+        for job in self.store.jobs(state=JobState.RUNNING) + self.store.jobs(
+            state=JobState.CHECKING
+        ):
+            self._transition(job.id, JobState.ERROR, reason="the gateway restarted mid-run")
+        for job in self.store.jobs(state=JobState.QUEUED):
+            self._queue.put(job.id)
+        for job in self.store.jobs(state=JobState.APPROVED):
+            self._enqueue(job.id)
+
+    def stop(self) -> None:
+        if not self._started:
+            return
+        for _ in self._workers:
+            self._queue.put(None)
+        for t in self._workers:
+            t.join(timeout=5)
+        self._started = False
+
+    # -- audit ------------------------------------------------------------------------------
+
+    def record(
+        self,
+        principal: Principal,
+        action: str,
+        *,
+        outcome: str = "ok",
+        job_id: str | None = None,
+        dataset: str | None = None,
+        file: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Append one durable audit event; returns its sequence number."""
+        rec = self.audit.append(
+            AuditEvent(
+                principal=principal.name,
+                role=principal.role.value,
+                action=action,
+                outcome=outcome,
+                job_id=job_id,
+                dataset=dataset,
+                file=file,
+                details=dict(details or {}),
+            )
+        )
+        return int(rec.seq)
+
+    # -- datasets ---------------------------------------------------------------------------
+
+    def register_dataset(
+        self,
+        *,
+        principal: Principal,
+        name: str,
+        description: str,
+        archive: Path,
+        archive_sha256: str,
+    ) -> DatasetRecord:
+        if not NAME_RE.match(name):
+            raise InvalidInput(f"dataset name {name!r}: use lowercase letters, digits, . _ -")
+        owner = self.store.dataset_owner(name)
+        if owner is not None and owner != principal.name:
+            raise PermissionDenied(f"dataset {name} belongs to {owner}")
+        actual = _sha256_file(archive)
+        if archive_sha256 and actual != archive_sha256:
+            raise InvalidInput(
+                f"dataset archive hash mismatch: header says {archive_sha256}, got {actual}"
+            )
+        stored = self.site.store_dataset(name, archive=archive)
+        try:
+            existing = self.store.dataset(name, stored.version)
+        except NotFound:
+            existing = None
+        if existing is not None:  # the vault found identical content: same version
+            return existing
+        record = self.store.add_dataset(
+            DatasetRecord(
+                name=name,
+                version=stored.version,
+                owner=principal.name,
+                root_hash=stored.root_hash,
+                size=stored.size,
+                files=tuple(DatasetFileRecord(p, s, h) for p, s, h in stored.files),
+                description=description,
+                created_at=utcnow(),
+            )
+        )
+        self.record(
+            principal,
+            "dataset.register",
+            dataset=f"{name}@v{record.version}",
+            details={"root_hash": record.root_hash, "files": len(record.files),
+                     "size": record.size},
+        )
+        return record
+
+    def datasets(self, *, principal: Principal) -> list[DatasetRecord]:
+        return self.store.datasets()
+
+    # -- policies ---------------------------------------------------------------------------
+
+    def put_policy(self, *, principal: Principal, dataset: str, text: str) -> PolicyRecord:
+        owner = self.store.dataset_owner(dataset)
+        if owner is None:
+            raise NotFound(f"no dataset {dataset}: register it before writing its policy")
+        if owner != principal.name:
+            raise PermissionDenied(f"dataset {dataset} belongs to {owner}")
+        doc = document.parse_policy(text)
+        if doc.dataset != dataset:
+            raise InvalidInput(f"policy names dataset {doc.dataset!r}, not {dataset!r}")
+        record = self.store.add_policy(
+            dataset=dataset,
+            document=text,
+            sha256=document.document_hash(text),
+            author=principal.name,
+        )
+        self.record(
+            principal,
+            "policy.put",
+            dataset=dataset,
+            details={"version": record.version, "sha256": record.sha256},
+        )
+        self._reevaluate(dataset)
+        return record
+
+    def policy(self, *, principal: Principal, dataset: str, version: int | None) -> PolicyRecord:
+        return self.store.policy(dataset, version)
+
+    def policy_versions(self, *, principal: Principal, dataset: str) -> list[PolicyRecord]:
+        return self.store.policies(dataset)
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        *,
+        principal: Principal,
+        spec_text: str,
+        bundle: Path | None,
+        bundle_sha256: str,
+    ) -> JobRecord:
+        """Validate, pin and decide a submission. A refused spec leaves no job behind; a
+        policy denial is a decision and is kept, in state DENIED, with every reason."""
+        spec = parse_spec(spec_text)
+        if bundle is not None:
+            actual = _sha256_file(bundle)
+            if bundle_sha256 and actual != bundle_sha256:
+                raise InvalidInput(
+                    f"bundle hash mismatch: header says {bundle_sha256}, got {actual}"
+                )
+            bundle_sha256 = actual
+        elif spec.is_custom:
+            raise InvalidInput("trainer 'custom' needs a code bundle")
+        else:
+            bundle_sha256 = ""
+        pinned = self._pin(spec)
+        policies = self._current_policies([d.name for d in pinned])
+        decision = access.evaluate_submission(
+            spec=spec,
+            principal=principal,
+            policies={name: doc for name, (_, doc) in policies.items()},
+            dataset_owners={d.name: frozenset({self._owner(d.name)}) for d in pinned},
+            now=_now(),
+        )
+        job_id = f"job-{uuid.uuid4().hex[:12]}"
+        if bundle is not None:
+            dest = self._bundles / f"{bundle_sha256}.tar.gz"
+            if not dest.exists():
+                tmp = dest.with_suffix(f".{job_id}.tmp")
+                shutil.copyfile(bundle, tmp)
+                tmp.replace(dest)
+        policy_versions = {name: rec.version for name, (rec, _) in policies.items()}
+        job = JobRecord(
+            id=job_id,
+            name=spec.name,
+            state=JobState.SUBMITTED,
+            submitter=principal.name,
+            team=principal.team,
+            spec=spec.canonical_json().decode(),
+            spec_sha256=spec.digest(),
+            bundle_sha256=bundle_sha256,
+            datasets=pinned,
+            policy_versions=policy_versions,
+            reasons=tuple(decision.reasons),
+            binding=self._binding(spec.digest(), bundle_sha256, pinned, policy_versions).digest(),
+        )
+        job = self.store.add_job(job)
+        self.record(
+            principal,
+            "job.submit",
+            job_id=job_id,
+            details={
+                "spec_sha256": job.spec_sha256,
+                "bundle_sha256": bundle_sha256,
+                "datasets": [f"{d.name}@v{d.version}" for d in pinned],
+                "policy_versions": policy_versions,
+            },
+        )
+        self._events.publish(JobEvent(job_id, JobState.SUBMITTED, time=job.created_at))
+        self.record(
+            SYSTEM,
+            "policy.decision",
+            job_id=job_id,
+            outcome=decision.outcome.value,
+            details={"reasons": list(decision.reasons), "policy_versions": policy_versions},
+        )
+        if decision.outcome is access.Outcome.DENY:
+            return self._transition(job_id, JobState.DENIED, reason="; ".join(decision.reasons))
+        if decision.outcome is access.Outcome.AUTO_APPROVE:
+            self._transition(job_id, JobState.APPROVED, reason="approved under the policy")
+            self._enqueue(job_id)
+            return self.store.job(job_id)
+        return self._transition(job_id, JobState.PENDING_APPROVAL, reason="waiting for owners")
+
+    def decide(
+        self, *, principal: Principal, job_id: str, approve: bool, reason: str
+    ) -> JobRecord:
+        job = self.store.job(job_id)
+        owned = [d.name for d in job.datasets if self._owner(d.name) == principal.name]
+        if not owned:
+            raise PermissionDenied(f"{principal.name} owns none of the datasets job {job_id} names")
+        if job.state is not JobState.PENDING_APPROVAL:
+            raise InvalidState(f"job {job_id} is {job.state}, not waiting for approval")
+        self.store.add_approval(
+            ApprovalRecord(
+                job_id=job_id,
+                owner=principal.name,
+                decision="approve" if approve else "deny",
+                reason=reason,
+                binding=job.binding,
+                created_at=utcnow(),
+            )
+        )
+        self.record(
+            principal,
+            "job.approve" if approve else "job.deny",
+            job_id=job_id,
+            details={"binding": job.binding, "reason": reason, "datasets": owned},
+        )
+        if not approve:
+            return self._transition(job_id, JobState.DENIED, reason=f"denied by {principal.name}"
+                                    + (f": {reason}" if reason else ""))
+        if self._approved_by_all(job):
+            self._transition(job_id, JobState.APPROVED, reason="approved by the owners")
+            self._enqueue(job_id)
+        return self.store.job(job_id)
+
+    def cancel(self, *, principal: Principal, job_id: str, reason: str) -> JobRecord:
+        job = self.job(principal=principal, job_id=job_id)
+        if principal.name != job.submitter and principal.role is not Role.OPERATOR:
+            raise PermissionDenied("only the submitter or an operator can cancel a job")
+        if job.state in TERMINAL:
+            raise InvalidState(f"job {job_id} has already ended ({job.state})")
+        if job.state in (JobState.RUNNING, JobState.CHECKING):
+            self.record(principal, "job.cancel", job_id=job_id, details={"reason": reason})
+            self.site.cancel(job_id)  # the run ends with CANCELLED through the site's report
+            return self.store.job(job_id)
+        self.record(principal, "job.cancel", job_id=job_id, details={"reason": reason})
+        return self._transition(job_id, JobState.CANCELLED, reason=reason or "cancelled")
+
+    def job(self, *, principal: Principal, job_id: str) -> JobRecord:
+        job = self.store.job(job_id)
+        if not self._may_see(principal, job):
+            # Same answer as a missing job: do not confirm that someone else's job exists.
+            raise NotFound(f"no job {job_id}")
+        return job
+
+    def jobs(self, *, principal: Principal, state: JobState | None) -> list[JobRecord]:
+        return [j for j in self.store.jobs(state=state) if self._may_see(principal, j)]
+
+    def approvals(self, job_id: str) -> list[ApprovalRecord]:
+        return self.store.approvals(job_id)
+
+    def watch(
+        self, *, principal: Principal, job_id: str, poll_s: float = 1.0
+    ) -> Iterator[JobEvent]:
+        """Events of a job from its start, until it ends. Blocks between events."""
+        job = self.job(principal=principal, job_id=job_id)
+        if job.state in TERMINAL:
+            yield JobEvent(job_id, job.state, reason="; ".join(job.reasons), time=job.updated_at)
+            return
+        seen = 0
+        while True:
+            for event in self._events.follow(job_id, start=seen, timeout_s=poll_s):
+                seen += 1
+                yield event
+                if event.terminal:
+                    return
+            if seen == 0:  # history lost (restart): report the stored state once
+                current = self.store.job(job_id)
+                if current.state in TERMINAL:
+                    yield JobEvent(job_id, current.state, time=current.updated_at)
+                    return
+
+    def logs(self, *, principal: Principal, job_id: str) -> bytes:
+        job = self.job(principal=principal, job_id=job_id)
+        owners = {self._owner(d.name) for d in job.datasets}
+        allowed = principal.role is Role.OPERATOR or principal.name in owners
+        if not allowed and principal.role is Role.MODEL_TEAM:
+            docs = self._current_policies([d.name for d in job.datasets])
+            allowed = all(doc.logs_visible_to_model_team for _, doc in docs.values())
+        if not allowed:
+            raise PermissionDenied(
+                "job logs stay with the data owners and operators (they can carry data)"
+            )
+        self.record(principal, "job.logs", job_id=job_id)
+        return self.site.logs(job_id)
+
+    def release_dir(self, *, principal: Principal, job_id: str) -> Path:
+        job = self.job(principal=principal, job_id=job_id)
+        if job.state is not JobState.RELEASED:
+            raise InvalidState(f"job {job_id} is {job.state}: nothing has been released")
+        path = self._releases / job_id
+        if not path.is_dir():
+            raise NotFound(f"the release of job {job_id} is missing from the release store")
+        self.record(principal, "release.download", job_id=job_id,
+                    details={"release_id": job.release_id})
+        return path
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _owner(self, dataset: str) -> str:
+        owner = self.store.dataset_owner(dataset)
+        if owner is None:
+            raise NotFound(f"no dataset {dataset}")
+        return owner
+
+    def _may_see(self, principal: Principal, job: JobRecord) -> bool:
+        if principal.role in (Role.COMPLIANCE, Role.OPERATOR):
+            return True
+        if principal.role is Role.MODEL_TEAM:
+            return job.submitter == principal.name or (
+                bool(principal.team) and job.team == principal.team
+            )
+        if principal.role is Role.DATA_OWNER:
+            return any(self.store.dataset_owner(d.name) == principal.name for d in job.datasets)
+        return False
+
+    def _pin(self, spec: JobSpec) -> tuple[PinnedDataset, ...]:
+        pinned = []
+        for ref in spec.datasets:
+            rec = self.store.dataset(ref.name, ref.version)
+            pinned.append(PinnedDataset(rec.name, rec.version, rec.root_hash))
+        return tuple(pinned)
+
+    def _current_policies(
+        self, names: list[str]
+    ) -> dict[str, tuple[PolicyRecord, document.PolicyDocument]]:
+        out = {}
+        for name in names:
+            try:
+                rec = self.store.policy(name)
+            except NotFound:
+                continue  # the evaluator denies a dataset without a policy (fail closed)
+            out[name] = (rec, document.parse_policy(rec.document))
+        return out
+
+    def _binding(
+        self,
+        spec_sha256: str,
+        bundle_sha256: str,
+        pinned: tuple[PinnedDataset, ...],
+        policy_versions: Mapping[str, int],
+    ) -> approval.ApprovalBinding:
+        return approval.ApprovalBinding(
+            spec_sha256=spec_sha256,
+            bundle_sha256=bundle_sha256,
+            dataset_versions={d.name: d.version for d in pinned},
+            policy_versions=dict(policy_versions),
+        )
+
+    def _approved_by_all(self, job: JobRecord) -> bool:
+        docs = self._current_policies([d.name for d in job.datasets])
+        votes = {a.owner: a.decision == "approve" for a in self.store.approvals(job.id)
+                 if a.binding == job.binding}
+        for name, (_, doc) in docs.items():
+            owners = frozenset({self._owner(name)})
+            state = approval.tally(votes, owners=owners, quorum=doc.approval.quorum)
+            if not state.approved:
+                return False
+        return len(docs) == len(job.datasets)
+
+    def _transition(self, job_id: str, new: JobState, *, reason: str = "", **changes: Any) -> JobRecord:
+        if reason:
+            changes.setdefault("reasons", (reason,))
+        before, after = self.store.transition(job_id, new, **changes)
+        self.record(
+            SYSTEM,
+            "job.state",
+            job_id=job_id,
+            details={"from": before.state.value, "to": new.value, "reason": reason},
+        )
+        self._events.publish(JobEvent(job_id, new, reason=reason, time=after.updated_at))
+        return after
+
+    def _enqueue(self, job_id: str) -> None:
+        try:
+            self._queue.put_nowait(job_id)
+        except queue.Full:
+            self._transition(job_id, JobState.ERROR,
+                             reason=f"the site queue is full ({self._queue.maxsize} jobs)")
+            raise ResourceExhausted(
+                f"the site queue is full ({self._queue.maxsize} jobs); submit again later"
+            ) from None
+        self._transition(job_id, JobState.QUEUED, reason="waiting for the site")
+
+    def _reevaluate(self, dataset: str) -> None:
+        """A new policy version re-evaluates every job naming ``dataset`` not yet started."""
+        for state in (JobState.PENDING_APPROVAL, JobState.APPROVED, JobState.QUEUED):
+            for job in self.store.jobs(state=state):
+                if dataset not in {d.name for d in job.datasets}:
+                    continue
+                spec = parse_spec(job.spec)
+                policies = self._current_policies([d.name for d in job.datasets])
+                submitter = Principal(job.submitter, Role.MODEL_TEAM, job.team)
+                decision = access.evaluate_submission(
+                    spec=spec, principal=submitter,
+                    policies={n: d for n, (_, d) in policies.items()},
+                    dataset_owners={d.name: frozenset({self._owner(d.name)})
+                                    for d in job.datasets},
+                    now=_now(),
+                )
+                versions = {n: r.version for n, (r, _) in policies.items()}
+                binding = self._binding(job.spec_sha256, job.bundle_sha256, job.datasets,
+                                        versions).digest()
+                self.record(SYSTEM, "policy.reevaluate", job_id=job.id,
+                            outcome=decision.outcome.value,
+                            details={"reasons": list(decision.reasons),
+                                     "policy_versions": versions})
+                if decision.outcome is access.Outcome.DENY:
+                    self._transition(job.id, JobState.DENIED,
+                                     reason="; ".join(decision.reasons))
+                elif state is not JobState.PENDING_APPROVAL:
+                    self._transition(job.id, JobState.PENDING_APPROVAL,
+                                     reason=f"policy of {dataset} changed: approval needed again",
+                                     policy_versions=versions, binding=binding)
+                else:
+                    self.store.update_job(job.id, policy_versions=versions, binding=binding)
+
+    def _work(self) -> None:
+        while True:
+            job_id = self._queue.get()
+            if job_id is None:
+                return
+            try:
+                self._dispatch(job_id)
+            except Exception as e:  # a worker must survive any one job
+                try:
+                    job = self.store.job(job_id)
+                    if job.state not in TERMINAL:
+                        self._transition(job_id, JobState.ERROR, reason=f"site error: {e}")
+                except SealroomError:
+                    pass
+
+    def _dispatch(self, job_id: str) -> None:
+        job = self.store.job(job_id)
+        if job.state is not JobState.QUEUED:
+            return  # cancelled or re-evaluated while waiting
+        spec = parse_spec(job.spec)
+        policies = self._current_policies([d.name for d in job.datasets])
+        current = self._binding(job.spec_sha256, job.bundle_sha256, job.datasets,
+                                {n: r.version for n, (r, _) in policies.items()})
+        approved_binding = self._binding(job.spec_sha256, job.bundle_sha256, job.datasets,
+                                         job.policy_versions)
+        bundle = self._bundles / f"{job.bundle_sha256}.tar.gz" if job.bundle_sha256 else None
+        try:
+            if bundle is not None and _sha256_file(bundle) != job.bundle_sha256:
+                raise PolicyViolation("the stored bundle no longer matches the approved hash")
+            approval.verify_binding(approved=approved_binding, current=current)
+        except PolicyViolation as e:
+            self.record(SYSTEM, "job.binding", job_id=job_id, outcome="denied",
+                        details={"reason": str(e)})
+            self._transition(job_id, JobState.ERROR, reason=f"approval no longer applies: {e}")
+            return
+        order = RunOrder(
+            job_id=job_id,
+            spec=spec,
+            spec_sha256=job.spec_sha256,
+            bundle=bundle,
+            bundle_sha256=job.bundle_sha256,
+            datasets=tuple((d.name, d.version) for d in job.datasets),
+            policy_versions=dict(job.policy_versions),
+            policy_documents={n: r.document for n, (r, _) in policies.items()},
+            approval_binding=job.binding,
+            approvals=tuple(a.owner for a in self.store.approvals(job_id)
+                            if a.decision == "approve"),
+            audit_position=self.audit.size(),
+        )
+        self.site.run(order, self._on_site_report)
+
+    def _on_site_report(self, report: SiteReport) -> None:
+        job_id = report.job_id
+        if report.audit_action:
+            site = Principal(name=self.site.name, role=Role.SITE)
+            self.record(site, report.audit_action, outcome=report.audit_outcome, job_id=job_id,
+                        dataset=report.audit_dataset or None, file=report.audit_file or None,
+                        details=report.details)
+        if report.progress is not None:
+            job = self.store.job(job_id)
+            self._events.publish(JobEvent(job_id, job.state, progress=report.progress,
+                                          time=utcnow()))
+        if report.state is None:
+            return
+        changes: dict[str, Any] = {}
+        if report.image_id:
+            changes["image_id"] = report.image_id
+        if report.state is JobState.RELEASED:
+            if report.release_dir is None:
+                raise InvalidInput("a RELEASED report must carry the release directory")
+            dest = self._releases / job_id
+            tmp = self._releases / f".{job_id}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(report.release_dir, tmp, symlinks=True)
+            tmp.replace(dest)
+            manifest = (dest / "manifest.json").read_bytes()
+            changes["release_id"] = hashlib.sha256(manifest).hexdigest()
+            changes["metrics"] = dict(report.metrics)
+        self._transition(job_id, report.state, reason=report.reason, **changes)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def job_summary(job: JobRecord) -> dict[str, Any]:
+    """A JSON-able view of a job (for the CLI's --json and for logs)."""
+    return {
+        "id": job.id, "name": job.name, "state": job.state.value, "submitter": job.submitter,
+        "spec_sha256": job.spec_sha256, "bundle_sha256": job.bundle_sha256,
+        "datasets": [f"{d.name}@v{d.version}" for d in job.datasets],
+        "policy_versions": dict(job.policy_versions), "reasons": list(job.reasons),
+        "image_id": job.image_id, "metrics": dict(job.metrics), "release_id": job.release_id,
+        "created_at": job.created_at, "updated_at": job.updated_at,
+    }
+

@@ -1,0 +1,250 @@
+"""The deployment's certificate authority and the identities it issues.
+
+``sealroom ca init`` creates an ECDSA P-256 CA; ``sealroom ca issue NAME --role ROLE`` issues a
+client identity whose role travels in the certificate (subject OU) and whose team is the
+subject O. The gateway's server identity carries ``localhost`` and ``127.0.0.1`` as subject
+alternative names. A site's release-signing identity is an Ed25519 key certified by the same CA
+with role ``site``, so anyone holding the CA certificate can verify a release offline.
+
+Key files are written with mode 0600 and never overwritten: issuing a name twice is an error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from policies.errors import AlreadyExists, InvalidInput, NotFound, PermissionDenied
+from policies.identity import Principal, Role
+from policies.spec import NAME_RE
+
+CA_VALIDITY = dt.timedelta(days=3650)
+LEAF_VALIDITY = dt.timedelta(days=365)
+
+
+@dataclass(frozen=True)
+class IdentityFiles:
+    """Where an identity's certificate and key live, with the CA certificate to trust."""
+
+    cert: Path
+    key: Path
+    ca_cert: Path
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        """(certificate PEM, key PEM, CA certificate PEM)."""
+        return self.cert.read_bytes(), self.key.read_bytes(), self.ca_cert.read_bytes()
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class CertificateAuthority:
+    """A CA kept in a directory: ``ca.pem`` (public) and ``ca.key`` (mode 0600)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.cert_path = directory / "ca.pem"
+        self.key_path = directory / "ca.key"
+
+    @classmethod
+    def init(cls, directory: Path, *, name: str = "Sealroom deployment CA") -> CertificateAuthority:
+        """Create a new CA. Raises :class:`AlreadyExists` if one is there already."""
+        ca = cls(directory)
+        if ca.cert_path.exists() or ca.key_path.exists():
+            raise AlreadyExists(f"a CA already exists in {directory}")
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = _now()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + CA_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .sign(key, hashes.SHA256())
+        )
+        _write_private(
+            ca.key_path,
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+        ca.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return ca
+
+    @classmethod
+    def load(cls, directory: Path) -> CertificateAuthority:
+        ca = cls(directory)
+        if not ca.cert_path.exists():
+            raise NotFound(f"no CA in {directory}: run `sealroom ca init` first")
+        return ca
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert_path.read_bytes()
+
+    def _signer(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        if not self.key_path.exists():
+            raise NotFound(f"the CA's private key is not in {self.directory}")
+        key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise InvalidInput(f"{self.key_path} is not an EC private key")
+        return x509.load_pem_x509_certificate(self.cert_pem), key
+
+    def issue(
+        self,
+        name: str,
+        *,
+        role: Role,
+        team: str = "",
+        out_dir: Path,
+        server_names: tuple[str, ...] = (),
+    ) -> IdentityFiles:
+        """Issue a TLS identity (ECDSA P-256) into ``out_dir/NAME.pem`` and ``NAME.key``.
+
+        ``server_names`` (DNS names or IP addresses) make it a server certificate as well.
+        """
+        _check_name(name)
+        if team and not NAME_RE.match(team):
+            raise InvalidInput(f"team {team!r}: use lowercase letters, digits, '.', '_' or '-'")
+        key = ec.generate_private_key(ec.SECP256R1())
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+        if server_names:
+            usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+        return self._issue(name, role=role, team=team, public_key=key.public_key(),
+                           private_key=key, out_dir=out_dir, usages=usages,
+                           server_names=server_names)
+
+    def issue_site_signer(self, name: str, *, out_dir: Path) -> IdentityFiles:
+        """Issue a site's release-signing identity: an Ed25519 key, role ``site``."""
+        _check_name(name)
+        key = ed25519.Ed25519PrivateKey.generate()
+        return self._issue(name, role=Role.SITE, team="", public_key=key.public_key(),
+                           private_key=key, out_dir=out_dir, usages=[], server_names=(),
+                           suffix="-signer")
+
+    def _issue(
+        self,
+        name: str,
+        *,
+        role: Role,
+        team: str,
+        public_key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey,
+        private_key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
+        out_dir: Path,
+        usages: list[x509.ObjectIdentifier],
+        server_names: tuple[str, ...],
+        suffix: str = "",
+    ) -> IdentityFiles:
+        cert_path = out_dir / f"{name}{suffix}.pem"
+        key_path = out_dir / f"{name}{suffix}.key"
+        if cert_path.exists() or key_path.exists():
+            raise AlreadyExists(f"an identity named {name!r} already exists in {out_dir}")
+        ca_cert, ca_key = self._signer()
+        attrs = [
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.value),
+        ]
+        if team:
+            attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, team))
+        now = _now()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name(attrs))
+            .issuer_name(ca_cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + LEAF_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                critical=False,
+            )
+        )
+        if usages:
+            builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        if server_names:
+            sans: list[x509.GeneralName] = []
+            for s in server_names:
+                try:
+                    sans.append(x509.IPAddress(ipaddress.ip_address(s)))
+                except ValueError:
+                    sans.append(x509.DNSName(s))
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _write_private(
+            key_path,
+            private_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return IdentityFiles(cert=cert_path, key=key_path, ca_cert=self.cert_path)
+
+
+def _check_name(name: str) -> None:
+    if not NAME_RE.match(name):
+        raise InvalidInput(
+            f"identity name {name!r}: use lowercase letters, digits, '.', '_' or '-' (at most 63)"
+        )
+
+
+def principal_from_certificate(pem: bytes) -> Principal:
+    """The principal a (TLS-verified) client certificate names.
+
+    Raises :class:`PermissionDenied` when the certificate carries no known role.
+    """
+    cert = x509.load_pem_x509_certificate(pem)
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    ous = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    if len(cns) != 1 or len(ous) != 1:
+        raise PermissionDenied("client certificate must carry exactly one CN and one OU (role)")
+    try:
+        role = Role(str(ous[0].value))
+    except ValueError:
+        raise PermissionDenied(f"client certificate carries an unknown role {ous[0].value!r}") from None
+    team = str(orgs[0].value) if orgs else ""
+    return Principal(name=str(cns[0].value), role=role, team=team)

@@ -1,0 +1,119 @@
+"""Running the gateway: one process with the gateway and one local enclave site (the default).
+
+Layout of ``$SEALROOM_HOME`` (default ``~/.sealroom``)::
+
+    ca/                 ca.pem, ca.key (0600)              -- ``sealroom ca init``
+    identities/         NAME.pem, NAME.key                 -- ``sealroom ca issue``
+    gateway/            server identity, audit signing key, state.db, audit.db, bundles/, releases/
+    site/               the local site: vault, model store, runs, logs, release-signing identity
+
+The server speaks only TLS with client certificates required and verified against the
+deployment CA; :mod:`gateway._auth` wraps every handler.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from gateway._auth import AuthInterceptor
+from gateway._servicer import GatewayServicer
+from gateway.audit import AuditEvent, AuditLog
+from gateway.core import Gateway
+from gateway.identity import CertificateAuthority, IdentityFiles
+from gateway.site import Site
+from gateway.store import Store
+from policies.identity import Principal, Role
+from sealroom.v1 import gateway_pb2_grpc
+
+DEFAULT_ADDRESS = "localhost:7443"
+MAX_MESSAGE = 8 * 1024 * 1024
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("SEALROOM_HOME", Path.home() / ".sealroom"))
+
+
+def _signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
+    if not path.exists():
+        key = ed25519.Ed25519PrivateKey.generate()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        path.with_suffix(".pub").write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        return key
+    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(loaded, ed25519.Ed25519PrivateKey):
+        raise TypeError(f"{path} is not an Ed25519 key")
+    return loaded
+
+
+@dataclass
+class Running:
+    gateway: Gateway
+    server: grpc.Server
+    port: int
+    ca_cert: Path
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.server.stop(grace).wait()
+        self.gateway.stop()
+        self.gateway.store.close()
+        self.gateway.audit.close()
+
+
+def server_identity(home: Path) -> IdentityFiles:
+    ca = CertificateAuthority.load(home / "ca")
+    gw = home / "gateway"
+    cert, key = gw / "gateway.pem", gw / "gateway.key"
+    if not cert.exists():
+        return ca.issue("gateway", role=Role.OPERATOR, out_dir=gw,
+                        server_names=("localhost", "127.0.0.1"))
+    return IdentityFiles(cert=cert, key=key, ca_cert=ca.cert_path)
+
+
+def build(home: Path, *, site: Site | None = None, address: str = DEFAULT_ADDRESS,
+          workers: int = 1, max_queued: int = 100) -> Running:
+    """Build and start the gateway (and, unless given one, the local site) on ``address``."""
+    gw_dir = home / "gateway"
+    gw_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    identity = server_identity(home)
+    audit = AuditLog(gw_dir / "audit.db", signing_key=_signing_key(gw_dir / "audit-signing.key"))
+    store = Store(gw_dir / "state.db")
+    if site is None:
+        from enclave.agent import SiteAgent
+
+        site = SiteAgent.open(home / "site", ca=CertificateAuthority.load(home / "ca"))
+    gateway = Gateway(home=gw_dir, store=store, audit=audit, site=site, workers=workers,
+                      max_queued=max_queued)
+
+    def audit_fn(principal: Principal, action: str, **kw: object) -> int:
+        return gateway.record(principal, action, **kw)  # type: ignore[arg-type]
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=32),
+        interceptors=[AuthInterceptor(audit_fn)],
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+                 ("grpc.max_send_message_length", MAX_MESSAGE)],
+    )
+    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(gateway), server)
+    cert, key, ca_pem = identity.read()
+    creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca_pem,
+                                        require_client_auth=True)
+    port = server.add_secure_port(address, creds)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    gateway.start()
+    server.start()
+    audit.append(AuditEvent(principal="gateway", role=Role.OPERATOR.value, action="gateway.start",
+                            outcome="ok", details={"address": address, "port": port}))
+    return Running(gateway=gateway, server=server, port=port, ca_cert=identity.ca_cert)

@@ -1,0 +1,92 @@
+"""What the gateway needs from an enclave site, as a contract.
+
+A site keeps the data: it stores dataset versions in its vault, runs approved jobs next to the
+data, runs the release gate there, and signs what may leave. The gateway only ever sees dataset
+metadata, run states, numeric progress, and signed releases.
+
+The default deployment runs one site in the gateway's process (:class:`enclave.agent.SiteAgent`
+implements this protocol directly); a remote site serves ``sealroom.v1.SiteAgent`` over mTLS.
+
+Contract:
+- ``run(order, report)`` blocks until the run has ended, however it ends, and has then cleaned
+  up after itself (no container, no staged data). It reports through ``report``: state changes
+  (RUNNING, CHECKING, then exactly one terminal state), numeric progress, and audit events, in
+  order. It raises only for the system's faults (:class:`policies.errors.SiteError`).
+- ``cancel(job_id)`` is idempotent and makes a running ``run`` end with CANCELLED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from gateway.lifecycle import JobState
+from policies.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class StoredDataset:
+    name: str
+    version: int
+    root_hash: str
+    size: int
+    files: tuple[tuple[str, int, str], ...]  # (path, size, sha256)
+
+
+@dataclass(frozen=True)
+class RunOrder:
+    """Everything a site needs to run one approved job."""
+
+    job_id: str
+    spec: JobSpec
+    spec_sha256: str
+    bundle: Path | None
+    bundle_sha256: str
+    datasets: tuple[tuple[str, int], ...]  # (name, version)
+    policy_versions: Mapping[str, int]
+    policy_documents: Mapping[str, str]  # dataset -> policy YAML in force
+    approval_binding: str
+    approvals: tuple[str, ...]  # approving owners
+    audit_position: int
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """One thing a site tells the gateway about a run."""
+
+    job_id: str
+    state: JobState | None = None
+    reason: str = ""
+    progress: tuple[int, int, float] | None = None  # (step, total, loss)
+    audit_action: str = ""  # e.g. "container.start"; empty for no audit event
+    audit_outcome: str = "ok"
+    audit_dataset: str = ""
+    audit_file: str = ""
+    details: Mapping[str, Any] = field(default_factory=dict)
+    image_id: str = ""
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    release_dir: Path | None = None
+
+
+Report = Callable[[SiteReport], None]
+
+
+class Site(Protocol):
+    name: str
+
+    def store_dataset(self, name: str, *, archive: Path) -> StoredDataset:
+        """Store a tar archive as the next version of ``name``. Raises InvalidInput."""
+
+    def run(self, order: RunOrder, report: Report) -> None:
+        """Run an approved job to its end; see the module docstring."""
+
+    def cancel(self, job_id: str) -> None:
+        """Stop a run (idempotent)."""
+
+    def logs(self, job_id: str) -> bytes:
+        """The run's stdout and stderr, size-capped. They stay in the site's trust zone."""
+
+    def image_id(self) -> str:
+        """The runtime image the site runs jobs in (pinned by ID)."""
