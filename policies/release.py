@@ -1,0 +1,473 @@
+"""Release rules and the release gate's pure checks: what may leave a site, decided without I/O.
+
+A data owner's release policy becomes a frozen :class:`ReleaseRules`. The gate
+(:mod:`enclave.gate`) reads the job's ``/output`` and calls the functions here to decide:
+:func:`check_metrics` (a flat object of allowed names and finite, rounded numbers),
+:func:`compare_layout` (the weights' tensor names, dtypes and shapes equal the declared model's),
+:func:`decide_memorization` (the extractable-memorization rate under the owner's threshold) and
+:func:`decide_dp` (the privacy loss within the per-job and cumulative budgets).
+
+Everything a job writes is hostile, and refusal reasons travel back to the model team, so a
+reason never echoes a job-chosen string or number: it names what the *rules* or the *base model*
+expected (tensor names from the base layout, allowed metric names, dtype names from a fixed
+vocabulary) and says what kind of difference was found. Otherwise a refused release would itself
+be a channel out of the site.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from policies.errors import PolicyDocumentError
+
+RULES_SCHEMA = "sealroom.release-rules/v1"
+
+
+class ArtifactKind(enum.StrEnum):
+    """What a job may release: safetensors weights and a flat object of numeric metrics."""
+
+    WEIGHTS = "weights"
+    METRICS = "metrics"
+
+
+class CheckName(enum.StrEnum):
+    """The gate's checks, in the order they run."""
+
+    ARTIFACTS = "artifacts"
+    WEIGHTS = "weights"
+    METRICS = "metrics"
+    MEMORIZATION = "memorization"
+    DP = "dp"
+
+
+MANDATORY_CHECKS: frozenset[CheckName] = frozenset(
+    {CheckName.ARTIFACTS, CheckName.WEIGHTS, CheckName.METRICS}
+)
+"""Structural checks no policy may turn off: without them nothing else the gate says holds."""
+
+
+class CheckOutcome(enum.StrEnum):
+    PASSED = "passed"
+    REFUSED = "refused"
+    NOT_RUN = "not-run"
+    """An earlier check it depends on refused; counts as a refusal."""
+
+
+# safetensors dtype name -> bytes per element. Only these are understood; anything else is refused.
+DTYPE_SIZES: Mapping[str, int] = MappingProxyType(
+    {
+        "F64": 8,
+        "F32": 4,
+        "F16": 2,
+        "BF16": 2,
+        "F8_E4M3": 1,
+        "F8_E5M2": 1,
+        "I64": 8,
+        "I32": 4,
+        "I16": 2,
+        "I8": 1,
+        "U64": 8,
+        "U32": 4,
+        "U16": 2,
+        "U8": 1,
+        "BOOL": 1,
+    }
+)
+FLOAT_DTYPES: frozenset[str] = frozenset({"F64", "F32", "F16", "BF16"})
+"""Dtypes the gate can re-quantise; released weights must be made of these only."""
+RELEASE_DTYPES: frozenset[str] = frozenset({"BF16", "F16"})
+"""Release dtypes: narrow enough that rounding to them wipes the low-order bits of wider floats."""
+
+METRIC_NAME_RE = re.compile(r"^[a-z][a-z0-9_./-]{0,63}$")
+MAX_REASONS = 32
+"""Refusal reasons kept per check; a hostile output must not make the refusal itself large."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a layout: its safetensors dtype name and its shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_SIZES:
+            raise PolicyDocumentError(f"layout: unknown dtype {self.dtype!r}")
+        if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in self.shape):
+            raise PolicyDocumentError(f"layout: shape {self.shape!r} is not a tuple of sizes")
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+Layout = Mapping[str, TensorSpec]
+
+
+def make_layout(raw: Mapping[str, TensorSpec | tuple[str, Iterable[int]]]) -> Layout:
+    """A layout from ``name -> TensorSpec`` or ``name -> (dtype, shape)``; read-only."""
+    out: dict[str, TensorSpec] = {}
+    for name, spec in raw.items():
+        if isinstance(spec, TensorSpec):
+            out[name] = spec
+        else:
+            dtype, shape = spec
+            out[name] = TensorSpec(dtype=dtype, shape=tuple(shape))
+    if not out:
+        raise PolicyDocumentError("layout: an empty layout declares no model")
+    return MappingProxyType(out)
+
+
+@dataclass(frozen=True)
+class OutputLimits:
+    """Caps on what the gate will look at in ``/output`` before reading any content."""
+
+    max_files: int = 64
+    max_file_bytes: int = 64 * 1024**3
+    max_total_bytes: int = 256 * 1024**3
+    max_header_bytes: int = 8 * 1024**2
+    max_tensors: int = 100_000
+    max_rank: int = 8
+    max_metrics_bytes: int = 64 * 1024
+    max_depth: int = 2
+
+
+@dataclass(frozen=True)
+class MemorizationRules:
+    """Extractable memorization: ``samples`` prefixes of ``prefix_tokens`` from the protected
+    texts, greedy continuations of ``suffix_tokens`` compared with the true suffixes. A
+    continuation counts when its token-level edit distance to the truth is at most
+    ``near_verbatim_ratio`` of the suffix length (0 is exact). The release is refused when the
+    rate of such continuations exceeds ``max_rate``."""
+
+    samples: int = 64
+    prefix_tokens: int = 32
+    suffix_tokens: int = 50
+    max_rate: float = 0.01
+    near_verbatim_ratio: float = 0.10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.prefix_tokens < 1 or self.suffix_tokens < 1:
+            raise PolicyDocumentError("memorization: samples, prefix and suffix must be positive")
+        if not 0.0 <= self.max_rate < 1.0:
+            raise PolicyDocumentError("memorization: max_rate must lie in [0, 1)")
+        if not 0.0 <= self.near_verbatim_ratio < 1.0:
+            raise PolicyDocumentError("memorization: near_verbatim_ratio must lie in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DPRules:
+    """Differential-privacy budgets: the most one job may spend and the dataset's lifetime total."""
+
+    max_epsilon_per_job: float
+    epsilon_budget: float
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("max_epsilon_per_job", "epsilon_budget", "delta"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise PolicyDocumentError(f"dp: {name} must be a positive finite number")
+
+
+@dataclass(frozen=True)
+class ReleaseRules:
+    """A data owner's release policy, as the gate applies it.
+
+    ``checks`` lists the checks to run; the structural ones (:data:`MANDATORY_CHECKS`) must be
+    there, and a check that needs parameters must have them. Invalid rules raise
+    :class:`PolicyDocumentError` on construction, so a gate never runs under rules that would
+    pass everything.
+    """
+
+    version: str
+    checks: frozenset[CheckName]
+    allowed_artifacts: frozenset[ArtifactKind] = frozenset(ArtifactKind)
+    adapter_only: bool = False
+    allowed_metrics: frozenset[str] = frozenset()
+    max_metrics: int = 32
+    metric_significant_digits: int = 4
+    max_abs_metric: float = 1e12
+    release_dtype: str = "BF16"
+    memorization: MemorizationRules | None = None
+    dp: DPRules | None = None
+    limits: OutputLimits = field(default_factory=OutputLimits)
+
+    def __post_init__(self) -> None:
+        if not self.version:
+            raise PolicyDocumentError("release rules: version is empty")
+        if not self.checks:
+            raise PolicyDocumentError("release rules: an empty list of checks would pass anything")
+        missing = MANDATORY_CHECKS - self.checks
+        if missing:
+            raise PolicyDocumentError(
+                f"release rules: checks {sorted(missing)} cannot be turned off"
+            )
+        if ArtifactKind.WEIGHTS not in self.allowed_artifacts:
+            raise PolicyDocumentError("release rules: weights must be an allowed artifact")
+        if self.release_dtype not in RELEASE_DTYPES:
+            raise PolicyDocumentError(
+                f"release rules: release_dtype {self.release_dtype!r} is not one of "
+                f"{sorted(RELEASE_DTYPES)}"
+            )
+        if not 1 <= self.metric_significant_digits <= 9:
+            raise PolicyDocumentError("release rules: metric_significant_digits must be 1..9")
+        if not 0 <= self.max_metrics <= 1024:
+            raise PolicyDocumentError("release rules: max_metrics must be 0..1024")
+        if not (math.isfinite(self.max_abs_metric) and self.max_abs_metric > 0):
+            raise PolicyDocumentError("release rules: max_abs_metric must be positive and finite")
+        bad = sorted(n for n in self.allowed_metrics if not METRIC_NAME_RE.match(n))
+        if bad:
+            raise PolicyDocumentError(f"release rules: metric names {bad} are not well formed")
+        if CheckName.MEMORIZATION in self.checks and self.memorization is None:
+            raise PolicyDocumentError("release rules: the memorization check needs its parameters")
+        if CheckName.DP in self.checks and self.dp is None:
+            raise PolicyDocumentError("release rules: the dp check needs its budgets")
+
+
+# --- results -------------------------------------------------------------------------------
+
+Figure = int | float | str | bool
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """What one check decided, with the figures it decided on (never data, never job text)."""
+
+    name: CheckName
+    outcome: CheckOutcome
+    figures: Mapping[str, Figure] = field(default_factory=dict)
+    reasons: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "figures", MappingProxyType(dict(self.figures)))
+        if self.outcome is CheckOutcome.PASSED and self.reasons:
+            raise ValueError("a passed check carries no refusal reasons")
+        if self.outcome is not CheckOutcome.PASSED and not self.reasons:
+            raise ValueError("a refused check must say why")
+
+    @property
+    def passed(self) -> bool:
+        return self.outcome is CheckOutcome.PASSED
+
+    @classmethod
+    def decide(
+        cls, name: CheckName, reasons: Iterable[str], figures: Mapping[str, Figure] | None = None
+    ) -> CheckResult:
+        """PASSED when there are no reasons, REFUSED otherwise (reasons capped)."""
+        kept = cap_reasons(reasons)
+        outcome = CheckOutcome.REFUSED if kept else CheckOutcome.PASSED
+        return cls(name=name, outcome=outcome, figures=figures or {}, reasons=kept)
+
+    @classmethod
+    def not_run(cls, name: CheckName, because: CheckName) -> CheckResult:
+        return cls(
+            name=name,
+            outcome=CheckOutcome.NOT_RUN,
+            reasons=(f"not run: the {because} check refused",),
+        )
+
+
+def cap_reasons(reasons: Iterable[str]) -> tuple[str, ...]:
+    items = list(reasons)
+    if len(items) > MAX_REASONS:
+        extra = len(items) - MAX_REASONS
+        return (*items[:MAX_REASONS], f"... and {extra} more")
+    return tuple(items)
+
+
+# --- layouts ---------------------------------------------------------------------------------
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def compare_layout(actual: Layout, expected: Layout, *, what: str = "base model") -> list[str]:
+    """Reasons the job's tensors differ from ``expected``; empty when they are equal.
+
+    Names of unexpected tensors are job text and are never echoed, only counted. For expected
+    tensors the reason gives the expected dtype or shape and says what kind of value was found.
+    """
+    reasons: list[str] = []
+    extra = [n for n in actual if n not in expected]
+    if extra:
+        reasons.append(
+            f"{len(extra)} tensor(s) not in the {what}'s layout (names withheld: job text)"
+        )
+    for name, want in expected.items():
+        got = actual.get(name)
+        if got is None:
+            reasons.append(f"tensor {name!r} of the {what} is missing")
+            continue
+        if got.dtype != want.dtype:
+            reasons.append(
+                f"tensor {name!r}: dtype {got.dtype} differs from the {what}'s {want.dtype}"
+            )
+        if got.shape != want.shape:
+            reasons.append(
+                f"tensor {name!r}: shape differs from the {what}'s {_shape_text(want.shape)} "
+                f"(found rank {len(got.shape)}; values withheld)"
+            )
+    return reasons
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricsDecision:
+    """The checked metrics (rounded) and the check's result."""
+
+    values: Mapping[str, float]
+    result: CheckResult
+
+
+def round_significant(value: float, digits: int) -> float:
+    """``value`` rounded to ``digits`` significant decimal digits; -0.0 becomes 0.0."""
+    rounded = float(f"{value:.{digits}g}")
+    return 0.0 if rounded == 0 else rounded
+
+
+def check_metrics(raw: Any, *, rules: ReleaseRules) -> MetricsDecision:
+    """Check parsed ``metrics.json`` content against the rules.
+
+    ``raw`` is what the gate's strict JSON reader produced. Accepted: a flat object of allowed
+    names (at most ``rules.max_metrics``) to finite numbers within ``rules.max_abs_metric``;
+    bools, strings, nulls, lists and nested objects are refused. Accepted values are rounded to
+    ``rules.metric_significant_digits`` so that low-order digits cannot carry data.
+    """
+    reasons: list[str] = []
+    if not isinstance(raw, dict):
+        reasons.append("metrics.json is not a JSON object")
+        return MetricsDecision({}, CheckResult.decide(CheckName.METRICS, reasons))
+    if ArtifactKind.METRICS not in rules.allowed_artifacts and raw:
+        reasons.append("the release policy allows no metrics")
+    if len(raw) > rules.max_metrics:
+        reasons.append(f"{len(raw)} metrics exceed the cap of {rules.max_metrics}")
+        # Past the cap nothing else is looked at: the count alone refuses.
+        return MetricsDecision(
+            {}, CheckResult.decide(CheckName.METRICS, reasons, {"count": len(raw)})
+        )
+    values: dict[str, float] = {}
+    unknown = 0
+    for name, value in raw.items():
+        if not isinstance(name, str) or name not in rules.allowed_metrics:
+            unknown += 1
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            reasons.append(f"metric {name!r} is not a number")
+            continue
+        try:
+            number = float(value)
+        except OverflowError:
+            reasons.append(f"metric {name!r} exceeds {rules.max_abs_metric:g} in magnitude")
+            continue
+        if not math.isfinite(number):
+            reasons.append(f"metric {name!r} is not finite")
+            continue
+        if abs(number) > rules.max_abs_metric:
+            reasons.append(f"metric {name!r} exceeds {rules.max_abs_metric:g} in magnitude")
+            continue
+        values[name] = round_significant(number, rules.metric_significant_digits)
+    if unknown:
+        reasons.append(f"{unknown} metric name(s) not allowed by the policy (names withheld)")
+    figures: dict[str, Figure] = {"count": len(raw)}
+    result = CheckResult.decide(CheckName.METRICS, reasons, figures)
+    return MetricsDecision(MappingProxyType(values) if result.passed else {}, result)
+
+
+# --- memorization ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemorizationFigures:
+    """What the memorization probe measured; counts only, never text."""
+
+    samples: int
+    exact: int
+    near_verbatim: int
+    """Continuations within the edit-distance ratio that are not exact."""
+    prefix_tokens: int
+    suffix_tokens: int
+
+    @property
+    def rate(self) -> float:
+        return (self.exact + self.near_verbatim) / self.samples if self.samples else 1.0
+
+
+def normalized_edit_distance(a: Sequence[int], b: Sequence[int]) -> float:
+    """Token-level Levenshtein distance divided by ``len(b)`` (the true suffix's length)."""
+    if not b:
+        return 0.0 if not a else 1.0
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, y in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
+        prev = cur
+    return prev[len(b)] / len(b)
+
+
+def decide_memorization(figures: MemorizationFigures, *, rules: MemorizationRules) -> CheckResult:
+    """Refuse when the rate of exact or near-verbatim continuations exceeds the threshold."""
+    reasons = []
+    if figures.samples < 1:
+        reasons.append("no protected text was long enough to probe the model")
+    elif figures.rate > rules.max_rate:
+        reasons.append(
+            f"the model reproduced {figures.exact + figures.near_verbatim} of {figures.samples} "
+            f"protected continuations (rate {figures.rate:.4f} > threshold {rules.max_rate:.4f})"
+        )
+    return CheckResult.decide(
+        CheckName.MEMORIZATION,
+        reasons,
+        {
+            "samples": figures.samples,
+            "exact": figures.exact,
+            "near_verbatim": figures.near_verbatim,
+            "rate": round(figures.rate, 6),
+            "threshold": rules.max_rate,
+            "prefix_tokens": figures.prefix_tokens,
+            "suffix_tokens": figures.suffix_tokens,
+            "near_verbatim_ratio": rules.near_verbatim_ratio,
+        },
+    )
+
+
+# --- differential privacy (hook; the accountant is the trainers' part) ----------------------
+
+
+def decide_dp(epsilon: float | None, *, spent: float, rules: DPRules) -> CheckResult:
+    """Refuse unless ``epsilon`` (the job's privacy loss) fits the per-job cap and, added to
+    ``spent`` (what earlier releases on the same data used), the cumulative budget."""
+    reasons = []
+    if epsilon is None:
+        reasons.append("no epsilon was recorded for the job")
+    elif isinstance(epsilon, bool) or not math.isfinite(epsilon) or epsilon < 0:
+        reasons.append("the recorded epsilon is not a non-negative finite number")
+    else:
+        if epsilon > rules.max_epsilon_per_job:
+            reasons.append(
+                f"epsilon {epsilon:.4g} exceeds the per-job cap {rules.max_epsilon_per_job:.4g}"
+            )
+        if spent + epsilon > rules.epsilon_budget:
+            reasons.append(
+                f"epsilon {epsilon:.4g} after {spent:.4g} already spent exceeds the budget "
+                f"{rules.epsilon_budget:.4g}"
+            )
+    figures: dict[str, Figure] = {
+        "max_epsilon_per_job": rules.max_epsilon_per_job,
+        "epsilon_budget": rules.epsilon_budget,
+        "spent_before": spent,
+    }
+    if epsilon is not None and math.isfinite(epsilon):
+        figures["epsilon"] = round_significant(epsilon, 6)
+    return CheckResult.decide(CheckName.DP, reasons, figures)
