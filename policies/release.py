@@ -11,7 +11,8 @@ Everything a job writes is hostile, and refusal reasons travel back to the model
 reason never echoes a job-chosen string or number: it names what the *rules* or the *base model*
 expected (tensor names from the base layout, allowed metric names, dtype names from a fixed
 vocabulary) and says what kind of difference was found. Otherwise a refused release would itself
-be a channel out of the site.
+be a channel out of the site. For the same reason a check's figures (which are signed into the
+release manifest) hold no number the job chose freely, such as file counts or sizes.
 """
 
 from __future__ import annotations
@@ -351,11 +352,9 @@ def check_metrics(raw: Any, *, rules: ReleaseRules) -> MetricsDecision:
     if ArtifactKind.METRICS not in rules.allowed_artifacts and raw:
         reasons.append("the release policy allows no metrics")
     if len(raw) > rules.max_metrics:
-        reasons.append(f"{len(raw)} metrics exceed the cap of {rules.max_metrics}")
-        # Past the cap nothing else is looked at: the count alone refuses.
-        return MetricsDecision(
-            {}, CheckResult.decide(CheckName.METRICS, reasons, {"count": len(raw)})
-        )
+        # Past the cap nothing else is looked at, and the job's count is not echoed.
+        reasons.append(f"more metrics than the cap of {rules.max_metrics}")
+        return MetricsDecision({}, CheckResult.decide(CheckName.METRICS, reasons))
     values: dict[str, float] = {}
     unknown = 0
     for name, value in raw.items():
@@ -378,9 +377,11 @@ def check_metrics(raw: Any, *, rules: ReleaseRules) -> MetricsDecision:
             continue
         values[name] = round_significant(number, rules.metric_significant_digits)
     if unknown:
-        reasons.append(f"{unknown} metric name(s) not allowed by the policy (names withheld)")
-    figures: dict[str, Figure] = {"count": len(raw)}
-    result = CheckResult.decide(CheckName.METRICS, reasons, figures)
+        reasons.append("metric names not allowed by the policy (names withheld)")
+    # The count is a figure only when the metrics are released (and show it anyway).
+    result = CheckResult.decide(CheckName.METRICS, reasons)
+    if result.passed:
+        result = CheckResult.decide(CheckName.METRICS, [], {"count": len(values)})
     return MetricsDecision(MappingProxyType(values) if result.passed else {}, result)
 
 

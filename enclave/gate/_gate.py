@@ -1,0 +1,380 @@
+"""The release gate: from a finished job's ``/output`` to canonical artifacts, or a refusal.
+
+:func:`run_gate` runs in the site, next to the data, as trusted code. It lists the output
+without following links, checks and re-writes the weights (canonical safetensors in the release
+dtype), checks and rounds the metrics, probes the released model for memorization of the
+protected data and checks the privacy budget where the rules ask for them. It writes the
+artifacts into a fresh destination directory and returns a :class:`GateResult`; when any check
+refuses, the destination is removed and nothing is released.
+
+Refusals are the job's fault and come back as a result (the gateway records them and moves the
+job to REJECTED). Configuration faults (rules without checks, a memorization check with no
+data to probe) raise, so that a broken site never passes a job by default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from enclave.gate import _memorization, _safetensors, _walk
+from policies.errors import AlreadyExists, InvalidInput, PolicyDocumentError, ReleaseRefused
+from policies.release import (
+    MANDATORY_CHECKS,
+    ArtifactKind,
+    CheckName,
+    CheckResult,
+    Layout,
+    MetricsDecision,
+    OutputLimits,
+    ReleaseRules,
+    TensorSpec,
+    check_metrics,
+    compare_layout,
+    decide_dp,
+    decide_memorization,
+    make_layout,
+)
+
+RELEASED_WEIGHTS = "weights/model.safetensors"
+RELEASED_METRICS = "metrics.json"
+
+
+@dataclass(frozen=True)
+class ReleasedArtifact:
+    """One file the gate wrote for release, relative to the release directory."""
+
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The gate's decision. ``artifacts`` is empty and ``release_dir`` None unless ``passed``."""
+
+    passed: bool
+    checks: tuple[CheckResult, ...]
+    artifacts: tuple[ReleasedArtifact, ...]
+    release_dir: Path | None
+    rules_version: str
+
+    def require_passed(self) -> None:
+        """Raise :class:`ReleaseRefused` naming each refused check and its reasons."""
+        if self.passed:
+            return
+        failed = [c for c in self.checks if not c.passed]
+        text = "; ".join(f"{c.name}: {', '.join(c.reasons)}" for c in failed)
+        raise ReleaseRefused(f"release refused by the gate: {text or 'no checks ran'}")
+
+
+@dataclass(frozen=True)
+class MemorizationInputs:
+    """What the site supplies for the memorization probe: the trusted base model directory,
+    the tokenizer and the protected texts (staged data, read once)."""
+
+    model_dir: Path
+    tokenizer: _memorization.Tokenizer
+    texts: Iterable[str]
+
+
+@dataclass(frozen=True)
+class DPInputs:
+    """The privacy-accounting hook. ``spent`` is what earlier releases on the same data used.
+    ``epsilon`` is the accountant's record for this job; when None the job's own ``epsilon``
+    metric is used (self-reported: the trainers' accountant should supply it instead)."""
+
+    spent: float
+    epsilon: float | None = None
+
+
+def layout_from_files(paths: Iterable[Path]) -> Layout:
+    """The tensor layout of trusted safetensors files (e.g. the site's copy of a base model)."""
+    limits = OutputLimits()
+    out: dict[str, TensorSpec] = {}
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            header = _safetensors.read_header(fd, known=frozenset(), limits=limits)
+        except _safetensors.WeightsRefused as e:
+            raise InvalidInput(f"{path}: {e}") from e
+        finally:
+            os.close(fd)
+        for name, entry in header.tensors.items():
+            if name in out:
+                raise InvalidInput(f"{path}: tensor {name!r} appears in two files")
+            out[name] = entry.spec
+    return make_layout(out)
+
+
+def layout_from_model_dir(model_dir: Path) -> Layout:
+    """The layout of every ``*.safetensors`` file in a trusted model directory."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise InvalidInput(f"{model_dir} holds no safetensors weights")
+    return layout_from_files(files)
+
+
+def _read_small(root: Path, ref: _walk.FileRef) -> bytes:
+    fd = _walk.open_verified(root, ref)
+    try:
+        return os.pread(fd, ref.size, 0)
+    finally:
+        os.close(fd)
+
+
+def _check_weights(
+    root: Path,
+    listing: _walk.Listing,
+    *,
+    rules: ReleaseRules,
+    expected: Layout,
+    what: str,
+    dest: Path,
+) -> CheckResult:
+    known = frozenset(expected)
+    fds: list[int] = []
+    sources: dict[str, _safetensors.SourceTensor] = {}
+    reasons: list[str] = []
+    try:
+        for ref in listing.weights:
+            try:
+                fd = _walk.open_verified(root, ref)
+            except OSError:
+                reasons.append("a weights file could not be opened safely (name withheld)")
+                continue
+            fds.append(fd)
+            try:
+                header = _safetensors.read_header(fd, known=known, limits=rules.limits)
+            except _safetensors.WeightsRefused as e:
+                reasons.append(f"a weights file: {e}")
+                continue
+            for name, entry in header.tensors.items():
+                if name in sources:
+                    label = f"tensor {name!r}" if name in known else "a tensor (name withheld)"
+                    reasons.append(f"{label} appears in more than one weights file")
+                sources[name] = _safetensors.SourceTensor(fd=fd, header=header, entry=entry)
+        if reasons:
+            return CheckResult.decide(CheckName.WEIGHTS, reasons)
+        actual = {n: s.entry.spec for n, s in sources.items()}
+        reasons = compare_layout(actual, expected, what=what)
+        if reasons:
+            return CheckResult.decide(CheckName.WEIGHTS, reasons, {"tensors": len(actual)})
+        (dest / "weights").mkdir()
+        try:
+            with open(dest / RELEASED_WEIGHTS, "xb") as out:
+                written = _safetensors.write_canonical(
+                    out, sources, release_dtype=rules.release_dtype, known=known
+                )
+        except _safetensors.WeightsRefused as e:
+            return CheckResult.decide(CheckName.WEIGHTS, [str(e)], {"tensors": len(actual)})
+        return CheckResult.decide(
+            CheckName.WEIGHTS,
+            [],
+            {
+                "tensors": len(actual),
+                "layout": what,
+                "release_dtype": rules.release_dtype,
+                "released_bytes": written.size,
+            },
+        )
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _check_metrics(
+    root: Path, listing: _walk.Listing, *, rules: ReleaseRules, dest: Path
+) -> MetricsDecision:
+    if listing.metrics is None:
+        decision = check_metrics({}, rules=rules)
+    else:
+        try:
+            data = _read_small(root, listing.metrics)
+            raw = _safetensors.strict_json(data, constants_as_floats=True)
+        except OSError:
+            return MetricsDecision(
+                {}, CheckResult.decide(CheckName.METRICS, ["metrics.json could not be read safely"])
+            )
+        except ValueError:
+            return MetricsDecision(
+                {},
+                CheckResult.decide(
+                    CheckName.METRICS,
+                    ["metrics.json is not strict JSON (or repeats a name, or nests too deeply)"],
+                ),
+            )
+        decision = check_metrics(raw, rules=rules)
+    if decision.result.passed:
+        text = json.dumps(
+            dict(decision.values), sort_keys=True, separators=(",", ":"), allow_nan=False
+        )
+        with open(dest / RELEASED_METRICS, "x", encoding="ascii") as f:
+            f.write(text)
+    return decision
+
+
+def run_gate(
+    output_dir: Path,
+    *,
+    rules: ReleaseRules,
+    base_layout: Mapping[str, TensorSpec | tuple[str, Iterable[int]]],
+    dest_dir: Path,
+    adapter_layout: Mapping[str, TensorSpec | tuple[str, Iterable[int]]] | None = None,
+    memorization: MemorizationInputs | None = None,
+    dp: DPInputs | None = None,
+) -> GateResult:
+    """Decide what of ``output_dir`` may be released, writing it into ``dest_dir``.
+
+    ``dest_dir`` must not exist; it is created and, when any check refuses, removed again.
+    Weights must match ``adapter_layout`` when the rules say ``adapter_only``; otherwise they
+    must match ``base_layout`` (or ``adapter_layout`` where one is declared).
+
+    Raises :class:`PolicyDocumentError` for rules that would pass anything,
+    :class:`InvalidInput` when a check the rules require lacks its inputs, and
+    :class:`AlreadyExists` when ``dest_dir`` exists. Refusals are returned, not raised.
+    """
+    if not rules.checks or not rules.checks >= MANDATORY_CHECKS:
+        raise PolicyDocumentError("release rules: the gate needs at least the structural checks")
+    base = make_layout(base_layout)
+    adapter = make_layout(adapter_layout) if adapter_layout is not None else None
+    if rules.adapter_only and adapter is None:
+        raise InvalidInput("the rules release adapters only, and no adapter layout was declared")
+    if CheckName.MEMORIZATION in rules.checks and memorization is None:
+        raise InvalidInput("the rules require the memorization check and no data was supplied")
+    if CheckName.DP in rules.checks and dp is None:
+        raise InvalidInput("the rules require the dp check and no privacy record was supplied")
+    try:
+        dest_dir.mkdir(mode=0o700)
+    except FileExistsError as e:
+        raise AlreadyExists(f"release directory {dest_dir} already exists") from e
+
+    checks: list[CheckResult] = []
+    try:
+        checks = _run_checks(
+            output_dir,
+            rules=rules,
+            base=base,
+            adapter=adapter,
+            dest=dest_dir,
+            memorization=memorization,
+            dp=dp,
+        )
+    finally:
+        passed = bool(checks) and all(c.passed for c in checks)
+        if not passed:
+            shutil.rmtree(dest_dir, ignore_errors=True)
+    artifacts: tuple[ReleasedArtifact, ...] = ()
+    if passed:
+        artifacts = tuple(_hash_artifact(dest_dir, p) for p in (RELEASED_WEIGHTS, RELEASED_METRICS))
+    return GateResult(
+        passed=passed,
+        checks=tuple(checks),
+        artifacts=artifacts,
+        release_dir=dest_dir if passed else None,
+        rules_version=rules.version,
+    )
+
+
+def _hash_artifact(root: Path, relpath: str) -> ReleasedArtifact:
+    digest = hashlib.sha256()
+    size = 0
+    with open(root / relpath, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return ReleasedArtifact(path=relpath, sha256=digest.hexdigest(), size=size)
+
+
+def _run_checks(
+    output_dir: Path,
+    *,
+    rules: ReleaseRules,
+    base: Layout,
+    adapter: Layout | None,
+    dest: Path,
+    memorization: MemorizationInputs | None,
+    dp: DPInputs | None,
+) -> list[CheckResult]:
+    checks: list[CheckResult] = []
+    listing, reasons = _walk.list_output(output_dir, limits=rules.limits)
+    if (
+        listing is not None
+        and listing.metrics is not None
+        and (ArtifactKind.METRICS not in rules.allowed_artifacts)
+    ):
+        reasons = ["metrics.json is present and the policy releases no metrics"]
+        listing = None
+    # No figures here: file counts and sizes are the job's choice, and a figure leaves the site.
+    checks.append(CheckResult.decide(CheckName.ARTIFACTS, reasons))
+    if listing is None:
+        checks.extend(
+            CheckResult.not_run(n, CheckName.ARTIFACTS)
+            for n in CheckName
+            if n in rules.checks and n is not CheckName.ARTIFACTS
+        )
+        return checks
+
+    if rules.adapter_only:
+        assert adapter is not None
+        expected, what = adapter, "declared adapter"
+    else:
+        expected, what = base, "base model"
+        if adapter is not None:
+            # Either layout may be released; match the one the tensor names point at.
+            listing_names = _peek_names(output_dir, listing, rules)
+            if listing_names is not None and listing_names <= set(adapter):
+                expected, what = adapter, "declared adapter"
+    weights = _check_weights(
+        output_dir, listing, rules=rules, expected=expected, what=what, dest=dest
+    )
+    checks.append(weights)
+    metrics = _check_metrics(output_dir, listing, rules=rules, dest=dest)
+    checks.append(metrics.result)
+
+    if CheckName.MEMORIZATION in rules.checks:
+        assert memorization is not None and rules.memorization is not None
+        if not weights.passed:
+            checks.append(CheckResult.not_run(CheckName.MEMORIZATION, CheckName.WEIGHTS))
+        elif what != "base model":
+            raise InvalidInput("the memorization probe of adapter releases is not supported yet")
+        else:
+            figures_m = _memorization.measure_memorization(
+                model_dir=memorization.model_dir,
+                weights=dest / RELEASED_WEIGHTS,
+                tokenizer=memorization.tokenizer,
+                texts=memorization.texts,
+                rules=rules.memorization,
+            )
+            checks.append(decide_memorization(figures_m, rules=rules.memorization))
+
+    if CheckName.DP in rules.checks:
+        assert dp is not None and rules.dp is not None
+        if dp.epsilon is None and not metrics.result.passed:
+            checks.append(CheckResult.not_run(CheckName.DP, CheckName.METRICS))
+        else:
+            epsilon = dp.epsilon if dp.epsilon is not None else metrics.values.get("epsilon")
+            checks.append(decide_dp(epsilon, spent=dp.spent, rules=rules.dp))
+    return checks
+
+
+def _peek_names(root: Path, listing: _walk.Listing, rules: ReleaseRules) -> set[str] | None:
+    names: set[str] = set()
+    for ref in listing.weights:
+        try:
+            fd = _walk.open_verified(root, ref)
+        except OSError:
+            return None
+        try:
+            header = _safetensors.read_header(fd, known=frozenset(), limits=rules.limits)
+            names |= set(header.tensors)
+        except _safetensors.WeightsRefused:
+            return None
+        finally:
+            os.close(fd)
+    return names
