@@ -65,6 +65,9 @@ class ModelStore:
         tmp = self.root / f".{name}.{uuid.uuid4().hex}.tmp"
         try:
             shutil.copytree(source, tmp, symlinks=True)
+            # The job's uid must read the model; safetensors writes files 0600.
+            for p in [tmp, *tmp.rglob("*")]:
+                p.chmod(0o755 if p.is_dir() else 0o644)
             layout = tensor_layout(tmp)
             digest = directory_hash(tmp)
             (tmp / INFO_FILE).write_text(json.dumps({"name": name, "sha256": digest}))

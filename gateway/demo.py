@@ -35,7 +35,7 @@ trainer: causal-lm
 purpose: style adaptation research
 hyperparameters:
   max_steps: {steps}
-  learning_rate: 0.002
+  learning_rate: 0.003
   batch_size: 8
   block_size: 64
   seed: 0
@@ -138,8 +138,9 @@ def run_demo(*, workdir: Path | None, keep: bool, as_json: bool, steps: int = 40
             team.download_release(job.id, release)
             verify_release(release, ca_cert_pem=ca.cert_pem)
             manifest = json.loads((release / "manifest.json").read_text())
-            console.print(f"   signature and hashes verify: {sorted(manifest['artifacts'])}")
-            summary["release"] = {"dir": str(release), "artifacts": sorted(manifest["artifacts"])}
+            artifacts = sorted(a["path"] for a in manifest["artifacts"])
+            console.print(f"   signature and hashes verify: {artifacts}")
+            summary["release"] = {"dir": str(release), "artifacts": artifacts}
 
             step(6, "compliance", "exports the audit log and verifies it offline")
             export = tmp / "audit.jsonl"

@@ -80,12 +80,26 @@ class JobConfig:
         raw = json.loads(text)
         if not isinstance(raw, dict):
             raise ValueError(f"{JOB_ENV} must be a JSON object")
+        for key in ("job_id", "trainer"):
+            if key not in raw:
+                raise ValueError(f"{JOB_ENV}: missing {key!r}")
+            if not isinstance(raw[key], str):
+                raise ValueError(f"{JOB_ENV}: {key} must be a string")
+        datasets = raw.get("datasets", [])
+        if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
+            raise ValueError(f"{JOB_ENV}: datasets must be a list of names")
+        hyperparameters = raw.get("hyperparameters") or {}
+        if not isinstance(hyperparameters, dict):
+            raise ValueError(f"{JOB_ENV}: hyperparameters must be an object")
+        entrypoint = raw.get("entrypoint")
+        if entrypoint is not None and not isinstance(entrypoint, str):
+            raise ValueError(f"{JOB_ENV}: entrypoint must be a string or null")
         return cls(
-            job_id=str(raw["job_id"]),
-            trainer=str(raw["trainer"]),
-            datasets=tuple(str(d) for d in raw.get("datasets", ())),
-            hyperparameters=dict(raw.get("hyperparameters") or {}),
-            entrypoint=raw.get("entrypoint"),
+            job_id=raw["job_id"],
+            trainer=raw["trainer"],
+            datasets=tuple(datasets),
+            hyperparameters=hyperparameters,
+            entrypoint=entrypoint,
         )
 
     @classmethod

@@ -57,4 +57,7 @@ if ! have "$runtime_tag"; then
   rm -rf "$ctx"
 fi
 docker tag "$runtime_tag" sealroom-runtime:latest
+# Older runtime tags pile up otherwise; images a container still uses are kept by Docker.
+docker images --format '{{.Repository}}:{{.Tag}}' sealroom-runtime \
+  | grep -v -e ":latest$" -e "^$runtime_tag$" | xargs -r docker rmi >/dev/null 2>&1 || true
 echo "$runtime_tag"
