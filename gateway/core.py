@@ -126,6 +126,9 @@ class Gateway:
             for i in range(workers)
         ]
         self._started = False
+        self._lock = threading.Lock()
+        self._inflight: set[str] = set()
+        self._waiting: dict[str, None] = {}  # approved jobs that found the queue full, in order
 
     # -- life -------------------------------------------------------------------------------
 
@@ -248,7 +251,7 @@ class Gateway:
         record = self.store.add_policy(
             dataset=dataset,
             document=text,
-            sha256=document.document_hash(text),
+            sha256=doc.digest(),
             author=principal.name,
         )
         self.record(
@@ -279,6 +282,7 @@ class Gateway:
         """Validate, pin and decide a submission. A refused spec leaves no job behind; a
         policy denial is a decision and is kept, in state DENIED, with every reason."""
         spec = parse_spec(spec_text)
+        self._admit()
         if bundle is not None:
             actual = _sha256_file(bundle)
             if bundle_sha256 and actual != bundle_sha256:
@@ -292,13 +296,7 @@ class Gateway:
             bundle_sha256 = ""
         pinned = self._pin(spec)
         policies = self._current_policies([d.name for d in pinned])
-        decision = access.evaluate_submission(
-            spec=spec,
-            principal=principal,
-            policies={name: doc for name, (_, doc) in policies.items()},
-            dataset_owners={d.name: frozenset({self._owner(d.name)}) for d in pinned},
-            now=_now(),
-        )
+        decision = self._decide(spec, principal, pinned, policies)
         job_id = f"job-{uuid.uuid4().hex[:12]}"
         if bundle is not None:
             dest = self._bundles / f"{bundle_sha256}.tar.gz"
@@ -318,8 +316,9 @@ class Gateway:
             bundle_sha256=bundle_sha256,
             datasets=pinned,
             policy_versions=policy_versions,
-            reasons=tuple(decision.reasons),
-            binding=self._binding(spec.digest(), bundle_sha256, pinned, policy_versions).digest(),
+            reasons=tuple(str(r) for r in decision.reasons),
+            binding=self._binding(job_id, spec.digest(), bundle_sha256, pinned,
+                                  [doc.ref() for _, doc in policies.values()]).digest(),
         )
         job = self.store.add_job(job)
         self.record(
@@ -339,10 +338,11 @@ class Gateway:
             "policy.decision",
             job_id=job_id,
             outcome=decision.outcome.value,
-            details={"reasons": list(decision.reasons), "policy_versions": policy_versions},
+            details=decision.to_dict(),
         )
         if decision.outcome is access.Outcome.DENY:
-            return self._transition(job_id, JobState.DENIED, reason="; ".join(decision.reasons))
+            return self._transition(job_id, JobState.DENIED,
+                                    reason="; ".join(str(r) for r in decision.reasons))
         if decision.outcome is access.Outcome.AUTO_APPROVE:
             self._transition(job_id, JobState.APPROVED, reason="approved under the policy")
             self._enqueue(job_id)
@@ -358,6 +358,8 @@ class Gateway:
             raise PermissionDenied(f"{principal.name} owns none of the datasets job {job_id} names")
         if job.state is not JobState.PENDING_APPROVAL:
             raise InvalidState(f"job {job_id} is {job.state}, not waiting for approval")
+        requirements = self._requirements(job)
+        approval.check_approver(principal=principal, requirements=requirements)
         self.store.add_approval(
             ApprovalRecord(
                 job_id=job_id,
@@ -377,7 +379,7 @@ class Gateway:
         if not approve:
             return self._transition(job_id, JobState.DENIED, reason=f"denied by {principal.name}"
                                     + (f": {reason}" if reason else ""))
-        if self._approved_by_all(job):
+        if self._approval_status(job, requirements) is approval.ApprovalStatus.APPROVED:
             self._transition(job_id, JobState.APPROVED, reason="approved by the owners")
             self._enqueue(job_id)
         return self.store.job(job_id)
@@ -388,7 +390,9 @@ class Gateway:
             raise PermissionDenied("only the submitter or an operator can cancel a job")
         if job.state in TERMINAL:
             raise InvalidState(f"job {job_id} has already ended ({job.state})")
-        if job.state in (JobState.RUNNING, JobState.CHECKING):
+        with self._lock:
+            at_site = job_id in self._inflight
+        if at_site or job.state in (JobState.RUNNING, JobState.CHECKING):
             self.record(principal, "job.cancel", job_id=job_id, details={"reason": reason})
             self.site.cancel(job_id)  # the run ends with CANCELLED through the site's report
             return self.store.job(job_id)
@@ -431,14 +435,14 @@ class Gateway:
 
     def logs(self, *, principal: Principal, job_id: str) -> bytes:
         job = self.job(principal=principal, job_id=job_id)
-        owners = {self._owner(d.name) for d in job.datasets}
-        allowed = principal.role is Role.OPERATOR or principal.name in owners
-        if not allowed and principal.role is Role.MODEL_TEAM:
-            docs = self._current_policies([d.name for d in job.datasets])
-            allowed = all(doc.logs_visible_to_model_team for _, doc in docs.values())
-        if not allowed:
-            raise PermissionDenied(
-                "job logs stay with the data owners and operators (they can carry data)"
+        if principal.role is not Role.OPERATOR:
+            names = [d.name for d in job.datasets]
+            access.check_log_access(
+                principal=principal,
+                submitter=Principal(job.submitter, Role.MODEL_TEAM, job.team),
+                datasets=names,
+                policies={n: doc for n, (_, doc) in self._current_policies(names).items()},
+                dataset_owners={n: frozenset({self._owner(n)}) for n in names},
             )
         self.record(principal, "job.logs", job_id=job_id)
         return self.site.logs(job_id)
@@ -489,33 +493,86 @@ class Gateway:
                 rec = self.store.policy(name)
             except NotFound:
                 continue  # the evaluator denies a dataset without a policy (fail closed)
-            out[name] = (rec, document.parse_policy(rec.document))
+            out[name] = (rec, document.parse_policy(rec.document, version=rec.version))
         return out
+
+    def _policies_at(
+        self, versions: Mapping[str, int]
+    ) -> dict[str, document.PolicyDocument]:
+        return {
+            name: document.parse_policy(self.store.policy(name, v).document, version=v)
+            for name, v in versions.items()
+        }
+
+    def _epsilon_spent(self, names: list[str]) -> dict[str, float]:
+        """Privacy budget already released per dataset (sum of released jobs' epsilon)."""
+        spent = dict.fromkeys(names, 0.0)
+        for job in self.store.jobs(state=JobState.RELEASED):
+            eps = job.metrics.get("epsilon")
+            if eps is None:
+                continue
+            for d in job.datasets:
+                if d.name in spent:
+                    spent[d.name] += eps
+        return spent
+
+    def _decide(
+        self,
+        spec: JobSpec,
+        principal: Principal,
+        pinned: tuple[PinnedDataset, ...],
+        policies: Mapping[str, tuple[PolicyRecord, document.PolicyDocument]],
+    ) -> access.Decision:
+        names = [d.name for d in pinned]
+        return access.evaluate_submission(
+            spec=spec,
+            principal=principal,
+            policies={name: doc for name, (_, doc) in policies.items()},
+            dataset_owners={n: frozenset({self._owner(n)}) for n in names},
+            epsilon_spent=self._epsilon_spent(names),
+            now=_now(),
+        )
+
+    def _requirements(self, job: JobRecord) -> tuple[access.ApprovalRequirement, ...]:
+        spec = parse_spec(job.spec)
+        submitter = Principal(job.submitter, Role.MODEL_TEAM, job.team)
+        decision = self._decide(spec, submitter, job.datasets,
+                                self._current_policies([d.name for d in job.datasets]))
+        if decision.outcome is access.Outcome.DENY:
+            raise PolicyViolation("the job is now denied by policy",
+                                  reasons=tuple(str(r) for r in decision.reasons))
+        return decision.approvals
+
+    def _approval_status(
+        self, job: JobRecord, requirements: tuple[access.ApprovalRequirement, ...]
+    ) -> approval.ApprovalStatus:
+        votes = [
+            approval.ApprovalVote(
+                approver=a.owner,
+                vote=approval.Vote.APPROVE if a.decision == "approve" else approval.Vote.DENY,
+                binding_digest=a.binding,
+                reason=a.reason,
+            )
+            for a in self.store.approvals(job.id)
+        ]
+        states = [approval.tally(votes, req, binding_digest=job.binding) for req in requirements]
+        return approval.job_approval_status(states)
 
     def _binding(
         self,
+        job_id: str,
         spec_sha256: str,
         bundle_sha256: str,
         pinned: tuple[PinnedDataset, ...],
-        policy_versions: Mapping[str, int],
+        policies: list[document.PolicyRef],
     ) -> approval.ApprovalBinding:
-        return approval.ApprovalBinding(
-            spec_sha256=spec_sha256,
-            bundle_sha256=bundle_sha256,
+        return approval.ApprovalBinding.create(
+            job_id=job_id,
+            spec_digest=spec_sha256,
+            bundle_digest=bundle_sha256 or None,
             dataset_versions={d.name: d.version for d in pinned},
-            policy_versions=dict(policy_versions),
+            policies=policies,
         )
-
-    def _approved_by_all(self, job: JobRecord) -> bool:
-        docs = self._current_policies([d.name for d in job.datasets])
-        votes = {a.owner: a.decision == "approve" for a in self.store.approvals(job.id)
-                 if a.binding == job.binding}
-        for name, (_, doc) in docs.items():
-            owners = frozenset({self._owner(name)})
-            state = approval.tally(votes, owners=owners, quorum=doc.approval.quorum)
-            if not state.approved:
-                return False
-        return len(docs) == len(job.datasets)
 
     def _transition(self, job_id: str, new: JobState, *, reason: str = "", **changes: Any) -> JobRecord:
         if reason:
@@ -531,45 +588,61 @@ class Gateway:
         return after
 
     def _enqueue(self, job_id: str) -> None:
-        try:
-            self._queue.put_nowait(job_id)
-        except queue.Full:
-            self._transition(job_id, JobState.ERROR,
-                             reason=f"the site queue is full ({self._queue.maxsize} jobs)")
-            raise ResourceExhausted(
-                f"the site queue is full ({self._queue.maxsize} jobs); submit again later"
-            ) from None
+        """Queue an approved job for the site. When the queue is full the job stays APPROVED
+        (nothing is lost) and a worker queues it as soon as a slot frees up."""
+        with self._lock:
+            try:
+                self._queue.put_nowait(job_id)
+            except queue.Full:
+                self._waiting[job_id] = None
+                return
         self._transition(job_id, JobState.QUEUED, reason="waiting for the site")
 
+    def _admit(self) -> None:
+        """Back-pressure: refuse a new submission while the site's queue is full."""
+        if self._queue.full():
+            raise ResourceExhausted(
+                f"the site queue is full ({self._queue.maxsize} jobs waiting); submit again "
+                "when some have run"
+            )
+
+    def _refill(self) -> None:
+        """Queue approved jobs that found the queue full, oldest first, while there is room."""
+        while True:
+            with self._lock:
+                if not self._waiting or self._queue.full():
+                    return
+                job_id = next(iter(self._waiting))
+                del self._waiting[job_id]
+            try:
+                job = self.store.job(job_id)
+            except NotFound:
+                continue
+            if job.state is JobState.APPROVED:
+                self._enqueue(job_id)
+
     def _reevaluate(self, dataset: str) -> None:
-        """A new policy version re-evaluates every job naming ``dataset`` not yet started."""
+        """A new policy version re-evaluates every job naming ``dataset`` not yet started:
+        denied if it no longer passes, otherwise back to waiting for (re)approval under the
+        new version."""
         for state in (JobState.PENDING_APPROVAL, JobState.APPROVED, JobState.QUEUED):
             for job in self.store.jobs(state=state):
                 if dataset not in {d.name for d in job.datasets}:
                     continue
-                spec = parse_spec(job.spec)
-                policies = self._current_policies([d.name for d in job.datasets])
                 submitter = Principal(job.submitter, Role.MODEL_TEAM, job.team)
-                decision = access.evaluate_submission(
-                    spec=spec, principal=submitter,
-                    policies={n: d for n, (_, d) in policies.items()},
-                    dataset_owners={d.name: frozenset({self._owner(d.name)})
-                                    for d in job.datasets},
-                    now=_now(),
-                )
+                policies = self._current_policies([d.name for d in job.datasets])
+                decision = self._decide(parse_spec(job.spec), submitter, job.datasets, policies)
                 versions = {n: r.version for n, (r, _) in policies.items()}
-                binding = self._binding(job.spec_sha256, job.bundle_sha256, job.datasets,
-                                        versions).digest()
+                binding = self._binding(job.id, job.spec_sha256, job.bundle_sha256, job.datasets,
+                                        [doc.ref() for _, doc in policies.values()]).digest()
                 self.record(SYSTEM, "policy.reevaluate", job_id=job.id,
-                            outcome=decision.outcome.value,
-                            details={"reasons": list(decision.reasons),
-                                     "policy_versions": versions})
+                            outcome=decision.outcome.value, details=decision.to_dict())
                 if decision.outcome is access.Outcome.DENY:
                     self._transition(job.id, JobState.DENIED,
-                                     reason="; ".join(decision.reasons))
+                                     reason="; ".join(str(r) for r in decision.reasons))
                 elif state is not JobState.PENDING_APPROVAL:
                     self._transition(job.id, JobState.PENDING_APPROVAL,
-                                     reason=f"policy of {dataset} changed: approval needed again",
+                                     reason=f"the policy of {dataset} changed: approve again",
                                      policy_versions=versions, binding=binding)
                 else:
                     self.store.update_job(job.id, policy_versions=versions, binding=binding)
@@ -579,6 +652,7 @@ class Gateway:
             job_id = self._queue.get()
             if job_id is None:
                 return
+            self._refill()
             try:
                 self._dispatch(job_id)
             except Exception as e:  # a worker must survive any one job
@@ -595,19 +669,30 @@ class Gateway:
             return  # cancelled or re-evaluated while waiting
         spec = parse_spec(job.spec)
         policies = self._current_policies([d.name for d in job.datasets])
-        current = self._binding(job.spec_sha256, job.bundle_sha256, job.datasets,
-                                {n: r.version for n, (r, _) in policies.items()})
-        approved_binding = self._binding(job.spec_sha256, job.bundle_sha256, job.datasets,
-                                         job.policy_versions)
         bundle = self._bundles / f"{job.bundle_sha256}.tar.gz" if job.bundle_sha256 else None
         try:
-            if bundle is not None and _sha256_file(bundle) != job.bundle_sha256:
-                raise PolicyViolation("the stored bundle no longer matches the approved hash")
-            approval.verify_binding(approved=approved_binding, current=current)
+            approved_at = max(
+                (dt.datetime.fromisoformat(a.created_at) for a in self.store.approvals(job_id)
+                 if a.decision == "approve" and a.binding == job.binding),
+                default=dt.datetime.fromisoformat(job.created_at),
+            )
+            approved = self._binding(
+                job.id, job.spec_sha256, job.bundle_sha256, job.datasets,
+                [d.ref() for d in self._policies_at(job.policy_versions).values()])
+            current = self._binding(
+                job.id, parse_spec(job.spec).digest(),
+                _sha256_file(bundle) if bundle is not None else "",
+                job.datasets, [doc.ref() for _, doc in policies.values()])
+            if approved.digest() != job.binding:
+                raise PolicyViolation("the job's recorded binding does not match its record")
+            approval.verify_binding(
+                approved=approved, current=current, now=_now(),
+                expires_at=approval.approval_expiry(
+                    policies=[doc for _, doc in policies.values()], approved_at=approved_at))
         except PolicyViolation as e:
             self.record(SYSTEM, "job.binding", job_id=job_id, outcome="denied",
                         details={"reason": str(e)})
-            self._transition(job_id, JobState.ERROR, reason=f"approval no longer applies: {e}")
+            self._transition(job_id, JobState.ERROR, reason=f"the approval no longer applies: {e}")
             return
         order = RunOrder(
             job_id=job_id,
@@ -622,8 +707,15 @@ class Gateway:
             approvals=tuple(a.owner for a in self.store.approvals(job_id)
                             if a.decision == "approve"),
             audit_position=self.audit.size(),
+            epsilon_spent=self._epsilon_spent([d.name for d in job.datasets]),
         )
-        self.site.run(order, self._on_site_report)
+        with self._lock:
+            self._inflight.add(job_id)
+        try:
+            self.site.run(order, self._on_site_report)
+        finally:
+            with self._lock:
+                self._inflight.discard(job_id)
 
     def _on_site_report(self, report: SiteReport) -> None:
         job_id = report.job_id
@@ -652,7 +744,11 @@ class Gateway:
             manifest = (dest / "manifest.json").read_bytes()
             changes["release_id"] = hashlib.sha256(manifest).hexdigest()
             changes["metrics"] = dict(report.metrics)
-        self._transition(job_id, report.state, reason=report.reason, **changes)
+        try:
+            self._transition(job_id, report.state, reason=report.reason, **changes)
+        except InvalidState as e:  # e.g. a late report for a job that has already ended
+            self.record(SYSTEM, "site.report", outcome="error", job_id=job_id,
+                        details={"state": report.state.value, "error": str(e)})
 
 
 def _now() -> dt.datetime:

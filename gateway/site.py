@@ -50,6 +50,8 @@ class RunOrder:
     approval_binding: str
     approvals: tuple[str, ...]  # approving owners
     audit_position: int
+    epsilon_spent: Mapping[str, float] = field(default_factory=dict)
+    """Per dataset, the privacy budget earlier releases used (for the DP check)."""
 
 
 @dataclass(frozen=True)

@@ -50,12 +50,23 @@ def test_unknown_role_in_a_certificate_is_refused(tmp_path: Path) -> None:
     from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "eve"),
-                      x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "root")])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, "eve"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "root"),
+        ]
+    )
     now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
-            .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
     from cryptography.hazmat.primitives.serialization import Encoding
 
     with pytest.raises(PermissionDenied, match="unknown role 'root'"):

