@@ -417,6 +417,8 @@ class AuditLog:
         """Recompute the whole log; raise naming the first bad record or checkpoint."""
         if self.public_key is None:
             raise AuditLogError("verifying needs the gateway's public key")
+        if self._key is not None and self._leaves:
+            self.checkpoint()  # vouch for what is here now, then recompute it all
         with self._read_lock:
             rows = self._db.execute(
                 "SELECT seq, leaf, leaf_hash, chain, principal, role, action, outcome, job_id, "
