@@ -45,6 +45,7 @@ ROLES: dict[str, frozenset[Role]] = {
     "GetCheckpoint": frozenset({Role.COMPLIANCE, Role.OPERATOR}),
     "GetInclusionProof": frozenset({Role.COMPLIANCE, Role.OPERATOR}),
     "GetConsistencyProof": frozenset({Role.COMPLIANCE, Role.OPERATOR}),
+    "AuditReport": frozenset({Role.COMPLIANCE, Role.OPERATOR}),
 }
 
 AuditFn = Callable[..., int]

@@ -4,6 +4,7 @@ types stop here."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import tempfile
@@ -210,3 +211,41 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             with path.open("rb") as f:
                 while data := f.read(CHUNK):
                     yield pb.ExportChunk(data=data)
+
+    def GetCheckpoint(self, request: pb.GetCheckpointRequest,
+                      context: grpc.ServicerContext) -> pb.Checkpoint:
+        cps = self.g.audit.checkpoints()
+        cp = self.g.audit.checkpoint() if request.fresh or not cps else cps[-1]
+        return pb.Checkpoint(size=cp.size, root_hash=cp.root.hex(), time=cp.time,
+                             signature=base64.b64encode(cp.signature).decode(),
+                             encoded=cp.note().decode())
+
+    def GetInclusionProof(self, request: pb.InclusionProofRequest,
+                          context: grpc.ServicerContext) -> pb.Proof:
+        size = request.tree_size or self.g.audit.size()
+        if not 0 <= request.seq < size:
+            raise InvalidInput(f"seq {request.seq} is not in a tree of size {size}")
+        proof = self.g.audit.inclusion_proof(request.seq, size)
+        leaf = self.g.audit.record(request.seq).leaf_hash
+        return pb.Proof(hashes=[h.hex() for h in proof], leaf_hash=leaf.hex(),
+                        index=request.seq, tree_size=size)
+
+    def GetConsistencyProof(self, request: pb.ConsistencyProofRequest,
+                            context: grpc.ServicerContext) -> pb.Proof:
+        new = request.new_size or self.g.audit.size()
+        proof = self.g.audit.consistency_proof(request.old_size, new)
+        return pb.Proof(hashes=[h.hex() for h in proof], old_size=request.old_size,
+                        tree_size=new)
+
+    def AuditReport(self, request: pb.AuditReportRequest,
+                    context: grpc.ServicerContext) -> pb.AuditReportResponse:
+        r = self.g.audit.report(request.dataset)
+        return pb.AuditReportResponse(
+            dataset=r.dataset,
+            accesses=[pb.DatasetAccess(principal=a.principal, role=a.role, action=a.action,
+                                       outcome=a.outcome, count=a.count, first=a.first,
+                                       last=a.last) for a in r.accesses],
+            reads=[pb.JobReads(job_id=j, files=list(f)) for j, f in r.reads.items()],
+            releases=[pb.DerivedRelease(job_id=d.job_id, manifest_sha256=d.manifest_sha256,
+                                        time=d.time) for d in r.releases])
+

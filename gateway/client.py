@@ -219,3 +219,17 @@ class Client:
             for chunk in self._stream(self._stub.ExportAudit, pb.ExportAuditRequest()):
                 f.write(chunk.data)
         return dest
+
+    def audit_checkpoint(self, *, fresh: bool = False) -> pb.Checkpoint:
+        return self._call(self._stub.GetCheckpoint, pb.GetCheckpointRequest(fresh=fresh))
+
+    def audit_inclusion_proof(self, seq: int, tree_size: int = 0) -> pb.Proof:
+        return self._call(self._stub.GetInclusionProof,
+                          pb.InclusionProofRequest(seq=seq, tree_size=tree_size))
+
+    def audit_consistency_proof(self, old_size: int, new_size: int = 0) -> pb.Proof:
+        return self._call(self._stub.GetConsistencyProof,
+                          pb.ConsistencyProofRequest(old_size=old_size, new_size=new_size))
+
+    def audit_report(self, dataset: str) -> pb.AuditReportResponse:
+        return self._call(self._stub.AuditReport, pb.AuditReportRequest(dataset=dataset))

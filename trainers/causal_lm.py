@@ -198,14 +198,21 @@ class JsonlProgress(pl.Callback):
         step, total = trainer.global_step, trainer.max_steps
         if step % self.every and step != total:
             return
-        assert isinstance(pl_module, CausalLMModule)
+        if isinstance(pl_module, CausalLMModule):
+            loss, tokens = pl_module.train_losses[-1], pl_module.tokens_seen
+        else:  # a custom module: what it logged as train_loss
+            logged = trainer.callback_metrics.get("train_loss")
+            loss, tokens = (float(logged) if logged is not None else float("nan")), None
+        if not math.isfinite(loss):
+            return
         line = {
             "step": step,
             "total": total,
-            "loss": pl_module.train_losses[-1],
+            "loss": loss,
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
-            "tokens_seen": pl_module.tokens_seen,
         }
+        if tokens is not None:
+            line["tokens_seen"] = tokens
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(line, allow_nan=False) + "\n")
             f.flush()

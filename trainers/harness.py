@@ -61,8 +61,32 @@ TRAINERS: dict[str, BuiltinTrainer] = {
 MAX_METRICS = 64
 
 
+def _custom(job: JobConfig) -> BuiltinTrainer:
+    """A registry entry for a team's own LightningModule (:mod:`trainers.custom`)."""
+    from trainers import custom
+
+    if job.entrypoint is None:
+        raise ConfigError("entrypoint", "required when the trainer is 'custom'")
+    entrypoint = job.entrypoint
+
+    class _Custom(BuiltinTrainer):
+        def load_run(self) -> Callable[[Any, RunContext], Mapping[str, float]]:
+            cls = custom.load(entrypoint, code_dir=contract_code_dir())
+            return lambda hp, ctx: custom.run(cls, hp, ctx)
+
+    return _Custom(validate=dict, run="trainers.custom:run")
+
+
+def contract_code_dir() -> Path:
+    root = os.environ.get("SEALROOM_ROOT")
+    return Path(root) / "code" if root else Path(str(contract.CODE_DIR))
+
+
 def validate_job(job: JobConfig, *, paths: Paths) -> tuple[BuiltinTrainer, Any, RunContext]:
     """Check ``job`` against the registry and the mounts. Raises :class:`ConfigError`."""
+    if job.trainer == "custom":
+        entry = _custom(job)
+        return entry, entry.validate(job.hyperparameters), _context(job, paths)
     if job.trainer not in TRAINERS:
         known = ", ".join(sorted(TRAINERS))
         raise ConfigError("trainer", f"unknown trainer {job.trainer!r}; built-in: {known}")
@@ -70,6 +94,10 @@ def validate_job(job: JobConfig, *, paths: Paths) -> tuple[BuiltinTrainer, Any, 
         raise ConfigError("entrypoint", f"must be empty for the built-in trainer {job.trainer!r}")
     entry = TRAINERS[job.trainer]
     hparams = entry.validate(job.hyperparameters)
+    return entry, hparams, _context(job, paths)
+
+
+def _context(job: JobConfig, paths: Paths) -> RunContext:
     if not job.datasets:
         raise ConfigError("datasets", "at least one dataset is needed")
     if len(set(job.datasets)) != len(job.datasets):
@@ -77,7 +105,7 @@ def validate_job(job: JobConfig, *, paths: Paths) -> tuple[BuiltinTrainer, Any, 
     dataset_dirs = tuple(paths.dataset(name, index=i) for i, name in enumerate(job.datasets))
     if not paths.model.is_dir():
         raise ConfigError("model", "no base model is mounted")
-    ctx = RunContext(
+    return RunContext(
         job_id=job.job_id,
         dataset_dirs=dataset_dirs,
         model_dir=paths.model,
@@ -85,7 +113,6 @@ def validate_job(job: JobConfig, *, paths: Paths) -> tuple[BuiltinTrainer, Any, 
         progress_file=paths.progress_file,
         scratch_dir=paths.tmp,
     )
-    return entry, hparams, ctx
 
 
 def write_metrics(metrics: Mapping[str, float], dest: Path) -> None:

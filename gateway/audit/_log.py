@@ -393,6 +393,15 @@ class AuditLog:
             out.append(AuditRecord(s, time, event, bytes(lh)))
         return out
 
+    def report(self, dataset: str) -> Any:
+        """The compliance report for ``dataset`` (see :mod:`gateway.audit._report`)."""
+        from gateway.audit._report import dataset_report
+
+        if not dataset:
+            raise InvalidInput("dataset: name the dataset the report is about")
+        return dataset_report(dataset, self.query(dataset=dataset, limit=10**9),
+                              self.query(action="release.sign", limit=10**9))
+
     # -- export and verification ------------------------------------------------------------
 
     def export(self, path: Path) -> SignedCheckpoint:

@@ -76,6 +76,101 @@ def audit_verify(
              f"audit log verifies: {result.size} records, root {result.root_hex[:16]}")
 
 
+def _checkpoint(cp: object, public_key: Path | None) -> object:
+    """A checkpoint message as a verified :class:`SignedCheckpoint`."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+
+    from gateway.audit import SignedCheckpoint
+
+    signed = SignedCheckpoint(size=cp.size, root=bytes.fromhex(cp.root_hash),  # type: ignore[attr-defined]
+                              time=cp.time, signature=base64.b64decode(cp.signature))  # type: ignore[attr-defined]
+    key_path = public_key or STATE.home / "gateway" / "audit-signing.pub"
+    signed.verify(serialization.load_pem_public_key(key_path.read_bytes()))  # type: ignore[arg-type]
+    return signed
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(
+    fresh: bool = typer.Option(False, help="publish a new checkpoint now"),
+    public_key: Path | None = typer.Option(None, help="the gateway's audit public key (PEM)"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """The latest signed checkpoint (size, root, time), its signature checked."""
+    with errors(as_json), client() as c:
+        cp = c.audit_checkpoint(fresh=fresh)
+        _checkpoint(cp, public_key)
+        emit(as_json, to_dict(cp), f"checkpoint: {cp.size} records, root {cp.root_hash}, "
+             f"{cp.time} (signature verifies)")
+
+
+@audit_app.command("prove")
+def audit_prove(
+    seq: int = typer.Argument(..., help="the record to prove"),
+    public_key: Path | None = typer.Option(None, help="the gateway's audit public key (PEM)"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Prove that record SEQ is in the log the latest signed checkpoint vouches for."""
+    from gateway.audit import verify_inclusion
+
+    with errors(as_json), client() as c:
+        cp = c.audit_checkpoint(fresh=True)
+        signed = _checkpoint(cp, public_key)
+        proof = c.audit_inclusion_proof(seq, cp.size)
+        verify_inclusion(index=seq, size=cp.size, leaf=bytes.fromhex(proof.leaf_hash),
+                         proof=[bytes.fromhex(h) for h in proof.hashes],
+                         expected_root=signed.root)  # type: ignore[attr-defined]
+        emit(as_json, {"seq": seq, "tree_size": cp.size, "root": cp.root_hash,
+                       "proof": list(proof.hashes), "verified": True},
+             f"record {seq} is in the log of {cp.size} records (root {cp.root_hash[:16]}…): "
+             f"proof of {len(proof.hashes)} hashes verifies")
+
+
+@audit_app.command("consistency")
+def audit_consistency(
+    old_size: int = typer.Argument(..., help="the size of the earlier checkpoint"),
+    old_root: str = typer.Argument(..., help="its root (hex)"),
+    public_key: Path | None = typer.Option(None, help="the gateway's audit public key (PEM)"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Prove that the log today extends an earlier checkpoint (nothing rewritten since)."""
+    from gateway.audit import verify_consistency
+
+    with errors(as_json), client() as c:
+        cp = c.audit_checkpoint(fresh=True)
+        signed = _checkpoint(cp, public_key)
+        proof = c.audit_consistency_proof(old_size, cp.size)
+        verify_consistency(old_size=old_size, new_size=cp.size, old_root=bytes.fromhex(old_root),
+                           new_root=signed.root,  # type: ignore[attr-defined]
+                           proof=[bytes.fromhex(h) for h in proof.hashes])
+        emit(as_json, {"old_size": old_size, "new_size": cp.size, "verified": True},
+             f"the log of {cp.size} records extends the one of {old_size}: proof verifies")
+
+
+@audit_app.command("report")
+def audit_report(dataset: str, as_json: bool = JsonOpt) -> None:
+    """Who accessed DATASET, which jobs read which files, which releases derive from it."""
+    with errors(as_json), client() as c:
+        r = c.audit_report(dataset)
+
+        def text() -> None:
+            t = Table("principal", "role", "action", "outcome", "count", "first", "last",
+                      title=f"accesses to {dataset}")
+            for a in r.accesses:
+                t.add_row(a.principal, a.role, a.action, a.outcome, str(a.count), a.first,
+                          a.last)
+            console.print(t)
+            for j in r.reads:
+                console.print(f"{j.job_id} read {len(j.files)} files: "
+                              + ", ".join(j.files[:8]) + (" …" if len(j.files) > 8 else ""))
+            for d in r.releases:
+                console.print(f"release of {d.job_id} (manifest {d.manifest_sha256[:16]}…) at "
+                              f"{d.time} derives from {dataset}")
+
+        emit(as_json, to_dict(r), text)
+
+
 @release_app.command("download")
 def release_download(job_id: str, dest: Path, as_json: bool = JsonOpt) -> None:
     """Download a job's release into DEST (then check it with `release verify`)."""

@@ -345,15 +345,54 @@ def test_an_edited_audit_record_is_detected_and_named(dep: Deployment, tmp_path:
     pub: Any = serialization.load_pem_public_key(
         (dep.home / "gateway" / "audit-signing.pub").read_bytes())
     good = verify_export(export, public_key=pub)
-    assert good.size > 10
     lines = export.read_text().splitlines()
-    # Find a record in the middle and change who did it.
-    idx, rec = next((i, json.loads(ln)) for i, ln in enumerate(lines)
-                    if '"principal": "theo"' in ln or '"principal":"theo"' in ln)
+    records = [i for i, ln in enumerate(lines) if '"checkpoint"' not in ln]
+    assert good.size == len(records) > 5
+    # Change who did something, in a record in the middle of the log.
+    idx = records[len(records) // 2]
+    rec = json.loads(lines[idx])
+    rec["leaf"]["principal"] = "someone-else"
+    lines[idx] = json.dumps(rec, sort_keys=True, separators=(",", ":"))
     edited = tmp_path / "edited.jsonl"
-    lines[idx] = lines[idx].replace('"theo"', '"someone-else"', 1)
     edited.write_text("\n".join(lines) + "\n")
     with pytest.raises(AuditLogError) as err:
         verify_export(edited, public_key=pub)
-    seq = rec.get("seq", rec.get("record", {}).get("seq"))
-    assert f"{seq}" in str(err.value)
+    assert f"record {rec['seq']}:" in str(err.value)
+
+
+def test_proofs_and_the_takedown_report_over_the_wire(dep: Deployment, tmp_path: Path) -> None:
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+
+    from gateway.audit import SignedCheckpoint, verify_consistency, verify_inclusion
+
+    pub: Any = serialization.load_pem_public_key(
+        (dep.home / "gateway" / "audit-signing.pub").read_bytes())
+    job = _run_to_end(dep, TRAIN_SPEC.format(name="report", dataset="books", steps=2))
+    assert job.state == "RELEASED", job.reasons
+    with dep.client("carol") as compliance, dep.client("theo") as team:
+        with pytest.raises(PermissionDenied, match="may not call GetCheckpoint"):
+            team.audit_checkpoint()
+        old = compliance.audit_checkpoint(fresh=True)
+        read = compliance.audit_query(job_id=job.id, action="data.read")[0]
+        compliance.audit_query(job_id=job.id)  # one more audited RPC: the log grows
+        new = compliance.audit_checkpoint(fresh=True)
+        signed = SignedCheckpoint(new.size, bytes.fromhex(new.root_hash), new.time,
+                                  base64.b64decode(new.signature))
+        signed.verify(pub)
+        assert new.size > old.size
+        proof = compliance.audit_inclusion_proof(read.seq, new.size)
+        assert proof.leaf_hash == read.leaf_hash
+        verify_inclusion(index=read.seq, size=new.size, leaf=bytes.fromhex(proof.leaf_hash),
+                         proof=[bytes.fromhex(h) for h in proof.hashes], expected_root=signed.root)
+        cons = compliance.audit_consistency_proof(old.size, new.size)
+        verify_consistency(old_size=old.size, new_size=new.size,
+                           old_root=bytes.fromhex(old.root_hash), new_root=signed.root,
+                           proof=[bytes.fromhex(h) for h in cons.hashes])
+        report = compliance.audit_report("books")
+    reads = {r.job_id: set(r.files) for r in report.reads}
+    assert job.id in reads and read.file in reads[job.id]
+    assert job.id in {r.job_id for r in report.releases}
+    assert any(a.principal == "olivia" and a.action == "dataset.register"
+               for a in report.accesses)

@@ -129,6 +129,11 @@ class GatewayStub:
                 request_serializer=sealroom_dot_v1_dot_gateway__pb2.ConsistencyProofRequest.SerializeToString,
                 response_deserializer=sealroom_dot_v1_dot_gateway__pb2.Proof.FromString,
                 _registered_method=True)
+        self.AuditReport = channel.unary_unary(
+                '/sealroom.v1.Gateway/AuditReport',
+                request_serializer=sealroom_dot_v1_dot_gateway__pb2.AuditReportRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_gateway__pb2.AuditReportResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -254,6 +259,14 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuditReport(self, request, context):
+        """What a takedown request needs: who touched a dataset, which jobs read which files, and
+        which releases derive from it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -351,6 +364,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.GetConsistencyProof,
                     request_deserializer=sealroom_dot_v1_dot_gateway__pb2.ConsistencyProofRequest.FromString,
                     response_serializer=sealroom_dot_v1_dot_gateway__pb2.Proof.SerializeToString,
+            ),
+            'AuditReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuditReport,
+                    request_deserializer=sealroom_dot_v1_dot_gateway__pb2.AuditReportRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_gateway__pb2.AuditReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -866,6 +884,33 @@ class Gateway:
             '/sealroom.v1.Gateway/GetConsistencyProof',
             sealroom_dot_v1_dot_gateway__pb2.ConsistencyProofRequest.SerializeToString,
             sealroom_dot_v1_dot_gateway__pb2.Proof.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuditReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.Gateway/AuditReport',
+            sealroom_dot_v1_dot_gateway__pb2.AuditReportRequest.SerializeToString,
+            sealroom_dot_v1_dot_gateway__pb2.AuditReportResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,10 @@ class GatewayStub:
     GetCheckpoint: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetCheckpointRequest, _gateway_pb2.Checkpoint]
     GetInclusionProof: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.InclusionProofRequest, _gateway_pb2.Proof]
     GetConsistencyProof: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ConsistencyProofRequest, _gateway_pb2.Proof]
+    AuditReport: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.AuditReportRequest, _gateway_pb2.AuditReportResponse]
+    """What a takedown request needs: who touched a dataset, which jobs read which files, and
+    which releases derive from it.
+    """
 
 @_typing.type_check_only
 class GatewayAsyncStub(GatewayStub):
@@ -88,6 +92,10 @@ class GatewayAsyncStub(GatewayStub):
     GetCheckpoint: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetCheckpointRequest, _gateway_pb2.Checkpoint]  # type: ignore[assignment]
     GetInclusionProof: _aio.UnaryUnaryMultiCallable[_gateway_pb2.InclusionProofRequest, _gateway_pb2.Proof]  # type: ignore[assignment]
     GetConsistencyProof: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ConsistencyProofRequest, _gateway_pb2.Proof]  # type: ignore[assignment]
+    AuditReport: _aio.UnaryUnaryMultiCallable[_gateway_pb2.AuditReportRequest, _gateway_pb2.AuditReportResponse]  # type: ignore[assignment]
+    """What a takedown request needs: who touched a dataset, which jobs read which files, and
+    which releases derive from it.
+    """
 
 class GatewayServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -228,5 +236,15 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.ConsistencyProofRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.Proof, _abc.Awaitable[_gateway_pb2.Proof]]: ...
+
+    @_abc_1.abstractmethod
+    def AuditReport(
+        self,
+        request: _gateway_pb2.AuditReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.AuditReportResponse, _abc.Awaitable[_gateway_pb2.AuditReportResponse]]:
+        """What a takedown request needs: who touched a dataset, which jobs read which files, and
+        which releases derive from it.
+        """
 
 def add_GatewayServicer_to_server(servicer: GatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
