@@ -91,3 +91,22 @@ def policy_diff(dataset: str, old: int, new: int, as_json: bool = JsonOpt) -> No
         diff = document.diff_policies(a.document, b.document)
         emit(as_json, {"dataset": dataset, "old": old, "new": new, "diff": diff},
              lambda: console.print(diff or "(no change)", markup=False))
+
+
+@dataset_app.command("mock")
+def dataset_mock(
+    src: Path = typer.Argument(..., help="the real dataset directory (stays on your side)"),
+    dest: Path = typer.Argument(..., help="where to write the mock (a new directory)"),
+    seed: int = typer.Option(0, help="the generator's seed"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Generate a mock of a dataset: the same files and structure, none of the content.
+
+    Publish the mock to the model teams (it holds no data); they dry-run their jobs on it with
+    `sealroom job try SPEC --mock NAME=DIR`."""
+    from gateway.mock import generate_mock
+
+    with errors(as_json):
+        files = generate_mock(src, dest, seed=seed)
+        emit(as_json, {"mock": str(dest), "files": files},
+             f"mock of {src} in {dest}: {len(files)} files with the same shape")

@@ -121,3 +121,69 @@ def job_logs(job_id: str, as_json: bool = JsonOpt) -> None:
         data = c.logs(job_id)
         emit(as_json, {"job_id": job_id, "logs": data.decode("utf-8", "replace")},
              lambda: sys.stdout.write(data.decode("utf-8", "replace")))
+
+
+@job_app.command("try")
+def job_try(
+    spec: Path = typer.Argument(..., help="the job spec (YAML or JSON)"),
+    mock: list[str] = typer.Option(..., help="NAME=DIR: a dataset's published mock (repeat)"),
+    model: Path = typer.Option(..., help="the base model directory (Hugging Face format)"),
+    bundle: Path | None = typer.Option(None, help="code bundle: a directory or a tar.gz"),
+    policy: list[Path] = typer.Option([], help="a dataset's policy YAML, for its release rules"),
+    image: str = typer.Option("sealroom-runtime:latest", help="the runtime image"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Dry-run a job on mock datasets, locally, in the enclave's container and gate.
+
+    No approval and no real data: the same image, isolation, harness and release checks
+    (except memorization, which needs the real data) run on the owners' mocks."""
+    import tempfile
+
+    from enclave.runtime import DockerRuntime
+    from enclave.tryrun import try_run
+    from gateway.client import pack_directory
+    from policies.document import parse_policy
+    from policies.errors import InvalidInput
+    from policies.spec import parse_spec
+
+    with errors(as_json):
+        job = parse_spec(spec.read_text())
+        mocks: dict[str, Path] = {}
+        for item in mock:
+            name, sep, directory = item.partition("=")
+            if not sep or not Path(directory).is_dir():
+                raise InvalidInput(f"--mock {item!r}: expected NAME=DIR with an existing DIR")
+            mocks[name] = Path(directory).resolve()
+        wanted = {ref.name for ref in job.datasets}
+        if set(mocks) != wanted:
+            raise InvalidInput(f"--mock: the spec names {sorted(wanted)}, mocks were given for "
+                               f"{sorted(mocks)}")
+        rules = {}
+        for p in policy:
+            doc = parse_policy(p.read_text())
+            rules[doc.dataset] = doc.release
+        with tempfile.TemporaryDirectory() as tmp:
+            packed = None
+            if bundle is not None:
+                packed = (pack_directory(bundle, Path(tmp) / "b.tar.gz", gzip=True)
+                          if bundle.is_dir() else bundle)
+            result = try_run(job, mocks=mocks, model_dir=model.resolve(), bundle=packed,
+                             rules=rules, runtime=DockerRuntime(), image=image)
+        data = {"state": result.state, "exit_code": result.exit_code, "reason": result.reason,
+                "would_release": result.would_release, "metrics": dict(result.metrics),
+                "checks": [{"dataset": c.dataset, "check": c.check, "passed": c.passed,
+                            "reasons": list(c.reasons)} for c in result.checks],
+                "logs_tail": result.logs[-2000:].decode(errors="replace")}
+
+        def text() -> None:
+            console.print(f"container: {result.state} (exit {result.exit_code}) {result.reason}")
+            for c in result.checks:
+                mark = "[green]pass[/]" if c.passed else "[red]fail[/]"
+                console.print(f"  {c.dataset}: {c.check}: {mark} {'; '.join(c.reasons)}")
+            console.print(f"metrics: {dict(result.metrics)}")
+            console.print("would be released" if result.would_release
+                          else "[red]would NOT be released[/]")
+
+        emit(as_json, data, text)
+        if not result.would_release:
+            raise typer.Exit(1)
