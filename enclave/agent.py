@@ -33,7 +33,7 @@ from enclave.ledger import AccessLedger, AccessRecord
 from enclave.models import ModelStore
 from enclave.provenance import AuditPosition, ReleaseContext, SiteSigner, sign_release
 from enclave.provenance import DatasetVersion as ProvenanceVersion
-from enclave.runtime import ContainerSpec, DockerRuntime, Runtime, RunState
+from enclave.runtime import ContainerSpec, DockerRuntime, RunState, Runtime
 from enclave.vault import DatasetVersion as VaultVersion
 from enclave.vault import StagingEvent, Vault, wipe_leftovers
 from gateway.identity import CertificateAuthority, IdentityFiles
@@ -243,7 +243,11 @@ class SiteAgent:
             memo = None
             if CheckName.MEMORIZATION in r.checks:
                 from transformers import AutoTokenizer
+                from transformers.utils import logging as hf_logging
 
+                # The probe tokenises whole documents, longer than the model's context on
+                # purpose (it samples windows from them): that warning is noise here.
+                hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
                 tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
                 texts = [data.decode("utf-8", "replace") for v in versions if v.name == dataset
                          for _, data in self.vault.iter_plaintext(v)]

@@ -37,7 +37,7 @@ class Tokenizer(Protocol):
 
 
 def _ids(tokenizer: Tokenizer, text: str) -> list[int]:
-    encoded = tokenizer.encode(text, add_special_tokens=False, verbose=False)
+    encoded = tokenizer.encode(text, add_special_tokens=False)
     ids = getattr(encoded, "ids", encoded)  # tokenizers.Encoding carries .ids
     return [int(i) for i in ids]
 
