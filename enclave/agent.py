@@ -65,6 +65,9 @@ class SiteLimits:
     dataset_files: int = 1_000_000
 
 
+DEFAULT_LIMITS = SiteLimits()
+
+
 class SiteAgent:
     """One enclave site. Implements :class:`gateway.site.Site` in-process."""
 
@@ -78,7 +81,7 @@ class SiteAgent:
         runtime: Runtime,
         image: str,
         signer: IdentityFiles,
-        limits: SiteLimits = SiteLimits(),
+        limits: SiteLimits = DEFAULT_LIMITS,
     ) -> None:
         self.name = name
         self.root = root
@@ -102,7 +105,7 @@ class SiteAgent:
     @classmethod
     def open(cls, root: Path, *, ca: CertificateAuthority, name: str = "local-site",
              image: str = "sealroom-runtime:latest", runtime: Runtime | None = None,
-             limits: SiteLimits = SiteLimits()) -> SiteAgent:
+             limits: SiteLimits = DEFAULT_LIMITS) -> SiteAgent:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         ident = root / "identity"
         signer = IdentityFiles(cert=ident / f"{name}-signer.pem",

@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from enclave.agent import SiteLimits, job_container, unpack_bundle
+from enclave.agent import DEFAULT_LIMITS, SiteLimits, job_container, unpack_bundle
 from enclave.gate import DPInputs, layout_from_files, run_gate
-from enclave.runtime import Runtime, RunState
+from enclave.runtime import RunState, Runtime
 from policies.release import CheckName, ReleaseRules
 from policies.spec import JobSpec
 from trainers.contract import JOB_USER
@@ -63,7 +63,7 @@ def try_run(
     rules: Mapping[str, ReleaseRules],
     runtime: Runtime,
     image: str,
-    limits: SiteLimits = SiteLimits(),
+    limits: SiteLimits = DEFAULT_LIMITS,
 ) -> TryResult:
     """Run ``spec`` on ``mocks`` (dataset name -> mock directory) in ``image``; gate the output.
 

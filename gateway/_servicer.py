@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from sealroom.v1 import gateway_pb2 as pb
+from sealroom.v1 import gateway_pb2_grpc as pb_grpc
 
 from gateway._auth import principal_of
 from gateway.core import Gateway, JobEvent
 from gateway.lifecycle import JobState
 from gateway.store import DatasetRecord, JobRecord, PolicyRecord
 from policies.errors import InvalidInput, ResourceExhausted
-from sealroom.v1 import gateway_pb2 as pb
-from sealroom.v1 import gateway_pb2_grpc as pb_grpc
 
 CHUNK = 1 << 20
 

@@ -18,12 +18,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 import grpc
+from sealroom.v1 import gateway_pb2 as pb
+from sealroom.v1 import gateway_pb2_grpc as pb_grpc
 
 from gateway._status import error_for
 from gateway.identity import IdentityFiles
 from policies.errors import IntegrityError, InvalidInput
-from sealroom.v1 import gateway_pb2 as pb
-from sealroom.v1 import gateway_pb2_grpc as pb_grpc
 
 CHUNK = 1 << 20
 T = TypeVar("T")

@@ -12,8 +12,8 @@ the job as it is now (spec, bundle, dataset versions, policy versions).
 
 from __future__ import annotations
 
-import hashlib
 import datetime as dt
+import hashlib
 import queue
 import shutil
 import threading
@@ -574,7 +574,9 @@ class Gateway:
             policies=policies,
         )
 
-    def _transition(self, job_id: str, new: JobState, *, reason: str = "", **changes: Any) -> JobRecord:
+    def _transition(
+        self, job_id: str, new: JobState, *, reason: str = "", **changes: Any
+    ) -> JobRecord:
         if reason:
             changes.setdefault("reasons", (reason,))
         before, after = self.store.transition(job_id, new, **changes)

@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from sealroom.v1 import gateway_pb2_grpc
 
 from gateway._auth import AuthInterceptor
 from gateway._servicer import GatewayServicer
@@ -30,7 +31,6 @@ from gateway.identity import CertificateAuthority, IdentityFiles
 from gateway.site import Site
 from gateway.store import Store
 from policies.identity import Principal, Role
-from sealroom.v1 import gateway_pb2_grpc
 
 DEFAULT_ADDRESS = "localhost:7443"
 MAX_MESSAGE = 8 * 1024 * 1024

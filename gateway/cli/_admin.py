@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from pathlib import Path
@@ -64,10 +65,8 @@ def up(
              f"sealroom gateway listening on port {running.port} (home {STATE.home})")
         done = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: done.set())
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             done.wait()
-        except KeyboardInterrupt:
-            pass
         running.stop()
 
 

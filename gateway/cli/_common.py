@@ -61,7 +61,8 @@ def client() -> Iterator[Client]:
 
 
 def to_dict(msg: Message) -> dict[str, Any]:
-    return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return MessageToDict(msg, preserving_proto_field_name=True,
+                         always_print_fields_with_no_presence=True)
 
 
 def emit(as_json: bool, data: Any, text: Callable[[], None] | str | None = None) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
+from sealroom.v1 import gateway_pb2 as pb
 
 from gateway.cli._common import JsonOpt, client, console, emit, errors, to_dict
-from sealroom.v1 import gateway_pb2 as pb
 
 job_app = typer.Typer(help="Training jobs.", no_args_is_help=True)
 

@@ -18,13 +18,12 @@ from typing import Any
 
 import grpc
 import pytest
+from sealroom.v1 import gateway_pb2 as pb
+from sealroom.v1 import gateway_pb2_grpc as pb_grpc
 
-from gateway.client import Client
 from gateway.identity import CertificateAuthority
 from policies.errors import InvalidInput, NotFound, PermissionDenied
 from policies.identity import Role
-from sealroom.v1 import gateway_pb2 as pb
-from sealroom.v1 import gateway_pb2_grpc as pb_grpc
 from tests.integration._deployment import Deployment, bundle, deploy, policy
 from trainers.synthetic import write_corpus
 
@@ -36,7 +35,8 @@ datasets: [{dataset}]
 base_model: tiny-lm
 trainer: causal-lm
 purpose: testing
-hyperparameters: {{max_steps: {steps}, learning_rate: 0.003, batch_size: 4, block_size: 32, seed: 0}}
+hyperparameters:
+  {{max_steps: {steps}, learning_rate: 0.003, batch_size: 4, block_size: 32, seed: 0}}
 resources: {{cpus: 2, memory_mb: 3072, timeout_s: 300}}
 """
 
@@ -188,7 +188,8 @@ def _run_to_end(dep: Deployment, spec: str, *, bundle_path: Path | None = None,
 
 def test_a_caller_without_a_client_certificate_is_refused(dep: Deployment) -> None:
     ca_pem = dep.ca.cert_pem
-    channel = grpc.secure_channel(dep.address, grpc.ssl_channel_credentials(root_certificates=ca_pem))
+    creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    channel = grpc.secure_channel(dep.address, creds)
     with channel, pytest.raises(grpc.RpcError) as err:
         pb_grpc.GatewayStub(channel).WhoAmI(pb.WhoAmIRequest(), timeout=10)
     assert err.value.code() is grpc.StatusCode.UNAVAILABLE  # the TLS handshake itself fails

@@ -195,7 +195,7 @@ def test_a_bad_spec_leaves_no_job_and_no_job_record(gw: Gateway) -> None:
 
 
 def test_a_bad_policy_leaves_the_current_version_in_force(gw: Gateway) -> None:
-    with pytest.raises(PolicyDocumentError, match="release.dtype"):
+    with pytest.raises(PolicyDocumentError, match=r"release\.dtype"):
         gw.put_policy(principal=OLIVIA, dataset="books",
                       text=policy("books").replace("bfloat16", "int4"))
     assert [p.version for p in gw.store.policies("books")] == [1]

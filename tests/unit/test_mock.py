@@ -61,9 +61,9 @@ def test_the_same_seed_gives_the_same_mock(tmp_path: Path) -> None:
 
 def test_a_mock_that_adds_or_omits_a_file_is_refused_by_name() -> None:
     check_mock_shape(["a.txt", "b.txt"], ["b.txt", "a.txt"])
-    with pytest.raises(InvalidInput, match="not in the dataset, e.g. 'c.txt'"):
+    with pytest.raises(InvalidInput, match=r"not in the dataset, e\.g\. 'c\.txt'"):
         check_mock_shape(["a.txt", "c.txt"], ["a.txt"])
-    with pytest.raises(InvalidInput, match="missing, e.g. 'b.txt'"):
+    with pytest.raises(InvalidInput, match=r"missing, e\.g\. 'b\.txt'"):
         check_mock_shape(["a.txt"], ["a.txt", "b.txt"])
 
 
