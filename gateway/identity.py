@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from policies.identity import Principal, Role
 from policies.spec import NAME_RE
 
 CA_VALIDITY = dt.timedelta(days=3650)
+ISSUED_FILE = "issued.jsonl"
+"""The CA's register of issued identities, one JSON line each."""
 LEAF_VALIDITY = dt.timedelta(days=365)
 
 
@@ -221,7 +224,34 @@ class CertificateAuthority:
             ),
         )
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        self._record_issue(cert, name=name, role=role, team=team)
         return IdentityFiles(cert=cert_path, key=key_path, ca_cert=self.cert_path)
+
+    @property
+    def issued_path(self) -> Path:
+        return self.cert_path.parent / ISSUED_FILE
+
+    def _record_issue(self, cert: x509.Certificate, *, name: str, role: Role, team: str) -> None:
+        """Append the issuance to the CA's register (the gateway audits it at start-up)."""
+        line = {
+            "serial": format(cert.serial_number, "x"),
+            "name": name,
+            "role": role.value,
+            "team": team,
+            "fingerprint": cert.fingerprint(hashes.SHA256()).hex(),
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            "time": _now().isoformat(),
+        }
+        with self.issued_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(line, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def issued(self) -> list[dict[str, str]]:
+        """Every identity this CA issued, in order (from its register)."""
+        if not self.issued_path.exists():
+            return []
+        return [json.loads(x) for x in self.issued_path.read_text().splitlines() if x.strip()]
 
 
 def _check_name(name: str) -> None:

@@ -116,4 +116,16 @@ def build(home: Path, *, site: Site | None = None, address: str = DEFAULT_ADDRES
     server.start()
     audit.append(AuditEvent(principal="gateway", role=Role.OPERATOR.value, action="gateway.start",
                             outcome="ok", details={"address": address, "port": port}))
+    _audit_issuance(audit, CertificateAuthority.load(home / "ca"))
     return Running(gateway=gateway, server=server, port=port, ca_cert=identity.ca_cert)
+
+
+def _audit_issuance(audit: AuditLog, ca: CertificateAuthority) -> None:
+    """Record every identity the CA issued that the log does not hold yet (``sealroom ca
+    issue`` runs offline, beside the CA key; the gateway audits it when it next starts)."""
+    recorded = {r.event.details.get("serial")
+                for r in audit.query(action="identity.issue", limit=10**9)}
+    for rec in ca.issued():
+        if rec["serial"] not in recorded:
+            audit.append(AuditEvent(principal="ca", role=Role.OPERATOR.value,
+                                    action="identity.issue", outcome="ok", details=rec))

@@ -397,3 +397,10 @@ def test_proofs_and_the_takedown_report_over_the_wire(dep: Deployment, tmp_path:
     assert job.id in {r.job_id for r in report.releases}
     assert any(a.principal == "olivia" and a.action == "dataset.register"
                for a in report.accesses)
+
+
+def test_identity_issuance_is_audited(dep: Deployment) -> None:
+    with dep.client("carol") as compliance:
+        issued = compliance.audit_query(action="identity.issue")
+    names = {json.loads(r.details_json)["name"] for r in issued}
+    assert {"olivia", "theo", "carol", "oscar", "gateway"} <= names

@@ -81,3 +81,12 @@ def test_site_signer_is_ed25519_with_site_role(tmp_path: Path) -> None:
     cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
     assert isinstance(cert.public_key(), ed25519.Ed25519PublicKey)
     assert principal_from_certificate(files.cert.read_bytes()).role is Role.SITE
+
+
+def test_every_issuance_is_in_the_cas_register(tmp_path: Path) -> None:
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    ca.issue("olivia", role=Role.DATA_OWNER, team="library", out_dir=tmp_path / "ids")
+    ca.issue_site_signer("site", out_dir=tmp_path / "ids")
+    reg = ca.issued()
+    assert [(r["name"], r["role"]) for r in reg] == [("olivia", "data-owner"), ("site", "site")]
+    assert all(len(r["fingerprint"]) == 64 and r["serial"] for r in reg)
