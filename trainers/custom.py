@@ -62,10 +62,11 @@ def run(cls: type, hyperparameters: Mapping[str, Any], ctx: RunContext) -> dict[
     if not issubclass(cls, pl.LightningModule):
         raise ConfigError("entrypoint", f"{cls.__name__} is not a LightningModule")
     module = cls(ctx, **hp)
-    net = getattr(module, "model", None)
+    net: Any = getattr(module, "model", None)
     if not isinstance(net, torch.nn.Module):
         raise ConfigError("entrypoint", f"{cls.__name__} has no network in self.model")
-    datamodule = module.datamodule() if hasattr(module, "datamodule") else None
+    make_data = getattr(module, "datamodule", None)
+    datamodule = make_data() if callable(make_data) else None
     gpu = torch.cuda.is_available()
     trainer = pl.Trainer(
         max_steps=max_steps, max_epochs=-1, accelerator="gpu" if gpu else "cpu", devices=1,
