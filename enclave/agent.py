@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tarfile
 import threading
 from collections.abc import Iterator, Mapping
@@ -26,6 +27,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from enclave import _mounts
 from enclave.gate import DPInputs, GateResult, MemorizationInputs, run_gate
@@ -48,6 +51,7 @@ from trainers.contract import CODE_DIR, DATA_DIR, JOB_ENV, MODEL_DIR, JobConfig
 MAX_BUNDLE_FILES = 10_000
 MAX_BUNDLE_BYTES = 512 * 1024 * 1024
 MAX_LOG_BYTES = 1024 * 1024
+LOG_FILE = "logs.sealed"
 PROGRESS_INTERVAL_S = 1.0
 
 
@@ -95,10 +99,13 @@ class SiteAgent:
         self._staging = root / "staging"
         self._runs.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._staging.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._log_key = _site_secret(root / "keys" / "logs.key")
         self._cancelled: set[str] = set()
         self._handles: dict[str, Any] = {}
         self._lock = threading.Lock()
-        # After a crash: no decrypted byte and no output mount may outlive the run.
+        # After a crash: no decrypted byte and no output mount may outlive the run. Containers
+        # first: a job a crashed agent left running would keep its mounts (the data) alive.
+        self.runtime.remove_stale(labels={"org.sealroom.site": self.name})
         wipe_leftovers(self._staging)
         _mounts.wipe_leftovers(self._runs)
 
@@ -140,8 +147,19 @@ class SiteAgent:
             self.runtime.stop(handle)
 
     def logs(self, job_id: str) -> bytes:
-        path = self._runs / _safe(job_id) / "logs.txt"
-        return path.read_bytes() if path.exists() else b""
+        path = self._runs / _safe(job_id) / LOG_FILE
+        if not path.exists():
+            return b""
+        blob = path.read_bytes()
+        return AESGCM(self._log_key).decrypt(blob[:12], blob[12:], job_id.encode())
+
+    def _keep_logs(self, job_id: str, run_dir: Path, data: bytes) -> None:
+        """Stdout and stderr can carry data: sealed (AES-GCM, a site key) like the vault's."""
+        nonce = os.urandom(12)
+        sealed = nonce + AESGCM(self._log_key).encrypt(nonce, data, job_id.encode())
+        fd = os.open(run_dir / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(sealed)
 
     def run(self, order: RunOrder, report: Report) -> None:
         job = order.job_id
@@ -218,7 +236,7 @@ class SiteAgent:
                                        "memory_bytes": cspec.memory_bytes}))
             with _progress(output / "metrics.jsonl", job, report):
                 status = self.runtime.wait(handle, timeout_s=spec.resources.timeout_s)
-            (run_dir / "logs.txt").write_bytes(self.runtime.logs(handle, max_bytes=MAX_LOG_BYTES))
+            self._keep_logs(job, run_dir, self.runtime.logs(handle, max_bytes=MAX_LOG_BYTES))
             summary = ledger.stop()
             if not summary.complete:
                 report(SiteReport(job, audit_action="data.read", audit_outcome="error",
@@ -313,6 +331,24 @@ class SiteAgent:
             return job_id in self._cancelled
 
 
+def _site_secret(path: Path) -> bytes:
+    """A 256-bit key kept in a file only the agent reads (created on first use)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_bytes()
+        if len(key) != 32:
+            raise SiteError(f"{path} is not a 256-bit key") from None
+        return key
+    key = AESGCM.generate_key(bit_length=256)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+        f.flush()
+        os.fsync(f.fileno())
+    return key
+
+
 def _safe(job_id: str) -> str:
     if not job_id.replace("-", "").isalnum():
         raise InvalidInput(f"bad job id {job_id!r}")
@@ -324,11 +360,13 @@ def _jsonable(figures: Any) -> Any:
 
 
 def _failure(status: Any) -> str:
+    if status.reason:  # the runtime's own words (e.g. which limit the job hit)
+        return str(status.reason)
     if status.state is RunState.KILLED_TIMEOUT:
         return "the job ran past its timeout and was stopped"
     if status.state is RunState.KILLED_OOM:
         return "the job ran out of memory and was killed"
-    return status.reason or f"the job exited with code {status.exit_code}"
+    return f"the job exited with code {status.exit_code}"
 
 
 def job_container(

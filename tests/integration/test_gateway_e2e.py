@@ -312,6 +312,9 @@ def test_a_job_that_opens_network_connections_reaches_nothing(dep: Deployment, t
     with dep.client("olivia") as owner:
         logs = owner.logs(job.id)
     report = json.loads(next(ln for ln in logs.splitlines() if ln.startswith(b"REPORT "))[7:])
+    # What the job printed is kept sealed on the site's disk, never in plaintext.
+    kept = (dep.home / "site" / "runs" / job.id / "logs.sealed").read_bytes()
+    assert b"REPORT" not in kept and b"interfaces" not in kept
     assert report["interfaces"] == ["lo"]
     attempts = {k: v for k, v in report.items() if k != "interfaces"}
     assert attempts and all(v != "ok" for v in attempts.values()), attempts
