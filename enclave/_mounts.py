@@ -128,12 +128,15 @@ def mount_tmpfs(
     nr_inodes: int | None = None,
     source: str = OUTPUT_SOURCE,
     require_noswap: bool = False,
+    huge: bool = False,
 ) -> None:
     """Mount a fresh tmpfs of ``size_bytes`` (``nosuid,nodev,noexec``) on the directory ``target``.
 
     ``noswap`` (Linux 6.4+) is asked for so that nothing written there is paged to disk; where
     the kernel lacks it the mount goes on without it unless ``require_noswap`` and swap is active
-    (then it fails closed: decrypted data must never reach a disk). Raises :class:`SiteError`.
+    (then it fails closed: decrypted data must never reach a disk). ``huge`` asks for huge pages
+    where a file covers a whole one (``huge=within_size``; for writers through memory maps),
+    falling back to ordinary pages. Raises :class:`SiteError`.
     """
     _require_root(f"mount a tmpfs on {target}")
     if isinstance(size_bytes, bool) or not isinstance(size_bytes, int) or size_bytes <= 0:
@@ -144,14 +147,22 @@ def mount_tmpfs(
     base = f"size={size_bytes},mode={mode:o},uid={uid},gid={gid}"
     if nr_inodes is not None:
         base += f",nr_inodes={nr_inodes}"
-    err = _mount(source, target, "tmpfs", _SAFE, base + ",noswap")
+    tries = (",huge=within_size", "") if huge else ("",)
+    err = errno.EINVAL
+    for extra in tries:
+        err = _mount(source, target, "tmpfs", _SAFE, base + ",noswap" + extra)
+        if err != errno.EINVAL:
+            break
     if err == errno.EINVAL:
         if require_noswap and _swap_active():
             raise SiteError(
                 f"cannot mount {target} without swap: the kernel lacks tmpfs noswap and swap is "
                 "active, so its content could be paged to disk"
             )
-        err = _mount(source, target, "tmpfs", _SAFE, base)
+        for extra in tries:
+            err = _mount(source, target, "tmpfs", _SAFE, base + extra)
+            if err != errno.EINVAL:
+                break
     if err:
         raise SiteError(f"cannot mount a tmpfs on {target}: {os.strerror(err)}")
 
