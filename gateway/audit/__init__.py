@@ -2,35 +2,39 @@
 
 :class:`AuditLog` appends :class:`AuditEvent` values as leaves of an RFC 6962 Merkle tree
 (group-committed into SQLite, fsynced before ``append`` returns), signs checkpoints with the
-gateway's Ed25519 key, answers compliance queries and inclusion and consistency proofs, and
-exports JSON lines that :func:`verify_export` checks offline with the public key alone. The
-tree maths is in :mod:`gateway.audit._merkle` (pure, no I/O).
+gateway's Ed25519 key, answers compliance queries, takedown reports and inclusion and
+consistency proofs, and exports JSON lines that :func:`verify_export` checks offline with the
+public key alone. The tree maths is in :mod:`gateway.audit._merkle` (pure, no I/O); the values
+and the leaf encoding in ``_model``; the one-pass verifier and the export format in ``_verify``.
 
 Errors, all :class:`policies.errors.AuditLogError`::
 
     AuditLogError
     ├── RecordError        a record is edited, removed, inserted or moved (``.seq`` names it)
-    ├── CheckpointError    a checkpoint's signature or size does not hold
+    ├── CheckpointError    a checkpoint is malformed, not the gateway's, or vouches for records
+    │                      that are not there
     └── ProofError         an inclusion or consistency proof does not prove its claim
 """
 
-from gateway.audit._log import (
+from gateway.audit._log import AuditLog
+from gateway.audit._merkle import ProofError, verify_consistency, verify_inclusion
+from gateway.audit._model import (
     AuditEvent,
-    AuditLog,
     AuditRecord,
     CheckpointError,
     RecordError,
     SignedCheckpoint,
     VerifyResult,
-    verify_export,
 )
-from gateway.audit._merkle import ProofError, verify_consistency, verify_inclusion
+from gateway.audit._report import DatasetReport
+from gateway.audit._verify import verify_export
 
 __all__ = [
     "AuditEvent",
     "AuditLog",
     "AuditRecord",
     "CheckpointError",
+    "DatasetReport",
     "ProofError",
     "RecordError",
     "SignedCheckpoint",

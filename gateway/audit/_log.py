@@ -1,152 +1,67 @@
 """The gateway's audit log: durable, group-committed appends into a verifiable Merkle log.
 
 Storage is one SQLite database (WAL, ``synchronous=FULL``): a committed transaction survives
-``kill -9`` and power loss, and SQLite's own journal makes a half-written batch vanish whole.
-:meth:`AuditLog.append` hands its event to a single writer thread and returns only after the
-batch holding it has committed (group commit: concurrent appenders share one fsync).
+``kill -9`` and power loss, SQLite's journal makes a half-written batch vanish whole, and the
+query columns get real indexes — an append-only file would need all three rebuilt by hand.
+:meth:`AuditLog.append` hands its event to one writer thread and returns only after the batch
+holding it has committed (group commit: every appender waiting meanwhile shares one fsync, so
+the rate grows with the number of concurrent callers instead of being one fsync per event).
 
-Each record stores its *leaf*, the canonical JSON of the event with its sequence number and
-time, the leaf hash (RFC 6962), and a running chain hash ``H(chain[i-1] || leaf_hash[i])``; the
-query columns are copies of fields of the leaf, checked against it by :meth:`AuditLog.verify`.
-Signed checkpoints (size, root, time; Ed25519 by the gateway's key) are written on demand, on
-an interval and on close. Verification names the first bad record: a changed leaf fails its
-leaf hash; a changed hash breaks the chain; a rewritten tail breaks the signed checkpoints.
+Each record stores its *leaf* (:func:`~gateway.audit._model.encode_leaf`), the leaf hash (RFC
+6962) and a running chain hash ``H(0x01 || chain[i-1] || leaf_hash[i])``; the query columns are
+copies of fields of the leaf, checked against it by :meth:`AuditLog.verify`. The Merkle tree is
+kept in memory as a :class:`~gateway.audit._merkle.Tree` (rebuilt from the leaf hashes on open),
+so roots and proofs cost O(log² n). Signed checkpoints (size, root, time; Ed25519 by the
+gateway's key) are written on demand, on an interval and on close. Verification names the first
+bad record: a changed leaf fails its leaf hash; a changed hash breaks the chain; a rewritten
+tail breaks the signed checkpoints. A failed commit leaves the log refusing every later append
+(fail closed: the gateway must not act unaudited) unless the database is provably unchanged.
 """
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
+import contextlib
+import functools
 import json
 import queue
 import sqlite3
 import threading
-from collections.abc import Mapping
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from gateway.audit import _merkle
+from gateway.audit._model import (
+    FIELDS,
+    AuditEvent,
+    AuditRecord,
+    CheckpointError,
+    RecordError,
+    SignedCheckpoint,
+    VerifyResult,
+    decode_leaf,
+    encode_leaf,
+    normal_time,
+    now,
+)
+from gateway.audit._verify import (
+    GENESIS,
+    check_checkpoints,
+    check_lines,
+    record_line,
+    write_export,
+)
 from policies.errors import AuditLogError, InvalidInput
 
-ORIGIN = "sealroom-audit/v1"
-_GENESIS = b"\x00" * 32
-_MAX_BATCH = 4096
-_FIELDS = ("principal", "role", "action", "outcome", "job_id", "dataset", "file")
+if TYPE_CHECKING:
+    from gateway.audit._report import DatasetReport
 
+__all__ = ["AuditEvent", "AuditLog", "AuditRecord", "CheckpointError", "RecordError",
+           "SignedCheckpoint", "VerifyResult"]
 
-class RecordError(AuditLogError):
-    """A record does not match its hash, its place or the chain; ``seq`` names it."""
-
-    def __init__(self, message: str, *, seq: int) -> None:
-        super().__init__(f"record {seq}: {message}")
-        self.seq = seq
-
-
-class CheckpointError(AuditLogError):
-    """A checkpoint's signature or root does not hold."""
-
-
-@dataclass(frozen=True)
-class AuditEvent:
-    """Something that happened: who (name and role), what, how it ended, about what."""
-
-    principal: str
-    role: str
-    action: str
-    outcome: str
-    job_id: str | None = None
-    dataset: str | None = None
-    file: str | None = None
-    details: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for name in ("principal", "role", "action", "outcome"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise InvalidInput(f"audit event: {name} must be a non-empty string")
-        try:
-            details = json.loads(json.dumps(dict(self.details), sort_keys=True))
-        except (TypeError, ValueError) as e:
-            raise InvalidInput(f"audit event: details must be JSON ({e})") from e
-        object.__setattr__(self, "details", MappingProxyType(details))
-
-
-@dataclass(frozen=True)
-class AuditRecord:
-    seq: int
-    time: str
-    event: AuditEvent
-    leaf_hash: bytes
-
-
-@dataclass(frozen=True)
-class SignedCheckpoint:
-    """A signed statement that the log had ``size`` records with Merkle root ``root``."""
-
-    size: int
-    root: bytes
-    time: str
-    signature: bytes
-    origin: str = ORIGIN
-
-    def note(self) -> bytes:
-        return (f"{self.origin}\n{self.size}\n{base64.b64encode(self.root).decode()}\n"
-                f"{self.time}\n").encode()
-
-    def verify(self, public_key: ed25519.Ed25519PublicKey) -> None:
-        try:
-            public_key.verify(self.signature, self.note())
-        except InvalidSignature as e:
-            raise CheckpointError(
-                f"checkpoint at size {self.size}: the signature is not the gateway key's"
-            ) from e
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"origin": self.origin, "size": self.size, "root": self.root.hex(),
-                "time": self.time, "signature": base64.b64encode(self.signature).decode()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SignedCheckpoint:
-        try:
-            return cls(size=int(d["size"]), root=bytes.fromhex(d["root"]), time=str(d["time"]),
-                       signature=base64.b64decode(d["signature"], validate=True),
-                       origin=str(d["origin"]))
-        except (KeyError, ValueError, TypeError) as e:
-            raise CheckpointError(f"a checkpoint is malformed: {e}") from e
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    size: int
-    root: bytes
-    checkpoint: SignedCheckpoint | None
-
-    @property
-    def root_hex(self) -> str:
-        return self.root.hex()
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def encode_leaf(seq: int, time: str, event: AuditEvent) -> bytes:
-    """The canonical bytes of one record: sorted-key compact ASCII JSON."""
-    obj = {"seq": seq, "time": time, "details": dict(event.details),
-           **{f: getattr(event, f) for f in _FIELDS}}
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
-def decode_leaf(leaf: bytes) -> tuple[int, str, AuditEvent]:
-    obj = json.loads(leaf)
-    return int(obj["seq"]), str(obj["time"]), AuditEvent(
-        details=obj.get("details") or {}, **{f: obj.get(f) for f in _FIELDS})
-
+_MAX_BATCH = 2048  # 12 parameters a row, within SQLite's limit of 32766
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -162,8 +77,24 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 """
 
 
+class _Pending:
+    """One append waiting for its batch: the lock is released by the writer when done."""
+
+    __slots__ = ("done", "error", "event", "record")
+
+    def __init__(self, event: AuditEvent) -> None:
+        self.event = event
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.record: AuditRecord | None = None
+        self.error: BaseException | None = None
+
+
 class AuditLog:
-    """Append-only, verifiable, durable. Thread-safe. See the module docstring."""
+    """Append-only, verifiable, durable. Thread-safe. See the module docstring.
+
+    Raises :class:`AuditLogError` when the database cannot be opened or does not hold a log
+    whose records are numbered 0..n-1 (a writable log will not grow a damaged one)."""
 
     def __init__(self, path: Path, *, signing_key: ed25519.Ed25519PrivateKey | None,
                  checkpoint_interval_s: float = 5.0, _readonly: bool = False,
@@ -171,21 +102,45 @@ class AuditLog:
         self.path = path
         self._key = signing_key
         self.public_key = public_key or (signing_key.public_key() if signing_key else None)
-        uri = f"file:{path}?mode=ro" if _readonly else str(path)
-        self._db = sqlite3.connect(uri, uri=_readonly, check_same_thread=False,
-                                   isolation_level=None)
-        self._db.execute("PRAGMA busy_timeout=10000")
-        if not _readonly:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        self._read_lock = threading.Lock()
-        rows = self._db.execute("SELECT leaf_hash, chain FROM records ORDER BY seq").fetchall()
-        self._leaves: list[bytes] = [bytes(r[0]) for r in rows]
-        self._chain = bytes(rows[-1][1]) if rows else _GENESIS
-        self._closed = threading.Event()
-        self._queue: queue.SimpleQueue[tuple[AuditEvent, Future[AuditRecord]] | None] = (
-            queue.SimpleQueue())
+        self._readonly = _readonly
+        opened: list[sqlite3.Connection] = []
+        try:
+            self._wdb = self._connect()
+            opened.append(self._wdb)
+            if not _readonly:
+                self._wdb.execute("PRAGMA journal_mode=WAL")
+                self._wdb.execute("PRAGMA synchronous=FULL")
+                self._wdb.executescript(_SCHEMA)
+            # Readers get their own connection: WAL lets them run beside the writer's commits.
+            self._rdb = self._connect() if not _readonly else self._wdb
+            opened.append(self._rdb)
+            count, low, top = self._rdb.execute(
+                "SELECT COUNT(*), MIN(seq), MAX(seq) FROM records").fetchone()
+            if count and (low, top) != (0, count - 1) and not _readonly:
+                first = next(i for i, (seq,) in enumerate(
+                    self._rdb.execute("SELECT seq FROM records ORDER BY seq")) if seq != i)
+                raise RecordError("the database's records are not numbered 0..n-1 (one was "
+                                  "removed or inserted): run `sealroom audit verify`",
+                                  seq=first)
+            self._tree = _merkle.Tree([bytes(lh) for (lh,) in self._rdb.execute(
+                "SELECT leaf_hash FROM records ORDER BY seq")])
+            last = self._rdb.execute(
+                "SELECT chain FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+            self._chain = bytes(last[0]) if last else GENESIS
+        except BaseException as e:
+            for db in opened:
+                db.close()
+            if isinstance(e, sqlite3.Error):
+                raise AuditLogError(f"cannot open the audit log {path}: {e}") from e
+            raise
+        self._wlock = threading.Lock()  # the writer connection
+        self._rlock = threading.Lock()  # the reader connection
+        self._cplock = threading.Lock()  # one checkpoint at a time
+        self._state = threading.Lock()  # closing vs enqueueing
+        self._closed = False
+        self._broken: str | None = None
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
         self._writer: threading.Thread | None = None
         self._ticker: threading.Thread | None = None
         if not _readonly:
@@ -197,8 +152,17 @@ class AuditLog:
                                                 name="audit-checkpoints", daemon=True)
                 self._ticker.start()
 
+    def _connect(self) -> sqlite3.Connection:
+        if self._readonly:
+            return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
+                                   check_same_thread=False, isolation_level=None)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA busy_timeout=10000")
+        return db
+
     @classmethod
     def open_readonly(cls, path: Path, *, public_key: ed25519.Ed25519PublicKey) -> AuditLog:
+        """Open a log to read, prove and verify; it cannot append or sign."""
         if not path.exists():
             raise AuditLogError(f"no audit log at {path}")
         return cls(path, signing_key=None, _readonly=True, public_key=public_key)
@@ -206,140 +170,189 @@ class AuditLog:
     # -- writing ----------------------------------------------------------------------------
 
     def append(self, event: AuditEvent) -> AuditRecord:
-        """Append ``event``; returns once it is durable. Raises AuditLogError if closed."""
-        if self._writer is None or self._closed.is_set():
-            raise AuditLogError("the audit log is closed (or read-only): nothing was recorded")
-        fut: Future[AuditRecord] = Future()
-        self._queue.put((event, fut))
-        return fut.result()
+        """Append ``event``; returns once it is durable (committed and fsynced). Raises
+        :class:`AuditLogError` if the log is closed, read-only or cannot write: then nothing
+        was recorded."""
+        if not isinstance(event, AuditEvent):
+            raise InvalidInput(f"audit: append takes an AuditEvent, not {type(event).__name__}")
+        item = _Pending(event)
+        with self._state:
+            if self._writer is None or self._closed:
+                raise AuditLogError("the audit log is closed (or read-only): nothing was "
+                                    "recorded")
+            self._queue.put(item)
+        item.done.acquire()
+        if item.error is not None:
+            raise item.error
+        assert item.record is not None
+        return item.record
 
     def _write_loop(self) -> None:
+        get, get_nowait = self._queue.get, self._queue.get_nowait
         while True:
-            item = self._queue.get()
-            if item is None:
+            first = get()
+            if first is None:
                 return
-            batch = [item]
+            batch = [first]
+            stop = False
             while len(batch) < _MAX_BATCH:
                 try:
-                    nxt = self._queue.get_nowait()
+                    nxt = get_nowait()
                 except queue.Empty:
                     break
                 if nxt is None:
-                    self._queue.put(None)
+                    stop = True
                     break
                 batch.append(nxt)
             self._commit(batch)
+            if stop:
+                return
 
-    def _commit(self, batch: list[tuple[AuditEvent, Future[AuditRecord]]]) -> None:
-        seq = len(self._leaves)
+    def _commit(self, batch: list[_Pending]) -> None:
+        if self._broken is not None:
+            self._fail(batch, AuditLogError(self._broken))
+            return
+        base = seq = len(self._tree)
         chain = self._chain
-        rows, records = [], []
-        for event, _ in batch:
-            time = _now()
-            leaf = encode_leaf(seq, time, event)
-            lh = _merkle.leaf_hash(leaf)
-            chain = _merkle.node_hash(chain, lh)
-            rows.append((seq, time, leaf, lh, chain,
-                         *(getattr(event, f) for f in _FIELDS)))
-            records.append(AuditRecord(seq, time, event, lh))
+        time = now()  # one time for the batch: the moment it went to disk
+        rows, hashes = [], []
+        node_hash, leaf_hash = _merkle.node_hash, _merkle.leaf_hash
+        for item in batch:
+            e = item.event
+            leaf = encode_leaf(seq, time, e)
+            lh = leaf_hash(leaf)
+            chain = node_hash(chain, lh)
+            rows.append((seq, time, leaf, lh, chain, e.principal, e.role, e.action, e.outcome,
+                         e.job_id, e.dataset, e.file))
+            hashes.append(lh)
             seq += 1
         try:
-            with self._read_lock:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany(
-                    "INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-                self._db.execute("COMMIT")
-        except Exception as e:
-            try:
-                self._db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+            # One multi-row INSERT in autocommit mode is one atomic, fsynced transaction and
+            # one sqlite3_step: the writer gives up the GIL once a batch, not once a row, so
+            # the appenders it wakes cannot keep it waiting for the GIL row after row.
+            with self._wlock:
+                self._wdb.execute(_insert_sql(len(rows)), [v for r in rows for v in r])
+        except Exception as e:  # nothing was recorded; unless the database says otherwise
             err = AuditLogError(f"cannot write the audit log: {e}")
-            for _, fut in batch:
-                fut.set_exception(err)
+            try:
+                with self._wlock:
+                    (count,) = self._wdb.execute("SELECT COUNT(*) FROM records").fetchone()
+            except sqlite3.Error:
+                count = -1
+            if count != base:
+                self._broken = (f"the audit log is unusable after a failed write ({e}); "
+                                "restart the gateway")
+            self._fail(batch, err)
             return
-        self._leaves.extend(r.leaf_hash for r in records)
+        self._tree.extend(hashes)  # publishes the new size only once its nodes are in
         self._chain = chain
-        for (_, fut), rec in zip(batch, records, strict=True):
-            fut.set_result(rec)
+        for i, item in enumerate(batch):
+            item.record = AuditRecord._make(base + i, time, item.event, hashes[i])
+            item.done.release()
+
+    @staticmethod
+    def _fail(batch: list[_Pending], err: AuditLogError) -> None:
+        for item in batch:
+            item.error = err
+            item.done.release()
 
     def _tick(self, interval: float) -> None:
         last = -1
-        while not self._closed.wait(interval):
+        while not self._stop.wait(interval):
             if self.size() != last:
-                try:
+                with contextlib.suppress(AuditLogError):  # the next tick tries again
                     last = self.checkpoint().size
-                except AuditLogError:
-                    pass
 
     def checkpoint(self) -> SignedCheckpoint:
-        """Sign and store a checkpoint of the log as it is now (or the latest one, read-only)."""
+        """Sign and store a checkpoint of the log as it is now (read-only: the latest one).
+        Raises :class:`CheckpointError` if there is none to give."""
         if self._key is None:
             latest = self.checkpoints()
             if not latest:
                 raise CheckpointError("the log holds no checkpoint")
             return latest[-1]
-        with self._read_lock:
-            size = len(self._leaves)
-            root = _merkle.root(self._leaves[:size])
-            existing = self._db.execute(
-                "SELECT size, root, time, signature FROM checkpoints WHERE size=?", (size,)
-            ).fetchone()
-            if existing is not None:
-                return SignedCheckpoint(existing[0], bytes(existing[1]), existing[2],
-                                        bytes(existing[3]))
-            time = _now()
-            unsigned = SignedCheckpoint(size, root, time, b"")
-            cp = SignedCheckpoint(size, root, time, self._key.sign(unsigned.note()))
-            self._db.execute("INSERT INTO checkpoints VALUES (?,?,?,?)",
-                             (cp.size, cp.root, cp.time, cp.signature))
+        with self._cplock:
+            size = len(self._tree)
+            with self._rlock:
+                row = self._rdb.execute(
+                    "SELECT size, root, time, signature FROM checkpoints WHERE size=?", (size,)
+                ).fetchone()
+            if row is not None:
+                return SignedCheckpoint(row[0], bytes(row[1]), row[2], bytes(row[3]))
+            unsigned = SignedCheckpoint(size, self._tree.root(size), now(), b"")
+            cp = SignedCheckpoint(size, unsigned.root, unsigned.time,
+                                  self._key.sign(unsigned.note()))
+            try:
+                with self._wlock:
+                    self._wdb.execute("INSERT INTO checkpoints VALUES (?,?,?,?)",
+                                      (cp.size, cp.root, cp.time, cp.signature))
+            except sqlite3.Error as e:
+                raise CheckpointError(f"cannot store a checkpoint: {e}") from e
         return cp
 
     def checkpoints(self) -> list[SignedCheckpoint]:
-        with self._read_lock:
-            rows = self._db.execute(
+        """Every stored checkpoint, smallest first."""
+        with self._rlock:
+            rows = self._rdb.execute(
                 "SELECT size, root, time, signature FROM checkpoints ORDER BY size").fetchall()
         return [SignedCheckpoint(r[0], bytes(r[1]), r[2], bytes(r[3])) for r in rows]
 
     def close(self) -> None:
-        if self._closed.is_set():
-            return
+        """Finish every append already made, sign a last checkpoint, close. Idempotent."""
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            if self._writer is not None:
+                self._queue.put(None)
         if self._writer is not None:
-            self._queue.put(None)
             self._writer.join()
-            if self._key is not None and self._leaves:
+            if self._key is not None and len(self._tree) and self._broken is None:
                 self.checkpoint()
-        self._closed.set()
+        self._stop.set()
         if self._ticker is not None:
-            self._ticker.join(timeout=5)
-        self._db.close()
+            self._ticker.join(timeout=10)
+        self._rdb.close()
+        if self._wdb is not self._rdb:
+            self._wdb.close()
 
     # -- reading ----------------------------------------------------------------------------
 
     def size(self) -> int:
-        return len(self._leaves)
+        """How many records the log holds (every one durable)."""
+        return len(self._tree)
 
     def root(self, size: int | None = None) -> bytes:
-        n = len(self._leaves) if size is None else size
-        return _merkle.root(self._leaves[:n])
+        """The Merkle root of the first ``size`` records (default: all)."""
+        n = len(self._tree) if size is None else size
+        self._check_size(n, allow_empty=True)
+        return self._tree.root(n)
+
+    def _check_size(self, n: int, *, allow_empty: bool = False) -> None:
+        if not (0 if allow_empty else 1) <= n <= len(self._tree):
+            raise InvalidInput(f"size {n}: the log has {len(self._tree)} records")
 
     def inclusion_proof(self, seq: int, size: int | None = None) -> list[bytes]:
-        n = len(self._leaves) if size is None else size
-        if not 0 < n <= len(self._leaves):
-            raise InvalidInput(f"size {n}: the log has {len(self._leaves)} records")
-        return _merkle.inclusion_proof(seq, self._leaves[:n])
+        """The RFC 9162 audit path of record ``seq`` in the tree of the first ``size``."""
+        n = len(self._tree) if size is None else size
+        self._check_size(n)
+        if not 0 <= seq < n:
+            raise InvalidInput(f"seq {seq} is not in a tree of size {n}")
+        return self._tree.inclusion_proof(seq, n)
 
     def consistency_proof(self, old_size: int, new_size: int | None = None) -> list[bytes]:
-        n = len(self._leaves) if new_size is None else new_size
-        if not 0 < old_size <= n <= len(self._leaves):
+        """The RFC 9162 proof that the tree of ``new_size`` extends the one of ``old_size``."""
+        n = len(self._tree) if new_size is None else new_size
+        if not 0 < old_size <= n <= len(self._tree):
             raise InvalidInput(
                 f"no consistency proof from {old_size} to {n}: the log has "
-                f"{len(self._leaves)} records")
-        return _merkle.consistency_proof(old_size, self._leaves[:n])
+                f"{len(self._tree)} records")
+        return self._tree.consistency_proof(old_size, n)
 
     def record(self, seq: int) -> AuditRecord:
-        with self._read_lock:
-            row = self._db.execute(
+        """Record ``seq``. Raises InvalidInput if there is none."""
+        with self._rlock:
+            row = self._rdb.execute(
                 "SELECT leaf, leaf_hash FROM records WHERE seq=?", (seq,)).fetchone()
         if row is None:
             raise InvalidInput(f"no audit record {seq}")
@@ -365,173 +378,115 @@ class AuditLog:
                 args.append(dataset)
             else:
                 where.append("(dataset = ? OR dataset LIKE ? ESCAPE '\\')")
-                args += [dataset, dataset.replace("_", "\\_").replace("%", "\\%") + "@v%"]
+                args += [dataset, _like(dataset) + "@v%"]
         if action:
             if action.endswith("*"):
                 where.append("action LIKE ? ESCAPE '\\'")
-                args.append(action[:-1].replace("_", "\\_").replace("%", "\\%") + "%")
+                args.append(_like(action[:-1]) + "%")
             else:
                 where.append("action = ?")
                 args.append(action)
         if since:
             where.append("time >= ?")
-            args.append(_normal_time(since))
+            args.append(normal_time(since))
         if until:
             where.append("time <= ?")
-            args.append(_normal_time(until))
+            args.append(normal_time(until))
         if limit <= 0:
             raise InvalidInput("limit: must be positive")
         sql = "SELECT leaf, leaf_hash FROM records"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq LIMIT ?"
-        with self._read_lock:
-            rows = self._db.execute(sql, (*args, limit)).fetchall()
+        with self._rlock:
+            rows = self._rdb.execute(sql, (*args, limit)).fetchall()
         out = []
         for leaf, lh in rows:
             s, time, event = decode_leaf(bytes(leaf))
             out.append(AuditRecord(s, time, event, bytes(lh)))
         return out
 
-    def report(self, dataset: str) -> Any:
+    def report(self, dataset: str) -> DatasetReport:
         """The compliance report for ``dataset`` (see :mod:`gateway.audit._report`)."""
         from gateway.audit._report import dataset_report
 
         if not dataset:
             raise InvalidInput("dataset: name the dataset the report is about")
-        return dataset_report(dataset, self.query(dataset=dataset, limit=10**9),
-                              self.query(action="release.sign", limit=10**9))
+        every = 10**9
+        return dataset_report(
+            dataset, self.query(dataset=dataset, limit=every),
+            [r for a in ("job.submit", "job.approve", "job.deny")
+             for r in self.query(action=a, limit=every)],
+            [r for a in ("release.sign", "release.download")
+             for r in self.query(action=a, limit=every)])
 
     # -- export and verification ------------------------------------------------------------
 
     def export(self, path: Path) -> SignedCheckpoint:
-        """Write the log as JSON lines (records, then every checkpoint, the last one fresh)."""
+        """Write the log as JSON lines (see :mod:`gateway.audit._verify`): every record up to
+        a fresh checkpoint, then every checkpoint with the consistency proof from the one
+        before it. Written whole or not at all."""
         cp = self.checkpoint()
-        with self._read_lock:
-            rows = self._db.execute(
-                "SELECT seq, leaf, leaf_hash, chain FROM records WHERE seq < ? ORDER BY seq",
-                (cp.size,)).fetchall()
         cps = [c for c in self.checkpoints() if c.size <= cp.size]
-        with path.open("w", encoding="ascii") as f:
-            for seq, leaf, lh, chain in rows:
-                f.write(json.dumps({"seq": seq, "leaf": json.loads(leaf),
-                                    "leaf_hash": bytes(lh).hex(), "chain": bytes(chain).hex()},
-                                   sort_keys=True, separators=(",", ":")) + "\n")
-            for c in cps:
-                f.write(json.dumps({"checkpoint": c.to_dict()}, sort_keys=True,
-                                   separators=(",", ":")) + "\n")
+        sizes = [0, *(c.size for c in cps)]
+        proofs = [(c, old, self._tree.consistency_proof(old, c.size) if old else [])
+                  for c, old in zip(cps, sizes, strict=False)]
+        db = self._connect()  # a read transaction of its own: a stable view while writing
+        try:
+            rows = db.execute("SELECT seq, leaf, leaf_hash, chain FROM records WHERE seq < ? "
+                              "ORDER BY seq", (cp.size,))
+            write_export(path, ((s, bytes(lf), bytes(lh), bytes(ch)) for s, lf, lh, ch in rows),
+                         proofs)
+        except (sqlite3.Error, OSError) as e:
+            raise AuditLogError(f"cannot export the audit log to {path}: {e}") from e
+        finally:
+            db.close()
         return cp
 
     def verify(self) -> VerifyResult:
-        """Recompute the whole log; raise naming the first bad record or checkpoint."""
+        """Recompute the whole log from the database: each record's leaf, query columns, leaf
+        hash and chain link, and every checkpoint (a writable log signs a fresh one first).
+        Records after the last checkpoint of a read-only log are counted in ``unvouched``.
+        Raises :class:`RecordError` naming the first bad record, or :class:`CheckpointError`.
+        """
         if self.public_key is None:
             raise AuditLogError("verifying needs the gateway's public key")
-        if self._key is not None and self._leaves:
-            self.checkpoint()  # vouch for what is here now, then recompute it all
-        with self._read_lock:
-            rows = self._db.execute(
-                "SELECT seq, leaf, leaf_hash, chain, principal, role, action, outcome, job_id, "
-                "dataset, file FROM records ORDER BY seq").fetchall()
-        entries = []
-        for row in rows:
-            seq, leaf, lh, chain = row[0], bytes(row[1]), bytes(row[2]), bytes(row[3])
-            try:
-                _, _, event = decode_leaf(leaf)
-            except (ValueError, KeyError, TypeError, InvalidInput) as e:
-                raise RecordError(f"the leaf is not a valid event ({e})", seq=seq) from e
-            if tuple(row[4:]) != tuple(getattr(event, f) for f in _FIELDS):
-                raise RecordError("its query columns differ from its leaf (edited)", seq=seq)
-            entries.append((seq, leaf, lh, chain))
-        return _verify_entries(entries, self.checkpoints(), self.public_key)
-
-
-def _normal_time(text: str) -> str:
-    try:
-        t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as e:
-        raise InvalidInput(f"{text!r} is not an RFC 3339 time") from e
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.UTC)
-    return t.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def _verify_entries(entries: list[tuple[int, bytes, bytes, bytes]],
-                    checkpoints: list[SignedCheckpoint],
-                    public_key: ed25519.Ed25519PublicKey) -> VerifyResult:
-    leaves: list[bytes] = []
-    chain = _GENESIS
-    for expected, (seq, leaf, lh, stored_chain) in enumerate(entries):
-        if seq != expected:
-            what = "missing" if seq > expected else "out of order or repeated"
-            raise RecordError(f"found where record {expected} belongs: a record is {what}",
-                              seq=expected)
+        if self._key is not None and len(self._tree) and self._broken is None:
+            self.checkpoint()
+        checkpoints = self.checkpoints()
+        db = self._connect()
         try:
-            inner_seq = json.loads(leaf)["seq"]
+            rows = db.execute(
+                "SELECT seq, leaf, leaf_hash, chain, principal, role, action, outcome, job_id, "
+                "dataset, file FROM records ORDER BY seq")
+            p = check_lines(_db_lines(rows), sizes={c.size for c in checkpoints})
+        except sqlite3.Error as e:
+            raise AuditLogError(f"cannot read the audit log {self.path}: {e}") from e
+        finally:
+            db.close()
+        return check_checkpoints(p, checkpoints, self.public_key, tail_allowed=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_sql(n: int) -> str:
+    # Only placeholders are joined here: every value is bound as a parameter.
+    return "INSERT INTO records VALUES " + ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?)"] * n)  # noqa: S608
+
+
+def _like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%")
+
+
+def _db_lines(rows: Any) -> Iterator[bytes]:
+    """Each row as its export line (so the database is checked exactly as an export of it
+    would be), once its query columns are found to match its leaf."""
+    for row in rows:
+        seq, leaf = row[0], bytes(row[1])
+        try:
+            obj = json.loads(leaf)
+            columns = tuple(obj[f] for f in FIELDS)
         except (ValueError, KeyError, TypeError) as e:
-            raise RecordError(f"the leaf is not valid JSON ({e})", seq=seq) from e
-        if inner_seq != seq:
-            raise RecordError(f"its leaf says it is record {inner_seq} (moved)", seq=seq)
-        actual = _merkle.leaf_hash(leaf)
-        if actual != lh:
-            raise RecordError("its content does not match its leaf hash (edited)", seq=seq)
-        chain = _merkle.node_hash(chain, lh)
-        if chain != stored_chain:
-            raise RecordError("the hash chain breaks here (edited, removed or inserted)",
-                              seq=seq)
-        leaves.append(lh)
-    if not checkpoints:
-        raise CheckpointError("the log holds no signed checkpoint: nothing vouches for it")
-    prev = 0
-    for cp in checkpoints:
-        cp.verify(public_key)
-        if cp.size > len(leaves):
-            raise CheckpointError(
-                f"a checkpoint vouches for {cp.size} records but only {len(leaves)} are "
-                "here: records were removed from the end")
-        if _merkle.root(leaves[: cp.size]) != cp.root:
-            raise RecordError(
-                f"records {prev}..{cp.size - 1} do not match the signed checkpoint at size "
-                f"{cp.size} (rewritten)", seq=prev)
-        prev = cp.size
-    last = checkpoints[-1]
-    return VerifyResult(size=len(leaves), root=_merkle.root(leaves), checkpoint=last)
-
-
-def verify_export(path: Path, *, public_key: ed25519.Ed25519PublicKey,
-                  previous: SignedCheckpoint | None = None) -> VerifyResult:
-    """Verify an export offline: every record, the chain, every checkpoint's signature and
-    root; with ``previous`` (a checkpoint seen earlier), that this log extends it. Raises
-    :class:`AuditLogError` (a :class:`RecordError` naming the first bad record)."""
-    entries: list[tuple[int, bytes, bytes, bytes]] = []
-    checkpoints: list[SignedCheckpoint] = []
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                obj = json.loads(raw)
-            except ValueError as e:
-                raise AuditLogError(f"line {n} of the export is not JSON") from e
-            if "checkpoint" in obj:
-                checkpoints.append(SignedCheckpoint.from_dict(obj["checkpoint"]))
-                continue
-            try:
-                seq = int(obj["seq"])
-                leaf = json.dumps(obj["leaf"], sort_keys=True, separators=(",", ":"),
-                                  ensure_ascii=True).encode()
-                entries.append((seq, leaf, bytes.fromhex(obj["leaf_hash"]),
-                                bytes.fromhex(obj["chain"])))
-            except (KeyError, ValueError, TypeError) as e:
-                raise RecordError(f"line {n} is not a record ({e})",
-                                  seq=int(obj.get("seq", -1)) if isinstance(obj, dict) else -1
-                                  ) from e
-    result = _verify_entries(entries, checkpoints, public_key)
-    if previous is not None:
-        previous.verify(public_key)
-        leaves = [lh for _, _, lh, _ in entries]
-        if previous.size > len(leaves):
-            raise CheckpointError(f"the earlier checkpoint ({previous.size} records) is larger "
-                                  f"than this log ({len(leaves)})")
-        _merkle.verify_consistency(
-            old_size=previous.size, new_size=len(leaves), old_root=previous.root,
-            new_root=result.root,
-            proof=_merkle.consistency_proof(previous.size, leaves) if previous.size else [])
-    return result
+            raise RecordError(f"its leaf is not an event ({e})", seq=seq) from e
+        if tuple(row[4:]) != columns:
+            raise RecordError("its query columns differ from its leaf (edited)", seq=seq)
+        yield record_line(seq, leaf, bytes(row[2]), bytes(row[3]))

@@ -3,8 +3,12 @@
 Leaves are hashed ``SHA-256(0x00 || leaf)`` and interior nodes ``SHA-256(0x01 || left ||
 right)`` (domain separation: a leaf can never pass for a node). The tree over ``n`` leaves
 splits at the largest power of two smaller than ``n``. Proofs are generated from the list of
-leaf hashes; verification follows RFC 9162 §2.1.3.2 (inclusion) and §2.1.4.2 (consistency)
-and raises :class:`ProofError` saying what did not match — it never returns a bool.
+leaf hashes (the plain functions, a reference) or from a :class:`Tree`, which keeps every
+complete subtree's hash as leaves arrive so that roots and proofs for any size cost O(log² n)
+hashes instead of O(n); :func:`levels` and :func:`prefix_root` serve a verifier that hashes a
+chunk of leaves at a time. Verification follows RFC 9162 §2.1.3.2 (inclusion) and §2.1.4.2
+(consistency) and raises :class:`ProofError` saying what did not match — it never returns a
+bool.
 """
 
 from __future__ import annotations
@@ -78,6 +82,142 @@ def _subproof(m: int, leaves: Sequence[bytes], complete: bool) -> list[bytes]:
     if m <= k:
         return [*_subproof(m, leaves[:k], complete), root(leaves[k:])]
     return [*_subproof(m - k, leaves[k:], False), root(leaves[:k])]
+
+
+class Tree:
+    """The leaf hashes of a growing log and the hash of every complete, aligned subtree.
+
+    ``levels[h]`` holds, 32 bytes each, the roots of the subtrees of ``2**h`` leaves that start
+    at a multiple of ``2**h``; an append adds amortised one node hash. Any range the RFC's
+    recursion visits starts at such a boundary, so its root folds O(log n) stored nodes.
+    Appends come from one thread; readers may run alongside and see the tree at ``len(tree)``
+    (published after the nodes it needs).
+    """
+
+    def __init__(self, leaves: Sequence[bytes] = ()) -> None:
+        self._levels: list[bytearray] = [bytearray()]
+        self._size = 0
+        self.extend(leaves)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def extend(self, leaves: Sequence[bytes]) -> None:
+        """Append leaf hashes (32 bytes each); the new parents are hashed level by level."""
+        data = b"".join(leaves)
+        if len(data) != 32 * len(leaves) or any(len(lh) != 32 for lh in leaves):
+            raise ProofError("a leaf hash is not 32 bytes")
+        levels = self._levels
+        levels[0] += data
+        sha256 = hashlib.sha256
+        h = 0
+        while True:
+            row = levels[h]
+            want = len(row) // 64  # complete pairs at this level = nodes the next should have
+            if h + 1 == len(levels):
+                if want == 0:
+                    break
+                levels.append(bytearray())
+            up = levels[h + 1]
+            have = len(up) // 32
+            if have == want:
+                break
+            up += b"".join([sha256(b"\x01" + row[64 * i: 64 * i + 64]).digest()
+                            for i in range(have, want)])
+            h += 1
+        self._size = len(levels[0]) // 32
+
+    def leaf(self, index: int) -> bytes:
+        if not 0 <= index < self._size:
+            raise ProofError(f"leaf index {index} is outside a tree of size {self._size}")
+        return bytes(self._levels[0][32 * index: 32 * index + 32])
+
+    def _check(self, size: int) -> None:
+        if not 0 <= size <= self._size:
+            raise ProofError(f"size {size}: the tree has {self._size} leaves")
+
+    def _range(self, start: int, end: int) -> bytes:
+        """MTH of leaves[start:end]; ``start`` is a multiple of the largest power of two
+        not above ``end - start`` (true of every range the RFC recursion visits)."""
+        if start == end:
+            return EMPTY_ROOT
+        nodes = []
+        s, n = start, end - start
+        while n:
+            h = n.bit_length() - 1
+            i = s >> h
+            nodes.append(bytes(self._levels[h][32 * i: 32 * i + 32]))
+            s, n = s + (1 << h), n - (1 << h)
+        r = nodes[-1]
+        for c in reversed(nodes[:-1]):
+            r = node_hash(c, r)
+        return r
+
+    def root(self, size: int | None = None) -> bytes:
+        n = self._size if size is None else size
+        self._check(n)
+        return self._range(0, n)
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        self._check(size)
+        if not 0 <= index < size:
+            raise ProofError(f"leaf index {index} is outside a tree of size {size}")
+        path: list[bytes] = []
+        lo, hi = 0, size
+        while hi - lo > 1:
+            k = _split(hi - lo)
+            if index < lo + k:
+                path.append(self._range(lo + k, hi))
+                hi = lo + k
+            else:
+                path.append(self._range(lo, lo + k))
+                lo += k
+        return path[::-1]
+
+    def consistency_proof(self, old_size: int, size: int) -> list[bytes]:
+        self._check(size)
+        if not 0 < old_size <= size:
+            raise ProofError(f"no consistency proof from size {old_size} to size {size}")
+        path: list[bytes] = []
+        lo, hi, m, complete = 0, size, old_size, True
+        while m != hi - lo:
+            k = _split(hi - lo)
+            if m <= k:
+                path.append(self._range(lo + k, hi))
+                hi = lo + k
+            else:
+                path.append(self._range(lo, lo + k))
+                lo, m, complete = lo + k, m - k, False
+        if not complete:
+            path.append(self._range(lo, hi))
+        return path[::-1]
+
+
+def levels(leaves: Sequence[bytes]) -> list[list[bytes]]:
+    """Every complete, aligned subtree's hash over ``leaves`` (leaf hashes), level by level:
+    ``levels(x)[h][i]`` is the root of leaves ``i*2**h .. (i+1)*2**h - 1``."""
+    out = [list(leaves)]
+    sha256 = hashlib.sha256
+    while len(out[-1]) > 1:
+        it = iter(out[-1])
+        out.append([sha256(b"\x01" + a + b).digest() for a, b in zip(it, it, strict=False)])
+    return out
+
+
+def prefix_root(lv: list[list[bytes]], size: int) -> bytes:
+    """MTH of the first ``size`` leaves, from :func:`levels` (O(log n) hashes)."""
+    if size == 0:
+        return EMPTY_ROOT
+    nodes = []
+    s = 0
+    while s < size:
+        h = (size - s).bit_length() - 1
+        nodes.append(lv[h][s >> h])
+        s += 1 << h
+    r = nodes[-1]
+    for c in reversed(nodes[:-1]):
+        r = node_hash(c, r)
+    return r
 
 
 def verify_inclusion(*, index: int, size: int, leaf: bytes, proof: Sequence[bytes],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -56,9 +57,13 @@ def audit_export(dest: Path, as_json: bool = JsonOpt) -> None:
 def audit_verify(
     export: Path | None = typer.Argument(None, help="an export; default: the local log"),
     public_key: Path | None = typer.Option(None, help="the gateway's audit public key (PEM)"),
+    previous: Path | None = typer.Option(
+        None, help="a checkpoint seen earlier (JSON from `audit checkpoint --json`, or a "
+        "checkpoint line of an older export): check that this log extends it"),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Recompute the log: names the first bad record if one was edited, removed or reordered."""
+    """Recompute the log: names the first bad record if one was edited, removed or reordered;
+    with --previous, proves the log still extends an earlier checkpoint."""
     from cryptography.hazmat.primitives import serialization
 
     from gateway.audit import AuditLog, verify_export
@@ -66,14 +71,66 @@ def audit_verify(
     with errors(as_json):
         key_path = public_key or STATE.home / "gateway" / "audit-signing.pub"
         key = serialization.load_pem_public_key(key_path.read_bytes())
+        earlier = _load_checkpoint(previous) if previous is not None else None
         if export is None:
-            log = AuditLog.open_readonly(STATE.home / "gateway" / "audit.db", public_key=key)
-            result = log.verify()
-            log.close()
+            log = AuditLog.open_readonly(STATE.home / "gateway" / "audit.db",
+                                         public_key=key)  # type: ignore[arg-type]
+            try:
+                result = log.verify()
+                if earlier is not None:
+                    _extends(log, earlier, key)
+            finally:
+                log.close()
         else:
-            result = verify_export(export, public_key=key)  # type: ignore[arg-type]
-        emit(as_json, {"valid": True, "size": result.size, "root": result.root_hex},
-             f"audit log verifies: {result.size} records, root {result.root_hex[:16]}")
+            result = verify_export(export, public_key=key,  # type: ignore[arg-type]
+                                   previous=earlier)
+        extra = f", extends the checkpoint of {earlier.size}" if earlier is not None else ""
+        tail = (f"; {result.unvouched} records after the last checkpoint, chain-checked only"
+                if result.unvouched else "")
+        emit(as_json, {"valid": True, "size": result.size, "root": result.root_hex,
+                       "unvouched": result.unvouched,
+                       "checkpoint": result.checkpoint.to_dict() if result.checkpoint else None,
+                       "extends": earlier.to_dict() if earlier is not None else None},
+             f"audit log verifies: {result.size} records, root {result.root_hex[:16]}"
+             f"{extra}{tail}")
+
+
+def _load_checkpoint(path: Path) -> Any:
+    """A checkpoint from a file: `audit checkpoint --json` output, an export's checkpoint
+    line, or the plain form. Raises InvalidInput naming the file."""
+    import base64
+    import binascii
+
+    from gateway.audit import SignedCheckpoint
+    from policies.errors import AuditLogError, InvalidInput
+
+    try:
+        obj = json.loads(path.read_text())
+        if isinstance(obj, dict) and "checkpoint" in obj:
+            obj = obj["checkpoint"]
+        if isinstance(obj, dict) and "root_hash" in obj:
+            return SignedCheckpoint(size=int(obj["size"]), root=bytes.fromhex(obj["root_hash"]),
+                                    time=str(obj["time"]),
+                                    signature=base64.b64decode(obj["signature"], validate=True))
+        return SignedCheckpoint.from_dict(obj)
+    except (OSError, ValueError, KeyError, TypeError, binascii.Error, AuditLogError) as e:
+        raise InvalidInput(f"--previous {path}: not a checkpoint ({e})") from e
+
+
+def _extends(log: Any, earlier: Any, key: Any) -> None:
+    """The local log's latest checkpoint extends ``earlier``: signature, then RFC 9162 proof."""
+    from gateway.audit import verify_consistency
+
+    earlier.verify(key)
+    latest = log.checkpoint()
+    if earlier.size > latest.size:
+        from gateway.audit import ProofError
+
+        raise ProofError(f"the earlier checkpoint vouches for {earlier.size} records; the "
+                         f"log's latest only for {latest.size}")
+    proof = log.consistency_proof(earlier.size, latest.size) if earlier.size else []
+    verify_consistency(old_size=earlier.size, new_size=latest.size, old_root=earlier.root,
+                       new_root=latest.root, proof=proof)
 
 
 def _checkpoint(cp: object, public_key: Path | None) -> object:

@@ -111,7 +111,7 @@ def test_a_rewritten_tail_with_a_recomputed_chain_fails_the_signed_checkpoints(
 def test_a_removed_record_is_named(export: list[str], tmp_path: Path) -> None:
     recs = _records(export)
     del recs[4]
-    with pytest.raises(RecordError, match="record 4: .*missing") as e:
+    with pytest.raises(RecordError, match=r"record 4: .*missing") as e:
         verify_export(_write(tmp_path, _dump(recs, _checkpoints(export))), public_key=PUB)
     assert e.value.seq == 4
 
@@ -246,3 +246,110 @@ def test_forged_consistency_proofs_are_rejected(case: str) -> None:
             kw["old_size"], kw["new_size"], kw["old_root"] = N, N, ROOT
     with pytest.raises(ProofError):
         verify_consistency(**kw)
+
+
+# -- the export's frame, its checkpoints and their proofs ------------------------------------
+
+
+def _rehash_from(recs: list[dict], start: int) -> None:
+    """Recompute leaf hashes and the chain from ``start`` on, as a careful forger would."""
+    chain = bytes.fromhex(recs[start - 1]["chain"]) if start else bytes(32)
+    for r in recs[start:]:
+        leaf = json.dumps(r["leaf"], sort_keys=True, separators=(",", ":")).encode()
+        r["leaf_hash"] = m.leaf_hash(leaf).hex()
+        chain = m.node_hash(chain, bytes.fromhex(r["leaf_hash"]))
+        r["chain"] = chain.hex()
+
+
+def test_a_record_appended_after_the_last_checkpoint_is_named(export: list[str],
+                                                              tmp_path: Path) -> None:
+    recs = _records(export)
+    forged = json.loads(json.dumps(recs[-1]))
+    forged["seq"] = forged["leaf"]["seq"] = N
+    forged["leaf"]["principal"] = "nobody-saw-this"
+    recs.append(forged)
+    _rehash_from(recs, N)
+    with pytest.raises(RecordError, match=f"record {N}: no signed checkpoint covers it") as e:
+        verify_export(_write(tmp_path, _dump(recs, _checkpoints(export))), public_key=PUB)
+    assert e.value.seq == N
+
+
+def test_a_record_framed_to_show_another_leaf_is_refused(export: list[str],
+                                                          tmp_path: Path) -> None:
+    # JSON keeps the last of two equal keys: a verifier that hashed the first "leaf" and a
+    # reader that shows the second would disagree about what was verified.
+    lines = list(export)
+    evil = dict(_records(export)[4]["leaf"], principal="mallory")
+    lines[4] = lines[4][:-1] + ',"leaf":' + json.dumps(evil, sort_keys=True,
+                                                       separators=(",", ":")) + "}"
+    with pytest.raises(RecordError, match="record 4"):
+        verify_export(_write(tmp_path, lines), public_key=PUB)
+
+
+@pytest.mark.parametrize("field", ["leaf_hash", "chain"])
+def test_a_hash_in_another_spelling_is_refused(export: list[str], tmp_path: Path,
+                                               field: str) -> None:
+    recs = _records(export)
+    recs[3][field] = recs[3][field].upper()  # the same bytes, another text
+    with pytest.raises(RecordError, match="record 3: line 4 is not a well-formed record"):
+        verify_export(_write(tmp_path, _dump(recs, _checkpoints(export))), public_key=PUB)
+
+
+def test_a_signature_in_another_base64_spelling_is_refused(export: list[str],
+                                                           tmp_path: Path) -> None:
+    cps = [json.loads(x) for x in _checkpoints(export)]
+    sig = cps[0]["checkpoint"]["signature"]
+    # The last character before "==" carries 4 unused bits: flip one, same 64 bytes.
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    c = sig[-3]
+    cps[0]["checkpoint"]["signature"] = sig[:-3] + alphabet[alphabet.index(c) ^ 1] + "=="
+    lines = _dump(_records(export), [json.dumps(c, sort_keys=True, separators=(",", ":"))
+                                     for c in cps])
+    with pytest.raises(CheckpointError, match="not canonical base64"):
+        verify_export(_write(tmp_path, lines), public_key=PUB)
+
+
+def test_checkpoints_out_of_order_are_refused(export: list[str], tmp_path: Path) -> None:
+    cps = _checkpoints(export)
+    with pytest.raises(CheckpointError, match="checkpoints must grow"):
+        verify_export(_write(tmp_path, _dump(_records(export), cps[::-1])), public_key=PUB)
+
+
+def test_a_forged_consistency_proof_between_checkpoints_is_refused(export: list[str],
+                                                                   tmp_path: Path) -> None:
+    cps = [json.loads(x) for x in _checkpoints(export)]
+    assert cps[1]["extends"]["size"] == 10 and cps[1]["extends"]["proof"]
+    proof = cps[1]["extends"]["proof"]
+    proof[0] = _flip(bytes.fromhex(proof[0])).hex()
+    lines = _dump(_records(export), [json.dumps(c, sort_keys=True, separators=(",", ":"))
+                                     for c in cps])
+    with pytest.raises(ProofError, match="checkpoint at size 23 does not provably extend"):
+        verify_export(_write(tmp_path, lines), public_key=PUB)
+    cps[1]["extends"]["size"] = 9
+    lines = _dump(_records(export), [json.dumps(c, sort_keys=True, separators=(",", ":"))
+                                     for c in cps])
+    with pytest.raises(CheckpointError, match="proves it extends size 9"):
+        verify_export(_write(tmp_path, lines), public_key=PUB)
+
+
+def test_an_earlier_checkpoint_of_another_log_is_not_extended(export: list[str],
+                                                             tmp_path: Path) -> None:
+    from gateway.audit import SignedCheckpoint
+
+    other = AuditLog(tmp_path / "o.db", signing_key=KEY, checkpoint_interval_s=0)
+    for i in range(5):
+        other.append(_event(i + 500))
+    theirs = other.checkpoint()
+    other.close()
+    path = _write(tmp_path, export)
+    with pytest.raises(ProofError, match="does not extend the earlier checkpoint"):
+        verify_export(path, public_key=PUB, previous=theirs)
+    bigger = SignedCheckpoint(N + 1, theirs.root, theirs.time, b"")
+    bigger = SignedCheckpoint(N + 1, theirs.root, theirs.time, KEY.sign(bigger.note()))
+    with pytest.raises(ProofError, match="cannot extend it"):
+        verify_export(path, public_key=PUB, previous=bigger)
+    unsigned = SignedCheckpoint(5, theirs.root, theirs.time, b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="not the gateway key"):
+        verify_export(path, public_key=PUB, previous=unsigned)
+    ours = SignedCheckpoint.from_dict(json.loads(_checkpoints(export)[0])["checkpoint"])
+    assert verify_export(path, public_key=PUB, previous=ours).size == N

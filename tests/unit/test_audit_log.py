@@ -147,3 +147,159 @@ def test_bad_events_are_refused_and_a_closed_log_records_nothing(log: AuditLog) 
     log.close()
     with pytest.raises(AuditLogError, match="closed"):
         log.append(ev(0))
+
+
+def test_an_export_carries_every_checkpoint_and_the_proofs_between_them(
+    log: AuditLog, tmp_path: Path
+) -> None:
+    import json
+
+    sizes = []
+    for i in range(20):
+        log.append(ev(i))
+        if i in (2, 6, 13):
+            sizes.append(log.checkpoint().size)
+    final = log.export(tmp_path / "x.jsonl")
+    lines = (tmp_path / "x.jsonl").read_text().splitlines()
+    cps = [json.loads(x) for x in lines if x.startswith('{"checkpoint"')]
+    assert [c["checkpoint"]["size"] for c in cps] == [*sizes, 20] and final.size == 20
+    assert [c["extends"]["size"] for c in cps] == [0, *sizes]
+    assert all(len(c["extends"]["proof"]) > 0 for c in cps[1:])
+    result = verify_export(tmp_path / "x.jsonl", public_key=KEY.public_key())
+    assert (result.size, result.root, result.checkpoint) == (20, log.root(20), final)
+    assert result.unvouched == 0
+
+
+def test_a_read_only_verify_counts_records_no_checkpoint_covers_yet(tmp_path: Path) -> None:
+    lg = AuditLog(tmp_path / "a.db", signing_key=KEY, checkpoint_interval_s=0)
+    for i in range(5):
+        lg.append(ev(i))
+    lg.checkpoint()
+    for i in range(5, 8):
+        lg.append(ev(i))  # durable, not yet under a checkpoint (as after a crash)
+    ro = AuditLog.open_readonly(tmp_path / "a.db", public_key=KEY.public_key())
+    try:
+        r = ro.verify()
+        assert (r.size, r.checkpoint.size if r.checkpoint else None, r.unvouched) == (8, 5, 3)
+        with pytest.raises(AuditLogError, match="closed"):
+            ro.append(ev(9))
+    finally:
+        ro.close()
+        lg.close()
+
+
+def test_a_failed_commit_records_nothing_and_the_log_goes_on(tmp_path: Path) -> None:
+    lg = AuditLog(tmp_path / "a.db", signing_key=KEY, checkpoint_interval_s=0)
+    with sqlite3.connect(tmp_path / "a.db") as db:
+        db.execute("CREATE TRIGGER boom BEFORE INSERT ON records WHEN NEW.principal='boom' "
+                   "BEGIN SELECT RAISE(ABORT, 'the disk is on fire'); END")
+    try:
+        lg.append(ev(0))
+        with pytest.raises(AuditLogError, match="cannot write the audit log: the disk is on"):
+            lg.append(ev(1, principal="boom"))
+        assert lg.size() == 1
+        assert lg.append(ev(2)).seq == 1  # the failed event took no number
+        assert lg.verify().size == 2
+        assert [r.event.details["i"] for r in lg.query()] == [0, 2]
+    finally:
+        lg.close()
+
+
+def test_a_damaged_database_is_not_grown(tmp_path: Path) -> None:
+    lg = AuditLog(tmp_path / "a.db", signing_key=KEY, checkpoint_interval_s=0)
+    for i in range(4):
+        lg.append(ev(i))
+    lg.close()
+    with sqlite3.connect(tmp_path / "a.db") as db:
+        db.execute("DELETE FROM records WHERE seq=1")
+    with pytest.raises(RecordError, match="record 1: the database's records are not numbered"):
+        AuditLog(tmp_path / "a.db", signing_key=KEY, checkpoint_interval_s=0)
+
+
+def test_the_database_verify_names_an_edited_leaf_and_a_broken_chain(tmp_path: Path) -> None:
+    lg = AuditLog(tmp_path / "a.db", signing_key=KEY, checkpoint_interval_s=0)
+    for i in range(6):
+        lg.append(ev(i))
+    lg.close()
+    with sqlite3.connect(tmp_path / "a.db") as db:
+        (leaf,) = db.execute("SELECT leaf FROM records WHERE seq=4").fetchone()
+        db.execute("UPDATE records SET leaf=? WHERE seq=4",
+                   (bytes(leaf).replace(b'"i":4', b'"i":5'),))
+    ro = AuditLog.open_readonly(tmp_path / "a.db", public_key=KEY.public_key())
+    with pytest.raises(RecordError, match="record 4: its content does not match"):
+        ro.verify()
+    ro.close()
+    with sqlite3.connect(tmp_path / "a.db") as db:
+        db.execute("UPDATE records SET leaf=? WHERE seq=4", (leaf,))
+        db.execute("UPDATE records SET chain=? WHERE seq=2", (b"\x07" * 32,))
+    ro = AuditLog.open_readonly(tmp_path / "a.db", public_key=KEY.public_key())
+    with pytest.raises(RecordError, match="record 2: the hash chain breaks"):
+        ro.verify()
+    ro.close()
+
+
+def test_events_are_plain_copied_values(log: AuditLog) -> None:
+    from enum import StrEnum
+
+    class Role(StrEnum):
+        OPERATOR = "operator"
+
+    details: dict[object, object] = {"n": 1, "nested": {"k": [1, 2]}, 3: "three"}
+    e = AuditEvent(principal="p", role=Role.OPERATOR, action="a", outcome="o",
+                   details=details)  # type: ignore[arg-type]
+    details["n"] = 2
+    details["nested"]["k"].append(3)  # type: ignore[index]
+    assert type(e.role) is str and e.role == "operator"
+    assert dict(e.details) == {"n": 1, "nested": {"k": [1, 2]}, "3": "three"}
+    rec = log.append(e)
+    assert log.record(rec.seq).event == e
+    with pytest.raises(InvalidInput, match="job_id must be"):
+        AuditEvent(principal="p", role="r", action="a", outcome="o", job_id=7)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="details must be JSON"):
+        AuditEvent(principal="p", role="r", action="a", outcome="o",
+                   details={"x": float("nan")})
+
+
+def test_the_takedown_report_names_accesses_reads_and_derived_releases(log: AuditLog) -> None:
+    def e(**kw: object) -> AuditEvent:
+        base: dict[str, object] = {"principal": "olivia", "role": "data-owner",
+                                   "action": "dataset.register", "outcome": "ok"}
+        base.update(kw)
+        return AuditEvent(**base)  # type: ignore[arg-type]
+
+    log.append(e(dataset="books@v1"))
+    log.append(e(principal="site", role="operator", action="data.read", job_id="j1",
+                 dataset="books@v1", file="b.txt"))
+    log.append(e(principal="site", role="operator", action="data.read", job_id="j1",
+                 dataset="books@v1", file="a.txt"))
+    log.append(e(principal="site", role="operator", action="data.read", job_id="j2",
+                 dataset="bookshelf@v1", file="z.txt"))
+    log.append(e(principal="gateway", role="operator", action="release.sign", job_id="j1",
+                 details={"manifest_sha256": "ab" * 32}))
+    log.append(e(principal="gateway", role="operator", action="release.sign", job_id="j2",
+                 details={"manifest_sha256": "cd" * 32}))
+    # j3 was submitted against books@v2 and approved, read nothing recorded, and released:
+    # it derives from books all the same, and who downloaded it must be found.
+    log.append(e(principal="theo", role="model-team", action="job.submit", job_id="j3",
+                 details={"datasets": ["books@v2"]}))
+    log.append(e(principal="olivia", action="job.approve", job_id="j3",
+                 details={"datasets": ["books@v2"]}))
+    log.append(e(principal="theo", role="model-team", action="job.submit", job_id="j4",
+                 details={"datasets": ["bookshelf@v1"]}))
+    log.append(e(principal="gateway", role="operator", action="release.sign", job_id="j3",
+                 details={"manifest_sha256": "ef" * 32}))
+    log.append(e(principal="theo", role="model-team", action="release.download",
+                 job_id="j3"))
+    log.append(e(principal="theo", role="model-team", action="release.download",
+                 job_id="j2"))
+    r = log.report("books")
+    assert r.reads == {"j1": ("a.txt", "b.txt")}
+    assert [(d.job_id, d.manifest_sha256) for d in r.releases] == [("j1", "ab" * 32),
+                                                                   ("j3", "ef" * 32)]
+    assert {(a.principal, a.action, a.count) for a in r.accesses} == {
+        ("olivia", "dataset.register", 1), ("site", "data.read", 2),
+        ("theo", "job.submit", 1), ("olivia", "job.approve", 1),
+        ("theo", "release.download", 1)}
+    assert [d.job_id for d in log.report("books@v1").releases] == ["j1"]
+    with pytest.raises(InvalidInput, match="dataset"):
+        log.report("")

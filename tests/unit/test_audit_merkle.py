@@ -69,3 +69,80 @@ def test_known_proof_shapes() -> None:
     assert len(m.inclusion_proof(6, tree)) == 2
     assert len(m.consistency_proof(3, tree)) == 4
     assert m.consistency_proof(4, tree) == [m.root(tree[4:7])]  # RFC 6962 §2.1.3: [l]
+
+
+# PATH and PROOF from the certificate-transparency / trillian reference data over the same
+# eight leaves: (index or old size, tree size) -> hashes.
+CT_INCLUSION = {
+    (0, 1): [],
+    (0, 8): ["96a296d224f285c67bee93c30f8a309157f0daa35dc5b87e410b78630a09cfc7",
+             "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+             "6b47aaf29ee3c2af9af889bc1fb9254dabd31177f16232dd6aab035ca39bf6e4"],
+    (5, 8): ["bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
+             "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
+             "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7"],
+    (2, 3): ["fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125"],
+    (1, 5): ["6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
+             "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+             "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b"],
+}
+CT_CONSISTENCY = {
+    (1, 1): [],
+    (1, 8): ["96a296d224f285c67bee93c30f8a309157f0daa35dc5b87e410b78630a09cfc7",
+             "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+             "6b47aaf29ee3c2af9af889bc1fb9254dabd31177f16232dd6aab035ca39bf6e4"],
+    (6, 8): ["0ebc5d3437fbe2db158b9f126a1d118e308181031d0a949f8dededebc558ef6a",
+             "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
+             "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7"],
+    (2, 5): ["5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+             "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b"],
+}
+
+
+@pytest.mark.parametrize(("index", "size"), sorted(CT_INCLUSION))
+def test_inclusion_proofs_match_the_ct_vectors(index: int, size: int) -> None:
+    want = [bytes.fromhex(h) for h in CT_INCLUSION[index, size]]
+    tree = m.Tree(LEAVES)
+    assert m.inclusion_proof(index, LEAVES[:size]) == want
+    assert tree.inclusion_proof(index, size) == want
+    m.verify_inclusion(index=index, size=size, leaf=LEAVES[index], proof=want,
+                       expected_root=bytes.fromhex(CT_ROOTS[size - 1]))
+
+
+@pytest.mark.parametrize(("old", "size"), sorted(CT_CONSISTENCY))
+def test_consistency_proofs_match_the_ct_vectors(old: int, size: int) -> None:
+    want = [bytes.fromhex(h) for h in CT_CONSISTENCY[old, size]]
+    tree = m.Tree(LEAVES)
+    assert m.consistency_proof(old, LEAVES[:size]) == want
+    assert tree.consistency_proof(old, size) == want
+    m.verify_consistency(old_size=old, new_size=size, old_root=bytes.fromhex(CT_ROOTS[old - 1]),
+                         new_root=bytes.fromhex(CT_ROOTS[size - 1]), proof=want)
+
+
+def test_the_incremental_tree_agrees_with_the_reference_at_every_size() -> None:
+    leaves = [m.leaf_hash(i.to_bytes(2, "big")) for i in range(70)]
+    tree = m.Tree()
+    for n in range(70):
+        assert len(tree) == n and tree.root(n) == _reference(leaves[:n])
+        tree.extend([leaves[n]])
+    big = m.Tree(leaves)  # appended at once, hashed level by level
+    lv = m.levels(leaves)
+    for n in range(1, 71):
+        assert big.root(n) == tree.root(n) == m.prefix_root(lv, n) == _reference(leaves[:n])
+        for i in range(n):
+            assert big.inclusion_proof(i, n) == m.inclusion_proof(i, leaves[:n])
+        for k in range(1, n + 1):
+            assert big.consistency_proof(k, n) == m.consistency_proof(k, leaves[:n])
+
+
+def test_the_tree_refuses_what_it_does_not_hold() -> None:
+    tree = m.Tree(LEAVES)
+    with pytest.raises(m.ProofError, match="size 9"):
+        tree.root(9)
+    with pytest.raises(m.ProofError, match="outside"):
+        tree.inclusion_proof(8, 8)
+    with pytest.raises(m.ProofError, match="from size 0"):
+        tree.consistency_proof(0, 8)
+    with pytest.raises(m.ProofError, match="32 bytes"):
+        tree.extend([b"short"])
+    assert len(tree) == 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -71,3 +72,90 @@ def test_any_changed_byte_fails_verification(data: st.DataObject) -> None:
         before = [json.loads(x) for x in _export().splitlines()]
         after = [json.loads(x) for x in bytes(raw).splitlines()]
         assert before == after, f"byte {pos} changed to {new} and the export still verifies"
+
+
+_TEXT = st.text(max_size=12)
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | _TEXT
+                     | st.floats(allow_nan=False, allow_infinity=False),
+                     lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(_TEXT, inner, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.builds(AuditEvent, principal=_TEXT.filter(bool), role=_TEXT.filter(bool),
+                 action=_TEXT.filter(bool), outcome=_TEXT.filter(bool),
+                 job_id=st.none() | _TEXT, dataset=st.none() | _TEXT, file=st.none() | _TEXT,
+                 details=st.dictionaries(_TEXT, _JSON, max_size=4)),
+       st.integers(0, 2**40))
+def test_the_leaf_is_the_canonical_json_of_the_record(event: AuditEvent, seq: int) -> None:
+    from gateway.audit._model import decode_leaf, encode_leaf
+
+    time = "2026-01-02T03:04:05.000006Z"
+    leaf = encode_leaf(seq, time, event)
+    obj = {"seq": seq, "time": time, "details": dict(event.details), "principal":
+           event.principal, "role": event.role, "action": event.action,
+           "outcome": event.outcome, "job_id": event.job_id, "dataset": event.dataset,
+           "file": event.file}
+    assert leaf == json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    assert decode_leaf(leaf) == (seq, time, event)
+
+
+def _outcome(path: Path, *, fast: bool) -> tuple[str, int | None]:
+    from unittest import mock
+
+    from gateway.audit import _verify
+
+    with contextlib.nullcontext() if fast else mock.patch.object(_verify._Checker, "_fast",
+                                                                  return_value=False):
+        try:
+            r = verify_export(path, public_key=KEY.public_key())
+        except AuditLogError as e:
+            return type(e).__name__, getattr(e, "seq", None)
+        except UnicodeDecodeError:
+            return "UnicodeDecodeError", None
+    return "ok", r.size
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.data())
+def test_the_batch_path_and_the_parser_agree_on_every_damaged_export(
+    data: st.DataObject,
+) -> None:
+    lines = _export().splitlines(keepends=True)
+    how = data.draw(st.sampled_from(["byte", "drop", "swap", "dup"]), label="damage")
+    i = data.draw(st.integers(0, len(lines) - 1), label="line")
+    if how == "byte":
+        raw = bytearray(lines[i])
+        pos = data.draw(st.integers(0, len(raw) - 1), label="position")
+        raw[pos] = data.draw(st.integers(0, 255).filter(lambda b: b != raw[pos]), label="to")
+        lines[i] = bytes(raw)
+    elif how == "drop":
+        del lines[i]
+    elif how == "swap":
+        j = data.draw(st.integers(0, len(lines) - 1), label="other")
+        lines[i], lines[j] = lines[j], lines[i]
+    else:
+        lines.insert(i, lines[i])
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "x.jsonl"
+        p.write_bytes(b"".join(lines))
+        assert _outcome(p, fast=True) == _outcome(p, fast=False)
+
+
+def test_an_undamaged_export_takes_the_batch_path() -> None:
+    from unittest import mock
+
+    from gateway.audit import _verify
+
+    taken: list[bool] = []
+    real = _verify._Checker._fast
+
+    def spy(self: _verify._Checker, batch: list[bytes]) -> bool:
+        taken.append(real(self, batch))
+        return taken[-1]
+
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(_verify._Checker, "_fast", spy):
+        p = Path(tmp) / "x.jsonl"
+        p.write_bytes(_export())
+        assert _outcome(p, fast=True) == ("ok", 12)
+    assert taken == [True]
