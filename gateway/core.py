@@ -642,6 +642,16 @@ class Gateway:
                 if decision.outcome is access.Outcome.DENY:
                     self._transition(job.id, JobState.DENIED,
                                      reason="; ".join(str(r) for r in decision.reasons))
+                elif decision.outcome is access.Outcome.AUTO_APPROVE:
+                    # Approved under the new version by the policy itself: a waiting job goes
+                    # ahead, an approved one keeps its place, both bound to the new version.
+                    if state is JobState.PENDING_APPROVAL:
+                        self._transition(job.id, JobState.APPROVED,
+                                         reason=f"approved under the new policy of {dataset}",
+                                         policy_versions=versions, binding=binding)
+                        self._enqueue(job.id)
+                    else:
+                        self.store.update_job(job.id, policy_versions=versions, binding=binding)
                 elif state is not JobState.PENDING_APPROVAL:
                     self._transition(job.id, JobState.PENDING_APPROVAL,
                                      reason=f"the policy of {dataset} changed: approve again",

@@ -248,6 +248,58 @@ def test_a_new_policy_version_sends_an_approved_job_back_for_approval(
     g.audit.close()
 
 
+def test_a_policy_made_automatic_lets_waiting_jobs_run_and_keeps_approved_ones(
+    tmp_path: Path, site: ScriptedSite
+) -> None:
+    g = _gateway(tmp_path, site)
+    _register(g, tmp_path)  # manual approval
+    waiting = g.submit(principal=THEO, spec_text=spec(), bundle=None, bundle_sha256="")
+    approved = g.submit(principal=THEO, spec_text=spec(), bundle=None, bundle_sha256="")
+    g.decide(principal=OLIVIA, job_id=approved.id, approve=True, reason="")
+    assert g.store.job(waiting.id).state is JobState.PENDING_APPROVAL
+    assert g.store.job(approved.id).state is JobState.QUEUED
+    g.put_policy(principal=OLIVIA, dataset="books", text=policy("books", mode="automatic"))
+    for job_id in (waiting.id, approved.id):
+        again = g.store.job(job_id)
+        assert again.state is JobState.QUEUED and again.policy_versions == {"books": 2}
+    g.start()
+    try:
+        # Both run, under bindings to the new version: neither is stuck or refused at dispatch.
+        assert _wait(g, waiting.id) is JobState.RELEASED
+        assert _wait(g, approved.id) is JobState.RELEASED
+        assert sorted(o.job_id for o in site.orders) == sorted([waiting.id, approved.id])
+        assert all(o.policy_versions == {"books": 2} for o in site.orders)
+    finally:
+        g.stop()
+        g.audit.close()
+
+
+def test_an_expired_approval_cannot_run(
+    tmp_path: Path, site: ScriptedSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datetime as dt
+
+    from gateway import core
+
+    g = _gateway(tmp_path, site)
+    _register(g, tmp_path)  # approvals valid for the default 168 hours
+    job = g.submit(principal=THEO, spec_text=spec(), bundle=None, bundle_sha256="")
+    g.decide(principal=OLIVIA, job_id=job.id, approve=True, reason="")
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=169)
+    monkeypatch.setattr(core, "_now", lambda: later)
+    g.start()
+    try:
+        assert _wait(g, job.id, until={JobState.ERROR}) is JobState.ERROR
+        reasons = " ".join(g.store.job(job.id).reasons)
+        assert "expired" in reasons
+        assert site.orders == []  # nothing reached the site
+        refusals = g.audit.query(job=job.id, action="job.binding")
+        assert [r.event.outcome for r in refusals] == ["denied"]
+    finally:
+        g.stop()
+        g.audit.close()
+
+
 def test_a_full_queue_refuses_new_submissions_and_loses_no_approved_job(
     tmp_path: Path, site: ScriptedSite
 ) -> None:
