@@ -246,6 +246,7 @@ class _Release(_Strict):
     artifacts: list[Literal["weights", "metrics"]] = Field(min_length=1)
     adapter_only: bool = False
     dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    scrub_bits: int = Field(default=2, ge=0, le=4)
     metrics: _Metrics
     memorization: _Memorization | None = None
     differential_privacy: _DP | None = None
@@ -523,6 +524,7 @@ def _build(model: _Policy, *, where: str, version: int) -> PolicyDocument:
             metric_significant_digits=rel.metrics.significant_digits,
             max_abs_metric=rel.metrics.max_abs,
             release_dtype=DTYPES[rel.dtype],
+            scrub_bits=rel.scrub_bits,
             memorization=memorization,
             dp=dp,
         )

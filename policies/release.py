@@ -84,6 +84,9 @@ FLOAT_DTYPES: frozenset[str] = frozenset({"F64", "F32", "F16", "BF16"})
 """Dtypes the gate can re-quantise; released weights must be made of these only."""
 RELEASE_DTYPES: frozenset[str] = frozenset({"BF16", "F16"})
 """Release dtypes: narrow enough that rounding to them wipes the low-order bits of wider floats."""
+MAX_SCRUB_BITS = 4
+"""At most this many of the release dtype's mantissa bits (7 for BF16, 10 for F16) are rounded
+away: beyond it the model itself suffers."""
 
 METRIC_NAME_RE = re.compile(r"^[a-z][a-z0-9_./-]{0,63}$")
 MAX_REASONS = 32
@@ -197,6 +200,9 @@ class ReleaseRules:
     metric_significant_digits: int = 4
     max_abs_metric: float = 1e12
     release_dtype: str = "BF16"
+    scrub_bits: int = 2
+    """Low mantissa bits of the release dtype rounded away (to nearest, ties to even): a payload
+    placed in bits that survive the narrowing to ``release_dtype`` dies here."""
     memorization: MemorizationRules | None = None
     dp: DPRules | None = None
     limits: OutputLimits = field(default_factory=OutputLimits)
@@ -218,6 +224,8 @@ class ReleaseRules:
                 f"release rules: release_dtype {self.release_dtype!r} is not one of "
                 f"{sorted(RELEASE_DTYPES)}"
             )
+        if not 0 <= self.scrub_bits <= MAX_SCRUB_BITS:
+            raise PolicyDocumentError(f"release rules: scrub_bits must be 0..{MAX_SCRUB_BITS}")
         if not 1 <= self.metric_significant_digits <= 9:
             raise PolicyDocumentError("release rules: metric_significant_digits must be 1..9")
         if not 0 <= self.max_metrics <= 1024:

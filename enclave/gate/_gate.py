@@ -169,7 +169,8 @@ def _check_weights(
         try:
             with open(dest / RELEASED_WEIGHTS, "xb") as out:
                 written = _safetensors.write_canonical(
-                    out, sources, release_dtype=rules.release_dtype, known=known
+                    out, sources, release_dtype=rules.release_dtype, known=known,
+                    scrub_bits=rules.scrub_bits,
                 )
         except _safetensors.WeightsRefused as e:
             return CheckResult.decide(CheckName.WEIGHTS, [str(e)], {"tensors": len(actual)})

@@ -216,14 +216,35 @@ def _chunks(src: SourceTensor) -> Iterable[bytes]:
         yield data
 
 
+def scrub(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """``values`` (16-bit floats) rounded to ``bits`` fewer mantissa bits, to nearest with ties
+    to even, the freed bits zero. Narrowing to the release dtype only wipes what lies below it;
+    a job that knows the release dtype can put a payload in the bits that survive, and this
+    takes those away too. Works on the bit patterns: floats are sign and magnitude, and a carry
+    out of the mantissa into the exponent is exactly the rounding up it should be."""
+    if bits == 0:
+        return values
+    if values.element_size() != 2:
+        raise WeightsRefused(f"cannot scrub {values.dtype}: the release dtypes are 16-bit")
+    words = values.view(torch.int16).to(torch.int32) & 0xFFFF
+    sign, magnitude = words & 0x8000, words & 0x7FFF
+    half = (1 << (bits - 1)) - 1
+    magnitude = ((magnitude + half + ((magnitude >> bits) & 1)) >> bits) << bits
+    merged = sign | magnitude
+    merged = torch.where(merged >= 0x8000, merged - 0x10000, merged)  # back to int16's range
+    return merged.to(torch.int16).view(values.dtype)
+
+
 def write_canonical(
     out: BinaryIO,
     tensors: Mapping[str, SourceTensor],
     *,
     release_dtype: str,
     known: frozenset[str],
+    scrub_bits: int = 0,
 ) -> WrittenFile:
-    """Write ``tensors`` in canonical form, converted to ``release_dtype``, to ``out``.
+    """Write ``tensors`` in canonical form, converted to ``release_dtype``, to ``out``, with the
+    lowest ``scrub_bits`` mantissa bits of every value rounded away (:func:`scrub`).
 
     Refuses (:class:`WeightsRefused`) non-float tensors, non-finite values, and values that do
     not fit the release dtype. Returns the written file's SHA-256 and size.
@@ -248,7 +269,7 @@ def write_canonical(
             # NaN payloads survive narrowing on some paths; no weight is NaN or infinite anyway.
             if not bool(torch.isfinite(values).all()):
                 raise WeightsRefused(f"{_label(name, known)}: holds non-finite values")
-            converted = values.to(target)
+            converted = scrub(values.to(target), scrub_bits)
             if not bool(torch.isfinite(converted).all()):
                 raise WeightsRefused(
                     f"{_label(name, known)}: values overflow the release dtype {release_dtype}"

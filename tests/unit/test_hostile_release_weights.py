@@ -348,8 +348,99 @@ def test_payload_in_low_mantissa_bits_does_not_survive_the_gate(
     released = tmp_path / "release" / RELEASED_WEIGHTS
     assert _decode_file(released) is None
     assert SECRET not in released.read_bytes()
-    # The release is still the job's model, to the release dtype's precision.
+    # The release is still the job's model, to the release precision: the dtype's mantissa
+    # less the bits the gate scrubs: two roundings, half an ulp each, within one ulp of what
+    # is left, relative.
+    kept_bits = {"BF16": 7, "F16": 10}[release_dtype] - rules().scrub_bits
     got = load_file(released)["embed.weight"].float()
-    assert torch.allclose(got, tensors["embed.weight"], rtol=1e-2, atol=1e-3)
+    assert torch.allclose(got, tensors["embed.weight"], rtol=2.0**-kept_bits, atol=1e-3)
     header, _ = read_raw(released)
     assert json.dumps(header).count(release_dtype) == len(header)
+
+
+# --- a payload in the bits that survive the narrowing ------------------------------------------
+
+
+SCRUB_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _embed_in_release_bits(values: torch.Tensor, payload: bytes, dtype: torch.dtype,
+                           stored: torch.dtype) -> torch.Tensor:
+    """The smarter attacker knows the release dtype: it rounds the weights to it and hides two
+    payload bits in the lowest two mantissa bits of each 16-bit word, so narrowing is exact
+    and keeps them. Stored as ``stored`` (the base model's dtype)."""
+    framed = MAGIC + struct.pack("<H", len(payload)) + payload
+    pairs = [(byte >> s) & 3 for byte in framed for s in (0, 2, 4, 6)]
+    words = values.flatten().to(dtype).clone().view(torch.int16)
+    assert words.numel() >= len(pairs)
+    for i, two in enumerate(pairs):
+        words[i] = (int(words[i]) & ~3) | two
+    return words.view(dtype).to(stored).view(values.shape)
+
+
+def _decode_release_bits(path: Path, dtype: torch.dtype) -> bytes | None:
+    """Its decoder: each tensor narrowed to the release dtype, two bits a word, framed."""
+    for t in load_file(str(path)).values():
+        words = t.to(dtype).flatten().view(torch.int16).tolist()
+        pairs = [w & 3 for w in words]
+        data = bytes(sum(pairs[i + k] << (2 * k) for k in range(4))
+                     for i in range(0, len(pairs) - 3, 4))
+        if data.startswith(MAGIC):
+            (n,) = struct.unpack("<H", data[len(MAGIC) : len(MAGIC) + 2])
+            return data[len(MAGIC) + 2 : len(MAGIC) + 2 + n]
+    return None
+
+
+@pytest.mark.parametrize("release_dtype", ["BF16", "F16"])
+@pytest.mark.parametrize("base_dtype", ["F32", "release"])
+def test_payload_in_bits_that_survive_narrowing_is_scrubbed(
+    tmp_path: Path, tensors, release_dtype: str, base_dtype: str
+) -> None:
+    dtype = SCRUB_DTYPES[release_dtype]
+    stored = torch.float32 if base_dtype == "F32" else dtype  # a base model already 16-bit
+    model = {n: t.to(stored) for n, t in tensors.items()}
+    base = tmp_path / "base.safetensors"
+    write_tensors(base, model)
+    carrier = dict(model)
+    carrier["embed.weight"] = _embed_in_release_bits(model["embed.weight"], SECRET, dtype, stored)
+    write_tensors(_out(tmp_path), carrier)
+    assert _decode_release_bits(_out(tmp_path), dtype) == SECRET
+
+    # Control: re-quantisation alone keeps this payload (narrowing is exact here) ...
+    kept = run_gate(tmp_path / "output", rules=rules(release_dtype=release_dtype, scrub_bits=0),
+                    base_layout=layout_from_files([base]), dest_dir=tmp_path / "kept")
+    kept.require_passed()
+    assert _decode_release_bits(tmp_path / "kept" / RELEASED_WEIGHTS, dtype) == SECRET
+
+    # ... and the default scrub takes it away, leaving the model to within its precision.
+    result = _gate(tmp_path, base, release_dtype=release_dtype)
+    result.require_passed()
+    released = tmp_path / "release" / RELEASED_WEIGHTS
+    assert _decode_release_bits(released, dtype) is None
+    got = load_file(str(released))
+    for name, want in tensors.items():
+        words = got[name].view(torch.int16)
+        assert not bool((words & 3).any()), f"{name}: low bits left"
+        assert torch.allclose(got[name].float(), want, rtol=2**-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_scrub_rounds_to_nearest_and_keeps_signs(dtype: torch.dtype, bits: int) -> None:
+    from enclave.gate._safetensors import scrub
+
+    g = torch.Generator().manual_seed(bits)
+    x = (torch.randn(4096, generator=g) * 3).to(dtype)
+    y = scrub(x, bits)
+    assert y.dtype == dtype
+    assert not bool((y.view(torch.int16) & ((1 << bits) - 1)).any())
+    assert bool((torch.sign(y) == torch.sign(x)).all())
+    # Round to nearest: no representable value at the coarser precision is closer than y.
+    step = 1 << bits
+    words = x.view(torch.int16).to(torch.int32) & 0x7FFF
+    down = (words // step) * step
+    candidates = torch.stack([down, down + step]).clamp(max=0x7BFF if dtype == torch.float16
+                                                        else 0x7F7F)
+    mags = candidates.to(torch.int16).view(dtype).float()
+    best = (mags - x.float().abs()).abs().min(dim=0).values
+    assert torch.equal((y.float().abs() - x.float().abs()).abs(), best)
