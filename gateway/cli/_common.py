@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from rich.console import Console
@@ -61,8 +62,35 @@ def client() -> Iterator[Client]:
 
 
 def to_dict(msg: Message) -> dict[str, Any]:
-    return MessageToDict(msg, preserving_proto_field_name=True,
-                         always_print_fields_with_no_presence=True)
+    """``msg`` as JSON for scripts: proto3's mapping, except that 64-bit integers stay numbers
+    (the mapping writes them as strings, which no script expects of a version or a size)."""
+    d = MessageToDict(msg, preserving_proto_field_name=True,
+                      always_print_fields_with_no_presence=True)
+    _numbers(msg.DESCRIPTOR, d)
+    return d
+
+
+_INT64 = frozenset({FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64})
+
+
+def _numbers(desc: Descriptor, d: dict[str, Any]) -> None:
+    for f in desc.fields:
+        if f.name not in d:
+            continue
+        value = d[f.name]
+        entry = f.message_type
+        if entry is not None and entry.GetOptions().map_entry:
+            vf = entry.fields_by_name["value"]
+            for k, v in value.items():
+                if vf.message_type is not None:
+                    _numbers(vf.message_type, v)
+                elif vf.cpp_type in _INT64:
+                    value[k] = int(v)
+        elif entry is not None:
+            for v in value if isinstance(value, list) else [value]:
+                _numbers(entry, v)
+        elif f.cpp_type in _INT64:
+            d[f.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
 
 
 def emit(as_json: bool, data: Any, text: Callable[[], None] | str | None = None) -> None:
