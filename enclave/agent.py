@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -38,7 +38,7 @@ from enclave.provenance import AuditPosition, ReleaseContext, SiteSigner, sign_r
 from enclave.provenance import DatasetVersion as ProvenanceVersion
 from enclave.runtime import ContainerSpec, DockerRuntime, RunState, Runtime
 from enclave.vault import DatasetVersion as VaultVersion
-from enclave.vault import StagingEvent, Vault, wipe_leftovers
+from enclave.vault import StagingEvent, Vault, iter_tar, wipe_leftovers
 from gateway.identity import CertificateAuthority, IdentityFiles
 from gateway.lifecycle import JobState
 from gateway.site import Report, RunOrder, SiteReport, StoredDataset
@@ -131,8 +131,9 @@ class SiteAgent:
     def image_id(self) -> str:
         return self.image
 
-    def store_dataset(self, name: str, *, archive: Path) -> StoredDataset:
-        version = self.vault.register(name, archive, max_bytes=self.limits.dataset_bytes,
+    def store_dataset(self, name: str, *, archive: BinaryIO) -> StoredDataset:
+        version = self.vault.register(name, iter_tar(archive),
+                                      max_bytes=self.limits.dataset_bytes,
                                       max_files=self.limits.dataset_files)
         return StoredDataset(
             name=version.name, version=version.version, root_hash=version.root_hash,

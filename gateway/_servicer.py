@@ -10,13 +10,14 @@ import json
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from sealroom.v1 import gateway_pb2 as pb
 from sealroom.v1 import gateway_pb2_grpc as pb_grpc
 
 from gateway._auth import principal_of
+from gateway._spool import SealedSpool
 from gateway.core import Gateway, JobEvent
 from gateway.lifecycle import JobState
 from gateway.store import DatasetRecord, JobRecord, PolicyRecord
@@ -25,31 +26,52 @@ from policies.errors import InvalidInput, ResourceExhausted
 CHUNK = 1 << 20
 
 
-def _receive(
-    chunks: Iterable[Any], *, header_field: str, data_field: str, limit: int, into: Path
-) -> tuple[Any, Path | None, str]:
-    """Read a header message then data chunks into a file, hashing, size-capped.
+class _Sink(Protocol):
+    def write(self, data: bytes, /) -> object: ...
 
-    Returns (header, path or None when no data came, sha256 hex).
+
+def _receive(
+    chunks: Iterable[Any], *, header_field: str, data_field: str, limit: int, into: _Sink
+) -> tuple[Any, int]:
+    """Read a header message then data chunks into ``into``, size-capped.
+
+    Returns (header, bytes received). Raises :class:`ResourceExhausted` past ``limit``.
     """
     it = iter(chunks)
     first = next(it, None)
     if first is None or first.WhichOneof("part") != header_field:
         raise InvalidInput(f"the first message must carry the {header_field}")
     header = getattr(first, header_field)
-    h = hashlib.sha256()
     size = 0
-    with into.open("wb") as f:
-        for msg in it:
-            if msg.WhichOneof("part") != data_field:
-                raise InvalidInput(f"only {data_field} may follow the {header_field}")
-            data = getattr(msg, data_field)
-            size += len(data)
-            if size > limit:
-                raise ResourceExhausted(f"upload is over the {limit}-byte limit")
+    for msg in it:
+        if msg.WhichOneof("part") != data_field:
+            raise InvalidInput(f"only {data_field} may follow the {header_field}")
+        data = getattr(msg, data_field)
+        size += len(data)
+        if size > limit:
+            raise ResourceExhausted(f"upload is over the {limit}-byte limit")
+        into.write(data)
+    return header, size
+
+
+class _HashingFile:
+    """A file being written, hashed on the way (one pass over an upload, not three)."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self.hash.update(data)
+        self._f.write(data)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while data := f.read(CHUNK):
             h.update(data)
-            f.write(data)
-    return header, (into if size else None), h.hexdigest()
+    return h.hexdigest()
 
 
 def _dataset(d: DatasetRecord) -> pb.Dataset:
@@ -98,15 +120,16 @@ class GatewayServicer(pb_grpc.GatewayServicer):
 
     def RegisterDataset(self, request_iterator: Iterator[pb.RegisterDatasetChunk],
                         context: grpc.ServicerContext) -> pb.Dataset:
-        with tempfile.TemporaryDirectory(dir=self.g.home) as tmp:
-            header, path, _ = _receive(
+        # The owner's plaintext never touches the gateway's disk: it is spooled sealed.
+        with SealedSpool(self.g.home) as spool:
+            header, size = _receive(
                 request_iterator, header_field="header", data_field="data",
-                limit=self.g.max_bundle_bytes * 8, into=Path(tmp) / "dataset.tar")
-            if path is None:
+                limit=self.g.max_bundle_bytes * 8, into=spool)
+            if not size:
                 raise InvalidInput("the dataset archive is empty")
             record = self.g.register_dataset(
                 principal=principal_of(context), name=header.name,
-                description=header.description, archive=path,
+                description=header.description, archive=spool,
                 archive_sha256=header.archive_sha256)
         return _dataset(record)
 
@@ -132,11 +155,19 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def SubmitJob(self, request_iterator: Iterator[pb.SubmitJobChunk],
                   context: grpc.ServicerContext) -> pb.Job:
         with tempfile.TemporaryDirectory(dir=self.g.home) as tmp:
-            header, path, _ = _receive(
-                request_iterator, header_field="header", data_field="bundle",
-                limit=self.g.max_bundle_bytes, into=Path(tmp) / "bundle.tar.gz")
+            dest = Path(tmp) / "bundle.tar.gz"
+            with dest.open("wb") as f:
+                sink = _HashingFile(f)
+                header, size = _receive(request_iterator, header_field="header",
+                                        data_field="bundle", limit=self.g.max_bundle_bytes,
+                                        into=sink)
+            actual = sink.hash.hexdigest()
+            if size and header.bundle_sha256 and header.bundle_sha256 != actual:
+                raise InvalidInput(f"bundle hash mismatch: header says {header.bundle_sha256}, "
+                                   f"got {actual}")
             job = self.g.submit(principal=principal_of(context), spec_text=header.spec,
-                                bundle=path, bundle_sha256=header.bundle_sha256)
+                                bundle=dest if size else None,
+                                bundle_sha256=actual if size else "", received=True)
         return self._job(job)
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
@@ -177,7 +208,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         root = self.g.release_dir(principal=principal_of(context), job_id=request.job_id)
         for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
             rel = path.relative_to(root).as_posix()
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            digest = _sha256_file(path)  # in blocks: a release can be many gigabytes
             yield pb.ReleaseChunk(file=pb.ReleaseFileHeader(path=rel, size=path.stat().st_size,
                                                             sha256=digest))
             with path.open("rb") as f:

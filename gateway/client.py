@@ -144,14 +144,22 @@ class Client:
             if bundle is not None:
                 archive = bundle if bundle.is_file() else pack_directory(
                     bundle, Path(tmp) / "bundle.tar.gz", gzip=True)
-            header = pb.SubmitJobHeader(
-                spec=spec_text, bundle_sha256=_sha256_file(archive) if archive else "")
+            # Hashed as it is sent (one read of the bundle), then held against the hash the
+            # gateway recorded for the job: a bundle changed on the way is caught either way.
+            sent = hashlib.sha256()
+            header = pb.SubmitJobHeader(spec=spec_text)
 
             def messages() -> Iterator[pb.SubmitJobChunk]:
                 yield pb.SubmitJobChunk(header=header)
-                yield from self._chunks(archive, lambda d: pb.SubmitJobChunk(bundle=d))
+                for d in self._chunks(archive, bytes):
+                    sent.update(d)
+                    yield pb.SubmitJobChunk(bundle=d)
 
-            return self._call(self._stub.SubmitJob, messages(), timeout=None)
+            job: pb.Job = self._call(self._stub.SubmitJob, messages(), timeout=None)
+            if archive is not None and job.bundle_sha256 != sent.hexdigest():
+                raise IntegrityError(f"the gateway recorded bundle {job.bundle_sha256} for job "
+                                   f"{job.id}, but {sent.hexdigest()} was sent")
+            return job
 
     def job(self, job_id: str) -> pb.Job:
         return self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))

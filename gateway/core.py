@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway._spool import SealedSpool
 from gateway.audit import AuditEvent, AuditLog
 from gateway.lifecycle import TERMINAL, JobState
 from gateway.site import RunOrder, Site, SiteReport
@@ -193,20 +194,25 @@ class Gateway:
         principal: Principal,
         name: str,
         description: str,
-        archive: Path,
+        archive: SealedSpool,
         archive_sha256: str,
     ) -> DatasetRecord:
+        """Store the tar archive in ``archive`` (spooled sealed: its plaintext is on no disk)
+        as the next version of ``name`` in the site's vault. Raises InvalidInput for a bad
+        name, a hash other than the one the client announced, or an archive the vault
+        refuses; PermissionDenied for another owner's dataset. A failure stores nothing."""
         if not NAME_RE.match(name):
             raise InvalidInput(f"dataset name {name!r}: use lowercase letters, digits, . _ -")
         owner = self.store.dataset_owner(name)
         if owner is not None and owner != principal.name:
             raise PermissionDenied(f"dataset {name} belongs to {owner}")
-        actual = _sha256_file(archive)
+        actual = archive.seal()
         if archive_sha256 and actual != archive_sha256:
             raise InvalidInput(
                 f"dataset archive hash mismatch: header says {archive_sha256}, got {actual}"
             )
-        stored = self.site.store_dataset(name, archive=archive)
+        with archive.reader() as stream:
+            stored = self.site.store_dataset(name, archive=stream)
         try:
             existing = self.store.dataset(name, stored.version)
         except NotFound:
@@ -278,13 +284,18 @@ class Gateway:
         spec_text: str,
         bundle: Path | None,
         bundle_sha256: str,
+        received: bool = False,
     ) -> JobRecord:
         """Validate, pin and decide a submission. A refused spec leaves no job behind; a
-        policy denial is a decision and is kept, in state DENIED, with every reason."""
+        policy denial is a decision and is kept, in state DENIED, with every reason.
+
+        ``received``: ``bundle`` is the servicer's own spool of the upload and
+        ``bundle_sha256`` the hash it computed while receiving it; the file is then moved
+        into the bundle store rather than hashed and copied again."""
         spec = parse_spec(spec_text)
         self._admit()
         if bundle is not None:
-            actual = _sha256_file(bundle)
+            actual = bundle_sha256 if received else _sha256_file(bundle)
             if bundle_sha256 and actual != bundle_sha256:
                 raise InvalidInput(
                     f"bundle hash mismatch: header says {bundle_sha256}, got {actual}"
@@ -302,7 +313,10 @@ class Gateway:
             dest = self._bundles / f"{bundle_sha256}.tar.gz"
             if not dest.exists():
                 tmp = dest.with_suffix(f".{job_id}.tmp")
-                shutil.copyfile(bundle, tmp)
+                if received:
+                    bundle.replace(tmp)
+                else:
+                    shutil.copyfile(bundle, tmp)
                 tmp.replace(dest)
         policy_versions = {name: rec.version for name, (rec, _) in policies.items()}
         job = JobRecord(

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from gateway.lifecycle import JobState
 from policies.spec import JobSpec
@@ -78,8 +78,9 @@ Report = Callable[[SiteReport], None]
 class Site(Protocol):
     name: str
 
-    def store_dataset(self, name: str, *, archive: Path) -> StoredDataset:
-        """Store a tar archive as the next version of ``name``. Raises InvalidInput."""
+    def store_dataset(self, name: str, *, archive: BinaryIO) -> StoredDataset:
+        """Store a tar archive, read once from the stream ``archive``, as the next version of
+        ``name`` (or the identical existing one). Raises InvalidInput; stores nothing then."""
 
     def run(self, order: RunOrder, report: Report) -> None:
         """Run an approved job to its end; see the module docstring."""

@@ -14,10 +14,12 @@ import tarfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from gateway._spool import SealedSpool
 from gateway.audit import AuditLog
 from gateway.core import Gateway
 from gateway.lifecycle import JobState
@@ -65,13 +67,18 @@ class ScriptedSite:
         self.gate = threading.Event()
         self.gate.set()
         self.cancelled: set[str] = set()
+        self.archives: list[bytes] = []
+        self.home_files_during_store: dict[Path, bytes] = {}
         self.script: Callable[[RunOrder], list[SiteReport]] = self._release
 
     def image_id(self) -> str:
         return "sha256:" + "0" * 64
 
-    def store_dataset(self, name: str, *, archive: Path) -> StoredDataset:
-        digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    def store_dataset(self, name: str, *, archive: BinaryIO) -> StoredDataset:
+        self.archives.append(archive.read())
+        self.home_files_during_store = {p: p.read_bytes() for p in self.tmp.rglob("*")
+                                        if p.is_file()}
+        digest = hashlib.sha256(self.archives[-1]).hexdigest()
         return StoredDataset(name, 1, digest, 10, (("a.txt", 10, digest),))
 
     def run(self, order: RunOrder, report: Report) -> None:
@@ -129,8 +136,10 @@ def _register(g: Gateway, tmp_path: Path, *, custom_code: bool = False,
         info = tarfile.TarInfo("a.txt")
         info.size = 5
         tar.addfile(info, io.BytesIO(b"hello"))
-    g.register_dataset(principal=OLIVIA, name="books", description="", archive=archive,
-                       archive_sha256="")
+    with SealedSpool(g.home) as spool:
+        spool.write(archive.read_bytes())
+        g.register_dataset(principal=OLIVIA, name="books", description="", archive=spool,
+                           archive_sha256="")
     g.put_policy(principal=OLIVIA, dataset="books",
                  text=policy("books", custom_code=custom_code, mode=mode))
 
@@ -298,6 +307,59 @@ def test_an_expired_approval_cannot_run(
     finally:
         g.stop()
         g.audit.close()
+
+
+def test_an_uploaded_dataset_is_on_no_disk_in_the_clear(tmp_path: Path,
+                                                        site: ScriptedSite) -> None:
+    """The archive arrives through the servicer's spool; while the site stores it, every file
+    under the gateway's home is searched for the owner's text: none holds it."""
+    from gateway._servicer import _receive
+    from sealroom.v1 import gateway_pb2 as pb
+
+    g = _gateway(tmp_path, site)
+    marker = b"PATIENT-7731 diagnosis: confidential " * 64
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("record.txt")
+        info.size = len(marker)
+        tar.addfile(info, io.BytesIO(marker))
+    data = buf.getvalue()
+    chunks = [pb.RegisterDatasetChunk(header=pb.RegisterDatasetHeader(name="records")),
+              *(pb.RegisterDatasetChunk(data=data[i:i + 1000]) for i in range(0, len(data), 1000))]
+    with SealedSpool(g.home) as spool:
+        _receive(chunks, header_field="header", data_field="data", limit=1 << 20, into=spool)
+        g.register_dataset(principal=OLIVIA, name="records", description="", archive=spool,
+                           archive_sha256=hashlib.sha256(data).hexdigest())
+        spooled = spool.path
+    assert site.archives == [data]  # the site got the plaintext stream, whole
+    assert spooled in site.home_files_during_store  # the spool was on disk meanwhile ...
+    for path, content in site.home_files_during_store.items():
+        assert b"PATIENT-7731" not in content, path  # ... sealed, like everything else
+    assert not spooled.exists()
+    g.audit.close()
+
+
+def test_a_spool_changed_on_disk_is_refused(tmp_path: Path) -> None:
+    from policies.errors import InvalidInput
+
+    with SealedSpool(tmp_path) as spool:
+        spool.write(b"x" * (3 << 20))
+        spool.seal()
+        raw = bytearray(spool.path.read_bytes())
+        raw[100] ^= 1
+        spool.path.write_bytes(raw)
+        with pytest.raises(InvalidInput, match="changed on disk"), spool.reader() as r:
+            r.read()
+    with SealedSpool(tmp_path) as spool:  # cut off after the first block
+        spool.write(b"y" * (3 << 20))
+        spool.seal()
+        spool.path.write_bytes(spool.path.read_bytes()[: (1 << 20) + 64])
+        with pytest.raises(InvalidInput, match="changed on disk"), spool.reader() as r:
+            r.read()
+    with SealedSpool(tmp_path) as spool:
+        spool.write(b"z" * (3 << 20) + b"end")
+        with spool.reader() as r:
+            assert r.read() == b"z" * (3 << 20) + b"end"
 
 
 def test_a_full_queue_refuses_new_submissions_and_loses_no_approved_job(
