@@ -41,6 +41,10 @@ ENTRIES = (
     Entry("tests.bench.staging", "bench_staging"),
     Entry("tests.bench.audit", "bench_append"),
     Entry("tests.bench.audit", "bench_verify"),
+    Entry("tests.bench.gate", "bench_gate"),
+    Entry("tests.bench.gateway", "bench_rpc"),
+    Entry("tests.bench.gateway", "bench_transfers"),
+    Entry("tests.bench.gateway", "bench_launch"),
 )
 
 

@@ -1,0 +1,168 @@
+"""A site whose runs end at once, and a home of identities: what the gateway benches and the load
+run put the gateway against when the site itself is not what they measure.
+
+:class:`FastSite` implements the :class:`gateway.site.Site` contract with no container: each run
+reports RUNNING, CHECKING and RELEASED (with a release directory holding a manifest, metrics and,
+when asked, one payload file of ``release_bytes``), counting the runs of every job id so that a
+job run twice is seen. :func:`make_home` lays out a deployment home (CA and people) the way
+``sealroom ca init`` and ``ca issue`` do; :func:`prepare` registers a small dataset and a policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from gateway.client import Client
+from gateway.identity import CertificateAuthority, IdentityFiles
+from gateway.lifecycle import JobState
+from gateway.site import Report, RunOrder, SiteReport, StoredDataset
+from policies.identity import Role
+from tests.integration._deployment import policy
+
+PEOPLE: dict[str, tuple[Role, str]] = {
+    "olivia": (Role.DATA_OWNER, "library"),
+    "theo": (Role.MODEL_TEAM, "model-team"),
+    "carol": (Role.COMPLIANCE, "audit"),
+    "oscar": (Role.OPERATOR, "ops"),
+}
+
+FAST_SPEC = """\
+name: {name}
+datasets: [{dataset}]
+base_model: tiny-lm
+trainer: causal-lm
+purpose: testing
+resources: {{cpus: 1, memory_mb: 1024, timeout_s: 60}}
+"""
+
+CUSTOM_SPEC = """\
+name: {name}
+datasets: [{dataset}]
+base_model: tiny-lm
+trainer: custom
+entrypoint: "job:Module"
+purpose: testing
+resources: {{cpus: 1, memory_mb: 1024, timeout_s: 60}}
+"""
+
+BLOCK = 1 << 20
+
+
+def write_payload(path: Path, size: int) -> Path:
+    """A file of ``size`` bytes (one random MiB repeated: nothing on the wire compresses it)."""
+    block = os.urandom(BLOCK)
+    with path.open("wb") as f:
+        left = size
+        while left > 0:
+            f.write(block[: min(left, BLOCK)])
+            left -= BLOCK
+    return path
+
+
+class FastSite:
+    """The Site contract, minus the container: every run is released at once."""
+
+    name = "fast-site"
+
+    def __init__(self, root: Path, *, release_bytes: int = 0, hold_s: float = 0.0) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.hold_s = hold_s
+        self.runs: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._versions: Counter[str] = Counter()
+        self._payload = None
+        if release_bytes:
+            self._payload = write_payload(root / "payload.bin", release_bytes)
+
+    def image_id(self) -> str:
+        return "sha256:" + "0" * 64
+
+    def store_dataset(self, name: str, *, archive: BinaryIO) -> StoredDataset:
+        h = hashlib.sha256()
+        size = 0
+        while data := archive.read(BLOCK):
+            h.update(data)
+            size += len(data)
+        with self._lock:
+            self._versions[name] += 1
+            version = self._versions[name]
+        digest = h.hexdigest()
+        return StoredDataset(name, version, digest, size, (("archive.tar", size, digest),))
+
+    def run(self, order: RunOrder, report: Report) -> None:
+        job = order.job_id
+        with self._lock:
+            self.runs[job] += 1
+        report(SiteReport(job, state=JobState.RUNNING, image_id=self.image_id(),
+                          reason="running (fast site)", audit_action="container.start"))
+        if self.hold_s:
+            time.sleep(self.hold_s)
+        report(SiteReport(job, state=JobState.CHECKING, reason="release gate"))
+        out = self.root / "releases" / job
+        out.mkdir(parents=True)
+        try:
+            (out / "metrics.json").write_text('{"train_loss": 1.5}')
+            if self._payload is not None:
+                (out / "weights").mkdir()
+                os.link(self._payload, out / "weights" / "model.safetensors")
+            (out / "manifest.json").write_text(json.dumps({"job": job}))
+            report(SiteReport(job, state=JobState.RELEASED, reason="released",
+                              metrics={"train_loss": 1.5}, release_dir=out,
+                              audit_action="release.sign"))
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    def cancel(self, job_id: str) -> None:
+        pass
+
+    def logs(self, job_id: str) -> bytes:
+        return b""
+
+    def write_runs(self, path: Path) -> None:
+        """The per-job run counts, as JSON (read by the load run after the gateway stops)."""
+        with self._lock:
+            path.write_text(json.dumps(dict(self.runs)))
+
+
+@dataclass(frozen=True)
+class Home:
+    home: Path
+    identities: dict[str, IdentityFiles]
+
+    def client(self, address: str, name: str, *, timeout_s: float = 120.0) -> Client:
+        return Client(address, self.identities[name], timeout_s=timeout_s)
+
+
+def make_home(root: Path) -> Home:
+    """A deployment home under ``root``: the CA and one identity per person in PEOPLE."""
+    home = root / "home"
+    ca = CertificateAuthority.init(home / "ca")
+    ids = {name: ca.issue(name, role=role, team=team, out_dir=home / "identities")
+           for name, (role, team) in PEOPLE.items()}
+    return Home(home, ids)
+
+
+def prepare(owner: Client, dataset: str, *, tmp: Path, mode: str = "automatic",
+            custom_code: bool = True) -> None:
+    """Register a small dataset and its policy (no memorization check: no model runs here)."""
+    archive = tmp / f"{dataset}.tar"
+    with tarfile.open(archive, mode="w") as tar:
+        data = b"a small protected text\n" * 64
+        info = tarfile.TarInfo("doc-0.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    owner.register_dataset(dataset, archive)
+    owner.put_policy(dataset, policy(dataset, mode=mode, custom_code=custom_code,
+                                     memorization=False))

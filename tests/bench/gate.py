@@ -1,0 +1,85 @@
+"""Bench entry: the release gate's time against the training time of the job it checks.
+
+A tiny causal LM is trained on a generated corpus by the built-in trainer, through the harness,
+bare on the host (the container's layout under ``SEALROOM_ROOT``); its real ``/output`` then
+goes through :func:`enclave.gate.run_gate` under the release rules of the integration tests'
+policy, memorization probe included, exactly as the site agent runs it: the tokenizer is loaded,
+the protected texts read, every check run, the release written. The figure is gate seconds over
+training seconds (lower is better); the goal is ≤ 0.1, the gate a tenth of the job at most.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from trainers.basemodel import create_base_model
+from trainers.contract import JOB_ENV, JobConfig
+from trainers.runtime import Paths
+from trainers.synthetic import corpus, write_corpus
+
+GOAL = 0.1
+
+
+def _train(root: Path, steps: int) -> float:
+    paths = Paths.under(root)
+    paths.output.mkdir(parents=True)
+    job = JobConfig(job_id="bench-gate", trainer="causal-lm", datasets=("books",),
+                    hyperparameters={"max_steps": steps, "batch_size": 8, "block_size": 64,
+                                     "learning_rate": 1e-3, "seed": 0})
+    env = {**os.environ, "SEALROOM_ROOT": str(root), JOB_ENV: job.to_json(),
+           "OMP_NUM_THREADS": "2"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "trainers.harness"], env=env,
+                          capture_output=True, text=True)
+    took = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return took
+
+
+def _gate(root: Path) -> tuple[float, Any]:
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from enclave.gate import MemorizationInputs, layout_from_model_dir, run_gate
+    from policies import document
+    from tests.integration._deployment import policy
+
+    paths = Paths.under(root)
+    rules = document.parse_policy(policy("books")).release
+    layout = layout_from_model_dir(paths.model)
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(paths.model))
+    texts = [p.read_text() for p in sorted((paths.data / "books").glob("*.txt"))]
+    result = run_gate(paths.output, rules=rules, base_layout=layout, dest_dir=root / "release",
+                      memorization=MemorizationInputs(model_dir=paths.model, tokenizer=tokenizer,
+                                                      texts=texts))
+    return time.perf_counter() - t0, result
+
+
+def bench_gate(tmp: Path, *, quick: bool) -> dict[str, Any]:
+    steps = 40 if quick else 200
+    paths = Paths.under(tmp)
+    create_base_model(paths.model, texts=corpus(documents=20, seed=1), seed=0)
+    write_corpus(paths.data / "books", documents=40, seed=2)
+    training = _train(tmp, steps)
+    gate, result = _gate(tmp)
+    checks = {str(c.name): c.passed for c in result.checks}
+    if "memorization" not in checks:
+        raise RuntimeError(f"the gate ran without the memorization probe: {checks}")
+    if not result.passed:
+        raise RuntimeError(f"the gate refused the trained output: "
+                           f"{[(str(c.name), c.reasons) for c in result.checks if not c.passed]}")
+    return {
+        "name": f"release gate (memorization included) vs the job's training ({steps} steps, "
+                "tiny causal LM)",
+        "value": round(gate, 2), "limit": round(training, 2), "unit": "s",
+        "ratio": round(gate / training, 3), "goal": GOAL, "higher_is_better": False,
+        "checks": ",".join(sorted(checks)),
+    }

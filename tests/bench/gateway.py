@@ -1,0 +1,351 @@
+"""Bench entries for the gateway: authorised and audited RPCs, transfers, and launch latency.
+
+``bench_rpc``: WhoAmI calls per second over mTLS from N client threads, each call authorised from
+the client certificate and audited durably before its answer, against a bare gRPC echo served
+with the same certificates, thread pool and message limits, in the same run.
+
+``bench_transfers``: a bundle upload (SubmitJob) and a release download (DownloadRelease) of S
+bytes, file to file, against raw TLS over loopback moving the same S bytes file to file with the
+same certificates; and the gateway's resident memory while they run (the transfers must stream:
+its growth should be a small fraction of S).
+
+``bench_launch``: approved-to-running through the real gateway and its Docker site (from the
+owner's DecideJob call to the RUNNING event a watcher gets) against a bare ``docker create`` +
+``start`` of the same image; the issue's goal is at most bare + 0.3 s.
+
+Servers run in child processes (:mod:`tests.bench._serve`) so that the clients' interpreter is
+not the servers' and the gateway's memory is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from gateway.client import Client
+from gateway.identity import IdentityFiles
+from tests.bench._fast import CUSTOM_SPEC, FAST_SPEC, Home, make_home, prepare, write_payload
+from tests.bench._proc import RssSampler, Served
+from tests.bench._serve import ECHO_METHOD
+
+MB = 1 << 20
+
+
+# -- RPC rate -------------------------------------------------------------------------------
+
+
+def _rate(threads: int, seconds: float, make_call: Callable[[], Callable[[], object]]) -> float:
+    """Calls per second from ``threads`` threads, each with its own channel, for ``seconds``."""
+    calls = [make_call() for _ in range(threads)]
+    for call in calls:  # connect and warm up, outside the timing
+        for _ in range(20):
+            call()
+    counts = [0] * threads
+    start = threading.Barrier(threads + 1)
+    stop_at = [0.0]
+
+    def work(i: int) -> None:
+        call = calls[i]
+        start.wait()
+        n = 0
+        while time.perf_counter() < stop_at[0]:
+            call()
+            n += 1
+        counts[i] = n
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    t0 = time.perf_counter()
+    stop_at[0] = t0 + seconds
+    start.wait()
+    for t in ts:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+def _channel(address: str, identity: IdentityFiles) -> grpc.Channel:
+    cert, key, ca = identity.read()
+    creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                         certificate_chain=cert)
+    return grpc.secure_channel(address, creds)
+
+
+def bench_rpc(tmp: Path, *, quick: bool) -> dict[str, Any]:
+    threads, seconds, rounds = (8, 2.0, 1) if quick else (16, 4.0, 2)
+    h = make_home(tmp)
+    gw = Served("gateway", h.home, log=tmp / "gateway.log")
+    echo = Served("echo", h.home, log=tmp / "echo.log")
+    clients: list[Client] = []
+    channels: list[grpc.Channel] = []
+    try:
+        payload = b"x" * 48  # about a WhoAmI answer
+
+        def whoami() -> Callable[[], object]:
+            c = h.client(gw.address, "theo")
+            clients.append(c)
+            return c.whoami
+
+        def bare() -> Callable[[], object]:
+            ch = _channel(echo.address, h.identities["theo"])
+            channels.append(ch)
+            call = ch.unary_unary(ECHO_METHOD)
+            return lambda: call(payload, timeout=60)
+
+        with h.client(gw.address, "carol") as carol:
+            size_before = carol.audit_checkpoint(fresh=True).size
+            audited, limit = [], []
+            for _ in range(rounds):
+                audited.append(_rate(threads, seconds, whoami))
+                limit.append(_rate(threads, seconds, bare))
+            size_after = carol.audit_checkpoint(fresh=True).size
+            calls = (size_after - size_before)
+            recent = carol.audit_query(action="rpc.WhoAmI", limit=5)
+        if not recent or any(r.principal != "theo" or r.outcome != "allowed" for r in recent):
+            raise RuntimeError(f"the WhoAmI calls were not audited as expected: {recent}")
+    finally:
+        for c in clients:
+            c.close()
+        for ch in channels:
+            ch.close()
+        gw.stop()
+        echo.stop()
+    value, bare_rate = max(audited), max(limit)
+    return {
+        "name": f"RPC: authorised + audited WhoAmI vs bare gRPC echo (mTLS, {threads} threads)",
+        "value": round(value, 1), "limit": round(bare_rate, 1), "unit": "calls/s",
+        "ratio": round(value / bare_rate, 3), "goal": 0.5,
+        "audit_records_written": calls, "rounds": rounds, "threads": threads,
+    }
+
+
+# -- transfers ------------------------------------------------------------------------------
+
+
+def _tls_context(identity: IdentityFiles) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_cert_chain(identity.cert, identity.key)
+    ctx.load_verify_locations(identity.ca_cert)
+    return ctx
+
+
+def _tls_put(port: int, ctx: ssl.SSLContext, source: Path, size: int) -> float:
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as conn:
+        conn.sendall(f"PUT {size}\n".encode())
+        with source.open("rb") as f:
+            while data := f.read(MB):
+                conn.sendall(data)
+        if conn.recv(3) != b"OK\n":
+            raise RuntimeError("the TLS sink did not acknowledge the upload")
+    return time.perf_counter() - t0
+
+
+def _tls_get(port: int, ctx: ssl.SSLContext, dest: Path, size: int) -> float:
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as conn, dest.open("wb") as out:
+        conn.sendall(f"GET {size}\n".encode())
+        buf = bytearray(MB)
+        view = memoryview(buf)
+        left = size
+        while left:
+            got = conn.recv_into(view, min(left, MB))
+            if not got:
+                raise RuntimeError("the TLS source stopped early")
+            out.write(view[:got])
+            left -= got
+    return time.perf_counter() - t0
+
+
+def _wait_released(client: Client, job_id: str) -> None:
+    for _ in client.watch(job_id, timeout=600):
+        pass
+    job = client.job(job_id)
+    if job.state != "RELEASED":
+        raise RuntimeError(f"job {job_id} ended {job.state}: {list(job.reasons)}")
+
+
+def _rss_growth(sampler: RssSampler, before: int) -> int:
+    return max(0, sampler.peak - before)
+
+
+def bench_transfers(tmp: Path, *, quick: bool) -> list[dict[str, Any]]:
+    size = (256 if quick else 2048) * MB
+    h = make_home(tmp)
+    data = tmp / "data"
+    data.mkdir()
+    source = write_payload(data / "bundle.bin", size)
+    gw = Served("gateway", h.home, "--release-bytes", str(size),
+                "--max-bundle-bytes", str(size + MB), log=tmp / "gateway.log")
+    sink = Served("tls", h.home, "--dir", str(data), "--source", str(source),
+                  log=tmp / "tls.log")
+    try:
+        with h.client(gw.address, "olivia") as owner, h.client(gw.address, "theo") as team:
+            prepare(owner, "upload", tmp=tmp, mode="manual")
+            prepare(owner, "download", tmp=tmp, mode="automatic")
+            # Warm up every path once with a small transfer, so that start-up allocations
+            # (channels, thread pools, SQLite caches) are in the baseline, not the growth.
+            small = write_payload(data / "small.bin", MB)
+            team.submit(CUSTOM_SPEC.format(name="warm", dataset="upload"), bundle=small)
+            released = team.submit(FAST_SPEC.format(name="big", dataset="download"))
+            _wait_released(team, released.id)
+
+            up_before = gw.rss()
+            with RssSampler(gw.pid) as up_rss:
+                t0 = time.perf_counter()
+                job = team.submit(CUSTOM_SPEC.format(name="upload", dataset="upload"),
+                                  bundle=source)
+                upload_s = time.perf_counter() - t0
+            if job.state != "PENDING_APPROVAL":
+                raise RuntimeError(f"the upload's job is {job.state}: {list(job.reasons)}")
+            up_growth = _rss_growth(up_rss, up_before)
+
+            down_before = gw.rss()
+            dest = data / "release"
+            with RssSampler(gw.pid) as down_rss:
+                t0 = time.perf_counter()
+                team.download_release(released.id, dest)
+                download_s = time.perf_counter() - t0
+            down_growth = _rss_growth(down_rss, down_before)
+            got = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+            if got < size:
+                raise RuntimeError(f"the release download brought {got} bytes, not {size}")
+            for p in sorted(dest.rglob("*"), reverse=True):
+                p.unlink() if p.is_file() else p.rmdir()
+
+        ctx = _tls_context(h.identities["theo"])
+        raw_put = min(_tls_put(sink.port, ctx, source, size) for _ in range(2))
+        raw_get = min(_tls_get(sink.port, ctx, data / "got.bin", size) for _ in range(2))
+    finally:
+        gw.stop()
+        sink.stop()
+    mb = size / MB
+    up, down = mb / upload_s, mb / download_s
+    lim_up, lim_down = mb / raw_put, mb / raw_get
+    label = f"{mb / 1024:g} GB" if mb >= 1024 else f"{mb:g} MB"
+    return [
+        {"name": f"upload: SubmitJob with a {label} bundle vs raw TLS (file to file)",
+         "value": round(up, 1), "limit": round(lim_up, 1), "unit": "MB/s",
+         "ratio": round(up / lim_up, 3), "goal": 0.7, "bytes": size,
+         "seconds": round(upload_s, 2), "raw_seconds": round(raw_put, 2)},
+        {"name": f"download: DownloadRelease of a {label} release vs raw TLS (file to file)",
+         "value": round(down, 1), "limit": round(lim_down, 1), "unit": "MB/s",
+         "ratio": round(down / lim_down, 3), "goal": 0.7, "bytes": size,
+         "seconds": round(download_s, 2), "raw_seconds": round(raw_get, 2)},
+        {"name": f"gateway RSS growth during the {label} upload vs its size",
+         "value": round(up_growth / MB, 1), "limit": round(mb, 1), "unit": "MB",
+         "ratio": round(up_growth / size, 4), "goal": 0.05, "higher_is_better": False,
+         "rss_before_mb": round(up_before / MB, 1), "rss_peak_mb": round(up_rss.peak / MB, 1)},
+        {"name": f"gateway RSS growth during the {label} download vs its size",
+         "value": round(down_growth / MB, 1), "limit": round(mb, 1), "unit": "MB",
+         "ratio": round(down_growth / size, 4), "goal": 0.05, "higher_is_better": False,
+         "rss_before_mb": round(down_before / MB, 1),
+         "rss_peak_mb": round(down_rss.peak / MB, 1)},
+    ]
+
+
+# -- launch ---------------------------------------------------------------------------------
+
+
+LAUNCH_SPEC = """\
+name: {name}
+datasets: [books]
+base_model: tiny-lm
+trainer: causal-lm
+purpose: testing
+hyperparameters: {{max_steps: 1, batch_size: 2, block_size: 32, seed: 0}}
+resources: {{cpus: 1, memory_mb: 2048, timeout_s: 300}}
+"""
+
+
+def _launch_once(team: Client, owner: Client, name: str) -> float:
+    job = team.submit(LAUNCH_SPEC.format(name=name))
+    if job.state != "PENDING_APPROVAL":
+        raise RuntimeError(f"job {name} is {job.state}: {list(job.reasons)}")
+    running = threading.Event()
+    at: list[float] = []
+    states: list[str] = []
+
+    def watch() -> None:
+        for e in team.watch(job.id, timeout=600):
+            states.append(e.state)
+            if e.state == "RUNNING" and not at:
+                at.append(time.perf_counter())
+                running.set()
+
+    w = threading.Thread(target=watch, daemon=True)
+    w.start()
+    time.sleep(0.2)  # the watch is open before the approval
+    t0 = time.perf_counter()
+    owner.decide(job.id, approve=True, reason="bench")
+    if not running.wait(300):
+        raise RuntimeError(f"job {name} never reached RUNNING: {states}")
+    w.join(600)
+    return at[0] - t0
+
+
+def _bare_docker(image: str) -> float:
+    import docker
+
+    client = docker.from_env()
+    try:
+        t0 = time.perf_counter()
+        c = client.containers.create(image, command=["python", "-c", "import time; "
+                                                     "time.sleep(30)"],
+                                     labels={"org.sealroom.bench": "launch"})
+        c.start()
+        took = time.perf_counter() - t0
+        c.reload()
+        if c.status != "running":
+            raise RuntimeError(f"the bare container is {c.status}")
+        c.remove(force=True)
+        return took
+    finally:
+        client.close()
+
+
+def bench_launch(tmp: Path, *, quick: bool) -> dict[str, Any]:
+    from enclave.runtime import DockerRuntime
+    from tests.integration._deployment import deploy, policy
+    from trainers.synthetic import write_corpus
+
+    runs = 2 if quick else 5
+    image = DockerRuntime().resolve_image("sealroom-runtime:latest")
+    d = deploy(tmp)
+    try:
+        with d.client("olivia") as owner, d.client("theo") as team:
+            books = tmp / "books"
+            write_corpus(books, documents=4, seed=7)
+            owner.register_dataset("books", books)
+            owner.put_policy("books", policy("books", memorization=False))
+            _launch_once(team, owner, "warm")  # first use: imports, caches
+            enclave = [_launch_once(team, owner, f"launch-{i}") for i in range(runs)]
+    finally:
+        d.stop()
+    _bare_docker(image)
+    bare = [_bare_docker(image) for _ in range(runs)]
+    value, limit = statistics.median(enclave), statistics.median(bare)
+    return {
+        "name": "launch: approved to RUNNING via gateway + Docker site vs bare docker "
+                "create+start",
+        "value": round(value, 3), "limit": round(limit, 3), "unit": "s",
+        "ratio": round(value / limit, 3), "max_overhead": 0.3, "higher_is_better": False,
+        "runs": runs, "enclave_s": json.dumps([round(x, 3) for x in enclave]),
+        "bare_s": json.dumps([round(x, 3) for x in bare]),
+    }
+
+
+__all__ = ["bench_launch", "bench_rpc", "bench_transfers"]
+_ = (os, Home)
