@@ -67,6 +67,8 @@ class SiteLimits:
     gpus: int = 0
     dataset_bytes: int = 64 * 1024**3
     dataset_files: int = 1_000_000
+    runtime: str = "runc"
+    """The OCI runtime jobs run under: runc, or runsc (gVisor) or kata where installed."""
 
 
 DEFAULT_LIMITS = SiteLimits()
@@ -189,6 +191,9 @@ class SiteAgent:
         if run_dir.exists():
             raise SiteError(f"run directory for {job} already exists: runs are never repeated")
         run_dir.mkdir(mode=0o700)
+        if spec.resources.gpus > self.limits.gpus:  # before any data is decrypted
+            raise InvalidInput(f"the job asks for {spec.resources.gpus} GPUs; this site "
+                               f"has {self.limits.gpus}")
         model = self.models.get(spec.base_model)
         rules = self._rules(order)
         with ExitStack() as stack:
@@ -223,14 +228,17 @@ class SiteAgent:
                 data={n: staging.path(n) for n, _ in order.datasets},
                 model_dir=model.path, code_dir=code_dir, output=output,
                 labels={"org.sealroom.site": self.name})
-            if spec.resources.gpus > self.limits.gpus:
-                raise InvalidInput(f"the job asks for {spec.resources.gpus} GPUs; this site "
-                                   f"has {self.limits.gpus}")
             handle = self.runtime.prepare(cspec)
             stack.callback(self.runtime.cleanup, handle)
             with self._lock:
                 self._handles[job] = handle
+                cancelled = job in self._cancelled  # a cancel since the check above
+            if cancelled:
+                report(SiteReport(job, state=JobState.CANCELLED, reason="cancelled"))
+                return
             self.runtime.start(handle)
+            if self._is_cancelled(job):  # cancelled while it started: cancel found no container
+                self.runtime.stop(handle)  # running yet, so stop it here
             report(SiteReport(job, state=JobState.RUNNING, image_id=self.image,
                               reason="running in the enclave", audit_action="container.start",
                               details={"image": self.image, "gpus": cspec.gpus,
@@ -402,6 +410,7 @@ def job_container(
         tmp_bytes=limits.tmp_bytes,
         timeout_s=spec.resources.timeout_s,
         gpus=spec.resources.gpus,
+        runtime=limits.runtime,
         labels={"org.sealroom.job": job_id, **labels},
     )
 

@@ -13,6 +13,8 @@ deployment CA; :mod:`gateway._auth` wraps every handler.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from concurrent import futures
 from dataclasses import dataclass
@@ -82,8 +84,11 @@ def server_identity(home: Path) -> IdentityFiles:
 
 
 def build(home: Path, *, site: Site | None = None, address: str = DEFAULT_ADDRESS,
-          workers: int = 1, max_queued: int = 100) -> Running:
-    """Build and start the gateway (and, unless given one, the local site) on ``address``."""
+          workers: int = 1, max_queued: int = 100, gpus: int = 0,
+          container_runtime: str = "runc") -> Running:
+    """Build and start the gateway (and, unless given one, the local site) on ``address``.
+    ``gpus`` and ``container_runtime`` configure the local site: the GPUs it may grant a job
+    and the OCI runtime its containers run under (runc; runsc or kata where installed)."""
     gw_dir = home / "gateway"
     gw_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     identity = server_identity(home)
@@ -92,7 +97,11 @@ def build(home: Path, *, site: Site | None = None, address: str = DEFAULT_ADDRES
     if site is None:
         from enclave.agent import SiteAgent
 
-        site = SiteAgent.open(home / "site", ca=CertificateAuthority.load(home / "ca"))
+        from enclave.agent import DEFAULT_LIMITS
+
+        limits = dataclasses.replace(DEFAULT_LIMITS, gpus=gpus, runtime=container_runtime)
+        site = SiteAgent.open(home / "site", ca=CertificateAuthority.load(home / "ca"),
+                              limits=limits)
     gateway = Gateway(home=gw_dir, store=store, audit=audit, site=site, workers=workers,
                       max_queued=max_queued)
 

@@ -54,13 +54,17 @@ def ca_issue(
 def up(
     address: str = typer.Option(None, help="host:port to listen on"),
     workers: int = typer.Option(1, help="jobs the local site runs at once"),
+    gpus: int = typer.Option(0, help="GPUs the local site may grant a job"),
+    runtime: str = typer.Option("runc", help="OCI runtime for job containers (runc, runsc, "
+                                "kata-runtime: what the engine has installed)"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Run the gateway and one local enclave site in this process until interrupted."""
     from gateway.server import build
 
     with errors(as_json):
-        running = build(STATE.home, address=address or STATE.address, workers=workers)
+        running = build(STATE.home, address=address or STATE.address, workers=workers,
+                        gpus=gpus, container_runtime=runtime)
         emit(as_json, {"port": running.port, "home": str(STATE.home)},
              f"sealroom gateway listening on port {running.port} (home {STATE.home})")
         done = threading.Event()

@@ -45,7 +45,8 @@ class Deployment:
         self.running.stop()
 
 
-def deploy(root: Path, *, site: Any | None = None, workers: int = 1) -> Deployment:
+def deploy(root: Path, *, site: Any | None = None, workers: int = 1,
+           container_runtime: str = "runc") -> Deployment:
     from enclave.models import ModelStore
     from gateway.server import build
     from trainers.basemodel import create_base_model
@@ -59,7 +60,8 @@ def deploy(root: Path, *, site: Any | None = None, workers: int = 1) -> Deployme
     }
     model_dir = create_base_model(root / "tiny-lm", texts=corpus(documents=20, seed=1000), seed=0)
     ModelStore(home / "site" / "models").register("tiny-lm", model_dir)
-    running = build(home, site=site, address="localhost:0", workers=workers)
+    running = build(home, site=site, address="localhost:0", workers=workers,
+                    container_runtime=container_runtime)
     return Deployment(home, ca, identities, running, f"localhost:{running.port}")
 
 

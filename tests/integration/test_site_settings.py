@@ -1,0 +1,56 @@
+"""The local site's settings reach the engine: the OCI runtime its job containers run under.
+
+A site set to a runtime the engine does not have must not quietly fall back to runc: the job
+ends in ERROR (the system's fault) with the engine's refusal, and no container ever started.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration._deployment import Deployment, deploy, policy
+from trainers.synthetic import write_corpus
+
+pytestmark = pytest.mark.docker
+
+SPEC = """\
+name: runtime
+datasets: [books]
+base_model: tiny-lm
+trainer: causal-lm
+purpose: testing
+hyperparameters: {max_steps: 1, batch_size: 2, block_size: 32, seed: 0}
+resources: {cpus: 1, memory_mb: 1024, timeout_s: 120}
+"""
+
+
+@pytest.fixture
+def dep(tmp_path: Path, runtime_image: str) -> Iterator[Deployment]:
+    d = deploy(tmp_path, container_runtime="sealroom-no-such-runtime")
+    with d.client("olivia") as owner:
+        write_corpus(tmp_path / "books", documents=4, seed=7)
+        owner.register_dataset("books", tmp_path / "books")
+        owner.put_policy("books", policy("books", memorization=False))
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def test_a_runtime_the_engine_lacks_is_an_error_not_a_fallback(dep: Deployment) -> None:
+    with dep.client("theo") as team, dep.client("olivia") as owner, \
+            dep.client("carol") as compliance:
+        job = team.submit(SPEC)
+        owner.decide(job.id, approve=True, reason="test")
+        for _ in team.watch(job.id, timeout=300):
+            pass
+        done = team.job(job.id)
+        assert done.state == "ERROR", done
+        assert "sealroom-no-such-runtime" in " ".join(done.reasons)
+        actions = [r.action for r in compliance.audit_query(job_id=job.id)]
+        assert "container.start" not in actions
+        # The data was staged for it and destroyed again: nothing is left behind.
+        assert "data.destroyed" in actions
