@@ -77,9 +77,9 @@ def run_demo(*, workdir: Path | None, keep: bool, as_json: bool, steps: int = 40
             "carol": (Role.COMPLIANCE, "audit"),
         }
         files: dict[str, IdentityFiles] = {}
-        for name, (role, team) in people.items():
-            files[name] = ca.issue(name, role=role, team=team, out_dir=ids)
-            console.print(f"   {name}: {role.value} (team {team})")
+        for name, (role, team_name) in people.items():
+            files[name] = ca.issue(name, role=role, team=team_name, out_dir=ids)
+            console.print(f"   {name}: {role.value} (team {team_name})")
 
         step(1, "operator", "creates a tiny base model locally and registers it in the site")
         public = corpus(documents=40, seed=1000)

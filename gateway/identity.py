@@ -275,6 +275,7 @@ def principal_from_certificate(pem: bytes) -> Principal:
     try:
         role = Role(str(ous[0].value))
     except ValueError:
-        raise PermissionDenied(f"client certificate carries an unknown role {ous[0].value!r}") from None
+        raise PermissionDenied(
+            f"client certificate carries an unknown role {ous[0].value!r}") from None
     team = str(orgs[0].value) if orgs else ""
     return Principal(name=str(cns[0].value), role=role, team=team)

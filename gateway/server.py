@@ -14,7 +14,6 @@ deployment CA; :mod:`gateway._auth` wraps every handler.
 from __future__ import annotations
 
 import dataclasses
-
 import os
 from concurrent import futures
 from dataclasses import dataclass
@@ -95,9 +94,7 @@ def build(home: Path, *, site: Site | None = None, address: str = DEFAULT_ADDRES
     audit = AuditLog(gw_dir / "audit.db", signing_key=_signing_key(gw_dir / "audit-signing.key"))
     store = Store(gw_dir / "state.db")
     if site is None:
-        from enclave.agent import SiteAgent
-
-        from enclave.agent import DEFAULT_LIMITS
+        from enclave.agent import DEFAULT_LIMITS, SiteAgent
 
         limits = dataclasses.replace(DEFAULT_LIMITS, gpus=gpus, runtime=container_runtime)
         site = SiteAgent.open(home / "site", ca=CertificateAuthority.load(home / "ca"),

@@ -18,7 +18,8 @@ single table (``gateway/_status.py``), so the class chosen here is what a client
     │   ├── SignatureError
     │   ├── IntegrityError      content hash or structure mismatch
     │   └── AuditLogError       the audit log or one of its proofs does not verify
-    ├── ReleaseRefused          the release gate refused the job's outputs (which check, never the data)
+    ├── ReleaseRefused          the release gate refused the job's outputs (which check,
+    │                           never the data)
     ├── ResourceExhausted       a size cap, quota or queue limit was hit
     └── SiteError               the site or its runtime failed (the system's fault, not the job's)
         └── RuntimeBackendError the container backend (Docker, Kubernetes) failed

@@ -66,7 +66,7 @@ def to_dict(msg: Message) -> dict[str, Any]:
     (the mapping writes them as strings, which no script expects of a version or a size)."""
     d = MessageToDict(msg, preserving_proto_field_name=True,
                       always_print_fields_with_no_presence=True)
-    _numbers(msg.DESCRIPTOR, d)
+    _numbers(msg.DESCRIPTOR, d)  # type: ignore[arg-type]
     return d
 
 

@@ -119,8 +119,10 @@ def job_logs(job_id: str, as_json: bool = JsonOpt) -> None:
     """Print a job's stdout and stderr (data owners and operators; they can carry data)."""
     with errors(as_json), client() as c:
         data = c.logs(job_id)
-        emit(as_json, {"job_id": job_id, "logs": data.decode("utf-8", "replace")},
-             lambda: sys.stdout.write(data.decode("utf-8", "replace")))
+        def text() -> None:
+            sys.stdout.write(data.decode("utf-8", "replace"))
+
+        emit(as_json, {"job_id": job_id, "logs": data.decode("utf-8", "replace")}, text)
 
 
 @job_app.command("try")

@@ -8,6 +8,7 @@ server that dies first is reported with the end of its stderr. :class:`RssSample
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -69,10 +70,8 @@ class Served:
         if exc[0] is None:
             self.stop()
         else:  # already failing: stop, but let the first error through
-            try:
+            with contextlib.suppress(RuntimeError):
                 self.stop()
-            except RuntimeError:
-                pass
 
 
 def rss_bytes(pid: int) -> int:

@@ -313,8 +313,9 @@ def test_an_uploaded_dataset_is_on_no_disk_in_the_clear(tmp_path: Path,
                                                         site: ScriptedSite) -> None:
     """The archive arrives through the servicer's spool; while the site stores it, every file
     under the gateway's home is searched for the owner's text: none holds it."""
-    from gateway._servicer import _receive
     from sealroom.v1 import gateway_pb2 as pb
+
+    from gateway._servicer import _receive
 
     g = _gateway(tmp_path, site)
     marker = b"PATIENT-7731 diagnosis: confidential " * 64

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from gateway.lifecycle import TERMINAL, TRANSITIONS, JobState, check_transition
@@ -19,7 +21,7 @@ HAPPY = [
 
 
 def test_happy_path_is_allowed() -> None:
-    for a, b in zip(HAPPY, HAPPY[1:], strict=False):
+    for a, b in itertools.pairwise(HAPPY):
         check_transition(a, b)
 
 
