@@ -142,6 +142,10 @@ class SiteAgent:
             size=version.total_bytes,
             files=tuple((e.path, e.size, e.sha256) for e in version.files))
 
+    def rotate_key(self) -> tuple[str, int]:
+        key_id = self.vault.rotate_site_key()
+        return key_id, sum(len(self.vault.versions(n)) for n in self.vault.datasets())
+
     def cancel(self, job_id: str) -> None:
         with self._lock:
             self._cancelled.add(job_id)

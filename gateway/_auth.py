@@ -46,6 +46,7 @@ ROLES: dict[str, frozenset[Role]] = {
     "GetInclusionProof": frozenset({Role.COMPLIANCE, Role.OPERATOR}),
     "GetConsistencyProof": frozenset({Role.COMPLIANCE, Role.OPERATOR}),
     "AuditReport": frozenset({Role.COMPLIANCE, Role.OPERATOR}),
+    "RotateSiteKey": frozenset({Role.OPERATOR}),
 }
 
 AuditFn = Callable[..., int]

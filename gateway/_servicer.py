@@ -114,6 +114,12 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             metrics=dict(j.metrics), release_id=j.release_id,
         )
 
+    def RotateSiteKey(self, request: pb.RotateSiteKeyRequest,
+                      context: grpc.ServicerContext) -> pb.RotateSiteKeyResponse:
+        key_id, count = self.g.rotate_site_key(principal=principal_of(context))
+        return pb.RotateSiteKeyResponse(site=self.g.site.name, key_id=key_id,
+                                        dataset_versions=count)
+
     def WhoAmI(self, request: pb.WhoAmIRequest, context: grpc.ServicerContext) -> pb.Principal:
         p = principal_of(context)
         return pb.Principal(name=p.name, role=p.role.value, team=p.team)

@@ -103,6 +103,9 @@ class Client:
 
     # -- identity and datasets ----------------------------------------------------------------
 
+    def rotate_site_key(self) -> pb.RotateSiteKeyResponse:
+        return self._call(self._stub.RotateSiteKey, pb.RotateSiteKeyRequest())
+
     def whoami(self) -> pb.Principal:
         return self._call(self._stub.WhoAmI, pb.WhoAmIRequest())
 

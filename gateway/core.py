@@ -240,6 +240,14 @@ class Gateway:
         )
         return record
 
+    def rotate_site_key(self, *, principal: Principal) -> tuple[str, int]:
+        """Re-wrap the site's data keys under a new site key (operator); audited with the new
+        key's id and how many data keys were re-wrapped."""
+        key_id, count = self.site.rotate_key()
+        self.record(principal, "site.key_rotated",
+                    details={"site": self.site.name, "key_id": key_id, "dataset_versions": count})
+        return key_id, count
+
     def datasets(self, *, principal: Principal) -> list[DatasetRecord]:
         return self.store.datasets()
 

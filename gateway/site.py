@@ -93,3 +93,7 @@ class Site(Protocol):
 
     def image_id(self) -> str:
         """The runtime image the site runs jobs in (pinned by ID)."""
+
+    def rotate_key(self) -> tuple[str, int]:
+        """Re-wrap every data key under a new site key; returns (new key id, data keys
+        re-wrapped). Crash-safe: called again after a crash it finishes the rotation."""

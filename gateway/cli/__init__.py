@@ -3,6 +3,7 @@
     sealroom ca init | ca issue NAME --role ROLE          operator
     sealroom up                                            operator: gateway + local site
     sealroom model register | create-tiny                  operator: base models
+    sealroom site rotate-key                               operator: re-wrap the data keys
     sealroom dataset register | list                       data owner
     sealroom policy put | get | versions | diff | check    data owner
     sealroom job submit | get | list | watch | cancel      model team
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import typer
 
-from gateway.cli._admin import ca_app, model_app, up
+from gateway.cli._admin import ca_app, model_app, site_app, up
 from gateway.cli._audit import audit_app, release_app
 from gateway.cli._common import STATE
 from gateway.cli._data import dataset_app, policy_app
@@ -45,6 +46,7 @@ def _globals(
 app.add_typer(ca_app, name="ca")
 app.command("up")(up)
 app.add_typer(model_app, name="model")
+app.add_typer(site_app, name="site")
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(policy_app, name="policy")
 app.add_typer(job_app, name="job")

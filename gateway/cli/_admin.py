@@ -17,6 +17,7 @@ from policies.identity import Role
 ca_app = typer.Typer(help="The deployment's certificate authority and identities.",
                      no_args_is_help=True)
 model_app = typer.Typer(help="The site's base model store (operator).", no_args_is_help=True)
+site_app = typer.Typer(help="The local site's vault (operator).", no_args_is_help=True)
 
 
 @ca_app.command("init")
@@ -102,3 +103,14 @@ def model_create_tiny(name: str, corpus: Path, as_json: bool = JsonOpt) -> None:
             info = ModelStore(STATE.home / "site" / "models").register(name, path)
         emit(as_json, {"name": info.name, "sha256": info.sha256},
              f"created and registered base model {info.name}")
+
+
+@site_app.command("rotate-key")
+def site_rotate_key(as_json: bool = JsonOpt) -> None:
+    """Re-wrap every data key under a new site key (no data is re-encrypted; audited)."""
+    from gateway.cli._common import client, to_dict
+
+    with errors(as_json), client() as c:
+        r = c.rotate_site_key()
+        emit(as_json, to_dict(r), f"site {r.site}: new key {r.key_id}, "
+                                  f"{r.dataset_versions} data keys re-wrapped")

@@ -97,6 +97,15 @@ def test_the_whole_story_from_the_command_line(cli: Cli, tmp_path: Path) -> None
     diff = json.dumps(cli("policy", "diff", "books", "1", "2", who="olivia"))
     assert "max_cpus" in diff and "max_memory_mb" not in diff
 
+    # The operator rotates the site key: data keys re-wrapped, data not re-encrypted, and the
+    # job below still reads it. Nobody else may.
+    assert cli("site", "rotate-key", who="olivia", ok=False)["error"] == "PermissionDenied"
+    vault = cli.home / "site" / "vault"
+    chunks = {p: p.read_bytes() for p in vault.rglob("*") if p.is_file() and "key" not in p.name}
+    rotated = cli("site", "rotate-key", who="oscar")
+    assert rotated["dataset_versions"] == 1 and rotated["key_id"]
+    assert {p: p.read_bytes() for p in chunks} == chunks
+
     (tmp_path / "spec.yaml").write_text(SPEC)
     job = cli("job", "submit", str(tmp_path / "spec.yaml"), who="theo")
     job_id = job["id"]
@@ -114,9 +123,10 @@ def test_the_whole_story_from_the_command_line(cli: Cli, tmp_path: Path) -> None
     assert progress and all(set(p) <= {"step", "total", "loss"} for p in progress)
     assert max(p["step"] for p in progress) <= 4
 
-    # Logs stay with the data owner.
+    # Logs stay in the site's trust zone: the data owner and the operator, not the team.
     assert cli("job", "logs", job_id, who="theo", ok=False)["error"] == "PermissionDenied"
-    assert "logs" in cli("job", "logs", job_id, who="olivia")
+    assert cli("job", "logs", job_id, who="olivia")["job_id"] == job_id
+    assert cli("job", "logs", job_id, who="oscar")["job_id"] == job_id
 
     release = tmp_path / "release"
     files = cli("release", "download", job_id, str(release), who="theo")["files"]
@@ -151,6 +161,9 @@ def test_the_whole_story_from_the_command_line(cli: Cli, tmp_path: Path) -> None
     assert verdict["valid"] and verdict["size"] == len(records)
     # The export holds the policy versions as put, each audited, and the refused put too.
     leaves = [json.loads(line)["leaf"] for line in records]
+    rotations = [p for p in leaves if p["action"] == "site.key_rotated"]
+    assert [(r["principal"], r["details"]["key_id"]) for r in rotations] == [
+        ("oscar", rotated["key_id"])]
     puts = [(p["action"], p["outcome"], p["details"].get("version")) for p in leaves
             if p["action"] in {"policy.put", "rpc.PutPolicy"}]
     assert puts == [("rpc.PutPolicy", "error", None), ("policy.put", "ok", 1),

@@ -90,6 +90,9 @@ class ScriptedSite:
     def cancel(self, job_id: str) -> None:
         self.cancelled.add(job_id)
 
+    def rotate_key(self) -> tuple[str, int]:
+        return "k-scripted", len(self.archives)
+
     def logs(self, job_id: str) -> bytes:
         return b"stdout of " + job_id.encode()
 

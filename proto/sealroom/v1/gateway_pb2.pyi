@@ -1249,3 +1249,45 @@ class AuditReportResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AuditReportResponse: _TypeAlias = AuditReportResponse  # noqa: Y015
+
+@_typing.final
+class RotateSiteKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateSiteKeyRequest: _TypeAlias = RotateSiteKeyRequest  # noqa: Y015
+
+@_typing.final
+class RotateSiteKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    DATASET_VERSIONS_FIELD_NUMBER: _builtins.int
+    site: _builtins.str
+    key_id: _builtins.str
+    """the new site key's id (a random label, never the key)"""
+    dataset_versions: _builtins.int
+    """data keys re-wrapped"""
+    def __init__(
+        self,
+        *,
+        site: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        dataset_versions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_versions", b"dataset_versions", "key_id", b"key_id", "site", b"site"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateSiteKeyResponse: _TypeAlias = RotateSiteKeyResponse  # noqa: Y015

@@ -134,6 +134,11 @@ class GatewayStub:
                 request_serializer=sealroom_dot_v1_dot_gateway__pb2.AuditReportRequest.SerializeToString,
                 response_deserializer=sealroom_dot_v1_dot_gateway__pb2.AuditReportResponse.FromString,
                 _registered_method=True)
+        self.RotateSiteKey = channel.unary_unary(
+                '/sealroom.v1.Gateway/RotateSiteKey',
+                request_serializer=sealroom_dot_v1_dot_gateway__pb2.RotateSiteKeyRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_gateway__pb2.RotateSiteKeyResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -267,6 +272,14 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateSiteKey(self, request, context):
+        """Operator. Re-wrap every data key of the local site's vault under a new site key (no data is
+        re-encrypted); the old key is gone once it returns.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -369,6 +382,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.AuditReport,
                     request_deserializer=sealroom_dot_v1_dot_gateway__pb2.AuditReportRequest.FromString,
                     response_serializer=sealroom_dot_v1_dot_gateway__pb2.AuditReportResponse.SerializeToString,
+            ),
+            'RotateSiteKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateSiteKey,
+                    request_deserializer=sealroom_dot_v1_dot_gateway__pb2.RotateSiteKeyRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_gateway__pb2.RotateSiteKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -911,6 +929,33 @@ class Gateway:
             '/sealroom.v1.Gateway/AuditReport',
             sealroom_dot_v1_dot_gateway__pb2.AuditReportRequest.SerializeToString,
             sealroom_dot_v1_dot_gateway__pb2.AuditReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateSiteKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.Gateway/RotateSiteKey',
+            sealroom_dot_v1_dot_gateway__pb2.RotateSiteKeyRequest.SerializeToString,
+            sealroom_dot_v1_dot_gateway__pb2.RotateSiteKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,10 @@ class GatewayStub:
     """What a takedown request needs: who touched a dataset, which jobs read which files, and
     which releases derive from it.
     """
+    RotateSiteKey: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.RotateSiteKeyRequest, _gateway_pb2.RotateSiteKeyResponse]
+    """Operator. Re-wrap every data key of the local site's vault under a new site key (no data is
+    re-encrypted); the old key is gone once it returns.
+    """
 
 @_typing.type_check_only
 class GatewayAsyncStub(GatewayStub):
@@ -95,6 +99,10 @@ class GatewayAsyncStub(GatewayStub):
     AuditReport: _aio.UnaryUnaryMultiCallable[_gateway_pb2.AuditReportRequest, _gateway_pb2.AuditReportResponse]  # type: ignore[assignment]
     """What a takedown request needs: who touched a dataset, which jobs read which files, and
     which releases derive from it.
+    """
+    RotateSiteKey: _aio.UnaryUnaryMultiCallable[_gateway_pb2.RotateSiteKeyRequest, _gateway_pb2.RotateSiteKeyResponse]  # type: ignore[assignment]
+    """Operator. Re-wrap every data key of the local site's vault under a new site key (no data is
+    re-encrypted); the old key is gone once it returns.
     """
 
 class GatewayServicer(metaclass=_abc_1.ABCMeta):
@@ -245,6 +253,16 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_gateway_pb2.AuditReportResponse, _abc.Awaitable[_gateway_pb2.AuditReportResponse]]:
         """What a takedown request needs: who touched a dataset, which jobs read which files, and
         which releases derive from it.
+        """
+
+    @_abc_1.abstractmethod
+    def RotateSiteKey(
+        self,
+        request: _gateway_pb2.RotateSiteKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.RotateSiteKeyResponse, _abc.Awaitable[_gateway_pb2.RotateSiteKeyResponse]]:
+        """Operator. Re-wrap every data key of the local site's vault under a new site key (no data is
+        re-encrypted); the old key is gone once it returns.
         """
 
 def add_GatewayServicer_to_server(servicer: GatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
