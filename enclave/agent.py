@@ -72,6 +72,8 @@ class SiteLimits:
 
 
 DEFAULT_LIMITS = SiteLimits()
+SITE_LABEL = "org.sealroom.site"
+SITE_INSTANCE_LABEL = "org.sealroom.site-instance"
 
 
 class SiteAgent:
@@ -102,12 +104,16 @@ class SiteAgent:
         self._runs.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._staging.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._log_key = _site_secret(root / "keys" / "logs.key")
+        # This site's containers, told apart from any other site's on the same engine (a
+        # shared engine, or two deployments on one machine) even when their names agree.
+        self.instance = _site_secret(root / "keys" / "instance.id")[:8].hex()
+        self.labels = {SITE_LABEL: name, SITE_INSTANCE_LABEL: self.instance}
         self._cancelled: set[str] = set()
         self._handles: dict[str, Any] = {}
         self._lock = threading.Lock()
         # After a crash: no decrypted byte and no output mount may outlive the run. Containers
         # first: a job a crashed agent left running would keep its mounts (the data) alive.
-        self.runtime.remove_stale(labels={"org.sealroom.site": self.name})
+        self.runtime.remove_stale(labels={SITE_INSTANCE_LABEL: self.instance})
         wipe_leftovers(self._staging)
         _mounts.wipe_leftovers(self._runs)
 
@@ -231,7 +237,7 @@ class SiteAgent:
                 spec, job_id=job, image=self.image, limits=self.limits,
                 data={n: staging.path(n) for n, _ in order.datasets},
                 model_dir=model.path, code_dir=code_dir, output=output,
-                labels={"org.sealroom.site": self.name})
+                labels=self.labels)
             handle = self.runtime.prepare(cspec)
             stack.callback(self.runtime.cleanup, handle)
             with self._lock:

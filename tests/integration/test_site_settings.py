@@ -1,13 +1,15 @@
-"""The local site's settings reach the engine: the OCI runtime its job containers run under.
+"""The local site's settings reach the engine, and a site keeps to its own containers.
 
 A site set to a runtime the engine does not have must not quietly fall back to runc: the job
 ends in ERROR (the system's fault) with the engine's refusal, and no container ever started.
+Sites sharing an engine each clean up only what they started.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,3 +56,36 @@ def test_a_runtime_the_engine_lacks_is_an_error_not_a_fallback(dep: Deployment) 
         assert "container.start" not in actions
         # The data was staged for it and destroyed again: nothing is left behind.
         assert "data.destroyed" in actions
+
+
+def test_a_site_starting_leaves_another_sites_running_jobs_alone(
+    tmp_path: Path, runtime_image: str, docker_client: Any
+) -> None:
+    """Two sites on one engine, with the same name: the second's start-up clean-up (which ends
+    what a crashed agent of *its own* left running) must not end the first one's jobs; the first
+    one's own restart does."""
+    from enclave.agent import SiteAgent
+    from enclave.runtime import ContainerSpec, DockerRuntime, RunState
+    from gateway.identity import CertificateAuthority
+    from tests.conftest import TEST_RUN_ID, TEST_RUN_LABEL
+
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    first = SiteAgent.open(tmp_path / "a", ca=ca)
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o777)
+    rt = DockerRuntime(docker_client)
+    handle = rt.prepare(ContainerSpec(
+        image=runtime_image, job_id="job-a1", output_dir=out, memory_bytes=256 << 20, cpus=0.5,
+        pids=64, tmp_bytes=16 << 20, timeout_s=120, command=("sleep", "120"),
+        labels={**first.labels, TEST_RUN_LABEL: TEST_RUN_ID}))
+    rt.start(handle)
+    try:
+        assert rt.status(handle).state is RunState.RUNNING
+        other = SiteAgent.open(tmp_path / "b", ca=ca)  # same name, another site
+        assert other.instance != first.instance
+        assert rt.status(handle).state is RunState.RUNNING
+        SiteAgent.open(tmp_path / "a", ca=ca)  # the first site's agent, restarted
+        assert rt.status(handle).state is RunState.REMOVED
+    finally:
+        rt.cleanup(handle)
