@@ -9,7 +9,9 @@ A release directory holds the artifacts the gate wrote and three files added her
     manifest.sig    Ed25519 signature (64 raw bytes) over SIGNING_CONTEXT + manifest.json
     site.pem        the site's certificate: Ed25519 key, subject OU "site", issued by the
                     deployment CA
-    weights/model.safetensors, metrics.json
+    weights/model.safetensors (weights/adapter_model.safetensors for a LoRA adapter), metrics.json,
+    and for a LoRA adapter or a classifier the config the site wrote beside the weights
+    (weights/adapter_config.json, weights/config.json): listed and hashed like the rest
 
 :func:`sign_release` signs the directory of passed :class:`~enclave.gate.GateResult` runs (one
 per dataset the job read) with the site key. :func:`verify_release` needs only the directory
@@ -65,7 +67,8 @@ SIGNING_CONTEXT = b"sealroom.release.manifest.v1\x00"
 kind of signed message."""
 SIGNED_FILES = frozenset({MANIFEST, SIGNATURE, SITE_CERT})
 ARTIFACT_PATH_RE = re.compile(
-    r"^(weights/[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.safetensors|metrics\.json)$"
+    r"^(weights/[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.safetensors|weights/(adapter_)?config\.json"
+    r"|metrics\.json)$"
 )
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 TEXT_RE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]{0,254}[\x21-\x7e])?$")

@@ -7,6 +7,12 @@ protected data and checks the privacy budget where the rules ask for them. It wr
 artifacts into a fresh destination directory and returns a :class:`GateResult`; when any check
 refuses, the destination is removed and nothing is released.
 
+What a release is comes from the site, never from the job: a :class:`ReleaseForm` (computed
+from the approved hyperparameters by the trainers' trusted functions) says which tensors the
+weights must hold, under which name they are released, and carries the config file the site
+writes beside them (``weights/adapter_config.json`` for a LoRA adapter, ``weights/config.json``
+for a classifier), so that ``weights/`` loads as it is in ``peft`` or ``transformers``.
+
 Refusals are the job's fault and come back as a result (the gateway records them and moves the
 job to REJECTED). Configuration faults (rules without checks, a memorization check with no
 data to probe) raise, so that a broken site never passes a job by default.
@@ -14,13 +20,15 @@ data to probe) raise, so that a broken site never passes a job by default.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from enclave.gate import _memorization, _safetensors, _walk
 from policies.errors import AlreadyExists, InvalidInput, PolicyDocumentError, ReleaseRefused
@@ -42,7 +50,70 @@ from policies.release import (
 )
 
 RELEASED_WEIGHTS = "weights/model.safetensors"
+RELEASED_ADAPTER = "weights/adapter_model.safetensors"
 RELEASED_METRICS = "metrics.json"
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+class ReleaseKind(enum.StrEnum):
+    """What a release's weights are, which decides their released name, the config file the
+    site adds and how the memorization probe loads them."""
+
+    FULL = "full"
+    """All of the base model's tensors: ``weights/model.safetensors``."""
+    LORA_ADAPTER = "lora-adapter"
+    """A PEFT LoRA adapter: ``weights/adapter_model.safetensors`` + ``adapter_config.json``."""
+    CLASSIFIER = "classifier"
+    """A sequence classifier on the base's backbone: ``weights/model.safetensors`` +
+    ``config.json``."""
+
+
+_WEIGHTS_PATHS = {
+    ReleaseKind.FULL: RELEASED_WEIGHTS,
+    ReleaseKind.LORA_ADAPTER: RELEASED_ADAPTER,
+    ReleaseKind.CLASSIFIER: RELEASED_WEIGHTS,
+}
+_CONFIG_PATHS = {
+    ReleaseKind.LORA_ADAPTER: "weights/adapter_config.json",
+    ReleaseKind.CLASSIFIER: "weights/config.json",
+}
+
+
+@dataclass(frozen=True)
+class ReleaseForm:
+    """The site's declaration of a release: the layout the weights must have and, for the
+    kinds that need one, the config file (JSON, written by the site) released beside them.
+
+    Raises :class:`InvalidInput` for a config on a full release, a missing config, or one that
+    is not a JSON object."""
+
+    kind: ReleaseKind
+    layout: Mapping[str, TensorSpec | tuple[str, Iterable[int]]]
+    config: bytes | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind is ReleaseKind.FULL:
+            if self.config is not None:
+                raise InvalidInput("a full release carries no config of the site's")
+            return
+        if self.config is None:
+            raise InvalidInput(f"a {self.kind} release needs the site's config file")
+        if len(self.config) > MAX_CONFIG_BYTES:
+            raise InvalidInput(f"the {self.kind} config exceeds {MAX_CONFIG_BYTES} bytes")
+        try:
+            parsed = json.loads(self.config)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InvalidInput(f"the {self.kind} config is not JSON: {e}") from e
+        if not isinstance(parsed, dict):
+            raise InvalidInput(f"the {self.kind} config is not a JSON object")
+
+    @property
+    def weights_path(self) -> str:
+        return _WEIGHTS_PATHS[self.kind]
+
+    @property
+    def config_path(self) -> str | None:
+        return _CONFIG_PATHS.get(self.kind)
 
 
 @dataclass(frozen=True)
@@ -136,6 +207,7 @@ def _check_weights(
     expected: Layout,
     what: str,
     dest: Path,
+    released: str = RELEASED_WEIGHTS,
 ) -> CheckResult:
     known = frozenset(expected)
     fds: list[int] = []
@@ -165,11 +237,14 @@ def _check_weights(
         reasons = compare_layout(actual, expected, what=what)
         if reasons:
             return CheckResult.decide(CheckName.WEIGHTS, reasons, {"tensors": len(actual)})
-        (dest / "weights").mkdir()
+        (dest / released).parent.mkdir()
         try:
-            with open(dest / RELEASED_WEIGHTS, "xb") as out:
+            with open(dest / released, "xb") as out:
                 written = _safetensors.write_canonical(
-                    out, sources, release_dtype=rules.release_dtype, known=known,
+                    out,
+                    sources,
+                    release_dtype=rules.release_dtype,
+                    known=known,
                     scrub_bits=rules.scrub_bits,
                 )
         except _safetensors.WeightsRefused as e:
@@ -227,24 +302,31 @@ def run_gate(
     base_layout: Mapping[str, TensorSpec | tuple[str, Iterable[int]]],
     dest_dir: Path,
     adapter_layout: Mapping[str, TensorSpec | tuple[str, Iterable[int]]] | None = None,
+    form: ReleaseForm | None = None,
     memorization: MemorizationInputs | None = None,
     dp: DPInputs | None = None,
 ) -> GateResult:
     """Decide what of ``output_dir`` may be released, writing it into ``dest_dir``.
 
     ``dest_dir`` must not exist; it is created and, when any check refuses, removed again.
-    Weights must match ``adapter_layout`` when the rules say ``adapter_only``; otherwise they
-    must match ``base_layout`` (or ``adapter_layout`` where one is declared).
+    With a ``form`` (a built-in trainer's release), the weights must match ``form.layout``
+    and are released under its name with its config; under ``adapter_only`` rules only a LoRA
+    adapter form passes. Without one, weights must match ``adapter_layout`` when the rules say
+    ``adapter_only``; otherwise ``base_layout`` (or ``adapter_layout`` where one is declared).
 
     Raises :class:`PolicyDocumentError` for rules that would pass anything,
-    :class:`InvalidInput` when a check the rules require lacks its inputs, and
-    :class:`AlreadyExists` when ``dest_dir`` exists. Refusals are returned, not raised.
+    :class:`InvalidInput` when a check the rules require lacks its inputs (or both a form and
+    an adapter layout are given), and :class:`AlreadyExists` when ``dest_dir`` exists.
+    Refusals are returned, not raised.
     """
     if not rules.checks or not rules.checks >= MANDATORY_CHECKS:
         raise PolicyDocumentError("release rules: the gate needs at least the structural checks")
     base = make_layout(base_layout)
     adapter = make_layout(adapter_layout) if adapter_layout is not None else None
-    if rules.adapter_only and adapter is None:
+    if form is not None and adapter is not None:
+        raise InvalidInput("declare a release form or an adapter layout, not both")
+    declared = make_layout(form.layout) if form is not None else None
+    if rules.adapter_only and adapter is None and form is None:
         raise InvalidInput("the rules release adapters only, and no adapter layout was declared")
     if CheckName.MEMORIZATION in rules.checks and memorization is None:
         raise InvalidInput("the rules require the memorization check and no data was supplied")
@@ -262,6 +344,8 @@ def run_gate(
             rules=rules,
             base=base,
             adapter=adapter,
+            form=form,
+            declared=declared,
             dest=dest_dir,
             memorization=memorization,
             dp=dp,
@@ -272,7 +356,12 @@ def run_gate(
             shutil.rmtree(dest_dir, ignore_errors=True)
     artifacts: tuple[ReleasedArtifact, ...] = ()
     if passed:
-        artifacts = tuple(_hash_artifact(dest_dir, p) for p in (RELEASED_WEIGHTS, RELEASED_METRICS))
+        paths = [RELEASED_WEIGHTS, RELEASED_METRICS]
+        if form is not None:
+            paths = [form.weights_path, RELEASED_METRICS]
+            if form.config_path is not None:
+                paths.append(form.config_path)
+        artifacts = tuple(_hash_artifact(dest_dir, p) for p in sorted(paths))
     return GateResult(
         passed=passed,
         checks=tuple(checks),
@@ -298,6 +387,8 @@ def _run_checks(
     rules: ReleaseRules,
     base: Layout,
     adapter: Layout | None,
+    form: ReleaseForm | None,
+    declared: Layout | None,
     dest: Path,
     memorization: MemorizationInputs | None,
     dp: DPInputs | None,
@@ -321,6 +412,47 @@ def _run_checks(
         )
         return checks
 
+    if form is not None:
+        assert declared is not None
+        what = {
+            ReleaseKind.FULL: "base model",
+            ReleaseKind.LORA_ADAPTER: "declared adapter",
+            ReleaseKind.CLASSIFIER: "declared classifier",
+        }[form.kind]
+        if rules.adapter_only and form.kind is not ReleaseKind.LORA_ADAPTER:
+            checks.append(
+                CheckResult.decide(
+                    CheckName.WEIGHTS,
+                    [f"the policy releases adapters only; this job's trainer releases a {what}"],
+                )
+            )
+            checks.extend(_not_run_after_weights(rules))
+            return checks
+        weights = _check_weights(
+            output_dir,
+            listing,
+            rules=rules,
+            expected=declared,
+            what=what,
+            dest=dest,
+            released=form.weights_path,
+        )
+        if weights.passed and form.config_path is not None:
+            assert form.config is not None
+            # The site's own file, never the job's: written only once the weights passed.
+            with open(dest / form.config_path, "xb") as f:
+                f.write(form.config)
+        return _after_weights(
+            output_dir,
+            listing,
+            checks,
+            weights,
+            rules=rules,
+            dest=dest,
+            form=form,
+            memorization=memorization,
+            dp=dp,
+        )
     if rules.adapter_only:
         assert adapter is not None
         expected, what = adapter, "declared adapter"
@@ -334,6 +466,62 @@ def _run_checks(
     weights = _check_weights(
         output_dir, listing, rules=rules, expected=expected, what=what, dest=dest
     )
+    if what == "declared adapter":
+        # An adapter declared by layout alone: nothing tells the probe how to load it.
+        form = None
+        if CheckName.MEMORIZATION in rules.checks and weights.passed:
+            raise InvalidInput(
+                "the memorization probe of an adapter needs its release form (adapter config)"
+            )
+    else:
+        form = ReleaseForm(ReleaseKind.FULL, base)
+    return _after_weights(
+        output_dir,
+        listing,
+        checks,
+        weights,
+        rules=rules,
+        dest=dest,
+        form=form,
+        memorization=memorization,
+        dp=dp,
+    )
+
+
+def _not_run_after_weights(rules: ReleaseRules) -> list[CheckResult]:
+    return [
+        CheckResult.not_run(n, CheckName.WEIGHTS)
+        for n in CheckName
+        if n in rules.checks and n not in (CheckName.ARTIFACTS, CheckName.WEIGHTS)
+    ]
+
+
+def _probe_loader(form: ReleaseForm, inputs: MemorizationInputs, dest: Path) -> Callable[[], Any]:
+    """How the probe loads the released model: as released, over the trusted base model."""
+    if form.kind is ReleaseKind.LORA_ADAPTER:
+        # What a model team does: PeftModel.from_pretrained(base, release/weights), merged.
+        return lambda: _memorization.load_adapter_release(
+            inputs.model_dir, dest / form.weights_path
+        )
+    if form.kind is ReleaseKind.CLASSIFIER:
+        return lambda: _memorization.load_backbone_release(
+            inputs.model_dir, dest / form.weights_path
+        )
+    return lambda: _memorization.load_released_model(inputs.model_dir, dest / form.weights_path)
+
+
+def _after_weights(
+    output_dir: Path,
+    listing: _walk.Listing,
+    checks: list[CheckResult],
+    weights: CheckResult,
+    *,
+    rules: ReleaseRules,
+    dest: Path,
+    form: ReleaseForm | None,
+    memorization: MemorizationInputs | None,
+    dp: DPInputs | None,
+) -> list[CheckResult]:
     checks.append(weights)
     metrics = _check_metrics(output_dir, listing, rules=rules, dest=dest)
     checks.append(metrics.result)
@@ -342,17 +530,24 @@ def _run_checks(
         assert memorization is not None and rules.memorization is not None
         if not weights.passed:
             checks.append(CheckResult.not_run(CheckName.MEMORIZATION, CheckName.WEIGHTS))
-        elif what != "base model":
-            raise InvalidInput("the memorization probe of adapter releases is not supported yet")
         else:
-            figures_m = _memorization.measure_memorization(
-                model_dir=memorization.model_dir,
-                weights=dest / RELEASED_WEIGHTS,
-                tokenizer=memorization.tokenizer,
-                texts=memorization.texts,
-                rules=rules.memorization,
-            )
-            checks.append(decide_memorization(figures_m, rules=rules.memorization))
+            assert form is not None
+            try:
+                figures_m = _memorization.measure_memorization(
+                    model_dir=memorization.model_dir,
+                    weights=dest / form.weights_path,
+                    tokenizer=memorization.tokenizer,
+                    texts=memorization.texts,
+                    rules=rules.memorization,
+                    loader=_probe_loader(form, memorization, dest),
+                )
+            except _memorization.NotProbeable as e:
+                # Fail closed: a release the probe cannot test does not leave.
+                checks.append(
+                    CheckResult.decide(CheckName.MEMORIZATION, [f"cannot be probed: {e}"])
+                )
+            else:
+                checks.append(decide_memorization(figures_m, rules=rules.memorization))
 
     if CheckName.DP in rules.checks:
         assert dp is not None and rules.dp is not None
