@@ -1,16 +1,20 @@
-"""The built-in ``causal-lm`` trainer: a full fine-tune of a causal language model.
+"""The built-in causal-LM trainers: ``causal-lm`` (a full fine-tune) and ``causal-lm-lora``
+(a PEFT LoRA adapter on the frozen base; only the adapter is written).
 
 Three parts, as in lightning-hydra-template: :class:`CausalLMModule` trains whatever network it
 is given, :class:`TextBlockDataModule` turns text files into packed token blocks, and :func:`run`
-wires them to the job (base model from the model dir, text from the dataset dirs, outputs to the
-output dir). Runs are reproducible: the same seed on CPU gives bit-identical weights. Lightning's
-loggers, checkpoints, progress bar and model summary are off; it writes only to the scratch dir.
+/ :func:`run_lora` wire them to the job (base model from the model dir, text from the dataset
+dirs, outputs to the output dir). Runs are reproducible: the same seed on CPU gives
+bit-identical weights (except under DP-SGD, whose noise is secret; see
+:mod:`trainers.training`, which also resumes a stopped run from its checkpoint). Lightning's
+loggers, progress bar and model summary are off; it writes only to the scratch dir and the
+output dir.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,16 +23,17 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from trainers import lora, training
 from trainers.errors import ConfigError, DataError, TrainingFailed
-from trainers.hparams import PREFIX, CausalLMHyperparameters
+from trainers.hparams import PREFIX, CausalLMHyperparameters, LoRAHyperparameters
 from trainers.runtime import RunContext, find_text_files
-from trainers.weights import export_like
+from trainers.training import FineTuneModule, step_batches, step_loader
+from trainers.weights import export_layout, export_like
 
-TRAIN_LOSS_WINDOW = 10
-"""``train_loss`` in metrics.json is the mean of the last this many steps' losses."""
+TRAIN_LOSS_WINDOW = training.TRAIN_LOSS_WINDOW
 
 
-class CausalLMModule(pl.LightningModule):
+class CausalLMModule(FineTuneModule):
     """Next-token training of ``net``, any module called as ``net(input_ids=, labels=)`` that
     returns an object with ``.loss`` (every Hugging Face ``*ForCausalLM`` does)."""
 
@@ -41,28 +46,21 @@ class CausalLMModule(pl.LightningModule):
         warmup_steps: int,
         max_steps: int,
     ) -> None:
-        super().__init__()
-        self.net = net
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.warmup_steps = warmup_steps
-        self.max_steps = max_steps
-        self.train_losses: list[float] = []
-        self.tokens_seen = 0
+        super().__init__(
+            net,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            max_steps=max_steps,
+        )
         self._eval_sum = 0.0
         self._eval_blocks = 0
         self.eval_loss: float | None = None
 
-    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def batch_loss(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
         (ids,) = batch
         loss: torch.Tensor = self.net(input_ids=ids, labels=ids).loss
-        self.tokens_seen += ids.numel()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            # Stop at once: more steps would only spend the site's compute on a dead run.
-            raise TrainingFailed(f"loss is not finite at step {self.global_step + 1}")
-        self.train_losses.append(value)
-        return loss
+        return loss, ids.numel()
 
     def on_validation_epoch_start(self) -> None:
         self._eval_sum, self._eval_blocks = 0.0, 0
@@ -77,27 +75,6 @@ class CausalLMModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self._eval_blocks:
             self.eval_loss = self._eval_sum / self._eval_blocks
-
-    def configure_optimizers(self) -> Any:
-        # No decay on norms and biases (1-D tensors), as is usual for transformers.
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=self.learning_rate)
-        warmup, total = self.warmup_steps, self.max_steps
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return max(0.0, (total - step) / max(1, total - warmup))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
 
 
 class TextBlockDataModule(pl.LightningDataModule):
@@ -131,6 +108,7 @@ class TextBlockDataModule(pl.LightningDataModule):
         self.seed = seed
         self.train_blocks: torch.Tensor | None = None
         self.eval_blocks: torch.Tensor | None = None
+        self.private: training.PrivateTraining | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_blocks is not None:
@@ -159,86 +137,43 @@ class TextBlockDataModule(pl.LightningDataModule):
         self.eval_blocks = blocks[order[:n_eval]]
         self.train_blocks = blocks[order[n_eval:]]
 
-    def _loader(self, blocks: torch.Tensor | None, *, shuffle: bool) -> DataLoader[Any]:
-        if blocks is None:
+    def train_dataloader(self) -> DataLoader[Any]:
+        if self.train_blocks is None:
             raise RuntimeError("setup() has not run")
-        return DataLoader(
-            TensorDataset(blocks),
+        blocks = self.train_blocks
+        sampler = step_batches(
+            self,
+            len(blocks),
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            # A generator of its own keeps the shuffle order a function of the seed alone.
-            generator=torch.Generator().manual_seed(self.seed + 1) if shuffle else None,
-            num_workers=0,  # workers would need shared memory the container does not give
+            seed=self.seed + 1,
+            private=self.private,
         )
 
-    def train_dataloader(self) -> DataLoader[Any]:
-        return self._loader(self.train_blocks, shuffle=True)
+        def collate(rows: list[tuple[torch.Tensor]]) -> tuple[torch.Tensor]:
+            if not rows:  # an empty Poisson batch under DP
+                return (blocks.new_empty((0, self.block_size)),)
+            return (torch.stack([r[0] for r in rows]),)
+
+        return step_loader(TensorDataset(blocks), sampler, collate, seed=self.seed + 2)
 
     def val_dataloader(self) -> DataLoader[Any]:
-        return self._loader(self.eval_blocks, shuffle=False)
+        if self.eval_blocks is None:
+            raise RuntimeError("setup() has not run")
+        return DataLoader(
+            TensorDataset(self.eval_blocks),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=0,
+        )
 
 
-class JsonlProgress(pl.Callback):
-    """Appends ``{"step", "total", "loss", "lr", "tokens_seen"}`` to ``path`` every ``every``
-    steps and at the last step; each line goes to disk as it is written, for the agent to stream.
-    """
-
-    def __init__(self, path: Path, *, every: int) -> None:
-        self.path = path
-        self.every = every
-
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        step, total = trainer.global_step, trainer.max_steps
-        if step % self.every and step != total:
-            return
-        if isinstance(pl_module, CausalLMModule):
-            loss, tokens = pl_module.train_losses[-1], pl_module.tokens_seen
-        else:  # a custom module: what it logged as train_loss
-            logged = trainer.callback_metrics.get("train_loss")
-            loss, tokens = (float(logged) if logged is not None else float("nan")), None
-        if not math.isfinite(loss):
-            return
-        line = {
-            "step": step,
-            "total": total,
-            "loss": loss,
-            "lr": trainer.optimizers[0].param_groups[0]["lr"],
-        }
-        if tokens is not None:
-            line["tokens_seen"] = tokens
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(line, allow_nan=False) + "\n")
-            f.flush()
+JsonlProgress = training.JsonlProgress
+_precision = training.precision
 
 
-def _precision(requested: str) -> str:
-    gpu = torch.cuda.is_available()
-    if requested == "auto":
-        return "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
-    if requested == "bf16-mixed" and gpu and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"{PREFIX}.precision", "bf16-mixed asked for on a GPU without bf16")
-    return requested
-
-
-def run(hp: CausalLMHyperparameters, ctx: RunContext) -> dict[str, float]:
-    """Fine-tune the base model in ``ctx.model_dir`` on the text under ``ctx.dataset_dirs``.
-
-    Writes ``ctx.weights_file`` (the base model's exact tensor layout) and appends progress to
-    ``ctx.progress_file``; returns the flat metrics for ``metrics.json``. Raises
-    :class:`ConfigError` for a block size beyond the model's context, :class:`DataError` for
-    unusable data and :class:`TrainingFailed` for a non-finite loss.
-    """
+def _load(ctx: RunContext, hp: CausalLMHyperparameters) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    files = find_text_files(ctx.dataset_dirs)
-    pl.seed_everything(hp.seed, workers=True, verbose=False)
     tokenizer = AutoTokenizer.from_pretrained(
         ctx.model_dir, local_files_only=True, trust_remote_code=False
     )
@@ -255,6 +190,21 @@ def run(hp: CausalLMHyperparameters, ctx: RunContext) -> dict[str, float]:
             f"{PREFIX}.block_size",
             f"must not exceed the base model's context of {context}, got {hp.block_size}",
         )
+    return tokenizer, net
+
+
+def _train(
+    hp: CausalLMHyperparameters,
+    ctx: RunContext,
+    *,
+    trainer_name: str,
+    prepare: Callable[[Any], torch.nn.Module],
+    export: Callable[[torch.nn.Module], None],
+) -> dict[str, float]:
+    files = find_text_files(ctx.dataset_dirs)
+    pl.seed_everything(hp.seed, workers=True, verbose=False)
+    tokenizer, net = _load(ctx, hp)
+    net = prepare(net)
 
     def encode(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -275,50 +225,68 @@ def run(hp: CausalLMHyperparameters, ctx: RunContext) -> dict[str, float]:
         warmup_steps=hp.warmup_steps,
         max_steps=hp.max_steps,
     )
-    gpu = torch.cuda.is_available()
-    common: dict[str, Any] = {
-        "accelerator": "gpu" if gpu else "cpu",
-        "devices": 1,
-        "precision": _precision(hp.precision),
-        "deterministic": not gpu,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": ctx.scratch_dir,
-    }
-    trainer = pl.Trainer(
-        max_steps=hp.max_steps,
-        max_epochs=-1,
-        gradient_clip_val=hp.gradient_clip or None,
-        # Evaluation runs once, after training, with a trainer of its own below.
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[JsonlProgress(ctx.progress_file, every=hp.log_every)],
-        **common,
-    )
-    net.train()  # from_pretrained hands the model back in eval mode
-    # Lightning turns deterministic algorithms on process-wide; restore the caller's setting.
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        trainer.fit(module, datamodule=data)
-        pl.Trainer(**common).validate(module, datamodule=data, verbose=False)
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-
-    if module.eval_loss is None or not module.train_losses:
-        raise TrainingFailed("training finished without a training or evaluation loss")
-    window = module.train_losses[-TRAIN_LOSS_WINDOW:]
-    train_loss = sum(window) / len(window)
-    if not (math.isfinite(train_loss) and math.isfinite(module.eval_loss)):
-        raise TrainingFailed(f"loss is not finite (train {train_loss}, eval {module.eval_loss})")
-
-    export_like(net.state_dict(), base_dir=ctx.model_dir, dest=ctx.weights_file)
+    if hp.dp is not None:
+        data.setup("fit")
+        assert data.train_blocks is not None
+        module.private = data.private = training.PrivateTraining.attach(
+            net,
+            hp.dp,
+            rows=len(data.train_blocks),
+            batch_size=hp.batch_size,
+            steps=hp.max_steps,
+        )
+    trainer = training.fit(module, data, hp, ctx, trainer_name=trainer_name)
+    if module.eval_loss is None or not math.isfinite(module.eval_loss):
+        raise TrainingFailed(f"evaluation loss is missing or not finite ({module.eval_loss})")
+    metrics = training.common_metrics(module, trainer)
+    export(net)
     return {
-        "train_loss": train_loss,
+        **metrics,
         "eval_loss": module.eval_loss,
         # exp() of a large loss overflows; cap it so that metrics stay finite numbers.
         "perplexity": math.exp(min(module.eval_loss, 50.0)),
-        "steps": float(trainer.global_step),
         "tokens_seen": float(module.tokens_seen),
     }
+
+
+def run(hp: CausalLMHyperparameters, ctx: RunContext) -> dict[str, float]:
+    """Fine-tune the base model in ``ctx.model_dir`` on the text under ``ctx.dataset_dirs``.
+
+    Writes ``ctx.weights_file`` (the base model's exact tensor layout) and appends progress to
+    ``ctx.progress_file``; returns the flat metrics for ``metrics.json``. Raises
+    :class:`ConfigError` for a block size beyond the model's context, :class:`DataError` for
+    unusable data and :class:`TrainingFailed` for a non-finite loss.
+    """
+
+    def export(net: torch.nn.Module) -> None:
+        export_like(net.state_dict(), base_dir=ctx.model_dir, dest=ctx.weights_file)
+
+    return _train(hp, ctx, trainer_name="causal-lm", prepare=lambda net: net, export=export)
+
+
+def run_lora(hp: LoRAHyperparameters, ctx: RunContext) -> dict[str, float]:
+    """LoRA on the base model: the base frozen, a PEFT adapter on ``hp.targets`` trained.
+
+    Writes only the adapter's tensors to ``ctx.weights_file``, in exactly the layout
+    :func:`trainers.lora.adapter_layout` gives the site; the adapter is built from
+    :func:`trainers.lora.adapter_config`, the config the site releases with it. Raises as
+    :func:`run` does, and :class:`ConfigError` for a base model LoRA cannot target.
+    """
+    expected = lora.adapter_layout(ctx.model_dir, hp)  # refuses a bad base before loading it
+
+    def prepare(net: Any) -> torch.nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(**{**lora.adapter_config(hp), "inference_mode": False})
+        with warnings.catch_warnings():
+            # peft asking transformers for a name transformers deprecates: not ours.
+            warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
+            peft_net: torch.nn.Module = get_peft_model(net, config)
+        return peft_net
+
+    def export(net: torch.nn.Module) -> None:
+        from peft import get_peft_model_state_dict
+
+        export_layout(get_peft_model_state_dict(net), expected=expected, dest=ctx.weights_file)
+
+    return _train(hp, ctx, trainer_name="causal-lm-lora", prepare=prepare, export=export)

@@ -31,7 +31,11 @@ from typing import Any, TextIO
 from trainers import contract
 from trainers.contract import JobConfig
 from trainers.errors import ConfigError, TrainerError
-from trainers.hparams import CausalLMHyperparameters
+from trainers.hparams import (
+    CausalLMHyperparameters,
+    ClassificationHyperparameters,
+    LoRAHyperparameters,
+)
 from trainers.runtime import Paths, RunContext
 
 
@@ -54,6 +58,12 @@ class BuiltinTrainer:
 TRAINERS: dict[str, BuiltinTrainer] = {
     "causal-lm": BuiltinTrainer(
         validate=CausalLMHyperparameters.parse, run="trainers.causal_lm:run"
+    ),
+    "causal-lm-lora": BuiltinTrainer(
+        validate=LoRAHyperparameters.parse, run="trainers.causal_lm:run_lora"
+    ),
+    "classification": BuiltinTrainer(
+        validate=ClassificationHyperparameters.parse, run="trainers.classification:run"
     ),
 }
 """Built-in trainers by the name a job spec uses."""
@@ -112,6 +122,7 @@ def _context(job: JobConfig, paths: Paths) -> RunContext:
         weights_file=paths.weights_dir / "model.safetensors",
         progress_file=paths.progress_file,
         scratch_dir=paths.tmp,
+        checkpoint_dir=paths.checkpoint_dir,
     )
 
 

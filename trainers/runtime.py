@@ -64,6 +64,10 @@ class Paths:
     def progress_file(self) -> Path:
         return self.output / contract.PROGRESS_FILE.relative_to(contract.OUTPUT_DIR)
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output / contract.CHECKPOINT_DIR.relative_to(contract.OUTPUT_DIR)
+
     def dataset(self, name: str, *, index: int) -> Path:
         """The mounted directory of dataset ``name``. Raises :class:`ConfigError` naming
         ``datasets[index]`` for a name that is not one plain path component or is not mounted."""
@@ -78,7 +82,8 @@ class Paths:
 
 @dataclass(frozen=True)
 class RunContext:
-    """What one trainer run reads and writes."""
+    """What one trainer run reads and writes. ``checkpoint_dir`` (never released) holds the
+    built-in trainers' resume checkpoint; None where a run has nowhere to keep one."""
 
     job_id: str
     dataset_dirs: tuple[Path, ...]
@@ -86,6 +91,7 @@ class RunContext:
     weights_file: Path
     progress_file: Path
     scratch_dir: Path
+    checkpoint_dir: Path | None = None
 
 
 def find_text_files(dirs: Sequence[Path]) -> list[Path]:

@@ -108,3 +108,49 @@ def write_corpus(dest: Path, *, documents: int, seed: int, **shape: int) -> list
             f.write(text)
         paths.append(path)
     return paths
+
+
+LABELS = ("errand", "speech", "weather")
+"""The classes of :func:`labelled_examples`: what kind of sentence a text is."""
+
+
+def labelled_examples(*, count: int, seed: int) -> list[tuple[str, str]]:
+    """``count`` (text, label) pairs: a generated sentence and which of :data:`LABELS` it is
+    (a remark on the weather, something said, or someone going somewhere). The classes are
+    easy to tell apart, so a tiny classifier learns them in a few dozen steps."""
+    if count < 1:
+        raise ValueError("count must be at least 1")
+    rng = random.Random(seed)
+    out: list[tuple[str, str]] = []
+    for i in range(count):
+        label = LABELS[i % len(LABELS)]
+        if label == "weather":
+            text = rng.choice(_WEATHER)
+        elif label == "speech":
+            text = f'"{rng.choice(_SAYINGS)}," said {_person(rng)}.'
+        else:
+            text = f"{_person(rng)} {rng.choice(_VERBS)} {rng.choice(_PLACES)}."
+        out.append((_capitalise(text), label))
+    rng.shuffle(out)
+    return out
+
+
+def write_labelled(dest: Path, *, count: int, seed: int, form: str = "jsonl") -> Path:
+    """Write :func:`labelled_examples` to ``dest/examples.<form>`` (``jsonl`` or ``csv``)."""
+    import csv
+    import json
+
+    dest.mkdir(parents=True, exist_ok=True)
+    examples = labelled_examples(count=count, seed=seed)
+    path = dest / f"examples.{form}"
+    with path.open("x", encoding="utf-8", newline="") as f:
+        if form == "jsonl":
+            for text, label in examples:
+                f.write(json.dumps({"text": text, "label": label}) + "\n")
+        elif form == "csv":
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            writer.writerows(examples)
+        else:
+            raise ValueError(f"form must be jsonl or csv, got {form!r}")
+    return path

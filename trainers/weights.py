@@ -234,26 +234,36 @@ def _torch_dtypes() -> dict[str, torch.dtype]:
 def export_like(state: Mapping[str, torch.Tensor], *, base_dir: Path, dest: Path) -> TensorLayout:
     """Write ``state`` to ``dest`` holding exactly the tensors of the model in ``base_dir``.
 
-    Tensors the base file does not store (a tied ``lm_head.weight``, buffers) are left out, each
-    tensor is cast to the base dtype, and the written file is read back and compared with the
-    base layout. Writes go to a hidden file first and are renamed into place. Raises
-    :class:`WeightsError` when a base tensor is missing from ``state`` or has another shape.
+    Tensors the base file does not store (a tied ``lm_head.weight``, buffers) are left out and
+    each tensor is cast to the base dtype (see :func:`export_layout`).
+    """
+    return export_layout(state, expected=tensor_layout(base_dir), dest=dest)
+
+
+def export_layout(
+    state: Mapping[str, torch.Tensor], *, expected: TensorLayout, dest: Path
+) -> TensorLayout:
+    """Write the tensors of ``state`` that ``expected`` names to ``dest``, each cast to its
+    expected dtype, and nothing else.
+
+    The written file is read back and compared with ``expected``. Writes go to a hidden file
+    first and are renamed into place. Raises :class:`WeightsError` when an expected tensor is
+    missing from ``state`` or has another shape.
     """
     import torch
     from safetensors.torch import save_file
 
-    expected = tensor_layout(base_dir)
     dtypes = _torch_dtypes()
     out: dict[str, torch.Tensor] = {}
     for name, (dtype, shape) in sorted(expected.items()):
         if name not in state:
-            raise WeightsError(f"trained model has no tensor {name!r} that the base model stores")
+            raise WeightsError(f"trained model has no tensor {name!r} that the release holds")
         if dtype not in dtypes:
-            raise WeightsError(f"base tensor {name!r} has dtype {dtype} that cannot be exported")
+            raise WeightsError(f"tensor {name!r} has dtype {dtype} that cannot be exported")
         tensor = state[name].detach()
         if tuple(tensor.shape) != shape:
             raise WeightsError(
-                f"{name}: base shape {list(shape)}, trained shape {list(tensor.shape)}"
+                f"{name}: expected shape {list(shape)}, trained shape {list(tensor.shape)}"
             )
         # clone(): tied or viewed tensors share storage, which save_file refuses.
         out[name] = tensor.to(device="cpu", dtype=dtypes[dtype]).contiguous().clone()

@@ -171,6 +171,6 @@ def test_export_like_refuses_a_missing_or_reshaped_tensor(tmp_path: Path) -> Non
     dest = tmp_path / "out" / "model.safetensors"
     with pytest.raises(WeightsError, match="no tensor 'w'"):
         export_like({"v": torch.zeros(2, 2)}, base_dir=tmp_path, dest=dest)
-    with pytest.raises(WeightsError, match=r"base shape \[2, 2\], trained shape \[4\]"):
+    with pytest.raises(WeightsError, match=r"expected shape \[2, 2\], trained shape \[4\]"):
         export_like({"w": torch.zeros(4)}, base_dir=tmp_path, dest=dest)
     assert not dest.exists()
