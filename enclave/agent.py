@@ -31,7 +31,14 @@ from typing import Any, BinaryIO
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from enclave import _mounts
-from enclave.gate import DPInputs, GateResult, MemorizationInputs, run_gate
+from enclave.gate import (
+    DPInputs,
+    GateResult,
+    MemorizationInputs,
+    ReleaseForm,
+    ReleaseKind,
+    run_gate,
+)
 from enclave.ledger import AccessLedger, AccessRecord
 from enclave.models import ModelStore
 from enclave.provenance import AuditPosition, ReleaseContext, SiteSigner, sign_release
@@ -47,6 +54,9 @@ from policies.errors import InvalidInput, ReleaseRefused, SealroomError, SiteErr
 from policies.release import CheckName, ReleaseRules
 from policies.spec import JobSpec
 from trainers.contract import CODE_DIR, DATA_DIR, JOB_ENV, MODEL_DIR, JobConfig
+from trainers.errors import TrainerError
+from trainers.labelled import labelled_file
+from trainers.release import expected_release
 
 MAX_BUNDLE_FILES = 10_000
 MAX_BUNDLE_BYTES = 512 * 1024 * 1024
@@ -278,6 +288,7 @@ class SiteAgent:
               versions: list[VaultVersion]) -> None:
         """Run the gate once per dataset's rules; release only if every run passes."""
         job = order.job_id
+        form = self._release_form(order, report, model_dir, versions)
         gates: dict[str, GateResult] = {}
         for dataset, r in rules:
             memo = None
@@ -296,7 +307,7 @@ class SiteAgent:
                 memo = MemorizationInputs(model_dir=model_dir, tokenizer=tokenizer, texts=texts)
             dp = (DPInputs(spent=order.epsilon_spent.get(dataset, 0.0))
                   if CheckName.DP in r.checks else None)
-            result = run_gate(output, rules=r, base_layout=layout,
+            result = run_gate(output, rules=r, base_layout=layout, form=form,
                               dest_dir=run_dir / f"gate-{dataset}", memorization=memo, dp=dp)
             for check in result.checks:
                 report(SiteReport(job, audit_action="release.check", audit_dataset=dataset,
@@ -335,6 +346,33 @@ class SiteAgent:
                           metrics={k: float(v) for k, v in metrics.items()},
                           release_dir=signed.directory, audit_action="release.sign",
                           details={"manifest_sha256": signed.manifest_sha256}))
+
+    def _release_form(self, order: RunOrder, report: Report, model_dir: Path,
+                      versions: list[VaultVersion]) -> ReleaseForm | None:
+        """What a built-in trainer's release is, from the approved spec and the site's own
+        copy of the base model (and, for a classifier without given labels, the data): never
+        from the job's output. None for custom code, whose release is the base layout."""
+        spec = order.spec
+        if spec.is_custom:
+            return None
+
+        def dataset_files() -> Iterator[tuple[str, bytes]]:
+            for v in versions:
+                files = [(e, d) for e, d in self.vault.iter_plaintext(v) if labelled_file(e.path)]
+                report(SiteReport(order.job_id, audit_action="data.gate-read",
+                                  audit_dataset=v.name,
+                                  details={"purpose": "classifier labels", "files": len(files)}))
+                yield from ((e.path, d) for e, d in files)
+
+        try:
+            expected = expected_release(spec.trainer, dict(spec.hyperparameters),
+                                        model_dir=model_dir, dataset_files=dataset_files)
+        except TrainerError as e:
+            # The job ran to completion under these very hyperparameters and data: the site
+            # and the trainer disagree, which is the system's fault, not the job's.
+            raise SiteError(f"the release of trainer {spec.trainer!r} cannot be computed: "
+                            f"{type(e).__name__}") from e
+        return ReleaseForm(ReleaseKind(expected.kind), expected.layout, expected.config)
 
     def _rules(self, order: RunOrder) -> list[tuple[str, ReleaseRules]]:
         out = []

@@ -104,6 +104,6 @@ def policy(dataset: str, *, custom_code: bool = False, mode: str = "manual",
           artifacts: [weights, metrics]
           dtype: bfloat16
           metrics:
-            allowed: [train_loss, eval_loss, perplexity, steps, tokens_seen, epsilon]
+            allowed: [train_loss, eval_loss, perplexity, accuracy, steps, tokens_seen, epsilon]
             significant_digits: 4
-            max_count: 6""") + textwrap.indent(textwrap.dedent(memo), "  ") + "\n"
+            max_count: 7""") + textwrap.indent(textwrap.dedent(memo), "  ") + "\n"
