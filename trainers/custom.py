@@ -24,8 +24,7 @@ from typing import Any
 from trainers.errors import ConfigError, TrainerError
 from trainers.runtime import RunContext
 
-STANDARD_METRICS = ("train_loss", "eval_loss", "perplexity", "accuracy", "tokens_seen",
-                    "epsilon")
+STANDARD_METRICS = ("train_loss", "eval_loss", "perplexity", "accuracy", "tokens_seen", "epsilon")
 RESERVED = ("max_steps",)
 
 
@@ -38,8 +37,9 @@ def load(entrypoint: str, *, code_dir: Any) -> type:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError("entrypoint", f"cannot import {module_name!r} from the bundle: {e}"
-                          ) from e
+        raise ConfigError(
+            "entrypoint", f"cannot import {module_name!r} from the bundle: {e}"
+        ) from e
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type):
         raise ConfigError("entrypoint", f"{module_name} has no class {class_name!r}")
@@ -57,8 +57,9 @@ def run(cls: type, hyperparameters: Mapping[str, Any], ctx: RunContext) -> dict[
     hp = dict(hyperparameters)
     max_steps = hp.pop("max_steps", 100)
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ConfigError("hyperparameters.max_steps", f"must be a positive integer, got "
-                          f"{max_steps!r}")
+        raise ConfigError(
+            "hyperparameters.max_steps", f"must be a positive integer, got {max_steps!r}"
+        )
     if not issubclass(cls, pl.LightningModule):
         raise ConfigError("entrypoint", f"{cls.__name__} is not a LightningModule")
     module = cls(ctx, **hp)
@@ -69,10 +70,18 @@ def run(cls: type, hyperparameters: Mapping[str, Any], ctx: RunContext) -> dict[
     datamodule = make_data() if callable(make_data) else None
     gpu = torch.cuda.is_available()
     trainer = pl.Trainer(
-        max_steps=max_steps, max_epochs=-1, accelerator="gpu" if gpu else "cpu", devices=1,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=ctx.scratch_dir, num_sanity_val_steps=0,
-        callbacks=[JsonlProgress(ctx.progress_file, every=1)])
+        max_steps=max_steps,
+        max_epochs=-1,
+        accelerator="gpu" if gpu else "cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=ctx.scratch_dir,
+        num_sanity_val_steps=0,
+        callbacks=[JsonlProgress(ctx.progress_file, every=1)],
+    )
     trainer.fit(module, datamodule=datamodule)
     export_like(net.state_dict(), base_dir=ctx.model_dir, dest=ctx.weights_file)
     metrics: dict[str, float] = {"steps": float(trainer.global_step)}

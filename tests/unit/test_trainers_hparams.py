@@ -75,3 +75,26 @@ def test_a_non_object_is_refused() -> None:
     with pytest.raises(ConfigError) as info:
         CausalLMHyperparameters.parse([("max_steps", 3)])  # type: ignore[arg-type]
     assert info.value.field == "hyperparameters"
+
+
+def test_optional_fields_take_null_as_unset() -> None:
+    hp = CausalLMHyperparameters.parse({"dp_epsilon": None, "dp_delta": None})
+    assert hp.dp_epsilon is None and hp.dp is None
+    with pytest.raises(ConfigError, match=r"^hyperparameters\.dp_epsilon: must be a number"):
+        CausalLMHyperparameters.parse({"dp_epsilon": "8"})
+
+
+def test_each_trainer_refuses_the_others_fields() -> None:
+    from trainers.hparams import ClassificationHyperparameters, LoRAHyperparameters
+
+    assert LoRAHyperparameters.parse({"lora_r": 4, "block_size": 32}).lora_r == 4
+    with pytest.raises(ConfigError) as info:
+        CausalLMHyperparameters.parse({"lora_r": 4})
+    assert info.value.field == "hyperparameters.lora_r"
+    with pytest.raises(ConfigError) as info:
+        ClassificationHyperparameters.parse({"target_modules": "q_proj"})
+    assert info.value.field == "hyperparameters.target_modules"
+    assert ClassificationHyperparameters.parse({"labels": " neg , pos "}).label_names == (
+        "neg",
+        "pos",
+    )
