@@ -235,3 +235,31 @@ def test_the_release_passes_the_gate_verifies_and_loads_in_peft(
         **ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.eos_token_id
     )
     assert out.shape[1] == ids["input_ids"].shape[1] + 5
+
+
+def test_the_site_computes_releases_without_torch(template: Path) -> None:
+    # The agent computes every release form before it reads the job's output; that must not
+    # need torch (nor load a weight).
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from trainers.release import expected_release\n"
+        f"base = Path({str(template / 'model' / 'base')!r})\n"
+        "a = expected_release('causal-lm-lora', {'lora_r': 4}, model_dir=base)\n"
+        "c = expected_release('classification', {'labels': 'a,b'}, model_dir=base)\n"
+        "f = expected_release('causal-lm', {}, model_dir=base)\n"
+        "assert a.config and c.config and f.config is None and a.layout and c.layout\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
