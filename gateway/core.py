@@ -12,6 +12,7 @@ the job as it is now (spec, bundle, dataset versions, policy versions).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import queue
@@ -613,14 +614,20 @@ class Gateway:
 
     def _enqueue(self, job_id: str) -> None:
         """Queue an approved job for the site. When the queue is full the job stays APPROVED
-        (nothing is lost) and a worker queues it as soon as a slot frees up."""
+        (nothing is lost) and a worker queues it as soon as a slot frees up.
+
+        QUEUED is persisted before the id is in the queue: a worker that took the id first
+        would find the job still APPROVED, skip it as re-evaluated, and lose it. Only this
+        method puts ids in the queue, under the lock, so a queue seen with room keeps it."""
         with self._lock:
-            try:
-                self._queue.put_nowait(job_id)
-            except queue.Full:
+            if self._queue.full():
                 self._waiting[job_id] = None
                 return
-        self._transition(job_id, JobState.QUEUED, reason="waiting for the site")
+            self._transition(job_id, JobState.QUEUED, reason="waiting for the site")
+            # Only stop()'s sentinels take room without the lock; a job they crowd out stays
+            # QUEUED in the store, and start() queues every QUEUED job again.
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(job_id)
 
     def _admit(self) -> None:
         """Back-pressure: refuse a new submission while the site's queue is full."""

@@ -87,7 +87,10 @@ def _client_loop(client: Client, jobs: int, spec: Callable[[int], str], out: Out
         try:
             for _ in client.watch(job.id, timeout=900):
                 pass
-            state = client.job(job.id).state
+            final = client.job(job.id)
+            state = final.state
+            if state != "RELEASED":  # say why, so that a failed check can be read
+                state += ": " + "; ".join(final.reasons)[:300]
         except SealroomError as e:
             state = f"watch failed: {type(e).__name__}: {e}"
         with out.lock:

@@ -366,6 +366,56 @@ def test_a_spool_changed_on_disk_is_refused(tmp_path: Path) -> None:
             assert r.read() == b"z" * (3 << 20) + b"end"
 
 
+def test_no_job_is_lost_between_the_queue_and_its_state(tmp_path: Path,
+                                                       site: ScriptedSite) -> None:
+    """Many clients against a two-slot queue, the worker running: every accepted job runs.
+    (A worker that took a job's id before its QUEUED state was written skipped it for good.)"""
+    g = _gateway(tmp_path, site, max_queued=2)
+    _register(g, tmp_path, mode="automatic")
+    transition = g._transition
+
+    def slow_to_queue(job_id: str, new: JobState, **kw: object) -> object:
+        if new is JobState.QUEUED:  # widen the window a worker could slip into
+            threading.Event().wait(0.02)
+        return transition(job_id, new, **kw)  # type: ignore[arg-type]
+
+    g._transition = slow_to_queue  # type: ignore[method-assign]
+    g.start()
+    accepted: list[str] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        for _ in range(10):
+            while True:
+                try:
+                    job = g.submit(principal=THEO, spec_text=spec(), bundle=None,
+                                   bundle_sha256="")
+                    break
+                except ResourceExhausted:
+                    threading.Event().wait(0.005)
+            with lock:
+                accepted.append(job.id)
+
+    try:
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        deadline = threading.Event()
+        threading.Timer(20, deadline.set).start()
+        while not deadline.is_set() and any(
+                g.store.job(j).state is not JobState.RELEASED for j in accepted):
+            deadline.wait(0.05)
+        states = {j: g.store.job(j).state for j in accepted}
+        assert len(accepted) == 40
+        assert {j: s for j, s in states.items() if s is not JobState.RELEASED} == {}
+        assert sorted(o.job_id for o in site.orders) == sorted(accepted)  # each ran once
+    finally:
+        g.stop()
+        g.audit.close()
+
+
 def test_a_full_queue_refuses_new_submissions_and_loses_no_approved_job(
     tmp_path: Path, site: ScriptedSite
 ) -> None:
