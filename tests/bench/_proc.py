@@ -36,6 +36,7 @@ class Served:
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait(timeout=30)
+            self.proc.stdout.close()
             self._err.close()
             raise RuntimeError(f"the {mode} server exited ({self.proc.returncode}) before it "
                                f"listened: {self.stderr_tail()}")
@@ -59,6 +60,8 @@ class Served:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         self._err.close()
         if self.proc.returncode != 0:
             raise RuntimeError(f"the server exited {self.proc.returncode}: {self.stderr_tail()}")
