@@ -343,6 +343,31 @@ def test_an_uploaded_dataset_is_on_no_disk_in_the_clear(tmp_path: Path,
     g.audit.close()
 
 
+def test_uploads_over_the_cap_are_refused_and_leave_nothing(tmp_path: Path,
+                                                           site: ScriptedSite) -> None:
+    from gateway._servicer import GatewayServicer
+    from sealroom.v1 import gateway_pb2 as pb
+
+    home = tmp_path / "gw"
+    home.mkdir()
+    g = Gateway(home=home, store=Store(home / "state.db"), site=site, max_bundle_bytes=4096,
+                audit=AuditLog(home / "audit.db",
+                               signing_key=ed25519.Ed25519PrivateKey.generate()))
+    servicer = GatewayServicer(g)
+    before = sorted(p.name for p in home.iterdir())
+    bundle = [pb.SubmitJobChunk(header=pb.SubmitJobHeader(spec=spec("custom"))),
+              *(pb.SubmitJobChunk(bundle=b"x" * 1024) for _ in range(5))]
+    with pytest.raises(ResourceExhausted, match="4096-byte limit"):
+        servicer.SubmitJob(iter(bundle), None)  # type: ignore[arg-type]
+    data = [pb.RegisterDatasetChunk(header=pb.RegisterDatasetHeader(name="books")),
+            *(pb.RegisterDatasetChunk(data=b"y" * 8192) for _ in range(5))]
+    with pytest.raises(ResourceExhausted, match="32768-byte limit"):
+        servicer.RegisterDataset(iter(data), None)  # type: ignore[arg-type]
+    assert g.store.jobs() == [] and site.archives == []
+    assert sorted(p.name for p in home.iterdir()) == before  # no spool, no temp folder left
+    g.audit.close()
+
+
 def test_a_spool_changed_on_disk_is_refused(tmp_path: Path) -> None:
     from policies.errors import InvalidInput
 
