@@ -345,8 +345,9 @@ def test_an_uploaded_dataset_is_on_no_disk_in_the_clear(tmp_path: Path,
 
 def test_uploads_over_the_cap_are_refused_and_leave_nothing(tmp_path: Path,
                                                            site: ScriptedSite) -> None:
-    from gateway._servicer import GatewayServicer
     from sealroom.v1 import gateway_pb2 as pb
+
+    from gateway._servicer import GatewayServicer
 
     home = tmp_path / "gw"
     home.mkdir()
