@@ -47,6 +47,7 @@ from policies.errors import (
     PolicyViolation,
     ResourceExhausted,
     SealroomError,
+    SpecError,
 )
 from policies.identity import Principal, Role
 from policies.spec import NAME_RE, JobSpec, parse_spec
@@ -302,6 +303,7 @@ class Gateway:
         ``bundle_sha256`` the hash it computed while receiving it; the file is then moved
         into the bundle store rather than hashed and copied again."""
         spec = parse_spec(spec_text)
+        check_trainer(spec)
         self._admit()
         if bundle is not None:
             actual = bundle_sha256 if received else _sha256_file(bundle)
@@ -790,6 +792,26 @@ class Gateway:
         except InvalidState as e:  # e.g. a late report for a job that has already ended
             self.record(SYSTEM, "site.report", outcome="error", job_id=job_id,
                         details={"state": report.state.value, "error": str(e)})
+
+
+def check_trainer(spec: JobSpec) -> None:
+    """Refuse at submission what the container would refuse after approval: an unknown
+    built-in trainer, or hyperparameters its rules reject (the same torch-free rules the
+    harness applies, :mod:`trainers.hparams`). Raises :class:`SpecError` naming the field."""
+    from trainers.errors import ConfigError
+    from trainers.harness import TRAINERS
+
+    if spec.is_custom:
+        return  # the team's own module takes its own keyword arguments
+    entry = TRAINERS.get(spec.trainer)
+    if entry is None:
+        known = ", ".join(sorted(TRAINERS))
+        raise SpecError(f"trainer: unknown trainer {spec.trainer!r}; built-in: {known}, or "
+                        "custom with an entrypoint")
+    try:
+        entry.validate(spec.hyperparameters)
+    except ConfigError as e:
+        raise SpecError(str(e)) from e
 
 
 def _now() -> dt.datetime:

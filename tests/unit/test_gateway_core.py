@@ -442,6 +442,24 @@ def test_no_job_is_lost_between_the_queue_and_its_state(tmp_path: Path,
         g.audit.close()
 
 
+@pytest.mark.parametrize(("hparams", "trainer", "field"), [
+    ("{learning_rate: 7.0}", "causal-lm", "hyperparameters.learning_rate"),
+    ("{lora_r: 0}", "causal-lm-lora", "hyperparameters.lora_r"),
+    ("{max_step: 10}", "causal-lm", "hyperparameters.max_step"),
+    ("{}", "causal-llm", "trainer"),
+])
+def test_a_bad_trainer_or_hyperparameter_is_refused_at_submission(
+    gw: Gateway, site: ScriptedSite, hparams: str, trainer: str, field: str
+) -> None:
+    """Not after approval in the container: the team learns at once, naming the field, and
+    nothing is left behind."""
+    text = spec(trainer) + f"hyperparameters: {hparams}\n"
+    with pytest.raises(SpecError) as err:
+        gw.submit(principal=THEO, spec_text=text, bundle=None, bundle_sha256="")
+    assert str(err.value).startswith(field), err.value
+    assert gw.store.jobs() == [] and site.orders == []
+
+
 def test_a_full_queue_refuses_new_submissions_and_loses_no_approved_job(
     tmp_path: Path, site: ScriptedSite
 ) -> None:
