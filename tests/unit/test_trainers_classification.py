@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,39 +22,30 @@ from enclave.provenance import SiteSigner, sign_release, verify_release
 from policies.errors import IntegrityError
 from policies.release import CheckName, MemorizationRules
 from tests.unit._release_support import key_pem, make_ca, make_site_cert, rules, tiny_llama
+from tests.unit._trainer_support import make_inputs, mount, run_harness
 from tests.unit.test_provenance import _context
-from tests.unit.test_trainers_harness import _mount, _run
 from trainers import contract, labelled, synthetic
-from trainers.basemodel import create_base_model
 from trainers.errors import DataError
 from trainers.hparams import ClassificationHyperparameters
 from trainers.release import expected_release
 from trainers.weights import tensor_layout
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = {"max_steps": 30, "batch_size": 8, "learning_rate": 0.003, "seed": 1}
 METRICS = frozenset({"accuracy", "eval_loss", "train_loss", "steps"})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("inputs")
-    synthetic.write_labelled(root / "data" / "books", count=120, seed=1)
-    create_base_model(root / "model" / "base", texts=synthetic.corpus(documents=12, seed=0))
-    return root
+    return make_inputs(tmp_path_factory.mktemp("inputs"), books=None, labelled="books",
+                       labelled_count=120)
 
 
 @pytest.fixture(scope="module")
 def trained(template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = _mount(tmp_path_factory.mktemp("run") / "root", template)
-    rc, err = _run(root, FAST, trainer="classification")
+    root = mount(tmp_path_factory.mktemp("run") / "root", template)
+    rc, err = run_harness(root, FAST, trainer="classification")
     assert rc == contract.EXIT_OK, err
     return root
 
@@ -180,7 +170,7 @@ def test_csv_with_given_labels_and_seeded_reproducibility(template: Path, tmp_pa
             w.writerow(["text", "label"])
             w.writerows(rows[:40])
         hp = {**FAST, "max_steps": 3, "labels": "weather,speech,errand"}
-        rc, err = _run(root, hp, trainer="classification")
+        rc, err = run_harness(root, hp, trainer="classification")
         assert rc == contract.EXIT_OK, err
     first, second = (
         tmp_path / n / "output" / "weights" / "model.safetensors" for n in ("one", "two")
@@ -206,8 +196,8 @@ def test_csv_with_given_labels_and_seeded_reproducibility(template: Path, tmp_pa
 def test_bad_classification_hyperparameters_name_the_field(
     template: Path, tmp_path: Path, hyperparameters: dict[str, Any], field: str
 ) -> None:
-    root = _mount(tmp_path / "root", template)
-    rc, err = _run(root, hyperparameters, trainer="classification")
+    root = mount(tmp_path / "root", template)
+    rc, err = run_harness(root, hyperparameters, trainer="classification")
     assert rc == contract.EXIT_BAD_CONFIG
     assert err.startswith(f"sealroom-harness: bad config: {field}: "), err
 
@@ -215,8 +205,8 @@ def test_bad_classification_hyperparameters_name_the_field(
 def test_data_outside_the_given_labels_fails_without_showing_it(
     template: Path, tmp_path: Path
 ) -> None:
-    root = _mount(tmp_path / "root", template)
-    rc, err = _run(root, {**FAST, "labels": "weather,speech"}, trainer="classification")
+    root = mount(tmp_path / "root", template)
+    rc, err = run_harness(root, {**FAST, "labels": "weather,speech"}, trainer="classification")
     assert rc == contract.EXIT_TRAINING_FAILED
     assert "40 example(s) have a label that hyperparameters.labels does not list" in err
     assert "errand" not in err

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,33 +17,22 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from tests.unit.test_trainers_harness import _mount, _run
-from trainers import contract, synthetic, training
-from trainers.basemodel import create_base_model
+from tests.unit._trainer_support import make_inputs, mount, run_harness
+from trainers import contract, training
 from trainers.causal_lm import CausalLMModule, TextBlockDataModule
 from trainers.errors import ConfigError
 from trainers.hparams import CausalLMHyperparameters, DPSettings
 from trainers.weights import tensor_layout
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TARGET = 8.0
 DP = {"max_steps": 4, "batch_size": 4, "seed": 3, "dp_epsilon": TARGET, "checkpoint_every": 4}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("inputs")
-    synthetic.write_corpus(root / "data" / "books", documents=12, seed=1)
-    synthetic.write_labelled(root / "data" / "labelled", count=60, seed=1)
-    create_base_model(root / "model" / "base", texts=synthetic.corpus(documents=12, seed=0))
-    return root
+    return make_inputs(tmp_path_factory.mktemp("inputs"), labelled="labelled")
 
 
 def _dp_run(template: Path, root: Path, trainer: str, **extra: Any) -> dict[str, float]:
@@ -52,7 +40,7 @@ def _dp_run(template: Path, root: Path, trainer: str, **extra: Any) -> dict[str,
     hp = {**DP, **extra}
     if trainer != "classification":
         hp["block_size"] = 32
-    rc, err = _run(_mount(root, template), hp, trainer=trainer, datasets=(dataset,))
+    rc, err = run_harness(mount(root, template), hp, trainer=trainer, datasets=(dataset,))
     assert rc == contract.EXIT_OK, err
     metrics: dict[str, float] = json.loads((root / "output" / "metrics.json").read_text())
     return metrics
@@ -191,8 +179,8 @@ def test_bad_dp_settings_name_the_field(raw: dict[str, Any], field: str) -> None
 
 
 def test_an_epsilon_no_noise_reaches_is_refused_by_name(template: Path, tmp_path: Path) -> None:
-    root = _mount(tmp_path / "root", template)
-    rc, err = _run(root, {**DP, "block_size": 32, "dp_epsilon": 1e-9})
+    root = mount(tmp_path / "root", template)
+    rc, err = run_harness(root, {**DP, "block_size": 32, "dp_epsilon": 1e-9})
     assert rc == contract.EXIT_BAD_CONFIG
     assert err.startswith("sealroom-harness: bad config: hyperparameters.dp_epsilon: "), err
 

@@ -6,11 +6,9 @@ Tiny model, a few steps: each training run takes a few seconds on two CPU cores.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,66 +19,26 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainers import contract, synthetic
-from trainers.basemodel import create_base_model, tensor_layout
-from trainers.contract import JobConfig
+from tests.unit._trainer_support import FAST, digests, make_inputs, mount, run_harness
+from trainers import contract
+from trainers.basemodel import tensor_layout
 from trainers.harness import TRAINERS, main
 from trainers.runtime import ROOT_ENV
-
-FAST = {"max_steps": 4, "batch_size": 4, "block_size": 32, "seed": 3}
 
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Read-only inputs shared by every run: a dataset and a tiny base model."""
-    root = tmp_path_factory.mktemp("inputs")
-    synthetic.write_corpus(root / "data" / "books", documents=12, seed=1)
-    create_base_model(root / "model" / "base", texts=synthetic.corpus(documents=12, seed=0))
-    return root
-
-
-def _digests(top: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(top)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(top.rglob("*"))
-        if p.is_file()
-    }
-
-
-def _mount(root: Path, template: Path) -> Path:
-    """A fresh root whose data and model are the template's (symlinked, as if mounted)."""
-    root.mkdir(parents=True)
-    (root / "data").symlink_to(template / "data")
-    (root / "model").symlink_to(template / "model")
-    return root
-
-
-def _run(root: Path, hyperparameters: Any = None, **job: Any) -> tuple[int, str]:
-    fields: dict[str, Any] = {
-        "job_id": "job-1",
-        "trainer": "causal-lm",
-        "datasets": ("books",),
-        "hyperparameters": dict(FAST) if hyperparameters is None else hyperparameters,
-        **job,
-    }
-    env = {contract.JOB_ENV: JobConfig(**fields).to_json(), ROOT_ENV: str(root)}
-    err = io.StringIO()
-    saved = dict(os.environ)  # Lightning's seed_everything writes PL_* into the environment
-    try:
-        rc = main(env, stderr=err)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return rc, err.getvalue()
+    return make_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 @pytest.fixture(scope="module")
 def trained(template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = _mount(tmp_path_factory.mktemp("run") / "root", template)
-    before = _digests(template)
-    rc, err = _run(root)
+    root = mount(tmp_path_factory.mktemp("run") / "root", template)
+    before = digests(template)
+    rc, err = run_harness(root)
     assert rc == contract.EXIT_OK, err
-    assert _digests(template) == before, "the run wrote into its read-only inputs"
+    assert digests(template) == before, "the run wrote into its read-only inputs"
     return root
 
 
@@ -159,14 +117,14 @@ def test_same_seed_same_weights_other_seed_other_weights(
     trained: Path, template: Path, tmp_path: Path
 ) -> None:
     first = (trained / "output" / "weights" / "model.safetensors").read_bytes()
-    again = _mount(tmp_path / "again", template)
-    assert _run(again)[0] == contract.EXIT_OK
+    again = mount(tmp_path / "again", template)
+    assert run_harness(again)[0] == contract.EXIT_OK
     assert (again / "output" / "weights" / "model.safetensors").read_bytes() == first
     assert (again / "output" / "metrics.json").read_bytes() == (
         trained / "output" / "metrics.json"
     ).read_bytes()
-    other = _mount(tmp_path / "other", template)
-    assert _run(other, {**FAST, "seed": 4})[0] == contract.EXIT_OK
+    other = mount(tmp_path / "other", template)
+    assert run_harness(other, {**FAST, "seed": 4})[0] == contract.EXIT_OK
     assert (other / "output" / "weights" / "model.safetensors").read_bytes() != first
 
 
@@ -176,8 +134,8 @@ def test_nothing_is_written_to_the_working_directory(
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    root = _mount(tmp_path / "root", template)
-    assert _run(root, {**FAST, "max_steps": 1})[0] == contract.EXIT_OK
+    root = mount(tmp_path / "root", template)
+    assert run_harness(root, {**FAST, "max_steps": 1})[0] == contract.EXIT_OK
     assert list(cwd.iterdir()) == []
 
 
@@ -194,8 +152,8 @@ def test_nothing_is_written_to_the_working_directory(
 def test_bad_hyperparameters_exit_bad_config_naming_the_field(
     template: Path, tmp_path: Path, hyperparameters: dict[str, Any], field: str
 ) -> None:
-    root = _mount(tmp_path / "root", template)
-    rc, err = _run(root, hyperparameters)
+    root = mount(tmp_path / "root", template)
+    rc, err = run_harness(root, hyperparameters)
     assert rc == contract.EXIT_BAD_CONFIG
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -220,8 +178,8 @@ def test_bad_hyperparameters_exit_bad_config_naming_the_field(
 def test_bad_job_fields_exit_bad_config_naming_the_field(
     template: Path, tmp_path: Path, job: dict[str, Any], field: str
 ) -> None:
-    root = _mount(tmp_path / "root", template)
-    rc, err = _run(root, **job)
+    root = mount(tmp_path / "root", template)
+    rc, err = run_harness(root, **job)
     assert rc == contract.EXIT_BAD_CONFIG
     assert err.startswith(f"sealroom-harness: bad config: {field}: "), err
     assert err.count("\n") == 1
@@ -231,7 +189,7 @@ def test_missing_base_model_is_bad_config(template: Path, tmp_path: Path) -> Non
     root = tmp_path / "root"
     root.mkdir()
     (root / "data").symlink_to(template / "data")
-    rc, err = _run(root)
+    rc, err = run_harness(root)
     assert rc == contract.EXIT_BAD_CONFIG
     assert "bad config: model: " in err
 
@@ -286,7 +244,7 @@ def test_unusable_data_exits_training_failed(
             path.write_bytes(content)
         else:
             path.write_text(content)
-    rc, err = _run(odd_data)
+    rc, err = run_harness(odd_data)
     assert rc == contract.EXIT_TRAINING_FAILED
     assert words in err
     assert not (odd_data / "output" / "metrics.json").exists()
@@ -320,8 +278,8 @@ def test_a_bad_config_is_refused_before_torch_is_imported(tmp_path: Path) -> Non
 
 
 def test_progress_every_n_steps_and_at_the_last(template: Path, tmp_path: Path) -> None:
-    root = _mount(tmp_path / "root", template)
-    assert _run(root, {**FAST, "max_steps": 7, "log_every": 3})[0] == contract.EXIT_OK
+    root = mount(tmp_path / "root", template)
+    assert run_harness(root, {**FAST, "max_steps": 7, "log_every": 3})[0] == contract.EXIT_OK
     lines = (root / "output" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [3, 6, 7]
 
@@ -333,8 +291,8 @@ def test_gpu_run_uses_bf16_mixed_and_keeps_the_fp32_layout(template: Path, tmp_p
 
     if torch.cuda.is_bf16_supported():
         assert _precision("auto") == "bf16-mixed"
-    root = _mount(tmp_path / "root", template)
-    rc, err = _run(root, {**FAST, "max_steps": 10})
+    root = mount(tmp_path / "root", template)
+    rc, err = run_harness(root, {**FAST, "max_steps": 10})
     assert rc == contract.EXIT_OK, err
     released = tensor_layout(root / "output" / "weights" / "model.safetensors")
     assert released == tensor_layout(root / "model" / "base")

@@ -12,7 +12,6 @@ import json
 import math
 import shutil
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,15 @@ from enclave.gate import MemorizationInputs, ReleaseForm, ReleaseKind, run_gate
 from enclave.provenance import SiteSigner, sign_release, verify_release
 from policies.release import CheckName, MemorizationRules
 from tests.unit._release_support import key_pem, make_ca, make_site_cert, rules
+from tests.unit._trainer_support import digests, make_inputs, mount, run_harness
 from tests.unit.test_provenance import _context
-from tests.unit.test_trainers_harness import _digests, _mount, _run
-from trainers import contract, lora, synthetic
-from trainers.basemodel import create_base_model
+from trainers import contract, lora
 from trainers.errors import ConfigError
 from trainers.hparams import LoRAHyperparameters
 from trainers.release import expected_release
 from trainers.weights import tensor_layout
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = {
     "max_steps": 4,
@@ -43,30 +43,18 @@ FAST = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # On a shared 2-core machine two intra-op threads spin against each other: one is faster.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("inputs")
-    synthetic.write_corpus(root / "data" / "books", documents=12, seed=1)
-    create_base_model(root / "model" / "base", texts=synthetic.corpus(documents=12, seed=0))
-    return root
+    return make_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 @pytest.fixture(scope="module")
 def trained(template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = _mount(tmp_path_factory.mktemp("run") / "root", template)
-    before = _digests(template)
-    rc, err = _run(root, FAST, trainer="causal-lm-lora")
+    root = mount(tmp_path_factory.mktemp("run") / "root", template)
+    before = digests(template)
+    rc, err = run_harness(root, FAST, trainer="causal-lm-lora")
     assert rc == contract.EXIT_OK, err
-    assert _digests(template) == before, "the run wrote into its read-only inputs"
+    assert digests(template) == before, "the run wrote into its read-only inputs"
     return root
 
 
@@ -146,8 +134,8 @@ def test_a_run_writes_only_the_adapter(trained: Path) -> None:
 
 
 def test_same_seed_same_adapter(trained: Path, template: Path, tmp_path: Path) -> None:
-    again = _mount(tmp_path / "again", template)
-    assert _run(again, FAST, trainer="causal-lm-lora")[0] == contract.EXIT_OK
+    again = mount(tmp_path / "again", template)
+    assert run_harness(again, FAST, trainer="causal-lm-lora")[0] == contract.EXIT_OK
     first = (trained / "output" / "weights" / "model.safetensors").read_bytes()
     assert (again / "output" / "weights" / "model.safetensors").read_bytes() == first
 
@@ -167,8 +155,8 @@ def test_same_seed_same_adapter(trained: Path, template: Path, tmp_path: Path) -
 def test_bad_lora_hyperparameters_name_the_field(
     template: Path, tmp_path: Path, hyperparameters: dict[str, Any], field: str
 ) -> None:
-    root = _mount(tmp_path / "root", template)
-    rc, err = _run(root, hyperparameters, trainer="causal-lm-lora")
+    root = mount(tmp_path / "root", template)
+    rc, err = run_harness(root, hyperparameters, trainer="causal-lm-lora")
     assert rc == contract.EXIT_BAD_CONFIG
     assert err.startswith(f"sealroom-harness: bad config: {field}: "), err
     assert not (root / "output" / "weights" / "model.safetensors").exists()

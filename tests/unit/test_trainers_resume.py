@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,31 +20,20 @@ import torch
 
 from enclave.gate import run_gate
 from tests.unit._release_support import rules
-from tests.unit.test_trainers_harness import _mount, _run
-from trainers import contract, synthetic
-from trainers.basemodel import create_base_model
+from tests.unit._trainer_support import make_inputs, mount, run_harness
+from trainers import contract
 from trainers.contract import JobConfig
 from trainers.runtime import ROOT_ENV
 from trainers.weights import tensor_layout
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LONG = {"max_steps": 12, "batch_size": 4, "block_size": 32, "seed": 3, "checkpoint_every": 4}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("inputs")
-    synthetic.write_corpus(root / "data" / "books", documents=12, seed=1)
-    synthetic.write_labelled(root / "data" / "labelled", count=60, seed=1)
-    create_base_model(root / "model" / "base", texts=synthetic.corpus(documents=12, seed=0))
-    return root
+    return make_inputs(tmp_path_factory.mktemp("inputs"), labelled="labelled")
 
 
 def _steps(root: Path) -> list[int]:
@@ -94,14 +82,14 @@ def test_a_killed_run_resumes_and_ends_as_if_never_stopped(
     template: Path, tmp_path: Path, trainer: str, extra: dict[str, Any]
 ) -> None:
     hp = {**LONG, **extra}
-    straight = _mount(tmp_path / "straight", template)
-    assert _run(straight, hp, trainer=trainer)[0] == contract.EXIT_OK
+    straight = mount(tmp_path / "straight", template)
+    assert run_harness(straight, hp, trainer=trainer)[0] == contract.EXIT_OK
 
-    stopped = _mount(tmp_path / "stopped", template)
+    stopped = mount(tmp_path / "stopped", template)
     _kill_after_first_checkpoint(stopped, trainer, hp)
     done = _steps(stopped)
     assert done and done[-1] < LONG["max_steps"]
-    rc, err = _run(stopped, hp, trainer=trainer)
+    rc, err = run_harness(stopped, hp, trainer=trainer)
     assert rc == contract.EXIT_OK, err
 
     # Every step once, however far the killed run got past its checkpoint.
@@ -120,12 +108,12 @@ def test_a_killed_run_resumes_and_ends_as_if_never_stopped(
 def test_a_shorter_run_continues_from_its_checkpoint(
     template: Path, tmp_path: Path, trainer: str, dataset: str, extra: dict[str, Any]
 ) -> None:
-    root = _mount(tmp_path / "root", template)
+    root = mount(tmp_path / "root", template)
     first = {"max_steps": 3, "batch_size": 4, "seed": 3, "checkpoint_every": 3, **extra}
-    assert _run(root, first, trainer=trainer, datasets=(dataset,))[0] == contract.EXIT_OK
+    assert run_harness(root, first, trainer=trainer, datasets=(dataset,))[0] == contract.EXIT_OK
     checkpoint = root / "output" / "checkpoints" / "last.ckpt"
     assert torch.load(checkpoint, weights_only=False)["global_step"] == 3
-    rc, err = _run(root, {**first, "max_steps": 6}, trainer=trainer, datasets=(dataset,))
+    rc, err = run_harness(root, {**first, "max_steps": 6}, trainer=trainer, datasets=(dataset,))
     assert rc == contract.EXIT_OK, err
     lines = [json.loads(x) for x in (root / "output" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["total"]) for r in lines] == [
@@ -155,17 +143,17 @@ def test_a_shorter_run_continues_from_its_checkpoint(
 def test_a_checkpoint_from_other_settings_is_refused(
     template: Path, tmp_path: Path, change: dict[str, Any], field: str
 ) -> None:
-    root = _mount(tmp_path / "root", template)
+    root = mount(tmp_path / "root", template)
     first = {**LONG, "max_steps": 4}
-    assert _run(root, first)[0] == contract.EXIT_OK
-    rc, err = _run(root, {**first, **change})
+    assert run_harness(root, first)[0] == contract.EXIT_OK
+    rc, err = run_harness(root, {**first, **change})
     assert rc == contract.EXIT_BAD_CONFIG
     assert err.startswith(f"sealroom-harness: bad config: {field}: "), err
 
 
 def test_the_gate_never_releases_or_reads_checkpoints(template: Path, tmp_path: Path) -> None:
-    root = _mount(tmp_path / "root", template)
-    assert _run(root, {**LONG, "max_steps": 4})[0] == contract.EXIT_OK
+    root = mount(tmp_path / "root", template)
+    assert run_harness(root, {**LONG, "max_steps": 4})[0] == contract.EXIT_OK
     out = root / "output"
     assert (out / "checkpoints" / "last.ckpt").is_file()  # a pickle, which the gate refuses
     (out / "checkpoints" / "notes.txt").write_text("anything at all")
