@@ -87,7 +87,7 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Any = 
     data = b""
     for name in sorted(tensors):
         t = tensors[name].contiguous()
-        raw = bytes(t.untyped_storage())
+        raw = t.view(torch.uint8).numpy().tobytes()
         header[name] = {
             "dtype": names[t.dtype],
             "shape": list(t.shape),
