@@ -442,39 +442,29 @@ def _run_checks(
             # The site's own file, never the job's: written only once the weights passed.
             with open(dest / form.config_path, "xb") as f:
                 f.write(form.config)
-        return _after_weights(
-            output_dir,
-            listing,
-            checks,
-            weights,
-            rules=rules,
-            dest=dest,
-            form=form,
-            memorization=memorization,
-            dp=dp,
+    else:
+        if rules.adapter_only:
+            assert adapter is not None
+            expected, what = adapter, "declared adapter"
+        else:
+            expected, what = base, "base model"
+            if adapter is not None:
+                # Either layout may be released; match the one the tensor names point at.
+                listing_names = _peek_names(output_dir, listing, rules)
+                if listing_names is not None and listing_names <= set(adapter):
+                    expected, what = adapter, "declared adapter"
+        weights = _check_weights(
+            output_dir, listing, rules=rules, expected=expected, what=what, dest=dest
         )
-    if rules.adapter_only:
-        assert adapter is not None
-        expected, what = adapter, "declared adapter"
-    else:
-        expected, what = base, "base model"
-        if adapter is not None:
-            # Either layout may be released; match the one the tensor names point at.
-            listing_names = _peek_names(output_dir, listing, rules)
-            if listing_names is not None and listing_names <= set(adapter):
-                expected, what = adapter, "declared adapter"
-    weights = _check_weights(
-        output_dir, listing, rules=rules, expected=expected, what=what, dest=dest
-    )
-    if what == "declared adapter":
-        # An adapter declared by layout alone: nothing tells the probe how to load it.
-        form = None
-        if CheckName.MEMORIZATION in rules.checks and weights.passed:
-            raise InvalidInput(
-                "the memorization probe of an adapter needs its release form (adapter config)"
-            )
-    else:
-        form = ReleaseForm(ReleaseKind.FULL, base)
+        if what == "declared adapter":
+            # An adapter declared by layout alone: nothing tells the probe how to load it.
+            if CheckName.MEMORIZATION in rules.checks and weights.passed:
+                raise InvalidInput(
+                    "the memorization probe of an adapter needs its release form (adapter "
+                    "config)"
+                )
+        else:
+            form = ReleaseForm(ReleaseKind.FULL, base)
     return _after_weights(
         output_dir,
         listing,
