@@ -128,21 +128,38 @@ class SiteAgent:
         _mounts.wipe_leftovers(self._runs)
 
     @classmethod
-    def open(cls, root: Path, *, ca: CertificateAuthority, name: str = "local-site",
-             image: str = "sealroom-runtime:latest", runtime: Runtime | None = None,
-             limits: SiteLimits = DEFAULT_LIMITS) -> SiteAgent:
+    def open(
+        cls,
+        root: Path,
+        *,
+        ca: CertificateAuthority,
+        name: str = "local-site",
+        image: str = "sealroom-runtime:latest",
+        runtime: Runtime | None = None,
+        limits: SiteLimits = DEFAULT_LIMITS,
+    ) -> SiteAgent:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         ident = root / "identity"
-        signer = IdentityFiles(cert=ident / f"{name}-signer.pem",
-                               key=ident / f"{name}-signer.key", ca_cert=ca.cert_path)
+        signer = IdentityFiles(
+            cert=ident / f"{name}-signer.pem",
+            key=ident / f"{name}-signer.key",
+            ca_cert=ca.cert_path,
+        )
         if not signer.cert.exists():
             signer = ca.issue_site_signer(name, out_dir=ident)
         runtime = runtime or DockerRuntime()
         (root / "keys").mkdir(exist_ok=True, mode=0o700)
         vault = Vault(root / "vault", site_key_path=root / "keys" / "site.key")
-        return cls(name=name, root=root, vault=vault,
-                   models=ModelStore(root / "models"), runtime=runtime,
-                   image=runtime.resolve_image(image), signer=signer, limits=limits)
+        return cls(
+            name=name,
+            root=root,
+            vault=vault,
+            models=ModelStore(root / "models"),
+            runtime=runtime,
+            image=runtime.resolve_image(image),
+            signer=signer,
+            limits=limits,
+        )
 
     # -- Site protocol ----------------------------------------------------------------------
 
@@ -150,13 +167,19 @@ class SiteAgent:
         return self.image
 
     def store_dataset(self, name: str, *, archive: BinaryIO) -> StoredDataset:
-        version = self.vault.register(name, iter_tar(archive),
-                                      max_bytes=self.limits.dataset_bytes,
-                                      max_files=self.limits.dataset_files)
+        version = self.vault.register(
+            name,
+            iter_tar(archive),
+            max_bytes=self.limits.dataset_bytes,
+            max_files=self.limits.dataset_files,
+        )
         return StoredDataset(
-            name=version.name, version=version.version, root_hash=version.root_hash,
+            name=version.name,
+            version=version.version,
+            root_hash=version.root_hash,
             size=version.total_bytes,
-            files=tuple((e.path, e.size, e.sha256) for e in version.files))
+            files=tuple((e.path, e.size, e.sha256) for e in version.files),
+        )
 
     def rotate_key(self) -> tuple[str, int]:
         key_id = self.vault.rotate_site_key()
@@ -190,14 +213,27 @@ class SiteAgent:
         try:
             self._run(order, report, run_dir)
         except SealroomError as e:
-            report(SiteReport(job, audit_action="run.error", audit_outcome="error",
-                              details={"error": type(e).__name__, "message": str(e)}))
+            report(
+                SiteReport(
+                    job,
+                    audit_action="run.error",
+                    audit_outcome="error",
+                    details={"error": type(e).__name__, "message": str(e)},
+                )
+            )
             report(SiteReport(job, state=JobState.ERROR, reason=f"site: {e}"))
         except Exception as e:  # the system's fault, never the job's: report and clean up
-            report(SiteReport(job, audit_action="run.error", audit_outcome="error",
-                              details={"error": type(e).__name__, "message": str(e)}))
-            report(SiteReport(job, state=JobState.ERROR,
-                              reason=f"site: unexpected {type(e).__name__}"))
+            report(
+                SiteReport(
+                    job,
+                    audit_action="run.error",
+                    audit_outcome="error",
+                    details={"error": type(e).__name__, "message": str(e)},
+                )
+            )
+            report(
+                SiteReport(job, state=JobState.ERROR, reason=f"site: unexpected {type(e).__name__}")
+            )
         finally:
             with self._lock:
                 self._cancelled.discard(job)
@@ -212,8 +248,9 @@ class SiteAgent:
             raise SiteError(f"run directory for {job} already exists: runs are never repeated")
         run_dir.mkdir(mode=0o700)
         if spec.resources.gpus > self.limits.gpus:  # before any data is decrypted
-            raise InvalidInput(f"the job asks for {spec.resources.gpus} GPUs; this site "
-                               f"has {self.limits.gpus}")
+            raise InvalidInput(
+                f"the job asks for {spec.resources.gpus} GPUs; this site has {self.limits.gpus}"
+            )
         model = self.models.get(spec.base_model)
         rules = self._rules(order)
         with ExitStack() as stack:
@@ -225,29 +262,50 @@ class SiteAgent:
 
             def on_vault_event(event: StagingEvent) -> None:
                 for ref in event.datasets:
-                    report(SiteReport(job, audit_action=f"data.{event.kind.value}",
-                                      audit_dataset=ref,
-                                      details={"total_bytes": event.total_bytes}))
+                    report(
+                        SiteReport(
+                            job,
+                            audit_action=f"data.{event.kind.value}",
+                            audit_dataset=ref,
+                            details={"total_bytes": event.total_bytes},
+                        )
+                    )
 
-            staging = stack.enter_context(self.vault.stage(
-                job, versions, dest_root=self._staging, on_event=on_vault_event))
+            staging = stack.enter_context(
+                self.vault.stage(job, versions, dest_root=self._staging, on_event=on_vault_event)
+            )
 
             def on_read(record: AccessRecord) -> None:
-                report(SiteReport(job, audit_action="data.read", audit_dataset=record.dataset,
-                                  audit_file=record.path,
-                                  details={"first_open": record.first_open.isoformat()}))
+                report(
+                    SiteReport(
+                        job,
+                        audit_action="data.read",
+                        audit_dataset=record.dataset,
+                        audit_file=record.path,
+                        details={"first_open": record.first_open.isoformat()},
+                    )
+                )
 
             ledger = stack.enter_context(AccessLedger.for_staging(staging, on_first_open=on_read))
-            output = stack.enter_context(_mounts.tmpfs(
-                run_dir / "output", size_bytes=self.limits.output_bytes, owner=(10001, 10001)))
+            output = stack.enter_context(
+                _mounts.tmpfs(
+                    run_dir / "output", size_bytes=self.limits.output_bytes, owner=(10001, 10001)
+                )
+            )
             if self._is_cancelled(job):
                 report(SiteReport(job, state=JobState.CANCELLED, reason="cancelled"))
                 return
             cspec = job_container(
-                spec, job_id=job, image=self.image, limits=self.limits,
+                spec,
+                job_id=job,
+                image=self.image,
+                limits=self.limits,
                 data={n: staging.path(n) for n, _ in order.datasets},
-                model_dir=model.path, code_dir=code_dir, output=output,
-                labels=self.labels)
+                model_dir=model.path,
+                code_dir=code_dir,
+                output=output,
+                labels=self.labels,
+            )
             handle = self.runtime.prepare(cspec)
             stack.callback(self.runtime.cleanup, handle)
             with self._lock:
@@ -259,21 +317,47 @@ class SiteAgent:
             self.runtime.start(handle)
             if self._is_cancelled(job):  # cancelled while it started: cancel found no container
                 self.runtime.stop(handle)  # running yet, so stop it here
-            report(SiteReport(job, state=JobState.RUNNING, image_id=self.image,
-                              reason="running in the enclave", audit_action="container.start",
-                              details={"image": self.image, "gpus": cspec.gpus,
-                                       "memory_bytes": cspec.memory_bytes}))
+            report(
+                SiteReport(
+                    job,
+                    state=JobState.RUNNING,
+                    image_id=self.image,
+                    reason="running in the enclave",
+                    audit_action="container.start",
+                    details={
+                        "image": self.image,
+                        "gpus": cspec.gpus,
+                        "memory_bytes": cspec.memory_bytes,
+                    },
+                )
+            )
             with _progress(output / "metrics.jsonl", job, report):
                 status = self.runtime.wait(handle, timeout_s=spec.resources.timeout_s)
             self._keep_logs(job, run_dir, self.runtime.logs(handle, max_bytes=MAX_LOG_BYTES))
             summary = ledger.stop()
             if not summary.complete:
-                report(SiteReport(job, audit_action="data.read", audit_outcome="error",
-                                  details={"reason": "the access ledger lost events (queue "
-                                           "overflow): reads may be missing"}))
-            report(SiteReport(job, audit_action="container.stop",
-                              details={"state": status.state.value, "exit_code": status.exit_code,
-                                       "reason": status.reason}))
+                report(
+                    SiteReport(
+                        job,
+                        audit_action="data.read",
+                        audit_outcome="error",
+                        details={
+                            "reason": "the access ledger lost events (queue "
+                            "overflow): reads may be missing"
+                        },
+                    )
+                )
+            report(
+                SiteReport(
+                    job,
+                    audit_action="container.stop",
+                    details={
+                        "state": status.state.value,
+                        "exit_code": status.exit_code,
+                        "reason": status.reason,
+                    },
+                )
+            )
             if self._is_cancelled(job):
                 report(SiteReport(job, state=JobState.CANCELLED, reason="cancelled"))
                 return
@@ -283,9 +367,17 @@ class SiteAgent:
             report(SiteReport(job, state=JobState.CHECKING, reason="release gate"))
             self._gate(order, report, run_dir, output, rules, model.path, model.layout, versions)
 
-    def _gate(self, order: RunOrder, report: Report, run_dir: Path, output: Path,
-              rules: list[tuple[str, ReleaseRules]], model_dir: Path, layout: Any,
-              versions: list[VaultVersion]) -> None:
+    def _gate(
+        self,
+        order: RunOrder,
+        report: Report,
+        run_dir: Path,
+        output: Path,
+        rules: list[tuple[str, ReleaseRules]],
+        model_dir: Path,
+        layout: Any,
+        versions: list[VaultVersion],
+    ) -> None:
         """Run the gate once per dataset's rules; release only if every run passes."""
         job = order.job_id
         form = self._release_form(order, report, model_dir, versions)
@@ -300,55 +392,103 @@ class SiteAgent:
                 # purpose (it samples windows from them): that warning is noise here.
                 hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
                 tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-                texts = [data.decode("utf-8", "replace") for v in versions if v.name == dataset
-                         for _, data in self.vault.iter_plaintext(v)]
-                report(SiteReport(job, audit_action="data.gate-read", audit_dataset=dataset,
-                                  details={"purpose": "memorization check", "files": len(texts)}))
+                texts = [
+                    data.decode("utf-8", "replace")
+                    for v in versions
+                    if v.name == dataset
+                    for _, data in self.vault.iter_plaintext(v)
+                ]
+                report(
+                    SiteReport(
+                        job,
+                        audit_action="data.gate-read",
+                        audit_dataset=dataset,
+                        details={"purpose": "memorization check", "files": len(texts)},
+                    )
+                )
                 memo = MemorizationInputs(model_dir=model_dir, tokenizer=tokenizer, texts=texts)
-            dp = (DPInputs(spent=order.epsilon_spent.get(dataset, 0.0))
-                  if CheckName.DP in r.checks else None)
-            result = run_gate(output, rules=r, base_layout=layout, form=form,
-                              dest_dir=run_dir / f"gate-{dataset}", memorization=memo, dp=dp)
+            dp = (
+                DPInputs(spent=order.epsilon_spent.get(dataset, 0.0))
+                if CheckName.DP in r.checks
+                else None
+            )
+            result = run_gate(
+                output,
+                rules=r,
+                base_layout=layout,
+                form=form,
+                dest_dir=run_dir / f"gate-{dataset}",
+                memorization=memo,
+                dp=dp,
+            )
             for check in result.checks:
-                report(SiteReport(job, audit_action="release.check", audit_dataset=dataset,
-                                  audit_outcome="ok" if check.passed else "denied",
-                                  details={"check": str(check.name),
-                                           "outcome": str(check.outcome),
-                                           "reasons": list(check.reasons),
-                                           "figures": _jsonable(check.figures)}))
+                report(
+                    SiteReport(
+                        job,
+                        audit_action="release.check",
+                        audit_dataset=dataset,
+                        audit_outcome="ok" if check.passed else "denied",
+                        details={
+                            "check": str(check.name),
+                            "outcome": str(check.outcome),
+                            "reasons": list(check.reasons),
+                            "figures": _jsonable(check.figures),
+                        },
+                    )
+                )
             gates[dataset] = result
-        refused = [f"{d}: {c.name}: {', '.join(c.reasons) or c.outcome}"
-                   for d, g in gates.items() for c in g.checks if not c.passed]
+        refused = [
+            f"{d}: {c.name}: {', '.join(c.reasons) or c.outcome}"
+            for d, g in gates.items()
+            for c in g.checks
+            if not c.passed
+        ]
         if refused:
-            report(SiteReport(job, state=JobState.REJECTED,
-                              reason="release refused: " + "; ".join(refused)))
+            report(
+                SiteReport(
+                    job, state=JobState.REJECTED, reason="release refused: " + "; ".join(refused)
+                )
+            )
             return
         context = ReleaseContext(
             job_id=job,
             spec_sha256=order.spec_sha256,
             bundle_sha256=order.bundle_sha256 or None,
             image_id=self.image,
-            datasets={v.name: ProvenanceVersion(version=v.version, root_hash=v.root_hash)
-                      for v in versions},
+            datasets={
+                v.name: ProvenanceVersion(version=v.version, root_hash=v.root_hash)
+                for v in versions
+            },
             policy_versions=dict(order.policy_versions),
             approval_binding=order.approval_binding,
             approvals=tuple(order.approvals),
             audit=AuditPosition(seq=order.audit_position),
         )
         try:
-            signed = sign_release(gates, context=context, signer=SiteSigner.from_files(
-                cert=self.signer.cert, key=self.signer.key))
+            signed = sign_release(
+                gates,
+                context=context,
+                signer=SiteSigner.from_files(cert=self.signer.cert, key=self.signer.key),
+            )
         except ReleaseRefused as e:
             report(SiteReport(job, state=JobState.REJECTED, reason=str(e)))
             return
         metrics = json.loads((signed.directory / "metrics.json").read_text())
-        report(SiteReport(job, state=JobState.RELEASED, reason="released",
-                          metrics={k: float(v) for k, v in metrics.items()},
-                          release_dir=signed.directory, audit_action="release.sign",
-                          details={"manifest_sha256": signed.manifest_sha256}))
+        report(
+            SiteReport(
+                job,
+                state=JobState.RELEASED,
+                reason="released",
+                metrics={k: float(v) for k, v in metrics.items()},
+                release_dir=signed.directory,
+                audit_action="release.sign",
+                details={"manifest_sha256": signed.manifest_sha256},
+            )
+        )
 
-    def _release_form(self, order: RunOrder, report: Report, model_dir: Path,
-                      versions: list[VaultVersion]) -> ReleaseForm | None:
+    def _release_form(
+        self, order: RunOrder, report: Report, model_dir: Path, versions: list[VaultVersion]
+    ) -> ReleaseForm | None:
         """What a built-in trainer's release is, from the approved spec and the site's own
         copy of the base model (and, for a classifier without given labels, the data): never
         from the job's output. None for custom code, whose release is the base layout."""
@@ -359,19 +499,29 @@ class SiteAgent:
         def dataset_files() -> Iterator[tuple[str, bytes]]:
             for v in versions:
                 files = [(e, d) for e, d in self.vault.iter_plaintext(v) if labelled_file(e.path)]
-                report(SiteReport(order.job_id, audit_action="data.gate-read",
-                                  audit_dataset=v.name,
-                                  details={"purpose": "classifier labels", "files": len(files)}))
+                report(
+                    SiteReport(
+                        order.job_id,
+                        audit_action="data.gate-read",
+                        audit_dataset=v.name,
+                        details={"purpose": "classifier labels", "files": len(files)},
+                    )
+                )
                 yield from ((e.path, d) for e, d in files)
 
         try:
-            expected = expected_release(spec.trainer, dict(spec.hyperparameters),
-                                        model_dir=model_dir, dataset_files=dataset_files)
+            expected = expected_release(
+                spec.trainer,
+                dict(spec.hyperparameters),
+                model_dir=model_dir,
+                dataset_files=dataset_files,
+            )
         except TrainerError as e:
             # The job ran to completion under these very hyperparameters and data: the site
             # and the trainer disagree, which is the system's fault, not the job's.
-            raise SiteError(f"the release of trainer {spec.trainer!r} cannot be computed: "
-                            f"{type(e).__name__}") from e
+            raise SiteError(
+                f"the release of trainer {spec.trainer!r} cannot be computed: {type(e).__name__}"
+            ) from e
         return ReleaseForm(ReleaseKind(expected.kind), expected.layout, expected.config)
 
     def _rules(self, order: RunOrder) -> list[tuple[str, ReleaseRules]]:
@@ -440,8 +590,13 @@ def job_container(
 ) -> ContainerSpec:
     """The container one job runs in: the spec's resources within the site's limits, the data,
     model and code read-only at the contract's paths, the job's configuration in its env."""
-    config = JobConfig(job_id=job_id, trainer=spec.trainer, datasets=tuple(data),
-                       hyperparameters=dict(spec.hyperparameters), entrypoint=spec.entrypoint)
+    config = JobConfig(
+        job_id=job_id,
+        trainer=spec.trainer,
+        datasets=tuple(data),
+        hyperparameters=dict(spec.hyperparameters),
+        entrypoint=spec.entrypoint,
+    )
     return ContainerSpec(
         image=image,
         job_id=job_id,
@@ -507,8 +662,11 @@ def _progress(path: Path, job_id: str, report: Report) -> Iterator[None]:
         t.join(timeout=5)
 
 
-def _read_progress(path: Path, offset: int, last: tuple[int, int, float] | None,
-                   ) -> tuple[tuple[int, int, float] | None, int]:
+def _read_progress(
+    path: Path,
+    offset: int,
+    last: tuple[int, int, float] | None,
+) -> tuple[tuple[int, int, float] | None, int]:
     try:
         with path.open("rb") as f:
             f.seek(offset)
@@ -527,4 +685,3 @@ def _read_progress(path: Path, offset: int, last: tuple[int, int, float] | None,
         if 0 <= step <= 10**9 and 0 <= total <= 10**9 and math.isfinite(loss):
             last = (step, total, round(loss, 4))
     return last, offset + end + 1
-

@@ -50,8 +50,12 @@ class TryResult:
 
     @property
     def would_release(self) -> bool:
-        return (self.state == RunState.EXITED.value and self.exit_code == 0 and bool(self.checks)
-                and all(c.passed for c in self.checks))
+        return (
+            self.state == RunState.EXITED.value
+            and self.exit_code == 0
+            and bool(self.checks)
+            and all(c.passed for c in self.checks)
+        )
 
 
 def try_run(
@@ -85,9 +89,16 @@ def try_run(
             os.chown(output, uid, gid)
             os.chmod(output, 0o700)
         cspec = job_container(
-            spec, job_id=job_id, image=runtime.resolve_image(image), limits=limits,
-            data=dict(mocks), model_dir=model_dir, code_dir=code, output=output,
-            labels={"org.sealroom.try": "true"})
+            spec,
+            job_id=job_id,
+            image=runtime.resolve_image(image),
+            limits=limits,
+            data=dict(mocks),
+            model_dir=model_dir,
+            code_dir=code,
+            output=output,
+            labels={"org.sealroom.try": "true"},
+        )
         handle = runtime.prepare(cspec)
         try:
             runtime.start(handle)
@@ -101,14 +112,18 @@ def try_run(
             layout = layout_from_files(sorted(model_dir.glob("*.safetensors")))
             for name, r in rules.items():
                 without = dataclasses.replace(
-                    r, checks=frozenset(r.checks - {CheckName.MEMORIZATION}), memorization=None)
+                    r, checks=frozenset(r.checks - {CheckName.MEMORIZATION}), memorization=None
+                )
                 dp = DPInputs(spent=0.0) if CheckName.DP in r.checks else None
-                result = run_gate(output, rules=without, base_layout=layout,
-                                  dest_dir=work / f"gate-{name}", dp=dp)
-                checks += [TryCheck(name, str(c.name), c.passed, tuple(c.reasons))
-                           for c in result.checks]
+                result = run_gate(
+                    output, rules=without, base_layout=layout, dest_dir=work / f"gate-{name}", dp=dp
+                )
+                checks += [
+                    TryCheck(name, str(c.name), c.passed, tuple(c.reasons)) for c in result.checks
+                ]
                 m = work / f"gate-{name}" / "metrics.json"
                 if m.exists():
                     metrics = {k: float(v) for k, v in json.loads(m.read_text()).items()}
-        return TryResult(status.state.value, status.exit_code, status.reason, logs,
-                         tuple(checks), metrics)
+        return TryResult(
+            status.state.value, status.exit_code, status.reason, logs, tuple(checks), metrics
+        )

@@ -85,22 +85,29 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             try:
                 principal = principal_of(context)
             except PermissionDenied as e:
-                self._audit(Principal("unknown", Role.SITE), action, outcome="denied",
-                            details={"reason": str(e)})
+                self._audit(
+                    Principal("unknown", Role.SITE),
+                    action,
+                    outcome="denied",
+                    details={"reason": str(e)},
+                )
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
                 raise  # abort raises; this line keeps type checkers honest
             if principal.role not in roles:
-                reason = (
-                    f"role {principal.role} may not call {name}"
-                    + (f" (allowed: {', '.join(sorted(r.value for r in roles))})" if roles else "")
+                reason = f"role {principal.role} may not call {name}" + (
+                    f" (allowed: {', '.join(sorted(r.value for r in roles))})" if roles else ""
                 )
                 self._audit(principal, action, outcome="denied", details={"reason": reason})
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
             return principal
 
         def fail(context: grpc.ServicerContext, principal: Principal, err: SealroomError) -> None:
-            self._audit(principal, action, outcome="error",
-                        details={"error": type(err).__name__, "message": str(err)})
+            self._audit(
+                principal,
+                action,
+                outcome="error",
+                details={"error": type(err).__name__, "message": str(err)},
+            )
             context.abort(status_for(err), str(err))
 
         def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
@@ -137,16 +144,24 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                unary(handler.unary_unary), handler.request_deserializer,
-                handler.response_serializer)
+                unary(handler.unary_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                unary(handler.stream_unary), handler.request_deserializer,
-                handler.response_serializer)
+                unary(handler.stream_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                streaming(handler.unary_stream), handler.request_deserializer,
-                handler.response_serializer)
+                streaming(handler.unary_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
         return grpc.stream_stream_rpc_method_handler(
-            streaming(handler.stream_stream), handler.request_deserializer,
-            handler.response_serializer)
+            streaming(handler.stream_stream),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )

@@ -118,8 +118,9 @@ class _Reader(io.RawIOBase):
         sealed = self._f.read(_LEN.unpack(head)[0]) if len(head) == _LEN.size else b""
         i = self._index
         try:
-            block = self._aead.decrypt(i.to_bytes(12, "little"), sealed,
-                                       _aad(i, i == self._blocks - 1))
+            block = self._aead.decrypt(
+                i.to_bytes(12, "little"), sealed, _aad(i, i == self._blocks - 1)
+            )
         except InvalidTag as e:
             raise InvalidInput(f"the spooled upload was changed on disk (block {i})") from e
         self._index += 1

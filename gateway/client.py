@@ -63,11 +63,17 @@ def pack_directory(src: Path, dest: Path, *, gzip: bool) -> Path:
 class Client:
     def __init__(self, address: str, identity: IdentityFiles, *, timeout_s: float = 60.0) -> None:
         cert, key, ca = identity.read()
-        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
-                                             certificate_chain=cert)
-        self._channel = grpc.secure_channel(address, creds, options=[
-            ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-            ("grpc.max_send_message_length", 8 * 1024 * 1024)])
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=key, certificate_chain=cert
+        )
+        self._channel = grpc.secure_channel(
+            address,
+            creds,
+            options=[
+                ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+                ("grpc.max_send_message_length", 8 * 1024 * 1024),
+            ],
+        )
         self._stub = pb_grpc.GatewayStub(self._channel)
         self.timeout_s = timeout_s
 
@@ -86,8 +92,9 @@ class Client:
         except grpc.RpcError as e:
             raise error_for(e.code(), e.details() or str(e.code())) from e
 
-    def _stream(self, fn: Callable[..., Iterator[T]], request: Any,
-                timeout: float | None = None) -> Iterator[T]:
+    def _stream(
+        self, fn: Callable[..., Iterator[T]], request: Any, timeout: float | None = None
+    ) -> Iterator[T]:
         try:
             yield from fn(request, timeout=timeout)
         except grpc.RpcError as e:
@@ -112,10 +119,14 @@ class Client:
     def register_dataset(self, name: str, source: Path, *, description: str = "") -> pb.Dataset:
         """Register a directory (packed as tar) or a tar archive as the next version."""
         with tempfile.TemporaryDirectory() as tmp:
-            archive = source if source.is_file() else pack_directory(
-                source, Path(tmp) / "dataset.tar", gzip=False)
-            header = pb.RegisterDatasetHeader(name=name, description=description,
-                                              archive_sha256=_sha256_file(archive))
+            archive = (
+                source
+                if source.is_file()
+                else pack_directory(source, Path(tmp) / "dataset.tar", gzip=False)
+            )
+            header = pb.RegisterDatasetHeader(
+                name=name, description=description, archive_sha256=_sha256_file(archive)
+            )
 
             def messages() -> Iterator[pb.RegisterDatasetChunk]:
                 yield pb.RegisterDatasetChunk(header=header)
@@ -127,16 +138,19 @@ class Client:
         return list(self._call(self._stub.ListDatasets, pb.ListDatasetsRequest()).datasets)
 
     def put_policy(self, dataset: str, document: str) -> pb.Policy:
-        return self._call(self._stub.PutPolicy,
-                          pb.PutPolicyRequest(dataset=dataset, document=document))
+        return self._call(
+            self._stub.PutPolicy, pb.PutPolicyRequest(dataset=dataset, document=document)
+        )
 
     def policy(self, dataset: str, version: int = 0) -> pb.Policy:
-        return self._call(self._stub.GetPolicy,
-                          pb.GetPolicyRequest(dataset=dataset, version=version))
+        return self._call(
+            self._stub.GetPolicy, pb.GetPolicyRequest(dataset=dataset, version=version)
+        )
 
     def policy_versions(self, dataset: str) -> list[pb.Policy]:
-        return list(self._call(self._stub.ListPolicyVersions,
-                               pb.GetPolicyRequest(dataset=dataset)).versions)
+        return list(
+            self._call(self._stub.ListPolicyVersions, pb.GetPolicyRequest(dataset=dataset)).versions
+        )
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -145,8 +159,11 @@ class Client:
         with tempfile.TemporaryDirectory() as tmp:
             archive = None
             if bundle is not None:
-                archive = bundle if bundle.is_file() else pack_directory(
-                    bundle, Path(tmp) / "bundle.tar.gz", gzip=True)
+                archive = (
+                    bundle
+                    if bundle.is_file()
+                    else pack_directory(bundle, Path(tmp) / "bundle.tar.gz", gzip=True)
+                )
             # Hashed as it is sent (one read of the bundle), then held against the hash the
             # gateway recorded for the job: a bundle changed on the way is caught either way.
             sent = hashlib.sha256()
@@ -160,8 +177,10 @@ class Client:
 
             job: pb.Job = self._call(self._stub.SubmitJob, messages(), timeout=None)
             if archive is not None and job.bundle_sha256 != sent.hexdigest():
-                raise IntegrityError(f"the gateway recorded bundle {job.bundle_sha256} for job "
-                                   f"{job.id}, but {sent.hexdigest()} was sent")
+                raise IntegrityError(
+                    f"the gateway recorded bundle {job.bundle_sha256} for job "
+                    f"{job.id}, but {sent.hexdigest()} was sent"
+                )
             return job
 
     def job(self, job_id: str) -> pb.Job:
@@ -171,8 +190,9 @@ class Client:
         return list(self._call(self._stub.ListJobs, pb.ListJobsRequest(state=state)).jobs)
 
     def decide(self, job_id: str, *, approve: bool, reason: str = "") -> pb.Job:
-        return self._call(self._stub.DecideJob,
-                          pb.DecideJobRequest(job_id=job_id, approve=approve, reason=reason))
+        return self._call(
+            self._stub.DecideJob, pb.DecideJobRequest(job_id=job_id, approve=approve, reason=reason)
+        )
 
     def cancel(self, job_id: str, reason: str = "") -> pb.Job:
         return self._call(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id, reason=reason))
@@ -201,8 +221,9 @@ class Client:
             if h.hexdigest() != expected:
                 raise IntegrityError(f"{path.name}: sha256 {h.hexdigest()} != sent {expected}")
 
-        for chunk in self._stream(self._stub.DownloadRelease,
-                                  pb.DownloadReleaseRequest(job_id=job_id)):
+        for chunk in self._stream(
+            self._stub.DownloadRelease, pb.DownloadReleaseRequest(job_id=job_id)
+        ):
             if chunk.WhichOneof("part") == "file":
                 finish()
                 rel = PurePosixPath(chunk.file.path)
@@ -235,12 +256,15 @@ class Client:
         return self._call(self._stub.GetCheckpoint, pb.GetCheckpointRequest(fresh=fresh))
 
     def audit_inclusion_proof(self, seq: int, tree_size: int = 0) -> pb.Proof:
-        return self._call(self._stub.GetInclusionProof,
-                          pb.InclusionProofRequest(seq=seq, tree_size=tree_size))
+        return self._call(
+            self._stub.GetInclusionProof, pb.InclusionProofRequest(seq=seq, tree_size=tree_size)
+        )
 
     def audit_consistency_proof(self, old_size: int, new_size: int = 0) -> pb.Proof:
-        return self._call(self._stub.GetConsistencyProof,
-                          pb.ConsistencyProofRequest(old_size=old_size, new_size=new_size))
+        return self._call(
+            self._stub.GetConsistencyProof,
+            pb.ConsistencyProofRequest(old_size=old_size, new_size=new_size),
+        )
 
     def audit_report(self, dataset: str) -> pb.AuditReportResponse:
         return self._call(self._stub.AuditReport, pb.AuditReportRequest(dataset=dataset))

@@ -237,8 +237,11 @@ class Gateway:
             principal,
             "dataset.register",
             dataset=f"{name}@v{record.version}",
-            details={"root_hash": record.root_hash, "files": len(record.files),
-                     "size": record.size},
+            details={
+                "root_hash": record.root_hash,
+                "files": len(record.files),
+                "size": record.size,
+            },
         )
         return record
 
@@ -246,8 +249,11 @@ class Gateway:
         """Re-wrap the site's data keys under a new site key (operator); audited with the new
         key's id and how many data keys were re-wrapped."""
         key_id, count = self.site.rotate_key()
-        self.record(principal, "site.key_rotated",
-                    details={"site": self.site.name, "key_id": key_id, "dataset_versions": count})
+        self.record(
+            principal,
+            "site.key_rotated",
+            details={"site": self.site.name, "key_id": key_id, "dataset_versions": count},
+        )
         return key_id, count
 
     def datasets(self, *, principal: Principal) -> list[DatasetRecord]:
@@ -342,8 +348,13 @@ class Gateway:
             datasets=pinned,
             policy_versions=policy_versions,
             reasons=tuple(str(r) for r in decision.reasons),
-            binding=self._binding(job_id, spec.digest(), bundle_sha256, pinned,
-                                  [doc.ref() for _, doc in policies.values()]).digest(),
+            binding=self._binding(
+                job_id,
+                spec.digest(),
+                bundle_sha256,
+                pinned,
+                [doc.ref() for _, doc in policies.values()],
+            ).digest(),
         )
         job = self.store.add_job(job)
         self.record(
@@ -366,17 +377,16 @@ class Gateway:
             details=decision.to_dict(),
         )
         if decision.outcome is access.Outcome.DENY:
-            return self._transition(job_id, JobState.DENIED,
-                                    reason="; ".join(str(r) for r in decision.reasons))
+            return self._transition(
+                job_id, JobState.DENIED, reason="; ".join(str(r) for r in decision.reasons)
+            )
         if decision.outcome is access.Outcome.AUTO_APPROVE:
             self._transition(job_id, JobState.APPROVED, reason="approved under the policy")
             self._enqueue(job_id)
             return self.store.job(job_id)
         return self._transition(job_id, JobState.PENDING_APPROVAL, reason="waiting for owners")
 
-    def decide(
-        self, *, principal: Principal, job_id: str, approve: bool, reason: str
-    ) -> JobRecord:
+    def decide(self, *, principal: Principal, job_id: str, approve: bool, reason: str) -> JobRecord:
         job = self.store.job(job_id)
         owned = [d.name for d in job.datasets if self._owner(d.name) == principal.name]
         if not owned:
@@ -402,8 +412,11 @@ class Gateway:
             details={"binding": job.binding, "reason": reason, "datasets": owned},
         )
         if not approve:
-            return self._transition(job_id, JobState.DENIED, reason=f"denied by {principal.name}"
-                                    + (f": {reason}" if reason else ""))
+            return self._transition(
+                job_id,
+                JobState.DENIED,
+                reason=f"denied by {principal.name}" + (f": {reason}" if reason else ""),
+            )
         if self._approval_status(job, requirements) is approval.ApprovalStatus.APPROVED:
             self._transition(job_id, JobState.APPROVED, reason="approved by the owners")
             self._enqueue(job_id)
@@ -479,8 +492,9 @@ class Gateway:
         path = self._releases / job_id
         if not path.is_dir():
             raise NotFound(f"the release of job {job_id} is missing from the release store")
-        self.record(principal, "release.download", job_id=job_id,
-                    details={"release_id": job.release_id})
+        self.record(
+            principal, "release.download", job_id=job_id, details={"release_id": job.release_id}
+        )
         return path
 
     # -- internals --------------------------------------------------------------------------
@@ -521,9 +535,7 @@ class Gateway:
             out[name] = (rec, document.parse_policy(rec.document, version=rec.version))
         return out
 
-    def _policies_at(
-        self, versions: Mapping[str, int]
-    ) -> dict[str, document.PolicyDocument]:
+    def _policies_at(self, versions: Mapping[str, int]) -> dict[str, document.PolicyDocument]:
         return {
             name: document.parse_policy(self.store.policy(name, v).document, version=v)
             for name, v in versions.items()
@@ -561,11 +573,13 @@ class Gateway:
     def _requirements(self, job: JobRecord) -> tuple[access.ApprovalRequirement, ...]:
         spec = parse_spec(job.spec)
         submitter = Principal(job.submitter, Role.MODEL_TEAM, job.team)
-        decision = self._decide(spec, submitter, job.datasets,
-                                self._current_policies([d.name for d in job.datasets]))
+        decision = self._decide(
+            spec, submitter, job.datasets, self._current_policies([d.name for d in job.datasets])
+        )
         if decision.outcome is access.Outcome.DENY:
-            raise PolicyViolation("the job is now denied by policy",
-                                  reasons=tuple(str(r) for r in decision.reasons))
+            raise PolicyViolation(
+                "the job is now denied by policy", reasons=tuple(str(r) for r in decision.reasons)
+            )
         return decision.approvals
 
     def _approval_status(
@@ -666,27 +680,46 @@ class Gateway:
                 policies = self._current_policies([d.name for d in job.datasets])
                 decision = self._decide(parse_spec(job.spec), submitter, job.datasets, policies)
                 versions = {n: r.version for n, (r, _) in policies.items()}
-                binding = self._binding(job.id, job.spec_sha256, job.bundle_sha256, job.datasets,
-                                        [doc.ref() for _, doc in policies.values()]).digest()
-                self.record(SYSTEM, "policy.reevaluate", job_id=job.id,
-                            outcome=decision.outcome.value, details=decision.to_dict())
+                binding = self._binding(
+                    job.id,
+                    job.spec_sha256,
+                    job.bundle_sha256,
+                    job.datasets,
+                    [doc.ref() for _, doc in policies.values()],
+                ).digest()
+                self.record(
+                    SYSTEM,
+                    "policy.reevaluate",
+                    job_id=job.id,
+                    outcome=decision.outcome.value,
+                    details=decision.to_dict(),
+                )
                 if decision.outcome is access.Outcome.DENY:
-                    self._transition(job.id, JobState.DENIED,
-                                     reason="; ".join(str(r) for r in decision.reasons))
+                    self._transition(
+                        job.id, JobState.DENIED, reason="; ".join(str(r) for r in decision.reasons)
+                    )
                 elif decision.outcome is access.Outcome.AUTO_APPROVE:
                     # Approved under the new version by the policy itself: a waiting job goes
                     # ahead, an approved one keeps its place, both bound to the new version.
                     if state is JobState.PENDING_APPROVAL:
-                        self._transition(job.id, JobState.APPROVED,
-                                         reason=f"approved under the new policy of {dataset}",
-                                         policy_versions=versions, binding=binding)
+                        self._transition(
+                            job.id,
+                            JobState.APPROVED,
+                            reason=f"approved under the new policy of {dataset}",
+                            policy_versions=versions,
+                            binding=binding,
+                        )
                         self._enqueue(job.id)
                     else:
                         self.store.update_job(job.id, policy_versions=versions, binding=binding)
                 elif state is not JobState.PENDING_APPROVAL:
-                    self._transition(job.id, JobState.PENDING_APPROVAL,
-                                     reason=f"the policy of {dataset} changed: approve again",
-                                     policy_versions=versions, binding=binding)
+                    self._transition(
+                        job.id,
+                        JobState.PENDING_APPROVAL,
+                        reason=f"the policy of {dataset} changed: approve again",
+                        policy_versions=versions,
+                        binding=binding,
+                    )
                 else:
                     self.store.update_job(job.id, policy_versions=versions, binding=binding)
 
@@ -715,26 +748,41 @@ class Gateway:
         bundle = self._bundles / f"{job.bundle_sha256}.tar.gz" if job.bundle_sha256 else None
         try:
             approved_at = max(
-                (dt.datetime.fromisoformat(a.created_at) for a in self.store.approvals(job_id)
-                 if a.decision == "approve" and a.binding == job.binding),
+                (
+                    dt.datetime.fromisoformat(a.created_at)
+                    for a in self.store.approvals(job_id)
+                    if a.decision == "approve" and a.binding == job.binding
+                ),
                 default=dt.datetime.fromisoformat(job.created_at),
             )
             approved = self._binding(
-                job.id, job.spec_sha256, job.bundle_sha256, job.datasets,
-                [d.ref() for d in self._policies_at(job.policy_versions).values()])
+                job.id,
+                job.spec_sha256,
+                job.bundle_sha256,
+                job.datasets,
+                [d.ref() for d in self._policies_at(job.policy_versions).values()],
+            )
             current = self._binding(
-                job.id, parse_spec(job.spec).digest(),
+                job.id,
+                parse_spec(job.spec).digest(),
                 _sha256_file(bundle) if bundle is not None else "",
-                job.datasets, [doc.ref() for _, doc in policies.values()])
+                job.datasets,
+                [doc.ref() for _, doc in policies.values()],
+            )
             if approved.digest() != job.binding:
                 raise PolicyViolation("the job's recorded binding does not match its record")
             approval.verify_binding(
-                approved=approved, current=current, now=_now(),
+                approved=approved,
+                current=current,
+                now=_now(),
                 expires_at=approval.approval_expiry(
-                    policies=[doc for _, doc in policies.values()], approved_at=approved_at))
+                    policies=[doc for _, doc in policies.values()], approved_at=approved_at
+                ),
+            )
         except PolicyViolation as e:
-            self.record(SYSTEM, "job.binding", job_id=job_id, outcome="denied",
-                        details={"reason": str(e)})
+            self.record(
+                SYSTEM, "job.binding", job_id=job_id, outcome="denied", details={"reason": str(e)}
+            )
             self._transition(job_id, JobState.ERROR, reason=f"the approval no longer applies: {e}")
             return
         order = RunOrder(
@@ -747,8 +795,9 @@ class Gateway:
             policy_versions=dict(job.policy_versions),
             policy_documents={n: r.document for n, (r, _) in policies.items()},
             approval_binding=job.binding,
-            approvals=tuple(a.owner for a in self.store.approvals(job_id)
-                            if a.decision == "approve"),
+            approvals=tuple(
+                a.owner for a in self.store.approvals(job_id) if a.decision == "approve"
+            ),
             audit_position=self.audit.size(),
             epsilon_spent=self._epsilon_spent([d.name for d in job.datasets]),
         )
@@ -764,13 +813,20 @@ class Gateway:
         job_id = report.job_id
         if report.audit_action:
             site = Principal(name=self.site.name, role=Role.SITE)
-            self.record(site, report.audit_action, outcome=report.audit_outcome, job_id=job_id,
-                        dataset=report.audit_dataset or None, file=report.audit_file or None,
-                        details=report.details)
+            self.record(
+                site,
+                report.audit_action,
+                outcome=report.audit_outcome,
+                job_id=job_id,
+                dataset=report.audit_dataset or None,
+                file=report.audit_file or None,
+                details=report.details,
+            )
         if report.progress is not None:
             job = self.store.job(job_id)
-            self._events.publish(JobEvent(job_id, job.state, progress=report.progress,
-                                          time=utcnow()))
+            self._events.publish(
+                JobEvent(job_id, job.state, progress=report.progress, time=utcnow())
+            )
         if report.state is None:
             return
         changes: dict[str, Any] = {}
@@ -790,8 +846,13 @@ class Gateway:
         try:
             self._transition(job_id, report.state, reason=report.reason, **changes)
         except InvalidState as e:  # e.g. a late report for a job that has already ended
-            self.record(SYSTEM, "site.report", outcome="error", job_id=job_id,
-                        details={"state": report.state.value, "error": str(e)})
+            self.record(
+                SYSTEM,
+                "site.report",
+                outcome="error",
+                job_id=job_id,
+                details={"state": report.state.value, "error": str(e)},
+            )
 
 
 def check_trainer(spec: JobSpec) -> None:
@@ -806,8 +867,10 @@ def check_trainer(spec: JobSpec) -> None:
     entry = TRAINERS.get(spec.trainer)
     if entry is None:
         known = ", ".join(sorted(TRAINERS))
-        raise SpecError(f"trainer: unknown trainer {spec.trainer!r}; built-in: {known}, or "
-                        "custom with an entrypoint")
+        raise SpecError(
+            f"trainer: unknown trainer {spec.trainer!r}; built-in: {known}, or "
+            "custom with an entrypoint"
+        )
     try:
         entry.validate(spec.hyperparameters)
     except ConfigError as e:
@@ -829,11 +892,18 @@ def _sha256_file(path: Path) -> str:
 def job_summary(job: JobRecord) -> dict[str, Any]:
     """A JSON-able view of a job (for the CLI's --json and for logs)."""
     return {
-        "id": job.id, "name": job.name, "state": job.state.value, "submitter": job.submitter,
-        "spec_sha256": job.spec_sha256, "bundle_sha256": job.bundle_sha256,
+        "id": job.id,
+        "name": job.name,
+        "state": job.state.value,
+        "submitter": job.submitter,
+        "spec_sha256": job.spec_sha256,
+        "bundle_sha256": job.bundle_sha256,
         "datasets": [f"{d.name}@v{d.version}" for d in job.datasets],
-        "policy_versions": dict(job.policy_versions), "reasons": list(job.reasons),
-        "image_id": job.image_id, "metrics": dict(job.metrics), "release_id": job.release_id,
-        "created_at": job.created_at, "updated_at": job.updated_at,
+        "policy_versions": dict(job.policy_versions),
+        "reasons": list(job.reasons),
+        "image_id": job.image_id,
+        "metrics": dict(job.metrics),
+        "release_id": job.release_id,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
     }
-

@@ -100,8 +100,10 @@ def run_demo(*, workdir: Path | None, keep: bool, as_json: bool, steps: int = 40
             data_dir = tmp / "books"
             write_corpus(data_dir, documents=24, seed=7)
             ds = owner.register_dataset("books", data_dir, description="generated novels")
-            console.print(f"   books v{ds.version}: {len(ds.files)} files, {ds.size} bytes, "
-                          f"root {ds.root_hash[:16]}")
+            console.print(
+                f"   books v{ds.version}: {len(ds.files)} files, {ds.size} bytes, "
+                f"root {ds.root_hash[:16]}"
+            )
             pol = owner.put_policy("books", policy_text())
             console.print(f"   policy v{pol.version} ({pol.sha256[:16]})")
 
@@ -121,11 +123,16 @@ def run_demo(*, workdir: Path | None, keep: bool, as_json: bool, steps: int = 40
                         console.print(f"   step {p.step}/{p.total} loss {p.loss:.3f}")
                 elif event.state != last_state:
                     last_state = event.state
-                    console.print(f"   {event.state}" + (f": {event.reason}" if event.reason
-                                                          else ""))
+                    console.print(
+                        f"   {event.state}" + (f": {event.reason}" if event.reason else "")
+                    )
             job = team.job(job.id)
-            summary["job"] = {"id": job.id, "state": job.state, "metrics": dict(job.metrics),
-                              "image_id": job.image_id}
+            summary["job"] = {
+                "id": job.id,
+                "state": job.state,
+                "metrics": dict(job.metrics),
+                "image_id": job.image_id,
+            }
             if job.state != "RELEASED":
                 console.print(f"[bold red]job ended {job.state}[/]: {'; '.join(job.reasons)}")
                 return 1
@@ -148,11 +155,14 @@ def run_demo(*, workdir: Path | None, keep: bool, as_json: bool, steps: int = 40
             from cryptography.hazmat.primitives import serialization
 
             pub = serialization.load_pem_public_key(
-                (home / "gateway" / "audit-signing.pub").read_bytes())
+                (home / "gateway" / "audit-signing.pub").read_bytes()
+            )
             verified = verify_export(export, public_key=pub)  # type: ignore[arg-type]
             reads = compliance.audit_query(job_id=job.id, action="data.read")
-            console.print(f"   {verified.size} records verify; the job read "
-                          f"{len({r.file for r in reads})} files of books")
+            console.print(
+                f"   {verified.size} records verify; the job read "
+                f"{len({r.file for r in reads})} files of books"
+            )
             summary["audit"] = {"records": verified.size, "files_read": len(reads)}
             for c in (owner, team, compliance):
                 c.close()

@@ -152,17 +152,32 @@ class CertificateAuthority:
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
         if server_names:
             usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
-        return self._issue(name, role=role, team=team, public_key=key.public_key(),
-                           private_key=key, out_dir=out_dir, usages=usages,
-                           server_names=server_names)
+        return self._issue(
+            name,
+            role=role,
+            team=team,
+            public_key=key.public_key(),
+            private_key=key,
+            out_dir=out_dir,
+            usages=usages,
+            server_names=server_names,
+        )
 
     def issue_site_signer(self, name: str, *, out_dir: Path) -> IdentityFiles:
         """Issue a site's release-signing identity: an Ed25519 key, role ``site``."""
         _check_name(name)
         key = ed25519.Ed25519PrivateKey.generate()
-        return self._issue(name, role=Role.SITE, team="", public_key=key.public_key(),
-                           private_key=key, out_dir=out_dir, usages=[], server_names=(),
-                           suffix="-signer")
+        return self._issue(
+            name,
+            role=Role.SITE,
+            team="",
+            public_key=key.public_key(),
+            private_key=key,
+            out_dir=out_dir,
+            usages=[],
+            server_names=(),
+            suffix="-signer",
+        )
 
     def _issue(
         self,
@@ -276,6 +291,7 @@ def principal_from_certificate(pem: bytes) -> Principal:
         role = Role(str(ous[0].value))
     except ValueError:
         raise PermissionDenied(
-            f"client certificate carries an unknown role {ous[0].value!r}") from None
+            f"client certificate carries an unknown role {ous[0].value!r}"
+        ) from None
     team = str(orgs[0].value) if orgs else ""
     return Principal(name=str(cns[0].value), role=role, team=team)

@@ -46,11 +46,18 @@ def _signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
         key = ed25519.Ed25519PrivateKey.generate()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(key.private_bytes(serialization.Encoding.PEM,
-                                      serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
-        path.with_suffix(".pub").write_bytes(key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+            f.write(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+        path.with_suffix(".pub").write_bytes(
+            key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
         return key
     loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(loaded, ed25519.Ed25519PrivateKey):
@@ -77,14 +84,22 @@ def server_identity(home: Path) -> IdentityFiles:
     gw = home / "gateway"
     cert, key = gw / "gateway.pem", gw / "gateway.key"
     if not cert.exists():
-        return ca.issue("gateway", role=Role.OPERATOR, out_dir=gw,
-                        server_names=("localhost", "127.0.0.1"))
+        return ca.issue(
+            "gateway", role=Role.OPERATOR, out_dir=gw, server_names=("localhost", "127.0.0.1")
+        )
     return IdentityFiles(cert=cert, key=key, ca_cert=ca.cert_path)
 
 
-def build(home: Path, *, site: Site | None = None, address: str = DEFAULT_ADDRESS,
-          workers: int = 1, max_queued: int = 100, gpus: int = 0,
-          container_runtime: str = "runc") -> Running:
+def build(
+    home: Path,
+    *,
+    site: Site | None = None,
+    address: str = DEFAULT_ADDRESS,
+    workers: int = 1,
+    max_queued: int = 100,
+    gpus: int = 0,
+    container_runtime: str = "runc",
+) -> Running:
     """Build and start the gateway (and, unless given one, the local site) on ``address``.
     ``gpus`` and ``container_runtime`` configure the local site: the GPUs it may grant a job
     and the OCI runtime its containers run under (runc; runsc or kata where installed)."""
@@ -97,10 +112,12 @@ def build(home: Path, *, site: Site | None = None, address: str = DEFAULT_ADDRES
         from enclave.agent import DEFAULT_LIMITS, SiteAgent
 
         limits = dataclasses.replace(DEFAULT_LIMITS, gpus=gpus, runtime=container_runtime)
-        site = SiteAgent.open(home / "site", ca=CertificateAuthority.load(home / "ca"),
-                              limits=limits)
-    gateway = Gateway(home=gw_dir, store=store, audit=audit, site=site, workers=workers,
-                      max_queued=max_queued)
+        site = SiteAgent.open(
+            home / "site", ca=CertificateAuthority.load(home / "ca"), limits=limits
+        )
+    gateway = Gateway(
+        home=gw_dir, store=store, audit=audit, site=site, workers=workers, max_queued=max_queued
+    )
 
     def audit_fn(principal: Principal, action: str, **kw: object) -> int:
         return gateway.record(principal, action, **kw)  # type: ignore[arg-type]
@@ -108,20 +125,30 @@ def build(home: Path, *, site: Site | None = None, address: str = DEFAULT_ADDRES
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=32),
         interceptors=[AuthInterceptor(audit_fn)],
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE),
-                 ("grpc.max_send_message_length", MAX_MESSAGE)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ],
     )
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(gateway), server)
     cert, key, ca_pem = identity.read()
-    creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca_pem,
-                                        require_client_auth=True)
+    creds = grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca_pem, require_client_auth=True
+    )
     port = server.add_secure_port(address, creds)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     gateway.start()
     server.start()
-    audit.append(AuditEvent(principal="gateway", role=Role.OPERATOR.value, action="gateway.start",
-                            outcome="ok", details={"address": address, "port": port}))
+    audit.append(
+        AuditEvent(
+            principal="gateway",
+            role=Role.OPERATOR.value,
+            action="gateway.start",
+            outcome="ok",
+            details={"address": address, "port": port},
+        )
+    )
     _audit_issuance(audit, CertificateAuthority.load(home / "ca"))
     return Running(gateway=gateway, server=server, port=port, ca_cert=identity.ca_cert)
 
@@ -129,9 +156,17 @@ def build(home: Path, *, site: Site | None = None, address: str = DEFAULT_ADDRES
 def _audit_issuance(audit: AuditLog, ca: CertificateAuthority) -> None:
     """Record every identity the CA issued that the log does not hold yet (``sealroom ca
     issue`` runs offline, beside the CA key; the gateway audits it when it next starts)."""
-    recorded = {r.event.details.get("serial")
-                for r in audit.query(action="identity.issue", limit=10**9)}
+    recorded = {
+        r.event.details.get("serial") for r in audit.query(action="identity.issue", limit=10**9)
+    }
     for rec in ca.issued():
         if rec["serial"] not in recorded:
-            audit.append(AuditEvent(principal="ca", role=Role.OPERATOR.value,
-                                    action="identity.issue", outcome="ok", details=rec))
+            audit.append(
+                AuditEvent(
+                    principal="ca",
+                    role=Role.OPERATOR.value,
+                    action="identity.issue",
+                    outcome="ok",
+                    details=rec,
+                )
+            )

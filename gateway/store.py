@@ -161,8 +161,16 @@ class Store:
                 raise AlreadyExists(f"dataset {record.name} v{record.version} already exists")
             c.execute(
                 "INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (record.name, record.version, record.owner, record.root_hash, record.size,
-                 files, record.description, record.created_at),
+                (
+                    record.name,
+                    record.version,
+                    record.owner,
+                    record.root_hash,
+                    record.size,
+                    files,
+                    record.description,
+                    record.created_at,
+                ),
             )
         return record
 
@@ -308,8 +316,14 @@ class Store:
         with self._tx() as c:
             c.execute(
                 "INSERT OR REPLACE INTO approvals VALUES (?, ?, ?, ?, ?, ?)",
-                (record.job_id, record.owner, record.decision, record.reason, record.binding,
-                 record.created_at),
+                (
+                    record.job_id,
+                    record.owner,
+                    record.decision,
+                    record.reason,
+                    record.binding,
+                    record.created_at,
+                ),
             )
 
     def approvals(self, job_id: str) -> list[ApprovalRecord]:
@@ -336,19 +350,46 @@ def _dataset(row: tuple[Any, ...]) -> DatasetRecord:
 
 def _job_row(job: JobRecord) -> tuple[Any, ...]:
     return (
-        job.id, job.name, job.state.value, job.submitter, job.team, job.spec, job.spec_sha256,
+        job.id,
+        job.name,
+        job.state.value,
+        job.submitter,
+        job.team,
+        job.spec,
+        job.spec_sha256,
         job.bundle_sha256,
         json.dumps([[d.name, d.version, d.root_hash] for d in job.datasets]),
         json.dumps(dict(job.policy_versions), sort_keys=True),
-        json.dumps(list(job.reasons)), job.image_id,
-        json.dumps(dict(job.metrics), sort_keys=True), job.release_id, job.binding,
-        job.created_at, job.updated_at,
+        json.dumps(list(job.reasons)),
+        job.image_id,
+        json.dumps(dict(job.metrics), sort_keys=True),
+        job.release_id,
+        job.binding,
+        job.created_at,
+        job.updated_at,
     )
 
 
 def _job(row: tuple[Any, ...]) -> JobRecord:
-    (id_, name, state, submitter, team, spec, spec_sha, bundle_sha, datasets, policy_versions,
-     reasons, image_id, metrics, release_id, binding, created_at, updated_at) = row
+    (
+        id_,
+        name,
+        state,
+        submitter,
+        team,
+        spec,
+        spec_sha,
+        bundle_sha,
+        datasets,
+        policy_versions,
+        reasons,
+        image_id,
+        metrics,
+        release_id,
+        binding,
+        created_at,
+        updated_at,
+    ) = row
     return JobRecord(
         id=id_,
         name=name,

@@ -460,8 +460,7 @@ def _run_checks(
             # An adapter declared by layout alone: nothing tells the probe how to load it.
             if CheckName.MEMORIZATION in rules.checks and weights.passed:
                 raise InvalidInput(
-                    "the memorization probe of an adapter needs its release form (adapter "
-                    "config)"
+                    "the memorization probe of an adapter needs its release form (adapter config)"
                 )
         else:
             form = ReleaseForm(ReleaseKind.FULL, base)

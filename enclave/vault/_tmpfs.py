@@ -30,5 +30,13 @@ def mount_tmpfs(
     target: Path, *, size_bytes: int, nr_inodes: int, mode: int, uid: int, gid: int
 ) -> None:
     """Mount a fresh staging tmpfs (nosuid, nodev, noexec, noswap) of ``size_bytes``."""
-    _mounts.mount_tmpfs(target, size_bytes=size_bytes, owner=(uid, gid), mode=mode,
-                        nr_inodes=nr_inodes, source=STAGE_SOURCE, require_noswap=True, huge=True)
+    _mounts.mount_tmpfs(
+        target,
+        size_bytes=size_bytes,
+        owner=(uid, gid),
+        mode=mode,
+        nr_inodes=nr_inodes,
+        source=STAGE_SOURCE,
+        require_noswap=True,
+        huge=True,
+    )

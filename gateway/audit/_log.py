@@ -58,8 +58,15 @@ from policies.errors import AuditLogError, InvalidInput
 if TYPE_CHECKING:
     from gateway.audit._report import DatasetReport
 
-__all__ = ["AuditEvent", "AuditLog", "AuditRecord", "CheckpointError", "RecordError",
-           "SignedCheckpoint", "VerifyResult"]
+__all__ = [
+    "AuditEvent",
+    "AuditLog",
+    "AuditRecord",
+    "CheckpointError",
+    "RecordError",
+    "SignedCheckpoint",
+    "VerifyResult",
+]
 
 _MAX_BATCH = 2048  # 12 parameters a row, within SQLite's limit of 32766
 
@@ -96,9 +103,15 @@ class AuditLog:
     Raises :class:`AuditLogError` when the database cannot be opened or does not hold a log
     whose records are numbered 0..n-1 (a writable log will not grow a damaged one)."""
 
-    def __init__(self, path: Path, *, signing_key: ed25519.Ed25519PrivateKey | None,
-                 checkpoint_interval_s: float = 5.0, _readonly: bool = False,
-                 public_key: ed25519.Ed25519PublicKey | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        signing_key: ed25519.Ed25519PrivateKey | None,
+        checkpoint_interval_s: float = 5.0,
+        _readonly: bool = False,
+        public_key: ed25519.Ed25519PublicKey | None = None,
+    ) -> None:
         self.path = path
         self._key = signing_key
         self.public_key = public_key or (signing_key.public_key() if signing_key else None)
@@ -115,17 +128,30 @@ class AuditLog:
             self._rdb = self._connect() if not _readonly else self._wdb
             opened.append(self._rdb)
             count, low, top = self._rdb.execute(
-                "SELECT COUNT(*), MIN(seq), MAX(seq) FROM records").fetchone()
+                "SELECT COUNT(*), MIN(seq), MAX(seq) FROM records"
+            ).fetchone()
             if count and (low, top) != (0, count - 1) and not _readonly:
-                first = next(i for i, (seq,) in enumerate(
-                    self._rdb.execute("SELECT seq FROM records ORDER BY seq")) if seq != i)
-                raise RecordError("the database's records are not numbered 0..n-1 (one was "
-                                  "removed or inserted): run `sealroom audit verify`",
-                                  seq=first)
-            self._tree = _merkle.Tree([bytes(lh) for (lh,) in self._rdb.execute(
-                "SELECT leaf_hash FROM records ORDER BY seq")])
+                first = next(
+                    i
+                    for i, (seq,) in enumerate(
+                        self._rdb.execute("SELECT seq FROM records ORDER BY seq")
+                    )
+                    if seq != i
+                )
+                raise RecordError(
+                    "the database's records are not numbered 0..n-1 (one was "
+                    "removed or inserted): run `sealroom audit verify`",
+                    seq=first,
+                )
+            self._tree = _merkle.Tree(
+                [
+                    bytes(lh)
+                    for (lh,) in self._rdb.execute("SELECT leaf_hash FROM records ORDER BY seq")
+                ]
+            )
             last = self._rdb.execute(
-                "SELECT chain FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+                "SELECT chain FROM records ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
             self._chain = bytes(last[0]) if last else GENESIS
         except BaseException as e:
             for db in opened:
@@ -144,18 +170,24 @@ class AuditLog:
         self._writer: threading.Thread | None = None
         self._ticker: threading.Thread | None = None
         if not _readonly:
-            self._writer = threading.Thread(target=self._write_loop, name="audit-writer",
-                                            daemon=True)
+            self._writer = threading.Thread(
+                target=self._write_loop, name="audit-writer", daemon=True
+            )
             self._writer.start()
             if checkpoint_interval_s > 0 and signing_key is not None:
-                self._ticker = threading.Thread(target=self._tick, args=(checkpoint_interval_s,),
-                                                name="audit-checkpoints", daemon=True)
+                self._ticker = threading.Thread(
+                    target=self._tick,
+                    args=(checkpoint_interval_s,),
+                    name="audit-checkpoints",
+                    daemon=True,
+                )
                 self._ticker.start()
 
     def _connect(self) -> sqlite3.Connection:
         if self._readonly:
-            return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
-                                   check_same_thread=False, isolation_level=None)
+            return sqlite3.connect(
+                f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+            )
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA busy_timeout=10000")
         return db
@@ -178,8 +210,7 @@ class AuditLog:
         item = _Pending(event)
         with self._state:
             if self._writer is None or self._closed:
-                raise AuditLogError("the audit log is closed (or read-only): nothing was "
-                                    "recorded")
+                raise AuditLogError("the audit log is closed (or read-only): nothing was recorded")
             self._queue.put(item)
         item.done.acquire()
         if item.error is not None:
@@ -222,8 +253,22 @@ class AuditLog:
             leaf = encode_leaf(seq, time, e)
             lh = leaf_hash(leaf)
             chain = node_hash(chain, lh)
-            rows.append((seq, time, leaf, lh, chain, e.principal, e.role, e.action, e.outcome,
-                         e.job_id, e.dataset, e.file))
+            rows.append(
+                (
+                    seq,
+                    time,
+                    leaf,
+                    lh,
+                    chain,
+                    e.principal,
+                    e.role,
+                    e.action,
+                    e.outcome,
+                    e.job_id,
+                    e.dataset,
+                    e.file,
+                )
+            )
             hashes.append(lh)
             seq += 1
         try:
@@ -240,8 +285,9 @@ class AuditLog:
             except sqlite3.Error:
                 count = -1
             if count != base:
-                self._broken = (f"the audit log is unusable after a failed write ({e}); "
-                                "restart the gateway")
+                self._broken = (
+                    f"the audit log is unusable after a failed write ({e}); restart the gateway"
+                )
             self._fail(batch, err)
             return
         self._tree.extend(hashes)  # publishes the new size only once its nodes are in
@@ -280,12 +326,15 @@ class AuditLog:
             if row is not None:
                 return SignedCheckpoint(row[0], bytes(row[1]), row[2], bytes(row[3]))
             unsigned = SignedCheckpoint(size, self._tree.root(size), now(), b"")
-            cp = SignedCheckpoint(size, unsigned.root, unsigned.time,
-                                  self._key.sign(unsigned.note()))
+            cp = SignedCheckpoint(
+                size, unsigned.root, unsigned.time, self._key.sign(unsigned.note())
+            )
             try:
                 with self._wlock:
-                    self._wdb.execute("INSERT INTO checkpoints VALUES (?,?,?,?)",
-                                      (cp.size, cp.root, cp.time, cp.signature))
+                    self._wdb.execute(
+                        "INSERT INTO checkpoints VALUES (?,?,?,?)",
+                        (cp.size, cp.root, cp.time, cp.signature),
+                    )
             except sqlite3.Error as e:
                 raise CheckpointError(f"cannot store a checkpoint: {e}") from e
         return cp
@@ -294,7 +343,8 @@ class AuditLog:
         """Every stored checkpoint, smallest first."""
         with self._rlock:
             rows = self._rdb.execute(
-                "SELECT size, root, time, signature FROM checkpoints ORDER BY size").fetchall()
+                "SELECT size, root, time, signature FROM checkpoints ORDER BY size"
+            ).fetchall()
         return [SignedCheckpoint(r[0], bytes(r[1]), r[2], bytes(r[3])) for r in rows]
 
     def close(self) -> None:
@@ -346,29 +396,46 @@ class AuditLog:
         if not 0 < old_size <= n <= len(self._tree):
             raise InvalidInput(
                 f"no consistency proof from {old_size} to {n}: the log has "
-                f"{len(self._tree)} records")
+                f"{len(self._tree)} records"
+            )
         return self._tree.consistency_proof(old_size, n)
 
     def record(self, seq: int) -> AuditRecord:
         """Record ``seq``. Raises InvalidInput if there is none."""
         with self._rlock:
             row = self._rdb.execute(
-                "SELECT leaf, leaf_hash FROM records WHERE seq=?", (seq,)).fetchone()
+                "SELECT leaf, leaf_hash FROM records WHERE seq=?", (seq,)
+            ).fetchone()
         if row is None:
             raise InvalidInput(f"no audit record {seq}")
         s, time, event = decode_leaf(bytes(row[0]))
         return AuditRecord(s, time, event, bytes(row[1]))
 
-    def query(self, *, job: str | None = None, dataset: str | None = None,
-              file: str | None = None, principal: str | None = None, role: str | None = None,
-              action: str | None = None, outcome: str | None = None, since: str | None = None,
-              until: str | None = None, limit: int = 1000) -> list[AuditRecord]:
+    def query(
+        self,
+        *,
+        job: str | None = None,
+        dataset: str | None = None,
+        file: str | None = None,
+        principal: str | None = None,
+        role: str | None = None,
+        action: str | None = None,
+        outcome: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int = 1000,
+    ) -> list[AuditRecord]:
         """Records matching every given filter, oldest first, at most ``limit``. ``dataset``
         matches ``name`` (every version) or ``name@vN``; ``action`` ending in ``*`` is a
         prefix; ``since``/``until`` are RFC 3339 times (inclusive)."""
         where, args = [], []
-        for col, val in (("job_id", job), ("file", file), ("principal", principal),
-                         ("role", role), ("outcome", outcome)):
+        for col, val in (
+            ("job_id", job),
+            ("file", file),
+            ("principal", principal),
+            ("role", role),
+            ("outcome", outcome),
+        ):
             if val:
                 where.append(f"{col} = ?")
                 args.append(val)
@@ -414,11 +481,19 @@ class AuditLog:
             raise InvalidInput("dataset: name the dataset the report is about")
         every = 10**9
         return dataset_report(
-            dataset, self.query(dataset=dataset, limit=every),
-            [r for a in ("job.submit", "job.approve", "job.deny")
-             for r in self.query(action=a, limit=every)],
-            [r for a in ("release.sign", "release.download")
-             for r in self.query(action=a, limit=every)])
+            dataset,
+            self.query(dataset=dataset, limit=every),
+            [
+                r
+                for a in ("job.submit", "job.approve", "job.deny")
+                for r in self.query(action=a, limit=every)
+            ],
+            [
+                r
+                for a in ("release.sign", "release.download")
+                for r in self.query(action=a, limit=every)
+            ],
+        )
 
     # -- export and verification ------------------------------------------------------------
 
@@ -429,14 +504,19 @@ class AuditLog:
         cp = self.checkpoint()
         cps = [c for c in self.checkpoints() if c.size <= cp.size]
         sizes = [0, *(c.size for c in cps)]
-        proofs = [(c, old, self._tree.consistency_proof(old, c.size) if old else [])
-                  for c, old in zip(cps, sizes, strict=False)]
+        proofs = [
+            (c, old, self._tree.consistency_proof(old, c.size) if old else [])
+            for c, old in zip(cps, sizes, strict=False)
+        ]
         db = self._connect()  # a read transaction of its own: a stable view while writing
         try:
-            rows = db.execute("SELECT seq, leaf, leaf_hash, chain FROM records WHERE seq < ? "
-                              "ORDER BY seq", (cp.size,))
-            write_export(path, ((s, bytes(lf), bytes(lh), bytes(ch)) for s, lf, lh, ch in rows),
-                         proofs)
+            rows = db.execute(
+                "SELECT seq, leaf, leaf_hash, chain FROM records WHERE seq < ? ORDER BY seq",
+                (cp.size,),
+            )
+            write_export(
+                path, ((s, bytes(lf), bytes(lh), bytes(ch)) for s, lf, lh, ch in rows), proofs
+            )
         except (sqlite3.Error, OSError) as e:
             raise AuditLogError(f"cannot export the audit log to {path}: {e}") from e
         finally:
@@ -458,7 +538,8 @@ class AuditLog:
         try:
             rows = db.execute(
                 "SELECT seq, leaf, leaf_hash, chain, principal, role, action, outcome, job_id, "
-                "dataset, file FROM records ORDER BY seq")
+                "dataset, file FROM records ORDER BY seq"
+            )
             p = check_lines(_db_lines(rows), sizes={c.size for c in checkpoints})
         except sqlite3.Error as e:
             raise AuditLogError(f"cannot read the audit log {self.path}: {e}") from e

@@ -122,15 +122,16 @@ class Tree:
             have = len(up) // 32
             if have == want:
                 break
-            up += b"".join([sha256(b"\x01" + row[64 * i: 64 * i + 64]).digest()
-                            for i in range(have, want)])
+            up += b"".join(
+                [sha256(b"\x01" + row[64 * i : 64 * i + 64]).digest() for i in range(have, want)]
+            )
             h += 1
         self._size = len(levels[0]) // 32
 
     def leaf(self, index: int) -> bytes:
         if not 0 <= index < self._size:
             raise ProofError(f"leaf index {index} is outside a tree of size {self._size}")
-        return bytes(self._levels[0][32 * index: 32 * index + 32])
+        return bytes(self._levels[0][32 * index : 32 * index + 32])
 
     def _check(self, size: int) -> None:
         if not 0 <= size <= self._size:
@@ -146,7 +147,7 @@ class Tree:
         while n:
             h = n.bit_length() - 1
             i = s >> h
-            nodes.append(bytes(self._levels[h][32 * i: 32 * i + 32]))
+            nodes.append(bytes(self._levels[h][32 * i : 32 * i + 32]))
             s, n = s + (1 << h), n - (1 << h)
         r = nodes[-1]
         for c in reversed(nodes[:-1]):
@@ -220,8 +221,9 @@ def prefix_root(lv: list[list[bytes]], size: int) -> bytes:
     return r
 
 
-def verify_inclusion(*, index: int, size: int, leaf: bytes, proof: Sequence[bytes],
-                     expected_root: bytes) -> None:
+def verify_inclusion(
+    *, index: int, size: int, leaf: bytes, proof: Sequence[bytes], expected_root: bytes
+) -> None:
     """Check that ``leaf`` (a leaf hash) is at ``index`` in the tree of ``size`` with
     ``expected_root``. Raises :class:`ProofError`."""
     if not 0 <= index < size:
@@ -249,8 +251,9 @@ def verify_inclusion(*, index: int, size: int, leaf: bytes, proof: Sequence[byte
         )
 
 
-def verify_consistency(*, old_size: int, new_size: int, old_root: bytes, new_root: bytes,
-                       proof: Sequence[bytes]) -> None:
+def verify_consistency(
+    *, old_size: int, new_size: int, old_root: bytes, new_root: bytes, proof: Sequence[bytes]
+) -> None:
     """Check that the tree (new_size, new_root) extends (old_size, old_root). Raises
     :class:`ProofError`."""
     if old_size < 0 or new_size < old_size:

@@ -48,8 +48,9 @@ class CheckpointError(AuditLogError):
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 _STR = frozenset({str})
 _PLAIN = json.JSONEncoder(allow_nan=False)
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                              allow_nan=False)
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+)
 
 
 @dataclass(frozen=True)
@@ -70,17 +71,27 @@ class AuditEvent:
 
     def __post_init__(self) -> None:
         # Runs on every append: the common case (plain strings) is checked in one expression.
-        if not (type(self.principal) is str and self.principal and type(self.role) is str
-                and self.role and type(self.action) is str and self.action
-                and type(self.outcome) is str and self.outcome
-                and (self.job_id is None or type(self.job_id) is str)
-                and (self.dataset is None or type(self.dataset) is str)
-                and (self.file is None or type(self.file) is str)):
+        if not (
+            type(self.principal) is str
+            and self.principal
+            and type(self.role) is str
+            and self.role
+            and type(self.action) is str
+            and self.action
+            and type(self.outcome) is str
+            and self.outcome
+            and (self.job_id is None or type(self.job_id) is str)
+            and (self.dataset is None or type(self.dataset) is str)
+            and (self.file is None or type(self.file) is str)
+        ):
             self._check_fields()
         details = self.details
         copy: dict[str, Any]
-        if (type(details) is dict and set(map(type, details)) <= _STR
-                and set(map(type, details.values())) <= _SCALARS):
+        if (
+            type(details) is dict
+            and set(map(type, details)) <= _STR
+            and set(map(type, details.values())) <= _SCALARS
+        ):
             try:  # flat, string keys, immutable values: a shallow copy is a deep one
                 text = _CANONICAL.encode(details)
             except ValueError as e:
@@ -105,8 +116,9 @@ class AuditEvent:
             if value is None and name in ("job_id", "dataset", "file"):
                 continue
             if not isinstance(value, str) or not value:
-                what = "a non-empty string" + (" or None" if name in ("job_id", "dataset",
-                                                                       "file") else "")
+                what = "a non-empty string" + (
+                    " or None" if name in ("job_id", "dataset", "file") else ""
+                )
                 raise InvalidInput(f"audit event: {name} must be {what}")
             object.__setattr__(self, name, str.__str__(value))  # a str subclass, made plain
 
@@ -193,14 +205,16 @@ class SignedCheckpoint:
 
     def note(self) -> bytes:
         """The signed text: origin, size, base64 root, time, one a line."""
-        return (f"{self.origin}\n{self.size}\n{base64.b64encode(self.root).decode()}\n"
-                f"{self.time}\n").encode()
+        return (
+            f"{self.origin}\n{self.size}\n{base64.b64encode(self.root).decode()}\n{self.time}\n"
+        ).encode()
 
     def verify(self, public_key: ed25519.Ed25519PublicKey) -> None:
         """Raises :class:`CheckpointError` unless the gateway's key signed this checkpoint."""
         if self.origin != ORIGIN:
-            raise CheckpointError(f"checkpoint at size {self.size}: origin {self.origin!r} is "
-                                  f"not {ORIGIN!r}")
+            raise CheckpointError(
+                f"checkpoint at size {self.size}: origin {self.origin!r} is not {ORIGIN!r}"
+            )
         try:
             public_key.verify(self.signature, self.note())
         except InvalidSignature as e:
@@ -209,16 +223,26 @@ class SignedCheckpoint:
             ) from e
 
     def to_dict(self) -> dict[str, Any]:
-        return {"origin": self.origin, "size": self.size, "root": self.root.hex(),
-                "time": self.time, "signature": base64.b64encode(self.signature).decode()}
+        return {
+            "origin": self.origin,
+            "size": self.size,
+            "root": self.root.hex(),
+            "time": self.time,
+            "signature": base64.b64encode(self.signature).decode(),
+        }
 
     @classmethod
     def from_dict(cls, d: object) -> SignedCheckpoint:
         """Parse the form :meth:`to_dict` writes, accepting only its canonical spelling.
         Raises :class:`CheckpointError`."""
         try:
-            if not isinstance(d, Mapping) or set(d) != {"origin", "size", "root", "time",
-                                                         "signature"}:
+            if not isinstance(d, Mapping) or set(d) != {
+                "origin",
+                "size",
+                "root",
+                "time",
+                "signature",
+            }:
                 raise CheckpointError(f"a checkpoint has the wrong fields: {d!r:.200}")
             size, sig, origin, time = d["size"], d["signature"], d["origin"], d["time"]
             if type(size) is not int or size < 0:
@@ -228,8 +252,13 @@ class SignedCheckpoint:
             signature = base64.b64decode(sig, validate=True)
             if base64.b64encode(signature).decode() != sig:
                 raise CheckpointError("a checkpoint's signature is not canonical base64")
-            return cls(size=size, root=parse_hex32(d["root"], "a checkpoint's root"),
-                       time=time, signature=signature, origin=origin)
+            return cls(
+                size=size,
+                root=parse_hex32(d["root"], "a checkpoint's root"),
+                time=time,
+                signature=signature,
+                origin=origin,
+            )
         except (InvalidInput, binascii.Error) as e:
             raise CheckpointError(f"a checkpoint is malformed: {e}") from e
 

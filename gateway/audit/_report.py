@@ -46,14 +46,19 @@ def names(dataset: str, value: object) -> bool:
     """Whether ``value`` (a dataset reference or a list of them) names ``dataset``: its
     exact version if ``dataset`` is ``name@vN``, any version if it is a bare name."""
     refs = value if isinstance(value, list) else [value]
-    return any(isinstance(x, str) and (x == dataset or ("@" not in dataset
-                                                        and x.startswith(dataset + "@v")))
-               for x in refs)
+    return any(
+        isinstance(x, str)
+        and (x == dataset or ("@" not in dataset and x.startswith(dataset + "@v")))
+        for x in refs
+    )
 
 
-def dataset_report(dataset: str, about: Iterable[AuditRecord],
-                   decisions: Iterable[AuditRecord],
-                   releases: Iterable[AuditRecord]) -> DatasetReport:
+def dataset_report(
+    dataset: str,
+    about: Iterable[AuditRecord],
+    decisions: Iterable[AuditRecord],
+    releases: Iterable[AuditRecord],
+) -> DatasetReport:
     """``about``: the records naming the dataset; ``decisions``: the ``job.submit``,
     ``job.approve`` and ``job.deny`` records (a job names its datasets in their details);
     ``releases``: every ``release.sign`` and ``release.download`` record.
@@ -86,14 +91,17 @@ def dataset_report(dataset: str, about: Iterable[AuditRecord],
         if r.event.job_id not in jobs:
             continue
         if r.event.action == "release.sign":
-            derived.append(DerivedRelease(r.event.job_id or "",
-                                          str(r.event.details.get("manifest_sha256", "")),
-                                          r.time))
+            derived.append(
+                DerivedRelease(
+                    r.event.job_id or "", str(r.event.details.get("manifest_sha256", "")), r.time
+                )
+            )
         else:
             access(r)
     accesses = tuple(
         Access(p, role, action, outcome, len(times), min(times), max(times))
         for (p, role, action, outcome), times in sorted(groups.items())
     )
-    return DatasetReport(dataset, accesses, {j: tuple(sorted(f)) for j, f in
-                                             sorted(reads.items())}, tuple(derived))
+    return DatasetReport(
+        dataset, accesses, {j: tuple(sorted(f)) for j, f in sorted(reads.items())}, tuple(derived)
+    )

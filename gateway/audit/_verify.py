@@ -63,18 +63,27 @@ class ExportedCheckpoint:
 
 def record_line(seq: int, leaf: bytes, leaf_hash: bytes, chain: bytes) -> bytes:
     """One record of an export: exactly ``json.dumps`` with sorted keys, compact."""
-    return (b'{"chain":"%s","leaf":%s,"leaf_hash":"%s","seq":%d}\n'
-            % (chain.hex().encode(), leaf, leaf_hash.hex().encode(), seq))
+    return b'{"chain":"%s","leaf":%s,"leaf_hash":"%s","seq":%d}\n' % (
+        chain.hex().encode(),
+        leaf,
+        leaf_hash.hex().encode(),
+        seq,
+    )
 
 
 def checkpoint_line(cp: SignedCheckpoint, extends_size: int, proof: Sequence[bytes]) -> bytes:
-    obj = {"checkpoint": cp.to_dict(),
-           "extends": {"size": extends_size, "proof": [h.hex() for h in proof]}}
+    obj = {
+        "checkpoint": cp.to_dict(),
+        "extends": {"size": extends_size, "proof": [h.hex() for h in proof]},
+    }
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode() + b"\n"
 
 
-def write_export(path: Path, records: Iterable[tuple[int, bytes, bytes, bytes]],
-                 checkpoints: Iterable[tuple[SignedCheckpoint, int, Sequence[bytes]]]) -> None:
+def write_export(
+    path: Path,
+    records: Iterable[tuple[int, bytes, bytes, bytes]],
+    checkpoints: Iterable[tuple[SignedCheckpoint, int, Sequence[bytes]]],
+) -> None:
     """Write an export to ``path`` whole or not at all (a temporary file, fsynced, renamed)."""
     tmp = path.with_name(f".{path.name}.partial")
     try:
@@ -96,8 +105,12 @@ def _parse_checkpoint_line(obj: Any) -> ExportedCheckpoint:
     if not isinstance(obj, dict) or set(obj) != {"checkpoint", "extends"}:
         raise CheckpointError("a checkpoint line has the wrong fields")
     ext = obj["extends"]
-    if (not isinstance(ext, dict) or set(ext) != {"size", "proof"}
-            or type(ext["size"]) is not int or not isinstance(ext["proof"], list)):
+    if (
+        not isinstance(ext, dict)
+        or set(ext) != {"size", "proof"}
+        or type(ext["size"]) is not int
+        or not isinstance(ext["proof"], list)
+    ):
         raise CheckpointError("the checkpoint's consistency proof is malformed")
     try:
         proof = tuple(parse_hex32(h, "a proof hash") for h in ext["proof"])
@@ -111,13 +124,17 @@ def _parse_record(obj: Any, n: int) -> tuple[int, bytes, bytes, bytes]:
     if type(seq) is not int:
         raise AuditLogError(f"line {n} of the export is neither a record nor a checkpoint")
     try:
-        if set(obj) != {"seq", "leaf", "leaf_hash", "chain"} or not isinstance(obj["leaf"],
-                                                                               dict):
+        if set(obj) != {"seq", "leaf", "leaf_hash", "chain"} or not isinstance(obj["leaf"], dict):
             raise InvalidInput(f"line {n} has the wrong fields")
-        leaf = json.dumps(obj["leaf"], sort_keys=True, separators=(",", ":"),
-                          ensure_ascii=True, allow_nan=False).encode()
-        return (seq, leaf, parse_hex32(obj["leaf_hash"], "its leaf hash"),
-                parse_hex32(obj["chain"], "its chain hash"))
+        leaf = json.dumps(
+            obj["leaf"], sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+        ).encode()
+        return (
+            seq,
+            leaf,
+            parse_hex32(obj["leaf_hash"], "its leaf hash"),
+            parse_hex32(obj["chain"], "its chain hash"),
+        )
     except (InvalidInput, ValueError) as e:
         raise RecordError(f"line {n} is not a well-formed record ({e})", seq=seq) from e
 
@@ -133,7 +150,7 @@ def _export_checkpoints(f: IO[bytes]) -> list[ExportedCheckpoint]:
     with data:
         pos = 0 if data[:13] == b'{"checkpoint"' else data.find(b'\n{"checkpoint"')
         while pos != -1:
-            start = pos + 1 if data[pos:pos + 1] == b"\n" else pos
+            start = pos + 1 if data[pos : pos + 1] == b"\n" else pos
             end = data.find(b"\n", start)
             raw = data[start:] if end == -1 else data[start:end]
             try:
@@ -143,8 +160,10 @@ def _export_checkpoints(f: IO[bytes]) -> list[ExportedCheckpoint]:
                     raise CheckpointError("a checkpoint line is not JSON") from e
                 out.append(_parse_checkpoint_line(obj))
             except CheckpointError as e:
-                n = 1 + sum(data[i:min(i + (1 << 24), start)].count(b"\n")
-                            for i in range(0, start, 1 << 24))
+                n = 1 + sum(
+                    data[i : min(i + (1 << 24), start)].count(b"\n")
+                    for i in range(0, start, 1 << 24)
+                )
                 raise CheckpointError(f"line {n}: {e}") from e
             pos = -1 if end == -1 else data.find(b'\n{"checkpoint"', end)
     return out
@@ -182,10 +201,12 @@ class _Roots:
             size = self._wanted[self._next]
             local = size - self._done
             self.roots[size] = _fold(
-                [*self._stack, _merkle.prefix_root(lv, local)] if local else self._stack)
+                [*self._stack, _merkle.prefix_root(lv, local)] if local else self._stack
+            )
             self._next += 1
-        root = _fold([*self._stack, _merkle.prefix_root(lv, len(hashes))] if hashes
-                     else self._stack)
+        root = _fold(
+            [*self._stack, _merkle.prefix_root(lv, len(hashes))] if hashes else self._stack
+        )
         if len(hashes) == _CHUNK:
             self._stack.append(lv[-1][0])
             c = end // _CHUNK
@@ -249,12 +270,19 @@ class _Checker:
         ends = list(map(sub, map(len, batch), map(len, tails)))  # where each tail starts
         # The frame; and the leaf's own seq where a leaf of this record has it, followed by
         # ',"time":"', a 27-character time and '"}'.
-        if not all([r[:10] == _P1 and r[74:83] == _P2 and r.endswith(t)
-                     and r[s - 78:s - 64] == _P3 and r[s - 116:s - 107] == _P5
-                     and r[s - 113 - len(t):s - 116] == t[1:-2]
-                     for r, t, s in zip(batch, tails, ends, strict=True)]):
+        if not all(
+            [
+                r[:10] == _P1
+                and r[74:83] == _P2
+                and r.endswith(t)
+                and r[s - 78 : s - 64] == _P3
+                and r[s - 116 : s - 107] == _P5
+                and r[s - 113 - len(t) : s - 116] == t[1:-2]
+                for r, t, s in zip(batch, tails, ends, strict=True)
+            ]
+        ):
             return False
-        lh_x = b"".join([r[s - 64:s] for r, s in zip(batch, ends, strict=True)])
+        lh_x = b"".join([r[s - 64 : s] for r, s in zip(batch, ends, strict=True)])
         chain_x = b"".join(map(_CHAIN, batch))
         if not (lh_x.islower() and chain_x.islower()):
             return False  # upper-case hex, or (all but never) only digits: the slow path
@@ -262,14 +290,20 @@ class _Checker:
             stored_lh, stored_chain = unhexlify(lh_x), unhexlify(chain_x)
         except binascii.Error:
             return False
-        lhs = [sha256(b"\x00" + r[83:s - 78]).digest() for r, s in zip(batch, ends,
-                                                                          strict=True)]
+        lhs = [sha256(b"\x00" + r[83 : s - 78]).digest() for r, s in zip(batch, ends, strict=True)]
         if b"".join(lhs) != stored_lh:
             return False
-        prev = [self._chain, *map(stored_chain.__getitem__,
-                                  map(slice, range(0, 32 * k - 32, 32), range(32, 32 * k, 32)))]
-        if b"".join([sha256(b"\x01" + p + h).digest() for p, h in zip(prev, lhs, strict=True)]
-                    ) != stored_chain:
+        prev = [
+            self._chain,
+            *map(
+                stored_chain.__getitem__,
+                map(slice, range(0, 32 * k - 32, 32), range(32, 32 * k, 32)),
+            ),
+        ]
+        if (
+            b"".join([sha256(b"\x01" + p + h).digest() for p, h in zip(prev, lhs, strict=True)])
+            != stored_chain
+        ):
             return False
         self._chain = stored_chain[-32:]
         self.n += k
@@ -284,8 +318,9 @@ class _Checker:
         n = self.n
         if seq != n:
             what = "missing" if seq > n else "out of order or repeated"
-            raise RecordError(f"found record {seq} where record {n} belongs: a record is "
-                              f"{what}", seq=n)
+            raise RecordError(
+                f"found record {seq} where record {n} belongs: a record is {what}", seq=n
+            )
         inner = _leaf_seq(leaf, n)
         if inner != n:
             raise RecordError(f"its leaf says it is record {inner} (moved)", seq=n)
@@ -294,8 +329,7 @@ class _Checker:
             raise RecordError("its content does not match its leaf hash (edited)", seq=n)
         chain = _merkle.node_hash(self._chain, lh)
         if chain != stored_chain:
-            raise RecordError("the hash chain breaks here (edited, removed or inserted)",
-                              seq=n)
+            raise RecordError("the hash chain breaks here (edited, removed or inserted)", seq=n)
         self._chain = chain
         self.n += 1
         self._add([lh])
@@ -344,9 +378,14 @@ def _leaf_seq(leaf: bytes, n: int) -> int:
     return seq
 
 
-def check_checkpoints(p: Pass, checkpoints: Sequence[SignedCheckpoint],
-                      public_key: ed25519.Ed25519PublicKey, *, tail_allowed: bool,
-                      previous: SignedCheckpoint | None = None) -> VerifyResult:
+def check_checkpoints(
+    p: Pass,
+    checkpoints: Sequence[SignedCheckpoint],
+    public_key: ed25519.Ed25519PublicKey,
+    *,
+    tail_allowed: bool,
+    previous: SignedCheckpoint | None = None,
+) -> VerifyResult:
     """Each checkpoint is the gateway's, in increasing size, and vouches for the records as
     they are; nothing follows the last unless ``tail_allowed``; the log extends ``previous``.
     """
@@ -355,39 +394,49 @@ def check_checkpoints(p: Pass, checkpoints: Sequence[SignedCheckpoint],
     before = 0
     for i, cp in enumerate(checkpoints):
         if i and cp.size <= checkpoints[i - 1].size:
-            raise CheckpointError(f"checkpoint at size {cp.size} follows one at size "
-                                  f"{checkpoints[i - 1].size}: checkpoints must grow")
+            raise CheckpointError(
+                f"checkpoint at size {cp.size} follows one at size "
+                f"{checkpoints[i - 1].size}: checkpoints must grow"
+            )
         cp.verify(public_key)
         if cp.size > p.size:
             raise CheckpointError(
                 f"a checkpoint vouches for {cp.size} records but only {p.size} are here: "
-                "records were removed from the end")
+                "records were removed from the end"
+            )
         if p.roots[cp.size] != cp.root:
             raise RecordError(
                 f"records {before}..{cp.size - 1} do not match the signed checkpoint at size "
-                f"{cp.size} (rewritten)", seq=before)
+                f"{cp.size} (rewritten)",
+                seq=before,
+            )
         before = cp.size
     last = checkpoints[-1]
     if p.size > last.size and not tail_allowed:
-        raise RecordError(f"no signed checkpoint covers it or the {p.size - last.size - 1} "
-                          "records after it (appended after the export was signed)",
-                          seq=last.size)
+        raise RecordError(
+            f"no signed checkpoint covers it or the {p.size - last.size - 1} "
+            "records after it (appended after the export was signed)",
+            seq=last.size,
+        )
     if previous is not None:
         previous.verify(public_key)
         if previous.size > last.size:
-            raise ProofError(f"the earlier checkpoint vouches for {previous.size} records; "
-                             f"this log's latest only for {last.size}: it cannot extend it")
+            raise ProofError(
+                f"the earlier checkpoint vouches for {previous.size} records; "
+                f"this log's latest only for {last.size}: it cannot extend it"
+            )
         if p.roots[previous.size] != previous.root:
             raise ProofError(
                 f"this log does not extend the earlier checkpoint: its first {previous.size} "
                 f"records have root {p.roots[previous.size].hex()[:16]}…, the checkpoint says "
-                f"{previous.root.hex()[:16]}… (history rewritten)")
-    return VerifyResult(size=p.size, root=p.root, checkpoint=last,
-                        unvouched=p.size - last.size)
+                f"{previous.root.hex()[:16]}… (history rewritten)"
+            )
+    return VerifyResult(size=p.size, root=p.root, checkpoint=last, unvouched=p.size - last.size)
 
 
-def verify_export(path: Path, *, public_key: ed25519.Ed25519PublicKey,
-                  previous: SignedCheckpoint | None = None) -> VerifyResult:
+def verify_export(
+    path: Path, *, public_key: ed25519.Ed25519PublicKey, previous: SignedCheckpoint | None = None
+) -> VerifyResult:
     """Verify an export offline with the gateway's public key alone: every record, the
     chain, every checkpoint's signature and root, the consistency proofs between them, that
     a signed checkpoint covers the last record, and with ``previous`` (a checkpoint seen
@@ -406,21 +455,30 @@ def verify_export(path: Path, *, public_key: ed25519.Ed25519PublicKey,
             p = checker.finish()
     except OSError as e:
         raise AuditLogError(f"cannot read the export {path}: {e}") from e
-    result = check_checkpoints(p, [x.checkpoint for x in exported], public_key,
-                               tail_allowed=False, previous=previous)
+    result = check_checkpoints(
+        p, [x.checkpoint for x in exported], public_key, tail_allowed=False, previous=previous
+    )
     before = SignedCheckpoint(0, _merkle.EMPTY_ROOT, "", b"")
     for x in exported:
         cp = x.checkpoint
         if x.extends_size != before.size:
-            raise CheckpointError(f"checkpoint at size {cp.size} proves it extends size "
-                                  f"{x.extends_size}, but the checkpoint before it is at "
-                                  f"size {before.size}")
+            raise CheckpointError(
+                f"checkpoint at size {cp.size} proves it extends size "
+                f"{x.extends_size}, but the checkpoint before it is at "
+                f"size {before.size}"
+            )
         try:
-            _merkle.verify_consistency(old_size=before.size, new_size=cp.size,
-                                       old_root=before.root, new_root=cp.root,
-                                       proof=x.extends_proof)
+            _merkle.verify_consistency(
+                old_size=before.size,
+                new_size=cp.size,
+                old_root=before.root,
+                new_root=cp.root,
+                proof=x.extends_proof,
+            )
         except ProofError as err:
-            raise ProofError(f"checkpoint at size {cp.size} does not provably extend the one "
-                             f"at size {before.size}: {err}") from err
+            raise ProofError(
+                f"checkpoint at size {cp.size} does not provably extend the one "
+                f"at size {before.size}: {err}"
+            ) from err
         before = cp
     return result

@@ -1,16 +1,16 @@
 """The ``sealroom`` command line: one verb group per role's work, every verb with ``--json``.
 
-    sealroom ca init | ca issue NAME --role ROLE          operator
-    sealroom up                                            operator: gateway + local site
-    sealroom model register | create-tiny                  operator: base models
-    sealroom site rotate-key                               operator: re-wrap the data keys
-    sealroom dataset register | list                       data owner
-    sealroom policy put | get | versions | diff | check    data owner
-    sealroom job submit | get | list | watch | cancel      model team
-    sealroom job approve | deny | logs                     data owner
-    sealroom release download | verify                    model team, anyone offline
-    sealroom audit query | export | verify                 compliance
-    sealroom demo                                          the whole story, end to end
+sealroom ca init | ca issue NAME --role ROLE          operator
+sealroom up                                            operator: gateway + local site
+sealroom model register | create-tiny                  operator: base models
+sealroom site rotate-key                               operator: re-wrap the data keys
+sealroom dataset register | list                       data owner
+sealroom policy put | get | versions | diff | check    data owner
+sealroom job submit | get | list | watch | cancel      model team
+sealroom job approve | deny | logs                     data owner
+sealroom release download | verify                    model team, anyone offline
+sealroom audit query | export | verify                 compliance
+sealroom demo                                          the whole story, end to end
 """
 
 from __future__ import annotations
@@ -25,16 +25,20 @@ from gateway.cli._common import STATE
 from gateway.cli._data import dataset_app, policy_app
 from gateway.cli._jobs import job_app
 
-app = typer.Typer(help="Sealroom: train on data that never leaves its owner's custody.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Sealroom: train on data that never leaves its owner's custody.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 
 
 @app.callback()
 def _globals(
     home: Path = typer.Option(None, envvar="SEALROOM_HOME", help="deployment directory"),
     address: str = typer.Option(None, envvar="SEALROOM_ADDRESS", help="gateway host:port"),
-    identity: str = typer.Option(None, "--as", envvar="SEALROOM_IDENTITY",
-                                 help="the identity (issued name) to call as"),
+    identity: str = typer.Option(
+        None, "--as", envvar="SEALROOM_IDENTITY", help="the identity (issued name) to call as"
+    ),
 ) -> None:
     if home is not None:
         STATE.home = home

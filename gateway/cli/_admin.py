@@ -14,8 +14,9 @@ from gateway.identity import CertificateAuthority
 from policies.errors import InvalidInput
 from policies.identity import Role
 
-ca_app = typer.Typer(help="The deployment's certificate authority and identities.",
-                     no_args_is_help=True)
+ca_app = typer.Typer(
+    help="The deployment's certificate authority and identities.", no_args_is_help=True
+)
 model_app = typer.Typer(help="The site's base model store (operator).", no_args_is_help=True)
 site_app = typer.Typer(help="The local site's vault (operator).", no_args_is_help=True)
 
@@ -47,27 +48,46 @@ def ca_issue(
             raise InvalidInput("site identities are issued by the site agent, not by hand")
         ca = CertificateAuthority.load(STATE.home / "ca")
         files = ca.issue(name, role=r, team=team, out_dir=STATE.home / "identities")
-        emit(as_json, {"name": name, "role": r.value, "team": team, "cert": str(files.cert),
-                       "key": str(files.key)},
-             f"issued {name} ({r.value}): {files.cert}")
+        emit(
+            as_json,
+            {
+                "name": name,
+                "role": r.value,
+                "team": team,
+                "cert": str(files.cert),
+                "key": str(files.key),
+            },
+            f"issued {name} ({r.value}): {files.cert}",
+        )
 
 
 def up(
     address: str = typer.Option(None, help="host:port to listen on"),
     workers: int = typer.Option(1, help="jobs the local site runs at once"),
     gpus: int = typer.Option(0, help="GPUs the local site may grant a job"),
-    runtime: str = typer.Option("runc", help="OCI runtime for job containers (runc, runsc, "
-                                "kata-runtime: what the engine has installed)"),
+    runtime: str = typer.Option(
+        "runc",
+        help="OCI runtime for job containers (runc, runsc, "
+        "kata-runtime: what the engine has installed)",
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Run the gateway and one local enclave site in this process until interrupted."""
     from gateway.server import build
 
     with errors(as_json):
-        running = build(STATE.home, address=address or STATE.address, workers=workers,
-                        gpus=gpus, container_runtime=runtime)
-        emit(as_json, {"port": running.port, "home": str(STATE.home)},
-             f"sealroom gateway listening on port {running.port} (home {STATE.home})")
+        running = build(
+            STATE.home,
+            address=address or STATE.address,
+            workers=workers,
+            gpus=gpus,
+            container_runtime=runtime,
+        )
+        emit(
+            as_json,
+            {"port": running.port, "home": str(STATE.home)},
+            f"sealroom gateway listening on port {running.port} (home {STATE.home})",
+        )
         done = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: done.set())
         with contextlib.suppress(KeyboardInterrupt):
@@ -82,8 +102,11 @@ def model_register(name: str, directory: Path, as_json: bool = JsonOpt) -> None:
 
     with errors(as_json):
         info = ModelStore(STATE.home / "site" / "models").register(name, directory)
-        emit(as_json, {"name": info.name, "sha256": info.sha256, "tensors": len(info.layout)},
-             f"registered base model {info.name} ({len(info.layout)} tensors, {info.sha256[:16]})")
+        emit(
+            as_json,
+            {"name": info.name, "sha256": info.sha256, "tensors": len(info.layout)},
+            f"registered base model {info.name} ({len(info.layout)} tensors, {info.sha256[:16]})",
+        )
 
 
 @model_app.command("create-tiny")
@@ -101,8 +124,11 @@ def model_create_tiny(name: str, corpus: Path, as_json: bool = JsonOpt) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = create_base_model(Path(tmp) / name, texts=texts, seed=0)
             info = ModelStore(STATE.home / "site" / "models").register(name, path)
-        emit(as_json, {"name": info.name, "sha256": info.sha256},
-             f"created and registered base model {info.name}")
+        emit(
+            as_json,
+            {"name": info.name, "sha256": info.sha256},
+            f"created and registered base model {info.name}",
+        )
 
 
 @site_app.command("rotate-key")
@@ -112,5 +138,8 @@ def site_rotate_key(as_json: bool = JsonOpt) -> None:
 
     with errors(as_json), client() as c:
         r = c.rotate_site_key()
-        emit(as_json, to_dict(r), f"site {r.site}: new key {r.key_id}, "
-                                  f"{r.dataset_versions} data keys re-wrapped")
+        emit(
+            as_json,
+            to_dict(r),
+            f"site {r.site}: new key {r.key_id}, {r.dataset_versions} data keys re-wrapped",
+        )

@@ -31,15 +31,32 @@ def audit_query(
 ) -> None:
     """Filter the audit log."""
     with errors(as_json), client() as c:
-        records = c.audit_query(job_id=job, dataset=dataset, file=file, principal=principal,
-                                role=role, action=action, outcome=outcome, since=since,
-                                until=until, limit=limit)
+        records = c.audit_query(
+            job_id=job,
+            dataset=dataset,
+            file=file,
+            principal=principal,
+            role=role,
+            action=action,
+            outcome=outcome,
+            since=since,
+            until=until,
+            limit=limit,
+        )
 
         def text() -> None:
             t = Table("seq", "time", "principal", "action", "outcome", "job", "dataset", "file")
             for r in records:
-                t.add_row(str(r.seq), r.time, f"{r.principal} ({r.role})", r.action, r.outcome,
-                          r.job_id, r.dataset, r.file)
+                t.add_row(
+                    str(r.seq),
+                    r.time,
+                    f"{r.principal} ({r.role})",
+                    r.action,
+                    r.outcome,
+                    r.job_id,
+                    r.dataset,
+                    r.file,
+                )
             console.print(t)
 
         emit(as_json, [to_dict(r) for r in records], text)
@@ -58,8 +75,10 @@ def audit_verify(
     export: Path | None = typer.Argument(None, help="an export; default: the local log"),
     public_key: Path | None = typer.Option(None, help="the gateway's audit public key (PEM)"),
     previous: Path | None = typer.Option(
-        None, help="a checkpoint seen earlier (JSON from `audit checkpoint --json`, or a "
-        "checkpoint line of an older export): check that this log extends it"),
+        None,
+        help="a checkpoint seen earlier (JSON from `audit checkpoint --json`, or a "
+        "checkpoint line of an older export): check that this log extends it",
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Recompute the log: names the first bad record if one was edited, removed or reordered;
@@ -73,8 +92,7 @@ def audit_verify(
         key = serialization.load_pem_public_key(key_path.read_bytes())
         earlier = _load_checkpoint(previous) if previous is not None else None
         if export is None:
-            log = AuditLog.open_readonly(STATE.home / "gateway" / "audit.db",
-                                         public_key=key)  # type: ignore[arg-type]
+            log = AuditLog.open_readonly(STATE.home / "gateway" / "audit.db", public_key=key)  # type: ignore[arg-type]
             try:
                 result = log.verify()
                 if earlier is not None:
@@ -82,17 +100,29 @@ def audit_verify(
             finally:
                 log.close()
         else:
-            result = verify_export(export, public_key=key,  # type: ignore[arg-type]
-                                   previous=earlier)
+            result = verify_export(
+                export,
+                public_key=key,  # type: ignore[arg-type]
+                previous=earlier,
+            )
         extra = f", extends the checkpoint of {earlier.size}" if earlier is not None else ""
-        tail = (f"; {result.unvouched} records after the last checkpoint, chain-checked only"
-                if result.unvouched else "")
-        emit(as_json, {"valid": True, "size": result.size, "root": result.root_hex,
-                       "unvouched": result.unvouched,
-                       "checkpoint": result.checkpoint.to_dict() if result.checkpoint else None,
-                       "extends": earlier.to_dict() if earlier is not None else None},
-             f"audit log verifies: {result.size} records, root {result.root_hex[:16]}"
-             f"{extra}{tail}")
+        tail = (
+            f"; {result.unvouched} records after the last checkpoint, chain-checked only"
+            if result.unvouched
+            else ""
+        )
+        emit(
+            as_json,
+            {
+                "valid": True,
+                "size": result.size,
+                "root": result.root_hex,
+                "unvouched": result.unvouched,
+                "checkpoint": result.checkpoint.to_dict() if result.checkpoint else None,
+                "extends": earlier.to_dict() if earlier is not None else None,
+            },
+            f"audit log verifies: {result.size} records, root {result.root_hex[:16]}{extra}{tail}",
+        )
 
 
 def _load_checkpoint(path: Path) -> Any:
@@ -109,9 +139,12 @@ def _load_checkpoint(path: Path) -> Any:
         if isinstance(obj, dict) and "checkpoint" in obj:
             obj = obj["checkpoint"]
         if isinstance(obj, dict) and "root_hash" in obj:
-            return SignedCheckpoint(size=int(obj["size"]), root=bytes.fromhex(obj["root_hash"]),
-                                    time=str(obj["time"]),
-                                    signature=base64.b64decode(obj["signature"], validate=True))
+            return SignedCheckpoint(
+                size=int(obj["size"]),
+                root=bytes.fromhex(obj["root_hash"]),
+                time=str(obj["time"]),
+                signature=base64.b64decode(obj["signature"], validate=True),
+            )
         return SignedCheckpoint.from_dict(obj)
     except (OSError, ValueError, KeyError, TypeError, binascii.Error, AuditLogError) as e:
         raise InvalidInput(f"--previous {path}: not a checkpoint ({e})") from e
@@ -126,11 +159,18 @@ def _extends(log: Any, earlier: Any, key: Any) -> None:
     if earlier.size > latest.size:
         from gateway.audit import ProofError
 
-        raise ProofError(f"the earlier checkpoint vouches for {earlier.size} records; the "
-                         f"log's latest only for {latest.size}")
+        raise ProofError(
+            f"the earlier checkpoint vouches for {earlier.size} records; the "
+            f"log's latest only for {latest.size}"
+        )
     proof = log.consistency_proof(earlier.size, latest.size) if earlier.size else []
-    verify_consistency(old_size=earlier.size, new_size=latest.size, old_root=earlier.root,
-                       new_root=latest.root, proof=proof)
+    verify_consistency(
+        old_size=earlier.size,
+        new_size=latest.size,
+        old_root=earlier.root,
+        new_root=latest.root,
+        proof=proof,
+    )
 
 
 def _checkpoint(cp: object, public_key: Path | None) -> object:
@@ -141,8 +181,12 @@ def _checkpoint(cp: object, public_key: Path | None) -> object:
 
     from gateway.audit import SignedCheckpoint
 
-    signed = SignedCheckpoint(size=cp.size, root=bytes.fromhex(cp.root_hash),  # type: ignore[attr-defined]
-                              time=cp.time, signature=base64.b64decode(cp.signature))  # type: ignore[attr-defined]
+    signed = SignedCheckpoint(
+        size=cp.size,
+        root=bytes.fromhex(cp.root_hash),  # type: ignore[attr-defined]
+        time=cp.time,
+        signature=base64.b64decode(cp.signature),
+    )  # type: ignore[attr-defined]
     key_path = public_key or STATE.home / "gateway" / "audit-signing.pub"
     signed.verify(serialization.load_pem_public_key(key_path.read_bytes()))  # type: ignore[arg-type]
     return signed
@@ -158,8 +202,11 @@ def audit_checkpoint(
     with errors(as_json), client() as c:
         cp = c.audit_checkpoint(fresh=fresh)
         _checkpoint(cp, public_key)
-        emit(as_json, to_dict(cp), f"checkpoint: {cp.size} records, root {cp.root_hash}, "
-             f"{cp.time} (signature verifies)")
+        emit(
+            as_json,
+            to_dict(cp),
+            f"checkpoint: {cp.size} records, root {cp.root_hash}, {cp.time} (signature verifies)",
+        )
 
 
 @audit_app.command("prove")
@@ -175,13 +222,25 @@ def audit_prove(
         cp = c.audit_checkpoint(fresh=True)
         signed = _checkpoint(cp, public_key)
         proof = c.audit_inclusion_proof(seq, cp.size)
-        verify_inclusion(index=seq, size=cp.size, leaf=bytes.fromhex(proof.leaf_hash),
-                         proof=[bytes.fromhex(h) for h in proof.hashes],
-                         expected_root=signed.root)  # type: ignore[attr-defined]
-        emit(as_json, {"seq": seq, "tree_size": cp.size, "root": cp.root_hash,
-                       "proof": list(proof.hashes), "verified": True},
-             f"record {seq} is in the log of {cp.size} records (root {cp.root_hash[:16]}…): "
-             f"proof of {len(proof.hashes)} hashes verifies")
+        verify_inclusion(
+            index=seq,
+            size=cp.size,
+            leaf=bytes.fromhex(proof.leaf_hash),
+            proof=[bytes.fromhex(h) for h in proof.hashes],
+            expected_root=signed.root,
+        )  # type: ignore[attr-defined]
+        emit(
+            as_json,
+            {
+                "seq": seq,
+                "tree_size": cp.size,
+                "root": cp.root_hash,
+                "proof": list(proof.hashes),
+                "verified": True,
+            },
+            f"record {seq} is in the log of {cp.size} records (root {cp.root_hash[:16]}…): "
+            f"proof of {len(proof.hashes)} hashes verifies",
+        )
 
 
 @audit_app.command("consistency")
@@ -198,11 +257,18 @@ def audit_consistency(
         cp = c.audit_checkpoint(fresh=True)
         signed = _checkpoint(cp, public_key)
         proof = c.audit_consistency_proof(old_size, cp.size)
-        verify_consistency(old_size=old_size, new_size=cp.size, old_root=bytes.fromhex(old_root),
-                           new_root=signed.root,  # type: ignore[attr-defined]
-                           proof=[bytes.fromhex(h) for h in proof.hashes])
-        emit(as_json, {"old_size": old_size, "new_size": cp.size, "verified": True},
-             f"the log of {cp.size} records extends the one of {old_size}: proof verifies")
+        verify_consistency(
+            old_size=old_size,
+            new_size=cp.size,
+            old_root=bytes.fromhex(old_root),
+            new_root=signed.root,  # type: ignore[attr-defined]
+            proof=[bytes.fromhex(h) for h in proof.hashes],
+        )
+        emit(
+            as_json,
+            {"old_size": old_size, "new_size": cp.size, "verified": True},
+            f"the log of {cp.size} records extends the one of {old_size}: proof verifies",
+        )
 
 
 @audit_app.command("report")
@@ -212,18 +278,30 @@ def audit_report(dataset: str, as_json: bool = JsonOpt) -> None:
         r = c.audit_report(dataset)
 
         def text() -> None:
-            t = Table("principal", "role", "action", "outcome", "count", "first", "last",
-                      title=f"accesses to {dataset}")
+            t = Table(
+                "principal",
+                "role",
+                "action",
+                "outcome",
+                "count",
+                "first",
+                "last",
+                title=f"accesses to {dataset}",
+            )
             for a in r.accesses:
-                t.add_row(a.principal, a.role, a.action, a.outcome, str(a.count), a.first,
-                          a.last)
+                t.add_row(a.principal, a.role, a.action, a.outcome, str(a.count), a.first, a.last)
             console.print(t)
             for j in r.reads:
-                console.print(f"{j.job_id} read {len(j.files)} files: "
-                              + ", ".join(j.files[:8]) + (" …" if len(j.files) > 8 else ""))
+                console.print(
+                    f"{j.job_id} read {len(j.files)} files: "
+                    + ", ".join(j.files[:8])
+                    + (" …" if len(j.files) > 8 else "")
+                )
             for d in r.releases:
-                console.print(f"release of {d.job_id} (manifest {d.manifest_sha256[:16]}…) at "
-                              f"{d.time} derives from {dataset}")
+                console.print(
+                    f"release of {d.job_id} (manifest {d.manifest_sha256[:16]}…) at "
+                    f"{d.time} derives from {dataset}"
+                )
 
         emit(as_json, to_dict(r), text)
 
@@ -234,8 +312,11 @@ def release_download(job_id: str, dest: Path, as_json: bool = JsonOpt) -> None:
     with errors(as_json), client() as c:
         c.download_release(job_id, dest)
         files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
-        emit(as_json, {"job_id": job_id, "dest": str(dest), "files": files},
-             f"release of {job_id} in {dest}: " + ", ".join(files))
+        emit(
+            as_json,
+            {"job_id": job_id, "dest": str(dest), "files": files},
+            f"release of {job_id} in {dest}: " + ", ".join(files),
+        )
 
 
 @release_app.command("verify")
@@ -251,6 +332,9 @@ def release_verify(
         ca_pem = (ca or STATE.home / "ca" / "ca.pem").read_bytes()
         v = verify_release(directory, ca_cert_pem=ca_pem)
         manifest = json.loads((directory / "manifest.json").read_text())
-        emit(as_json, {"valid": True, "manifest": manifest},
-             f"release verifies: job {manifest.get('job_id')}, signed by site "
-             f"{getattr(v, 'site', '?')}, {len(manifest.get('artifacts', {}))} artifacts")
+        emit(
+            as_json,
+            {"valid": True, "manifest": manifest},
+            f"release verifies: job {manifest.get('job_id')}, signed by site "
+            f"{getattr(v, 'site', '?')}, {len(manifest.get('artifacts', {}))} artifacts",
+        )

@@ -48,8 +48,9 @@ def identity_files(name: str | None = None) -> IdentityFiles:
     if not name:
         raise NotFound("no identity chosen: pass --as NAME or set SEALROOM_IDENTITY")
     ids = STATE.home / "identities"
-    files = IdentityFiles(cert=ids / f"{name}.pem", key=ids / f"{name}.key",
-                          ca_cert=STATE.home / "ca" / "ca.pem")
+    files = IdentityFiles(
+        cert=ids / f"{name}.pem", key=ids / f"{name}.key", ca_cert=STATE.home / "ca" / "ca.pem"
+    )
     if not files.cert.exists():
         raise NotFound(f"no identity {name!r} in {ids}: issue one with `sealroom ca issue`")
     return files
@@ -64,8 +65,9 @@ def client() -> Iterator[Client]:
 def to_dict(msg: Message) -> dict[str, Any]:
     """``msg`` as JSON for scripts: proto3's mapping, except that 64-bit integers stay numbers
     (the mapping writes them as strings, which no script expects of a version or a size)."""
-    d = MessageToDict(msg, preserving_proto_field_name=True,
-                      always_print_fields_with_no_presence=True)
+    d = MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
     _numbers(msg.DESCRIPTOR, d)  # type: ignore[arg-type]
     return d
 

@@ -24,9 +24,12 @@ def dataset_register(
     """Register SOURCE as the next version of dataset NAME (encrypted at rest in the site)."""
     with errors(as_json), client() as c:
         d = c.register_dataset(name, source, description=description)
-        emit(as_json, to_dict(d),
-             f"dataset {d.name} v{d.version}: {len(d.files)} files, {d.size} bytes, "
-             f"root {d.root_hash[:16]}")
+        emit(
+            as_json,
+            to_dict(d),
+            f"dataset {d.name} v{d.version}: {len(d.files)} files, {d.size} bytes, "
+            f"root {d.root_hash[:16]}",
+        )
 
 
 @dataset_app.command("list")
@@ -38,8 +41,14 @@ def dataset_list(as_json: bool = JsonOpt) -> None:
         def text() -> None:
             t = Table("name", "version", "owner", "files", "bytes", "root hash")
             for d in ds:
-                t.add_row(d.name, str(d.version), d.owner, str(len(d.files)), str(d.size),
-                          d.root_hash[:16])
+                t.add_row(
+                    d.name,
+                    str(d.version),
+                    d.owner,
+                    str(len(d.files)),
+                    str(d.size),
+                    d.root_hash[:16],
+                )
             console.print(t)
 
         emit(as_json, [to_dict(d) for d in ds], text)
@@ -62,8 +71,9 @@ def policy_check(path: Path, as_json: bool = JsonOpt) -> None:
 
 
 @policy_app.command("get")
-def policy_get(dataset: str, version: int = typer.Option(0, help="0: current"),
-               as_json: bool = JsonOpt) -> None:
+def policy_get(
+    dataset: str, version: int = typer.Option(0, help="0: current"), as_json: bool = JsonOpt
+) -> None:
     """Print a version of DATASET's policy."""
     with errors(as_json), client() as c:
         p = c.policy(dataset, version)
@@ -89,8 +99,11 @@ def policy_diff(dataset: str, old: int, new: int, as_json: bool = JsonOpt) -> No
     with errors(as_json), client() as c:
         a, b = c.policy(dataset, old), c.policy(dataset, new)
         diff = document.diff_policies(a.document, b.document)
-        emit(as_json, {"dataset": dataset, "old": old, "new": new, "diff": diff},
-             lambda: console.print(diff or "(no change)", markup=False))
+        emit(
+            as_json,
+            {"dataset": dataset, "old": old, "new": new, "diff": diff},
+            lambda: console.print(diff or "(no change)", markup=False),
+        )
 
 
 @dataset_app.command("mock")
@@ -108,5 +121,8 @@ def dataset_mock(
 
     with errors(as_json):
         files = generate_mock(src, dest, seed=seed)
-        emit(as_json, {"mock": str(dest), "files": files},
-             f"mock of {src} in {dest}: {len(files)} files with the same shape")
+        emit(
+            as_json,
+            {"mock": str(dest), "files": files},
+            f"mock of {src} in {dest}: {len(files)} files with the same shape",
+        )

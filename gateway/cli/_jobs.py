@@ -44,8 +44,9 @@ def job_get(job_id: str, as_json: bool = JsonOpt) -> None:
 
 
 @job_app.command("list")
-def job_list(state: str = typer.Option("", help="only jobs in this state"),
-             as_json: bool = JsonOpt) -> None:
+def job_list(
+    state: str = typer.Option("", help="only jobs in this state"), as_json: bool = JsonOpt
+) -> None:
     """List the jobs you may see."""
     with errors(as_json), client() as c:
         jobs = c.jobs(state)
@@ -53,16 +54,23 @@ def job_list(state: str = typer.Option("", help="only jobs in this state"),
         def text() -> None:
             t = Table("id", "name", "state", "submitter", "datasets", "updated")
             for j in jobs:
-                t.add_row(j.id, j.name, j.state, j.submitter,
-                          ", ".join(f"{d.name}@v{d.version}" for d in j.datasets), j.updated_at)
+                t.add_row(
+                    j.id,
+                    j.name,
+                    j.state,
+                    j.submitter,
+                    ", ".join(f"{d.name}@v{d.version}" for d in j.datasets),
+                    j.updated_at,
+                )
             console.print(t)
 
         emit(as_json, [to_dict(j) for j in jobs], text)
 
 
 @job_app.command("approve")
-def job_approve(job_id: str, reason: str = typer.Option("", help="why"),
-                as_json: bool = JsonOpt) -> None:
+def job_approve(
+    job_id: str, reason: str = typer.Option("", help="why"), as_json: bool = JsonOpt
+) -> None:
     """Approve a job naming your dataset (binds its spec, bundle, data and policy versions)."""
     with errors(as_json), client() as c:
         j = c.decide(job_id, approve=True, reason=reason)
@@ -70,8 +78,9 @@ def job_approve(job_id: str, reason: str = typer.Option("", help="why"),
 
 
 @job_app.command("deny")
-def job_deny(job_id: str, reason: str = typer.Option("", help="why"),
-             as_json: bool = JsonOpt) -> None:
+def job_deny(
+    job_id: str, reason: str = typer.Option("", help="why"), as_json: bool = JsonOpt
+) -> None:
     """Deny a job naming your dataset."""
     with errors(as_json), client() as c:
         j = c.decide(job_id, approve=False, reason=reason)
@@ -79,8 +88,9 @@ def job_deny(job_id: str, reason: str = typer.Option("", help="why"),
 
 
 @job_app.command("cancel")
-def job_cancel(job_id: str, reason: str = typer.Option("", help="why"),
-               as_json: bool = JsonOpt) -> None:
+def job_cancel(
+    job_id: str, reason: str = typer.Option("", help="why"), as_json: bool = JsonOpt
+) -> None:
     """Cancel a job that has not ended."""
     with errors(as_json), client() as c:
         j = c.cancel(job_id, reason)
@@ -98,18 +108,27 @@ def job_watch(job_id: str, as_json: bool = JsonOpt) -> None:
                 sys.stdout.flush()
                 final = e
         else:
-            with Progress(TextColumn("{task.description}"), BarColumn(),
-                          TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
-                          console=console, transient=False) as bar:
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+                console=console,
+                transient=False,
+            ) as bar:
                 task = bar.add_task(job_id, total=None, loss="-")
                 for e in c.watch(job_id):
                     final = e
                     if e.HasField("progress"):
-                        bar.update(task, completed=e.progress.step, total=e.progress.total,
-                                   loss=f"{e.progress.loss:.4f}")
+                        bar.update(
+                            task,
+                            completed=e.progress.step,
+                            total=e.progress.total,
+                            loss=f"{e.progress.loss:.4f}",
+                        )
                     else:
-                        bar.console.print(f"{e.time}  {e.state}" + (f"  {e.reason}" if e.reason
-                                                                       else ""))
+                        bar.console.print(
+                            f"{e.time}  {e.state}" + (f"  {e.reason}" if e.reason else "")
+                        )
         if final is not None and final.state not in ("RELEASED",):
             raise typer.Exit(code=3 if final.terminal else 0)
 
@@ -119,6 +138,7 @@ def job_logs(job_id: str, as_json: bool = JsonOpt) -> None:
     """Print a job's stdout and stderr (data owners and operators; they can carry data)."""
     with errors(as_json), client() as c:
         data = c.logs(job_id)
+
         def text() -> None:
             sys.stdout.write(data.decode("utf-8", "replace"))
 
@@ -158,8 +178,9 @@ def job_try(
             mocks[name] = Path(directory).resolve()
         wanted = {ref.name for ref in job.datasets}
         if set(mocks) != wanted:
-            raise InvalidInput(f"--mock: the spec names {sorted(wanted)}, mocks were given for "
-                               f"{sorted(mocks)}")
+            raise InvalidInput(
+                f"--mock: the spec names {sorted(wanted)}, mocks were given for {sorted(mocks)}"
+            )
         rules = {}
         for p in policy:
             doc = parse_policy(p.read_text())
@@ -167,15 +188,37 @@ def job_try(
         with tempfile.TemporaryDirectory() as tmp:
             packed = None
             if bundle is not None:
-                packed = (pack_directory(bundle, Path(tmp) / "b.tar.gz", gzip=True)
-                          if bundle.is_dir() else bundle)
-            result = try_run(job, mocks=mocks, model_dir=model.resolve(), bundle=packed,
-                             rules=rules, runtime=DockerRuntime(), image=image)
-        data = {"state": result.state, "exit_code": result.exit_code, "reason": result.reason,
-                "would_release": result.would_release, "metrics": dict(result.metrics),
-                "checks": [{"dataset": c.dataset, "check": c.check, "passed": c.passed,
-                            "reasons": list(c.reasons)} for c in result.checks],
-                "logs_tail": result.logs[-2000:].decode(errors="replace")}
+                packed = (
+                    pack_directory(bundle, Path(tmp) / "b.tar.gz", gzip=True)
+                    if bundle.is_dir()
+                    else bundle
+                )
+            result = try_run(
+                job,
+                mocks=mocks,
+                model_dir=model.resolve(),
+                bundle=packed,
+                rules=rules,
+                runtime=DockerRuntime(),
+                image=image,
+            )
+        data = {
+            "state": result.state,
+            "exit_code": result.exit_code,
+            "reason": result.reason,
+            "would_release": result.would_release,
+            "metrics": dict(result.metrics),
+            "checks": [
+                {
+                    "dataset": c.dataset,
+                    "check": c.check,
+                    "passed": c.passed,
+                    "reasons": list(c.reasons),
+                }
+                for c in result.checks
+            ],
+            "logs_tail": result.logs[-2000:].decode(errors="replace"),
+        }
 
         def text() -> None:
             console.print(f"container: {result.state} (exit {result.exit_code}) {result.reason}")
@@ -183,8 +226,9 @@ def job_try(
                 mark = "[green]pass[/]" if c.passed else "[red]fail[/]"
                 console.print(f"  {c.dataset}: {c.check}: {mark} {'; '.join(c.reasons)}")
             console.print(f"metrics: {dict(result.metrics)}")
-            console.print("would be released" if result.would_release
-                          else "[red]would NOT be released[/]")
+            console.print(
+                "would be released" if result.would_release else "[red]would NOT be released[/]"
+            )
 
         emit(as_json, data, text)
         if not result.would_release:

@@ -73,15 +73,23 @@ def run(entries: tuple[Entry, ...], *, quick: bool, only: set[str]) -> dict[str,
                 r["met"] = _met(r)
                 results.append(r)
         except Exception as ex:  # reported, and the run fails: never a silent gap
-            failures.append({"entry": e.function, "error": f"{type(ex).__name__}: {ex}",
-                             "traceback": traceback.format_exc()})
+            failures.append(
+                {
+                    "entry": e.function,
+                    "error": f"{type(ex).__name__}: {ex}",
+                    "traceback": traceback.format_exc(),
+                }
+            )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         print(f"  {e.function}: {time.monotonic() - t0:.1f} s", file=sys.stderr)
     return {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpus": _cpus()},
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": _cpus(),
+        },
         "quick": quick,
         "results": results,
         "failures": failures,
@@ -104,11 +112,19 @@ def show(report: dict[str, Any], console: Console) -> None:
     t = Table("figure", "value", "limit (same run)", "unit", "ratio", "goal", "met")
     for r in report["results"]:
         goal = r.get("goal")
-        goal_s = "" if goal is None else ("≥ " if r.get("higher_is_better", True) else "≤ ") + \
-            _fmt(goal)
+        goal_s = (
+            "" if goal is None else ("≥ " if r.get("higher_is_better", True) else "≤ ") + _fmt(goal)
+        )
         met = {True: "[green]yes[/]", False: "[red]no[/]", None: ""}[r["met"]]
-        t.add_row(r["name"], _fmt(r["value"]), _fmt(r.get("limit")), r.get("unit", ""),
-                  _fmt(r.get("ratio")), goal_s, met)
+        t.add_row(
+            r["name"],
+            _fmt(r["value"]),
+            _fmt(r.get("limit")),
+            r.get("unit", ""),
+            _fmt(r.get("ratio")),
+            goal_s,
+            met,
+        )
     console.print(t)
     for f in report["failures"]:
         console.print(f"[red]{f['entry']} failed[/]: {f['error']}")

@@ -108,8 +108,15 @@ class FastSite:
         job = order.job_id
         with self._lock:
             self.runs[job] += 1
-        report(SiteReport(job, state=JobState.RUNNING, image_id=self.image_id(),
-                          reason="running (fast site)", audit_action="container.start"))
+        report(
+            SiteReport(
+                job,
+                state=JobState.RUNNING,
+                image_id=self.image_id(),
+                reason="running (fast site)",
+                audit_action="container.start",
+            )
+        )
         if self.hold_s:
             time.sleep(self.hold_s)
         report(SiteReport(job, state=JobState.CHECKING, reason="release gate"))
@@ -121,9 +128,16 @@ class FastSite:
                 (out / "weights").mkdir()
                 os.link(self._payload, out / "weights" / "model.safetensors")
             (out / "manifest.json").write_text(json.dumps({"job": job}))
-            report(SiteReport(job, state=JobState.RELEASED, reason="released",
-                              metrics={"train_loss": 1.5}, release_dir=out,
-                              audit_action="release.sign"))
+            report(
+                SiteReport(
+                    job,
+                    state=JobState.RELEASED,
+                    reason="released",
+                    metrics={"train_loss": 1.5},
+                    release_dir=out,
+                    audit_action="release.sign",
+                )
+            )
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
@@ -152,13 +166,16 @@ def make_home(root: Path) -> Home:
     """A deployment home under ``root``: the CA and one identity per person in PEOPLE."""
     home = root / "home"
     ca = CertificateAuthority.init(home / "ca")
-    ids = {name: ca.issue(name, role=role, team=team, out_dir=home / "identities")
-           for name, (role, team) in PEOPLE.items()}
+    ids = {
+        name: ca.issue(name, role=role, team=team, out_dir=home / "identities")
+        for name, (role, team) in PEOPLE.items()
+    }
     return Home(home, ids)
 
 
-def prepare(owner: Client, dataset: str, *, tmp: Path, mode: str = "automatic",
-            custom_code: bool = True) -> None:
+def prepare(
+    owner: Client, dataset: str, *, tmp: Path, mode: str = "automatic", custom_code: bool = True
+) -> None:
     """Register a small dataset and its policy (no memorization check: no model runs here)."""
     archive = tmp / f"{dataset}.tar"
     with tarfile.open(archive, mode="w") as tar:
@@ -167,5 +184,6 @@ def prepare(owner: Client, dataset: str, *, tmp: Path, mode: str = "automatic",
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     owner.register_dataset(dataset, archive)
-    owner.put_policy(dataset, policy(dataset, mode=mode, custom_code=custom_code,
-                                     memorization=False))
+    owner.put_policy(
+        dataset, policy(dataset, mode=mode, custom_code=custom_code, memorization=False)
+    )

@@ -27,19 +27,30 @@ class Served:
     def __init__(self, mode: str, home: Path, *args: str, log: Path) -> None:
         self.log = log
         self._err: IO[bytes] = log.open("wb")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
+        }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.bench._serve", mode, str(home), *args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, cwd=REPO, env=env)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+            cwd=REPO,
+            env=env,
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait(timeout=30)
             self.proc.stdout.close()
             self._err.close()
-            raise RuntimeError(f"the {mode} server exited ({self.proc.returncode}) before it "
-                               f"listened: {self.stderr_tail()}")
+            raise RuntimeError(
+                f"the {mode} server exited ({self.proc.returncode}) before it "
+                f"listened: {self.stderr_tail()}"
+            )
         info: dict[str, Any] = json.loads(line)
         self.port: int = info["port"]
         self.pid: int = info["pid"]

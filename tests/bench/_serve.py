@@ -47,10 +47,16 @@ def serve_gateway(args: argparse.Namespace) -> None:
 
     site = None
     if args.site == "fast":
-        site = FastSite(args.home / "fast-site", release_bytes=args.release_bytes,
-                        hold_s=args.hold_s)
-    running = build(args.home, site=site, address="localhost:0", workers=args.workers,
-                    max_queued=args.max_queued)
+        site = FastSite(
+            args.home / "fast-site", release_bytes=args.release_bytes, hold_s=args.hold_s
+        )
+    running = build(
+        args.home,
+        site=site,
+        address="localhost:0",
+        workers=args.workers,
+        max_queued=args.max_queued,
+    )
     running.gateway.max_bundle_bytes = args.max_bundle_bytes
     _announce(running.port)
     try:
@@ -65,8 +71,9 @@ def _server_credentials(home: Path) -> grpc.ServerCredentials:
     from gateway.server import server_identity
 
     cert, key, ca = server_identity(home).read()
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                       require_client_auth=True)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=True
+    )
 
 
 def serve_echo(args: argparse.Namespace) -> None:
@@ -77,11 +84,18 @@ def serve_echo(args: argparse.Namespace) -> None:
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=32),
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE),
-                 ("grpc.max_send_message_length", MAX_MESSAGE)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ],
     )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+            ),
+        )
+    )
     port = server.add_secure_port("localhost:0", _server_credentials(args.home))
     server.start()
     _announce(port)

@@ -29,9 +29,14 @@ THREADS = 64
 
 
 def _event(i: int) -> AuditEvent:
-    return AuditEvent(principal="theo", role="model-team", action="rpc.GetJob",
-                      outcome="allowed", job_id=f"job-{i % 97:04d}",
-                      details={"i": i, "reason": "bench"})
+    return AuditEvent(
+        principal="theo",
+        role="model-team",
+        action="rpc.GetJob",
+        outcome="allowed",
+        job_id=f"job-{i % 97:04d}",
+        details={"i": i, "reason": "bench"},
+    )
 
 
 def _fill(log: AuditLog, n: int, threads: int) -> float:
@@ -59,14 +64,15 @@ def _storage_limit(tmp: Path, rows: list[tuple[Any, ...]]) -> float:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     src = sqlite3.connect(tmp / "a.db")
-    for (sql,) in src.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL "
-                              "AND name NOT LIKE 'checkpoints%'"):
+    for (sql,) in src.execute(
+        "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'checkpoints%'"
+    ):
         db.execute(sql)
     src.close()
     sql = "INSERT INTO records VALUES " + ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?)"] * THREADS)
     t0 = time.perf_counter()
     for i in range(0, len(rows) - THREADS + 1, THREADS):
-        db.execute(sql, [v for r in rows[i:i + THREADS] for v in r])
+        db.execute(sql, [v for r in rows[i : i + THREADS] for v in r])
     rate = (len(rows) // THREADS * THREADS) / (time.perf_counter() - t0)
     db.close()
     return rate
@@ -74,21 +80,28 @@ def _storage_limit(tmp: Path, rows: list[tuple[Any, ...]]) -> float:
 
 def bench_append(tmp: Path, *, quick: bool = False) -> dict[str, Any]:
     """Durable appends per second from 64 threads (each ``append`` waits for its fsync)."""
-    log = AuditLog(tmp / "a.db", signing_key=ed25519.Ed25519PrivateKey.generate(),
-                   checkpoint_interval_s=0)
+    log = AuditLog(
+        tmp / "a.db", signing_key=ed25519.Ed25519PrivateKey.generate(), checkpoint_interval_s=0
+    )
     n = THREADS * (100 if quick else 600)
     seconds = _fill(log, n, THREADS)
     rate = n / seconds
     log.close()
     rows = sqlite3.connect(tmp / "a.db").execute("SELECT * FROM records ORDER BY seq").fetchall()
     storage = _storage_limit(tmp, rows)
-    return {"name": f"audit: durable appends ({THREADS} threads, fsync before ack)",
-            "value": round(rate), "limit": GOAL_APPENDS, "unit": "events/s",
-            "ratio": round(rate / GOAL_APPENDS, 3), "goal": 1.0, "events": n,
-            "storage_limit": round(storage),
-            "note": "limit = the issue's target of 20k durable events/s; storage_limit = the "
-                    "same rows inserted by one thread into bare SQLite (WAL, fsync) in "
-                    f"batches of {THREADS}, measured in this run"}
+    return {
+        "name": f"audit: durable appends ({THREADS} threads, fsync before ack)",
+        "value": round(rate),
+        "limit": GOAL_APPENDS,
+        "unit": "events/s",
+        "ratio": round(rate / GOAL_APPENDS, 3),
+        "goal": 1.0,
+        "events": n,
+        "storage_limit": round(storage),
+        "note": "limit = the issue's target of 20k durable events/s; storage_limit = the "
+        "same rows inserted by one thread into bare SQLite (WAL, fsync) in "
+        f"batches of {THREADS}, measured in this run",
+    }
 
 
 def bench_verify(tmp: Path, *, quick: bool = False) -> dict[str, Any]:
@@ -103,9 +116,10 @@ def bench_verify(tmp: Path, *, quick: bool = False) -> dict[str, Any]:
     result = verify_export(tmp / "x.jsonl", public_key=key.public_key())
     verify_s = time.perf_counter() - t0
     assert result.size == n
-    leaves = [json.dumps(json.loads(line)["leaf"], sort_keys=True,
-                         separators=(",", ":")).encode()
-              for line in (tmp / "x.jsonl").read_bytes().splitlines()[:n]]
+    leaves = [
+        json.dumps(json.loads(line)["leaf"], sort_keys=True, separators=(",", ":")).encode()
+        for line in (tmp / "x.jsonl").read_bytes().splitlines()[:n]
+    ]
     node = bytes(64)
     sha256 = hashlib.sha256
     t0 = time.perf_counter()
@@ -114,8 +128,14 @@ def bench_verify(tmp: Path, *, quick: bool = False) -> dict[str, Any]:
         sha256(b"\x01" + node).digest()
         sha256(b"\x01" + node).digest()
     hash_s = time.perf_counter() - t0
-    return {"name": "audit: offline verify of an export vs SHA-256 of the same bytes",
-            "value": round(n / verify_s), "limit": round(n / hash_s), "unit": "leaves/s",
-            "ratio": round(hash_s / verify_s, 3), "goal": 0.5, "leaves": n,
-            "note": "limit = hashlib over what verifying must hash: each leaf, one chain "
-                    "link and one tree node per record"}
+    return {
+        "name": "audit: offline verify of an export vs SHA-256 of the same bytes",
+        "value": round(n / verify_s),
+        "limit": round(n / hash_s),
+        "unit": "leaves/s",
+        "ratio": round(hash_s / verify_s, 3),
+        "goal": 0.5,
+        "leaves": n,
+        "note": "limit = hashlib over what verifying must hash: each leaf, one chain "
+        "link and one tree node per record",
+    }

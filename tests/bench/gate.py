@@ -28,14 +28,23 @@ GOAL = 0.1
 def _train(root: Path, steps: int) -> float:
     paths = Paths.under(root)
     paths.output.mkdir(parents=True)
-    job = JobConfig(job_id="bench-gate", trainer="causal-lm", datasets=("books",),
-                    hyperparameters={"max_steps": steps, "batch_size": 8, "block_size": 64,
-                                     "learning_rate": 1e-3, "seed": 0})
-    env = {**os.environ, "SEALROOM_ROOT": str(root), JOB_ENV: job.to_json(),
-           "OMP_NUM_THREADS": "2"}
+    job = JobConfig(
+        job_id="bench-gate",
+        trainer="causal-lm",
+        datasets=("books",),
+        hyperparameters={
+            "max_steps": steps,
+            "batch_size": 8,
+            "block_size": 64,
+            "learning_rate": 1e-3,
+            "seed": 0,
+        },
+    )
+    env = {**os.environ, "SEALROOM_ROOT": str(root), JOB_ENV: job.to_json(), "OMP_NUM_THREADS": "2"}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "trainers.harness"], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainers.harness"], env=env, capture_output=True, text=True
+    )
     took = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"training failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -57,9 +66,13 @@ def _gate(root: Path) -> tuple[float, Any]:
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(paths.model))
     texts = [p.read_text() for p in sorted((paths.data / "books").glob("*.txt"))]
-    result = run_gate(paths.output, rules=rules, base_layout=layout, dest_dir=root / "release",
-                      memorization=MemorizationInputs(model_dir=paths.model, tokenizer=tokenizer,
-                                                      texts=texts))
+    result = run_gate(
+        paths.output,
+        rules=rules,
+        base_layout=layout,
+        dest_dir=root / "release",
+        memorization=MemorizationInputs(model_dir=paths.model, tokenizer=tokenizer, texts=texts),
+    )
     return time.perf_counter() - t0, result
 
 
@@ -74,12 +87,18 @@ def bench_gate(tmp: Path, *, quick: bool) -> dict[str, Any]:
     if "memorization" not in checks:
         raise RuntimeError(f"the gate ran without the memorization probe: {checks}")
     if not result.passed:
-        raise RuntimeError(f"the gate refused the trained output: "
-                           f"{[(str(c.name), c.reasons) for c in result.checks if not c.passed]}")
+        raise RuntimeError(
+            f"the gate refused the trained output: "
+            f"{[(str(c.name), c.reasons) for c in result.checks if not c.passed]}"
+        )
     return {
         "name": f"release gate (memorization included) vs the job's training ({steps} steps, "
-                "tiny causal LM)",
-        "value": round(gate, 2), "limit": round(training, 2), "unit": "s",
-        "ratio": round(gate / training, 3), "goal": GOAL, "higher_is_better": False,
+        "tiny causal LM)",
+        "value": round(gate, 2),
+        "limit": round(training, 2),
+        "unit": "s",
+        "ratio": round(gate / training, 3),
+        "goal": GOAL,
+        "higher_is_better": False,
         "checks": ",".join(sorted(checks)),
     }

@@ -76,8 +76,9 @@ def _rate(threads: int, seconds: float, make_call: Callable[[], Callable[[], obj
 
 def _channel(address: str, identity: IdentityFiles) -> grpc.Channel:
     cert, key, ca = identity.read()
-    creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
-                                         certificate_chain=cert)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
     return grpc.secure_channel(address, creds)
 
 
@@ -109,7 +110,7 @@ def bench_rpc(tmp: Path, *, quick: bool) -> dict[str, Any]:
                 audited.append(_rate(threads, seconds, whoami))
                 limit.append(_rate(threads, seconds, bare))
             size_after = carol.audit_checkpoint(fresh=True).size
-            calls = (size_after - size_before)
+            calls = size_after - size_before
             recent = carol.audit_query(action="rpc.WhoAmI", limit=5)
         if not recent or any(r.principal != "theo" or r.outcome != "allowed" for r in recent):
             raise RuntimeError(f"the WhoAmI calls were not audited as expected: {recent}")
@@ -123,9 +124,14 @@ def bench_rpc(tmp: Path, *, quick: bool) -> dict[str, Any]:
     value, bare_rate = max(audited), max(limit)
     return {
         "name": f"RPC: authorised + audited WhoAmI vs bare gRPC echo (mTLS, {threads} threads)",
-        "value": round(value, 1), "limit": round(bare_rate, 1), "unit": "calls/s",
-        "ratio": round(value / bare_rate, 3), "goal": 0.5,
-        "audit_records_written": calls, "rounds": rounds, "threads": threads,
+        "value": round(value, 1),
+        "limit": round(bare_rate, 1),
+        "unit": "calls/s",
+        "ratio": round(value / bare_rate, 3),
+        "goal": 0.5,
+        "audit_records_written": calls,
+        "rounds": rounds,
+        "threads": threads,
     }
 
 
@@ -141,8 +147,10 @@ def _tls_context(identity: IdentityFiles) -> ssl.SSLContext:
 
 def _tls_put(port: int, ctx: ssl.SSLContext, source: Path, size: int) -> float:
     t0 = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port)) as raw, \
-            ctx.wrap_socket(raw, server_hostname="localhost") as conn:
+    with (
+        socket.create_connection(("127.0.0.1", port)) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as conn,
+    ):
         conn.sendall(f"PUT {size}\n".encode())
         with source.open("rb") as f:
             while data := f.read(MB):
@@ -154,8 +162,11 @@ def _tls_put(port: int, ctx: ssl.SSLContext, source: Path, size: int) -> float:
 
 def _tls_get(port: int, ctx: ssl.SSLContext, dest: Path, size: int) -> float:
     t0 = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port)) as raw, \
-            ctx.wrap_socket(raw, server_hostname="localhost") as conn, dest.open("wb") as out:
+    with (
+        socket.create_connection(("127.0.0.1", port)) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as conn,
+        dest.open("wb") as out,
+    ):
         conn.sendall(f"GET {size}\n".encode())
         buf = bytearray(MB)
         view = memoryview(buf)
@@ -187,10 +198,16 @@ def bench_transfers(tmp: Path, *, quick: bool) -> list[dict[str, Any]]:
     data = tmp / "data"
     data.mkdir()
     source = write_payload(data / "bundle.bin", size)
-    gw = Served("gateway", h.home, "--release-bytes", str(size),
-                "--max-bundle-bytes", str(size + MB), log=tmp / "gateway.log")
-    sink = Served("tls", h.home, "--dir", str(data), "--source", str(source),
-                  log=tmp / "tls.log")
+    gw = Served(
+        "gateway",
+        h.home,
+        "--release-bytes",
+        str(size),
+        "--max-bundle-bytes",
+        str(size + MB),
+        log=tmp / "gateway.log",
+    )
+    sink = Served("tls", h.home, "--dir", str(data), "--source", str(source), log=tmp / "tls.log")
     try:
         with h.client(gw.address, "olivia") as owner, h.client(gw.address, "theo") as team:
             prepare(owner, "upload", tmp=tmp, mode="manual")
@@ -205,8 +222,9 @@ def bench_transfers(tmp: Path, *, quick: bool) -> list[dict[str, Any]]:
             up_before = gw.rss()
             with RssSampler(gw.pid) as up_rss:
                 t0 = time.perf_counter()
-                job = team.submit(CUSTOM_SPEC.format(name="upload", dataset="upload"),
-                                  bundle=source)
+                job = team.submit(
+                    CUSTOM_SPEC.format(name="upload", dataset="upload"), bundle=source
+                )
                 upload_s = time.perf_counter() - t0
             if job.state != "PENDING_APPROVAL":
                 raise RuntimeError(f"the upload's job is {job.state}: {list(job.reasons)}")
@@ -236,23 +254,50 @@ def bench_transfers(tmp: Path, *, quick: bool) -> list[dict[str, Any]]:
     lim_up, lim_down = mb / raw_put, mb / raw_get
     label = f"{mb / 1024:g} GB" if mb >= 1024 else f"{mb:g} MB"
     return [
-        {"name": f"upload: SubmitJob with a {label} bundle vs raw TLS (file to file)",
-         "value": round(up, 1), "limit": round(lim_up, 1), "unit": "MB/s",
-         "ratio": round(up / lim_up, 3), "goal": 0.7, "bytes": size,
-         "seconds": round(upload_s, 2), "raw_seconds": round(raw_put, 2)},
-        {"name": f"download: DownloadRelease of a {label} release vs raw TLS (file to file)",
-         "value": round(down, 1), "limit": round(lim_down, 1), "unit": "MB/s",
-         "ratio": round(down / lim_down, 3), "goal": 0.7, "bytes": size,
-         "seconds": round(download_s, 2), "raw_seconds": round(raw_get, 2)},
-        {"name": f"gateway RSS growth during the {label} upload vs its size",
-         "value": round(up_growth / MB, 1), "limit": round(mb, 1), "unit": "MB",
-         "ratio": round(up_growth / size, 4), "goal": 0.05, "higher_is_better": False,
-         "rss_before_mb": round(up_before / MB, 1), "rss_peak_mb": round(up_rss.peak / MB, 1)},
-        {"name": f"gateway RSS growth during the {label} download vs its size",
-         "value": round(down_growth / MB, 1), "limit": round(mb, 1), "unit": "MB",
-         "ratio": round(down_growth / size, 4), "goal": 0.05, "higher_is_better": False,
-         "rss_before_mb": round(down_before / MB, 1),
-         "rss_peak_mb": round(down_rss.peak / MB, 1)},
+        {
+            "name": f"upload: SubmitJob with a {label} bundle vs raw TLS (file to file)",
+            "value": round(up, 1),
+            "limit": round(lim_up, 1),
+            "unit": "MB/s",
+            "ratio": round(up / lim_up, 3),
+            "goal": 0.7,
+            "bytes": size,
+            "seconds": round(upload_s, 2),
+            "raw_seconds": round(raw_put, 2),
+        },
+        {
+            "name": f"download: DownloadRelease of a {label} release vs raw TLS (file to file)",
+            "value": round(down, 1),
+            "limit": round(lim_down, 1),
+            "unit": "MB/s",
+            "ratio": round(down / lim_down, 3),
+            "goal": 0.7,
+            "bytes": size,
+            "seconds": round(download_s, 2),
+            "raw_seconds": round(raw_get, 2),
+        },
+        {
+            "name": f"gateway RSS growth during the {label} upload vs its size",
+            "value": round(up_growth / MB, 1),
+            "limit": round(mb, 1),
+            "unit": "MB",
+            "ratio": round(up_growth / size, 4),
+            "goal": 0.05,
+            "higher_is_better": False,
+            "rss_before_mb": round(up_before / MB, 1),
+            "rss_peak_mb": round(up_rss.peak / MB, 1),
+        },
+        {
+            "name": f"gateway RSS growth during the {label} download vs its size",
+            "value": round(down_growth / MB, 1),
+            "limit": round(mb, 1),
+            "unit": "MB",
+            "ratio": round(down_growth / size, 4),
+            "goal": 0.05,
+            "higher_is_better": False,
+            "rss_before_mb": round(down_before / MB, 1),
+            "rss_peak_mb": round(down_rss.peak / MB, 1),
+        },
     ]
 
 
@@ -302,9 +347,11 @@ def _bare_docker(image: str) -> float:
     client = docker.from_env()
     try:
         t0 = time.perf_counter()
-        c = client.containers.create(image, command=["python", "-c", "import time; "
-                                                     "time.sleep(30)"],
-                                     labels={"org.sealroom.bench": "launch"})
+        c = client.containers.create(
+            image,
+            command=["python", "-c", "import time; time.sleep(30)"],
+            labels={"org.sealroom.bench": "launch"},
+        )
         c.start()
         took = time.perf_counter() - t0
         c.reload()
@@ -338,11 +385,15 @@ def bench_launch(tmp: Path, *, quick: bool) -> dict[str, Any]:
     bare = [_bare_docker(image) for _ in range(runs)]
     value, limit = statistics.median(enclave), statistics.median(bare)
     return {
-        "name": "launch: approved to RUNNING via gateway + Docker site vs bare docker "
-                "create+start",
-        "value": round(value, 3), "limit": round(limit, 3), "unit": "s",
-        "ratio": round(value / limit, 3), "max_overhead": 0.3, "higher_is_better": False,
-        "runs": runs, "enclave_s": json.dumps([round(x, 3) for x in enclave]),
+        "name": "launch: approved to RUNNING via gateway + Docker site vs bare docker create+start",
+        "value": round(value, 3),
+        "limit": round(limit, 3),
+        "unit": "s",
+        "ratio": round(value / limit, 3),
+        "max_overhead": 0.3,
+        "higher_is_better": False,
+        "runs": runs,
+        "enclave_s": json.dumps([round(x, 3) for x in enclave]),
         "bare_s": json.dumps([round(x, 3) for x in bare]),
     }
 

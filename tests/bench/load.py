@@ -41,8 +41,9 @@ from tests.bench._fast import FAST_SPEC, Home, make_home, prepare
 from tests.bench._proc import RssSampler, Served
 
 MB = 1 << 20
-REQUIRED_ACTIONS = frozenset({"job.submit", "policy.decision", "job.state", "container.start",
-                              "release.sign"})
+REQUIRED_ACTIONS = frozenset(
+    {"job.submit", "policy.decision", "job.state", "container.start", "release.sign"}
+)
 RELEASED_PATH = ("APPROVED", "QUEUED", "RUNNING", "CHECKING", "RELEASED")
 
 
@@ -66,8 +67,15 @@ class Outcome:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _client_loop(client: Client, jobs: int, spec: Callable[[int], str], out: Outcome,
-                 *, retry: bool, on_done: Callable[[], None]) -> None:
+def _client_loop(
+    client: Client,
+    jobs: int,
+    spec: Callable[[int], str],
+    out: Outcome,
+    *,
+    retry: bool,
+    on_done: Callable[[], None],
+) -> None:
     for i in range(jobs):
         t0 = time.perf_counter()
         while True:
@@ -100,8 +108,16 @@ def _client_loop(client: Client, jobs: int, spec: Callable[[int], str], out: Out
         on_done()
 
 
-def _drive(h: Home, address: str, *, clients: int, jobs: int, spec: Callable[[int], str],
-           retry: bool, gw: Served) -> tuple[Outcome, float, list[tuple[int, int]]]:
+def _drive(
+    h: Home,
+    address: str,
+    *,
+    clients: int,
+    jobs: int,
+    spec: Callable[[int], str],
+    retry: bool,
+    gw: Served,
+) -> tuple[Outcome, float, list[tuple[int, int]]]:
     """``clients`` threads submit and watch ``jobs`` jobs in all. Returns what they saw, the
     seconds it took, and (jobs done, gateway RSS) at each tenth of the jobs."""
     out = Outcome()
@@ -119,11 +135,14 @@ def _drive(h: Home, address: str, *, clients: int, jobs: int, spec: Callable[[in
 
     per = [jobs // clients + (1 if k < jobs % clients else 0) for k in range(clients)]
     conns = [h.client(address, "theo", timeout_s=300) for _ in range(clients)]
-    threads = [threading.Thread(target=_client_loop,
-                                args=(conns[k], per[k], lambda i, k=k: spec(k * 100_000 + i),
-                                      out),
-                                kwargs={"retry": retry, "on_done": on_done})
-               for k in range(clients)]
+    threads = [
+        threading.Thread(
+            target=_client_loop,
+            args=(conns[k], per[k], lambda i, k=k: spec(k * 100_000 + i), out),
+            kwargs={"retry": retry, "on_done": on_done},
+        )
+        for k in range(clients)
+    ]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -147,9 +166,15 @@ def _audit_checks(phase: str, carol: Client, out: Outcome) -> list[Check]:
         if lacking:
             missing[job_id] = lacking
     sample = dict(list(missing.items())[:3])
-    return [Check(phase, "every job audited (submit, decision, each state, run, release)",
-                  not missing, f"{len(out.accepted) - len(missing)}/{len(out.accepted)} complete"
-                  + (f"; e.g. {sample}" if missing else ""))]
+    return [
+        Check(
+            phase,
+            "every job audited (submit, decision, each state, run, release)",
+            not missing,
+            f"{len(out.accepted) - len(missing)}/{len(out.accepted)} complete"
+            + (f"; e.g. {sample}" if missing else ""),
+        )
+    ]
 
 
 def _listing_checks(phase: str, carol: Client, out: Outcome) -> list[Check]:
@@ -158,15 +183,22 @@ def _listing_checks(phase: str, carol: Client, out: Outcome) -> list[Check]:
     phantom = sorted(set(listed) - set(out.accepted))
     unlisted = sorted(set(out.accepted) - set(listed))
     return [
-        Check(phase, "no job lost: every accepted job reached RELEASED", not not_released
-              and not out.errors,
-              f"{len(out.accepted) - len(not_released)}/{len(out.accepted)} released"
-              + (f"; not: {dict(list(not_released.items())[:3])}" if not_released else "")
-              + (f"; client errors: {out.errors[:3]}" if out.errors else "")),
-        Check(phase, "the gateway lists exactly the accepted jobs", not phantom and not unlisted,
-              f"{len(listed)} listed, {len(out.accepted)} accepted"
-              + (f"; unknown to clients: {phantom[:3]}" if phantom else "")
-              + (f"; missing: {unlisted[:3]}" if unlisted else "")),
+        Check(
+            phase,
+            "no job lost: every accepted job reached RELEASED",
+            not not_released and not out.errors,
+            f"{len(out.accepted) - len(not_released)}/{len(out.accepted)} released"
+            + (f"; not: {dict(list(not_released.items())[:3])}" if not_released else "")
+            + (f"; client errors: {out.errors[:3]}" if out.errors else ""),
+        ),
+        Check(
+            phase,
+            "the gateway lists exactly the accepted jobs",
+            not phantom and not unlisted,
+            f"{len(listed)} listed, {len(out.accepted)} accepted"
+            + (f"; unknown to clients: {phantom[:3]}" if phantom else "")
+            + (f"; missing: {unlisted[:3]}" if unlisted else ""),
+        ),
     ]
 
 
@@ -174,63 +206,99 @@ def _run_count_checks(phase: str, runs: Counter[str], out: Outcome) -> list[Chec
     twice = {j: n for j, n in runs.items() if n > 1}
     never = [j for j in out.accepted if runs.get(j, 0) == 0]
     unknown = [j for j in runs if j not in out.accepted]
-    return [Check(phase, "no job run twice (site-side run count per job id)",
-                  not twice and not never and not unknown,
-                  f"{sum(1 for n in runs.values() if n == 1)} jobs ran once"
-                  + (f"; twice or more: {dict(list(twice.items())[:3])}" if twice else "")
-                  + (f"; never ran: {never[:3]}" if never else "")
-                  + (f"; ran but unknown: {unknown[:3]}" if unknown else ""))]
+    return [
+        Check(
+            phase,
+            "no job run twice (site-side run count per job id)",
+            not twice and not never and not unknown,
+            f"{sum(1 for n in runs.values() if n == 1)} jobs ran once"
+            + (f"; twice or more: {dict(list(twice.items())[:3])}" if twice else "")
+            + (f"; never ran: {never[:3]}" if never else "")
+            + (f"; ran but unknown: {unknown[:3]}" if unknown else ""),
+        )
+    ]
 
 
-def _memory(phase: str, sampler: RssSampler, marks: list[tuple[int, int]], *,
-            slack: int) -> tuple[dict[str, Any], Check]:
+def _memory(
+    phase: str, sampler: RssSampler, marks: list[tuple[int, int]], *, slack: int
+) -> tuple[dict[str, Any], Check]:
     first = marks[0][1] if marks else sampler.samples[0][1]
     last = marks[-1][1] if marks else sampler.samples[-1][1]
-    figures = {"rss_start_mb": round(sampler.samples[0][1] / MB, 1),
-               "rss_after_first_tenth_mb": round(first / MB, 1),
-               "rss_end_mb": round(last / MB, 1), "rss_peak_mb": round(sampler.peak / MB, 1),
-               "rss_at_tenths_mb": [(n, round(v / MB, 1)) for n, v in marks]}
+    figures = {
+        "rss_start_mb": round(sampler.samples[0][1] / MB, 1),
+        "rss_after_first_tenth_mb": round(first / MB, 1),
+        "rss_end_mb": round(last / MB, 1),
+        "rss_peak_mb": round(sampler.peak / MB, 1),
+        "rss_at_tenths_mb": [(n, round(v / MB, 1)) for n, v in marks],
+    }
     grew = last - first
-    return figures, Check(phase, f"gateway memory flat (growth after the first tenth ≤ "
-                                 f"{slack // MB} MB)", grew <= slack,
-                          f"{grew / MB:+.1f} MB from job {marks[0][0] if marks else 0} to the "
-                          "end")
+    return figures, Check(
+        phase,
+        f"gateway memory flat (growth after the first tenth ≤ {slack // MB} MB)",
+        grew <= slack,
+        f"{grew / MB:+.1f} MB from job {marks[0][0] if marks else 0} to the end",
+    )
 
 
 def _summary(took: float, out: Outcome) -> dict[str, Any]:
     lat = sorted(out.latency_s) or [0.0]
-    return {"seconds": round(took, 2), "jobs": len(out.accepted),
-            "jobs_per_s": round(len(out.accepted) / took, 1),
-            "latency_p50_s": round(statistics.median(lat), 3),
-            "latency_p95_s": round(lat[int(0.95 * (len(lat) - 1))], 3),
-            "refusals": len(out.refusals)}
+    return {
+        "seconds": round(took, 2),
+        "jobs": len(out.accepted),
+        "jobs_per_s": round(len(out.accepted) / took, 1),
+        "latency_p50_s": round(statistics.median(lat), 3),
+        "latency_p95_s": round(lat[int(0.95 * (len(lat) - 1))], 3),
+        "refusals": len(out.refusals),
+    }
 
 
-def fast_phase(root: Path, *, clients: int, jobs: int, hold_s: float = 0.0,
-               max_queued: int = 100, phase: str = "fast"
-               ) -> tuple[dict[str, Any], list[Check]]:
+def fast_phase(
+    root: Path,
+    *,
+    clients: int,
+    jobs: int,
+    hold_s: float = 0.0,
+    max_queued: int = 100,
+    phase: str = "fast",
+) -> tuple[dict[str, Any], list[Check]]:
     """C clients, N jobs against the fast site. With a small ``max_queued`` and a ``hold_s``
     per run it is the back-pressure phase: clients are refused and retry."""
     root.mkdir(parents=True)
     h = make_home(root)
     runs_file = root / "runs.json"
-    gw = Served("gateway", h.home, "--runs-out", str(runs_file), "--max-queued",
-                str(max_queued), "--hold-s", str(hold_s), log=root / "gateway.log")
+    gw = Served(
+        "gateway",
+        h.home,
+        "--runs-out",
+        str(runs_file),
+        "--max-queued",
+        str(max_queued),
+        "--hold-s",
+        str(hold_s),
+        log=root / "gateway.log",
+    )
     checks: list[Check] = []
     try:
         with h.client(gw.address, "olivia") as owner:
             prepare(owner, "books", tmp=root, mode="automatic")
         with RssSampler(gw.pid, every_s=0.1) as sampler:
-            out, took, marks = _drive(h, gw.address, clients=clients, jobs=jobs,
-                                      spec=lambda i: FAST_SPEC.format(name=f"load-{i}",
-                                                                      dataset="books"),
-                                      retry=True, gw=gw)
+            out, took, marks = _drive(
+                h,
+                gw.address,
+                clients=clients,
+                jobs=jobs,
+                spec=lambda i: FAST_SPEC.format(name=f"load-{i}", dataset="books"),
+                retry=True,
+                gw=gw,
+            )
         with h.client(gw.address, "carol") as carol:
             checks += _listing_checks(phase, carol, out)
             checks += _audit_checks(phase, carol, out)
-            refused_audit = [r for r in carol.audit_query(action="rpc.SubmitJob",
-                                                          outcome="error", limit=100_000)
-                             if "ResourceExhausted" in r.details_json]
+            refused_audit = [
+                r
+                for r in carol.audit_query(action="rpc.SubmitJob", outcome="error", limit=100_000)
+                if "ResourceExhausted" in r.details_json
+            ]
     finally:
         gw.stop()
     runs: Counter[str] = Counter(json.loads(runs_file.read_text()))
@@ -240,19 +308,34 @@ def fast_phase(root: Path, *, clients: int, jobs: int, hold_s: float = 0.0,
     if max_queued < clients:
         clear = [m for m in out.refusals if "queue is full" in m and str(max_queued) in m]
         checks += [
-            Check(phase, "back-pressure: submissions were refused while the queue was full",
-                  bool(out.refusals), f"{len(out.refusals)} refusals, all retried"),
-            Check(phase, "every refusal is RESOURCE_EXHAUSTED naming the full queue",
-                  len(clear) == len(out.refusals),
-                  f"{len(clear)}/{len(out.refusals)} clear; e.g. "
-                  f"{out.refusals[0] if out.refusals else '-'!r}"),
-            Check(phase, "every refusal was audited and left no job",
-                  len(refused_audit) == len(out.refusals),
-                  f"{len(refused_audit)} audited refusals for {len(out.refusals)} seen; jobs "
-                  "listed = jobs accepted (above)"),
+            Check(
+                phase,
+                "back-pressure: submissions were refused while the queue was full",
+                bool(out.refusals),
+                f"{len(out.refusals)} refusals, all retried",
+            ),
+            Check(
+                phase,
+                "every refusal is RESOURCE_EXHAUSTED naming the full queue",
+                len(clear) == len(out.refusals),
+                f"{len(clear)}/{len(out.refusals)} clear; e.g. "
+                f"{out.refusals[0] if out.refusals else '-'!r}",
+            ),
+            Check(
+                phase,
+                "every refusal was audited and left no job",
+                len(refused_audit) == len(out.refusals),
+                f"{len(refused_audit)} audited refusals for {len(out.refusals)} seen; jobs "
+                "listed = jobs accepted (above)",
+            ),
         ]
-    return {**_summary(took, out), "clients": clients, "max_queued": max_queued,
-            "hold_s": hold_s, **memory}, checks
+    return {
+        **_summary(took, out),
+        "clients": clients,
+        "max_queued": max_queued,
+        "hold_s": hold_s,
+        **memory,
+    }, checks
 
 
 CONTAINER_SPEC = """\
@@ -266,8 +349,9 @@ resources: {{cpus: 1, memory_mb: 2048, timeout_s: 300}}
 """
 
 
-def container_phase(root: Path, *, clients: int, jobs: int, workers: int = 2
-                    ) -> tuple[dict[str, Any], list[Check]]:
+def container_phase(
+    root: Path, *, clients: int, jobs: int, workers: int = 2
+) -> tuple[dict[str, Any], list[Check]]:
     """``jobs`` real container jobs through the gateway's embedded Docker site."""
     import docker
 
@@ -281,8 +365,9 @@ def container_phase(root: Path, *, clients: int, jobs: int, workers: int = 2
     h = make_home(root)
     model = create_base_model(root / "tiny-lm", texts=corpus(documents=20, seed=1000), seed=0)
     ModelStore(h.home / "site" / "models").register("tiny-lm", model)
-    gw = Served("gateway", h.home, "--site", "docker", "--workers", str(workers),
-                log=root / "gateway.log")
+    gw = Served(
+        "gateway", h.home, "--site", "docker", "--workers", str(workers), log=root / "gateway.log"
+    )
     checks: list[Check] = []
     try:
         with h.client(gw.address, "olivia") as owner:
@@ -290,14 +375,21 @@ def container_phase(root: Path, *, clients: int, jobs: int, workers: int = 2
             owner.register_dataset("books", root / "books")
             owner.put_policy("books", policy("books", mode="automatic", memorization=False))
         with RssSampler(gw.pid, every_s=0.2) as sampler:
-            out, took, marks = _drive(h, gw.address, clients=min(clients, jobs), jobs=jobs,
-                                      spec=lambda i: CONTAINER_SPEC.format(name=f"load-{i}"),
-                                      retry=True, gw=gw)
+            out, took, marks = _drive(
+                h,
+                gw.address,
+                clients=min(clients, jobs),
+                jobs=jobs,
+                spec=lambda i: CONTAINER_SPEC.format(name=f"load-{i}"),
+                retry=True,
+                gw=gw,
+            )
         with h.client(gw.address, "carol") as carol:
             checks += _listing_checks(phase, carol, out)
             checks += _audit_checks(phase, carol, out)
             runs: Counter[str] = Counter(
-                r.job_id for r in carol.audit_query(action="container.start", limit=100_000))
+                r.job_id for r in carol.audit_query(action="container.start", limit=100_000)
+            )
     finally:
         gw.stop()
     checks += _run_count_checks(phase, runs, out)
@@ -305,26 +397,44 @@ def container_phase(root: Path, *, clients: int, jobs: int, workers: int = 2
     checks.append(mem_check)
     client = docker.from_env()
     try:
-        left = [c for c in client.containers.list(all=True,
-                                                  filters={"label": "org.sealroom.job"})
-                if c.labels.get("org.sealroom.job") in out.accepted]
+        left = [
+            c
+            for c in client.containers.list(all=True, filters={"label": "org.sealroom.job"})
+            if c.labels.get("org.sealroom.job") in out.accepted
+        ]
     finally:
         client.close()
-    checks.append(Check(phase, "no container left behind", not left,
-                        f"{len(left)} left: {[c.name for c in left[:3]]}"))
-    return {**_summary(took, out), "clients": min(clients, jobs), "workers": workers,
-            **memory}, checks
+    checks.append(
+        Check(
+            phase,
+            "no container left behind",
+            not left,
+            f"{len(left)} left: {[c.name for c in left[:3]]}",
+        )
+    )
+    return {
+        **_summary(took, out),
+        "clients": min(clients, jobs),
+        "workers": workers,
+        **memory,
+    }, checks
 
 
-def run_load(root: Path, *, clients: int, jobs: int, containers: int,
-             backpressure_jobs: int | None = None) -> dict[str, Any]:
+def run_load(
+    root: Path, *, clients: int, jobs: int, containers: int, backpressure_jobs: int | None = None
+) -> dict[str, Any]:
     phases: dict[str, Any] = {}
     checks: list[Check] = []
     figures, c = fast_phase(root / "fast", clients=clients, jobs=jobs)
     phases["fast"], checks = figures, checks + c
-    figures, c = fast_phase(root / "backpressure", clients=clients,
-                            jobs=backpressure_jobs or max(clients, jobs // 5), hold_s=0.02,
-                            max_queued=max(2, clients // 10), phase="back-pressure")
+    figures, c = fast_phase(
+        root / "backpressure",
+        clients=clients,
+        jobs=backpressure_jobs or max(clients, jobs // 5),
+        hold_s=0.02,
+        max_queued=max(2, clients // 10),
+        phase="back-pressure",
+    )
     phases["back-pressure"], checks = figures, checks + c
     if containers:
         figures, c = container_phase(root / "containers", clients=clients, jobs=containers)
@@ -346,12 +456,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("load-results.json"))
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="sealroom-load-") as tmp:
-        report = run_load(Path(tmp), clients=args.clients, jobs=args.jobs,
-                          containers=args.containers)
+        report = run_load(
+            Path(tmp), clients=args.clients, jobs=args.jobs, containers=args.containers
+        )
     args.out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     for name, figures in report["phases"].items():
-        print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()
-                                      if not isinstance(v, list)))
+        print(
+            f"{name}: "
+            + ", ".join(f"{k}={v}" for k, v in figures.items() if not isinstance(v, list))
+        )
     for c in report["checks"]:
         print(f"  [{'ok' if c['ok'] else 'FAIL'}] {c['phase']}: {c['name']}: {c['detail']}")
     print(f"written to {args.out}", file=sys.stderr)

@@ -27,20 +27,34 @@ from trainers.synthetic import corpus, write_corpus
 
 
 def _job(steps: int) -> JobConfig:
-    return JobConfig(job_id="bench-train", trainer="causal-lm", datasets=("books",),
-                     hyperparameters={"max_steps": steps, "batch_size": 16, "block_size": 64,
-                                      "learning_rate": 1e-3, "seed": 0})
+    return JobConfig(
+        job_id="bench-train",
+        trainer="causal-lm",
+        datasets=("books",),
+        hyperparameters={
+            "max_steps": steps,
+            "batch_size": 16,
+            "block_size": 64,
+            "learning_rate": 1e-3,
+            "seed": 0,
+        },
+    )
 
 
 def _bare(root: Path, steps: int) -> float:
     paths = Paths.under(root)
     shutil.rmtree(paths.output, ignore_errors=True)
     paths.output.mkdir(parents=True)
-    env = {**os.environ, "SEALROOM_ROOT": str(root), JOB_ENV: _job(steps).to_json(),
-           "OMP_NUM_THREADS": "2"}
+    env = {
+        **os.environ,
+        "SEALROOM_ROOT": str(root),
+        JOB_ENV: _job(steps).to_json(),
+        "OMP_NUM_THREADS": "2",
+    }
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "trainers.harness"], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "trainers.harness"], env=env, check=True, stdout=subprocess.DEVNULL
+    )
     return time.perf_counter() - t0
 
 
@@ -53,11 +67,18 @@ def _enclave(root: Path, steps: int) -> float:
     os.chown(out, 10001, 10001)
     rt = DockerRuntime()
     spec = ContainerSpec(
-        image=rt.resolve_image("sealroom-runtime:latest"), job_id=f"bench-train-{steps}",
+        image=rt.resolve_image("sealroom-runtime:latest"),
+        job_id=f"bench-train-{steps}",
         env={JOB_ENV: _job(steps).to_json(), "OMP_NUM_THREADS": "2"},
         read_only_mounts={paths.data / "books": "/data/books", paths.model: "/model/base"},
-        output_dir=out, memory_bytes=4 << 30, cpus=2.0, pids=512, tmp_bytes=1 << 30,
-        timeout_s=900, labels={"org.sealroom.bench": "training"})
+        output_dir=out,
+        memory_bytes=4 << 30,
+        cpus=2.0,
+        pids=512,
+        tmp_bytes=1 << 30,
+        timeout_s=900,
+        labels={"org.sealroom.bench": "training"},
+    )
     h = rt.prepare(spec)
     try:
         t0 = time.perf_counter()
@@ -65,8 +86,10 @@ def _enclave(root: Path, steps: int) -> float:
         st = rt.wait(h, timeout_s=900)
         took = time.perf_counter() - t0
         if st.state is not RunState.EXITED or st.exit_code != 0:
-            raise RuntimeError(f"the enclave run ended {st.state}: {st.reason}: "
-                               f"{rt.logs(h, max_bytes=4000).decode(errors='replace')}")
+            raise RuntimeError(
+                f"the enclave run ended {st.state}: {st.reason}: "
+                f"{rt.logs(h, max_bytes=4000).decode(errors='replace')}"
+            )
     finally:
         rt.cleanup(h)
     return took
@@ -83,7 +106,13 @@ def bench_training(tmp: Path, *, quick: bool) -> dict[str, Any]:
     bare = _bare(tmp, steps) - _bare(tmp, 1)
     enclave = _enclave(tmp, steps) - _enclave(tmp, 1)
     bare_rate, enclave_rate = (steps - 1) / bare, (steps - 1) / enclave
-    return {"name": "training: steps/s in the enclave vs bare on the host (causal-lm, small)",
-            "value": round(enclave_rate, 2), "limit": round(bare_rate, 2), "unit": "steps/s",
-            "ratio": round(enclave_rate / bare_rate, 3), "goal": 0.98, "steps": steps,
-            "progress": json.dumps({"bare_s": round(bare, 2), "enclave_s": round(enclave, 2)})}
+    return {
+        "name": "training: steps/s in the enclave vs bare on the host (causal-lm, small)",
+        "value": round(enclave_rate, 2),
+        "limit": round(bare_rate, 2),
+        "unit": "steps/s",
+        "ratio": round(enclave_rate / bare_rate, 3),
+        "goal": 0.98,
+        "steps": steps,
+        "progress": json.dumps({"bare_s": round(bare, 2), "enclave_s": round(enclave, 2)}),
+    }

@@ -45,8 +45,9 @@ class Deployment:
         self.running.stop()
 
 
-def deploy(root: Path, *, site: Any | None = None, workers: int = 1,
-           container_runtime: str = "runc") -> Deployment:
+def deploy(
+    root: Path, *, site: Any | None = None, workers: int = 1, container_runtime: str = "runc"
+) -> Deployment:
     from enclave.models import ModelStore
     from gateway.server import build
     from trainers.basemodel import create_base_model
@@ -60,8 +61,9 @@ def deploy(root: Path, *, site: Any | None = None, workers: int = 1,
     }
     model_dir = create_base_model(root / "tiny-lm", texts=corpus(documents=20, seed=1000), seed=0)
     ModelStore(home / "site" / "models").register("tiny-lm", model_dir)
-    running = build(home, site=site, address="localhost:0", workers=workers,
-                    container_runtime=container_runtime)
+    running = build(
+        home, site=site, address="localhost:0", workers=workers, container_runtime=container_runtime
+    )
     return Deployment(home, ca, identities, running, f"localhost:{running.port}")
 
 
@@ -77,17 +79,28 @@ def bundle(dest: Path, files: Mapping[str, str]) -> Path:
     return dest
 
 
-def policy(dataset: str, *, custom_code: bool = False, mode: str = "manual",
-           memorization: bool = True, teams: tuple[str, ...] = ("model-team",)) -> str:
+def policy(
+    dataset: str,
+    *,
+    custom_code: bool = False,
+    mode: str = "manual",
+    memorization: bool = True,
+    teams: tuple[str, ...] = ("model-team",),
+) -> str:
     """A policy for ``dataset``, the example's rules with the given changes."""
-    memo = """
+    memo = (
+        """
       memorization:
         samples: 8
         prefix_tokens: 16
         suffix_tokens: 16
         threshold: 0.5
-        near_verbatim_ratio: 0.1""" if memorization else ""
-    return textwrap.dedent(f"""\
+        near_verbatim_ratio: 0.1"""
+        if memorization
+        else ""
+    )
+    return (
+        textwrap.dedent(f"""\
         schema: sealroom.policy/v1
         dataset: {dataset}
         expires: 2099-12-31
@@ -106,4 +119,7 @@ def policy(dataset: str, *, custom_code: bool = False, mode: str = "manual",
           metrics:
             allowed: [train_loss, eval_loss, perplexity, accuracy, steps, tokens_seen, epsilon]
             significant_digits: 4
-            max_count: 7""") + textwrap.indent(textwrap.dedent(memo), "  ") + "\n"
+            max_count: 7""")
+        + textwrap.indent(textwrap.dedent(memo), "  ")
+        + "\n"
+    )

@@ -51,15 +51,20 @@ CHILD = textwrap.dedent("""
 def _kill_points(n: int, tmp_path: Path) -> None:
     key = ed25519.Ed25519PrivateKey.generate()
     key_file = tmp_path / "k.pem"
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     db = tmp_path / "audit.db"
     rng = random.Random(1234)
     acked: dict[str, int] = {}
     for _ in range(n):
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(db), str(key_file)],
-                                 stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(db), str(key_file)], stdout=subprocess.PIPE, text=True
+        )
         assert child.stdout is not None
         assert child.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.02, 0.4))

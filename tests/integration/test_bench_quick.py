@@ -16,8 +16,12 @@ def test_every_bench_entry_reports_a_value_its_limit_and_the_ratio(
     tmp_path: Path, runtime_image: str
 ) -> None:
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "tests.bench", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.bench", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     report = json.loads(out.read_text())
     assert report["failures"] == [], proc.stderr[-4000:]
     assert proc.returncode == 0

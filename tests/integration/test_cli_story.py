@@ -64,9 +64,12 @@ def cli(tmp_path: Path, docker_client: Any, runtime_image: str) -> Iterator[Cli]
 
     c = Cli(tmp_path / "home")
     c("ca", "init")
-    for name, role, team in (("oscar", "operator", "ops"), ("olivia", "data-owner", "library"),
-                             ("theo", "model-team", "model-team"),
-                             ("carol", "compliance", "audit")):
+    for name, role, team in (
+        ("oscar", "operator", "ops"),
+        ("olivia", "data-owner", "library"),
+        ("theo", "model-team", "model-team"),
+        ("carol", "compliance", "audit"),
+    ):
         assert c("ca", "issue", name, "--role", role, "--team", team)["role"] == role
     write_corpus(tmp_path / "public", documents=20, seed=1000)
     c("model", "create-tiny", "tiny-lm", str(tmp_path / "public"))
@@ -112,8 +115,7 @@ def test_the_whole_story_from_the_command_line(cli: Cli, tmp_path: Path) -> None
     assert job["state"] == "PENDING_APPROVAL"
     refused = cli("job", "approve", job_id, who="theo", ok=False)
     assert refused["error"] == "PermissionDenied"
-    assert cli("job", "approve", job_id, who="olivia")["state"] in {"APPROVED", "QUEUED",
-                                                                    "RUNNING"}
+    assert cli("job", "approve", job_id, who="olivia")["state"] in {"APPROVED", "QUEUED", "RUNNING"}
     events = cli("job", "watch", job_id, who="theo")
     states = [e["state"] for e in events if e.get("state")]
     assert states[-1] == "RELEASED", events
@@ -151,8 +153,9 @@ def test_the_whole_story_from_the_command_line(cli: Cli, tmp_path: Path) -> None
     assert [r["job_id"] for r in report["reads"]] == [job_id]
     assert one in report["reads"][0]["files"]
     assert [r["job_id"] for r in report["releases"]] == [job_id]
-    assert cli("audit", "query", "--job", job_id, who="theo", ok=False)["error"] == \
-        "PermissionDenied"
+    assert (
+        cli("audit", "query", "--job", job_id, who="theo", ok=False)["error"] == "PermissionDenied"
+    )
 
     export = tmp_path / "audit.jsonl"
     cli("audit", "export", str(export), who="carol")
@@ -163,9 +166,17 @@ def test_the_whole_story_from_the_command_line(cli: Cli, tmp_path: Path) -> None
     leaves = [json.loads(line)["leaf"] for line in records]
     rotations = [p for p in leaves if p["action"] == "site.key_rotated"]
     assert [(r["principal"], r["details"]["key_id"]) for r in rotations] == [
-        ("oscar", rotated["key_id"])]
-    puts = [(p["action"], p["outcome"], p["details"].get("version")) for p in leaves
-            if p["action"] in {"policy.put", "rpc.PutPolicy"}]
-    assert puts == [("rpc.PutPolicy", "error", None), ("policy.put", "ok", 1),
-                    ("rpc.PutPolicy", "allowed", None), ("policy.put", "ok", 2),
-                    ("rpc.PutPolicy", "allowed", None)]
+        ("oscar", rotated["key_id"])
+    ]
+    puts = [
+        (p["action"], p["outcome"], p["details"].get("version"))
+        for p in leaves
+        if p["action"] in {"policy.put", "rpc.PutPolicy"}
+    ]
+    assert puts == [
+        ("rpc.PutPolicy", "error", None),
+        ("policy.put", "ok", 1),
+        ("rpc.PutPolicy", "allowed", None),
+        ("policy.put", "ok", 2),
+        ("rpc.PutPolicy", "allowed", None),
+    ]

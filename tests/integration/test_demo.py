@@ -22,8 +22,12 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 def test_the_demo_plays_the_whole_story(tmp_path: Path, runtime_image: str) -> None:
     exe = shutil.which("sealroom", path=os.path.dirname(sys.executable))
     assert exe, "the sealroom command is not installed beside this interpreter"
-    proc = subprocess.run([exe, "demo", "--json", "--workdir", str(tmp_path / "demo")],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [exe, "demo", "--json", "--workdir", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout)
     assert summary["release"]["artifacts"] == ["metrics.json", "weights/model.safetensors"]

@@ -172,8 +172,9 @@ def dep(tmp_path_factory: pytest.TempPathFactory, runtime_image: str) -> Iterato
         d.stop()
 
 
-def _run_to_end(dep: Deployment, spec: str, *, bundle_path: Path | None = None,
-                approver: str = "olivia") -> pb.Job:
+def _run_to_end(
+    dep: Deployment, spec: str, *, bundle_path: Path | None = None, approver: str = "olivia"
+) -> pb.Job:
     with dep.client("theo") as team, dep.client(approver) as owner:
         job = team.submit(spec, bundle=bundle_path)
         assert job.state == "PENDING_APPROVAL", job
@@ -205,8 +206,9 @@ def test_a_certificate_from_another_ca_is_refused(dep: Deployment, tmp_path: Pat
     rogue = CertificateAuthority.init(tmp_path / "rogue-ca")
     ident = rogue.issue("eve", role=Role.OPERATOR, team="ops", out_dir=tmp_path / "ids")
     cert, key, _ = ident.read()
-    creds = grpc.ssl_channel_credentials(root_certificates=dep.ca.cert_pem, private_key=key,
-                                         certificate_chain=cert)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=dep.ca.cert_pem, private_key=key, certificate_chain=cert
+    )
     with grpc.secure_channel(dep.address, creds) as ch, pytest.raises(grpc.RpcError) as err:
         pb_grpc.GatewayStub(ch).QueryAudit(pb.QueryAuditRequest(), timeout=10)
     assert err.value.code() is grpc.StatusCode.UNAVAILABLE
@@ -223,8 +225,10 @@ def test_wrong_roles_are_refused_with_the_reason_and_audited(dep: Deployment) ->
             compliance.submit(TRAIN_SPEC.format(name="x", dataset="books", steps=1))
         denied = compliance.audit_query(action="rpc.PutPolicy", outcome="denied")
         assert any(r.principal == "theo" for r in denied)
-        assert any(r.principal == "carol" for r in
-                   compliance.audit_query(action="rpc.SubmitJob", outcome="denied"))
+        assert any(
+            r.principal == "carol"
+            for r in compliance.audit_query(action="rpc.SubmitJob", outcome="denied")
+        )
     # The policy is unchanged: custom code is still refused on books.
     with dep.client("olivia") as owner:
         assert "custom_code: false" in owner.policy("books").document
@@ -237,8 +241,11 @@ def test_a_data_owner_cannot_write_another_owners_policy(dep: Deployment) -> Non
 
 def test_another_team_is_denied_with_every_reason(dep: Deployment) -> None:
     with dep.client("mallory") as outsider:
-        job = outsider.submit(TRAIN_SPEC.format(name="outsider", dataset="books", steps=1)
-                              .replace("purpose: testing", "purpose: curiosity"))
+        job = outsider.submit(
+            TRAIN_SPEC.format(name="outsider", dataset="books", steps=1).replace(
+                "purpose: testing", "purpose: curiosity"
+            )
+        )
     assert job.state == "DENIED"
     text = " ".join(job.reasons)
     assert "other-team" in text and "curiosity" in text  # both failing rules, not the first only
@@ -248,20 +255,25 @@ def test_a_forbidden_spec_field_is_refused_before_anything_exists(dep: Deploymen
     with dep.client("theo") as team:
         before = len(team.jobs())
         with pytest.raises(InvalidInput, match="privileged"):
-            team.submit(TRAIN_SPEC.format(name="p", dataset="books", steps=1)
-                        + "privileged: true\n")
+            team.submit(
+                TRAIN_SPEC.format(name="p", dataset="books", steps=1) + "privileged: true\n"
+            )
         with pytest.raises(InvalidInput, match="LD_PRELOAD"):
-            team.submit(TRAIN_SPEC.format(name="p", dataset="books", steps=1)
-                        + "env: {LD_PRELOAD: /code/x.so}\n")
+            team.submit(
+                TRAIN_SPEC.format(name="p", dataset="books", steps=1)
+                + "env: {LD_PRELOAD: /code/x.so}\n"
+            )
         assert len(team.jobs()) == before
 
 
-def test_custom_code_is_refused_where_the_policy_forbids_it(dep: Deployment, tmp_path: Path
-                                                            ) -> None:
+def test_custom_code_is_refused_where_the_policy_forbids_it(
+    dep: Deployment, tmp_path: Path
+) -> None:
     code = bundle(tmp_path / "b.tar.gz", {"attack.py": PICKLE_ATTACK})
     with dep.client("theo") as team:
-        job = team.submit(CUSTOM_SPEC.format(name="c", ports="1").replace("[scratch]", "[books]"),
-                          bundle=code)
+        job = team.submit(
+            CUSTOM_SPEC.format(name="c", ports="1").replace("[scratch]", "[books]"), bundle=code
+        )
     assert job.state == "DENIED"
     assert any("custom" in r for r in job.reasons)
 
@@ -269,8 +281,7 @@ def test_custom_code_is_refused_where_the_policy_forbids_it(dep: Deployment, tmp
 # -- the walking skeleton: a real job, released and verified ---------------------------------
 
 
-def test_a_training_job_is_released_signed_and_verifiable(dep: Deployment, tmp_path: Path
-                                                          ) -> None:
+def test_a_training_job_is_released_signed_and_verifiable(dep: Deployment, tmp_path: Path) -> None:
     from enclave.provenance import verify_release
 
     job = _run_to_end(dep, TRAIN_SPEC.format(name="ok", dataset="books", steps=6))
@@ -299,8 +310,9 @@ def test_a_training_job_is_released_signed_and_verifiable(dep: Deployment, tmp_p
 # -- hostile jobs through the whole system ---------------------------------------------------
 
 
-def test_a_job_that_opens_network_connections_reaches_nothing(dep: Deployment, tmp_path: Path
-                                                              ) -> None:
+def test_a_job_that_opens_network_connections_reaches_nothing(
+    dep: Deployment, tmp_path: Path
+) -> None:
     listener = Listener()
     try:
         ports = f"{listener.port},{dep.running.port}"
@@ -351,7 +363,8 @@ def test_an_edited_audit_record_is_detected_and_named(dep: Deployment, tmp_path:
     with dep.client("carol") as compliance:
         export = compliance.audit_export(tmp_path / "audit.jsonl")
     pub: Any = serialization.load_pem_public_key(
-        (dep.home / "gateway" / "audit-signing.pub").read_bytes())
+        (dep.home / "gateway" / "audit-signing.pub").read_bytes()
+    )
     good = verify_export(export, public_key=pub)
     lines = export.read_text().splitlines()
     records = [i for i, ln in enumerate(lines) if '"checkpoint"' not in ln]
@@ -376,7 +389,8 @@ def test_proofs_and_the_takedown_report_over_the_wire(dep: Deployment, tmp_path:
     from gateway.audit import SignedCheckpoint, verify_consistency, verify_inclusion
 
     pub: Any = serialization.load_pem_public_key(
-        (dep.home / "gateway" / "audit-signing.pub").read_bytes())
+        (dep.home / "gateway" / "audit-signing.pub").read_bytes()
+    )
     job = _run_to_end(dep, TRAIN_SPEC.format(name="report", dataset="books", steps=2))
     assert job.state == "RELEASED", job.reasons
     with dep.client("carol") as compliance, dep.client("theo") as team:
@@ -386,24 +400,33 @@ def test_proofs_and_the_takedown_report_over_the_wire(dep: Deployment, tmp_path:
         read = compliance.audit_query(job_id=job.id, action="data.read")[0]
         compliance.audit_query(job_id=job.id)  # one more audited RPC: the log grows
         new = compliance.audit_checkpoint(fresh=True)
-        signed = SignedCheckpoint(new.size, bytes.fromhex(new.root_hash), new.time,
-                                  base64.b64decode(new.signature))
+        signed = SignedCheckpoint(
+            new.size, bytes.fromhex(new.root_hash), new.time, base64.b64decode(new.signature)
+        )
         signed.verify(pub)
         assert new.size > old.size
         proof = compliance.audit_inclusion_proof(read.seq, new.size)
         assert proof.leaf_hash == read.leaf_hash
-        verify_inclusion(index=read.seq, size=new.size, leaf=bytes.fromhex(proof.leaf_hash),
-                         proof=[bytes.fromhex(h) for h in proof.hashes], expected_root=signed.root)
+        verify_inclusion(
+            index=read.seq,
+            size=new.size,
+            leaf=bytes.fromhex(proof.leaf_hash),
+            proof=[bytes.fromhex(h) for h in proof.hashes],
+            expected_root=signed.root,
+        )
         cons = compliance.audit_consistency_proof(old.size, new.size)
-        verify_consistency(old_size=old.size, new_size=new.size,
-                           old_root=bytes.fromhex(old.root_hash), new_root=signed.root,
-                           proof=[bytes.fromhex(h) for h in cons.hashes])
+        verify_consistency(
+            old_size=old.size,
+            new_size=new.size,
+            old_root=bytes.fromhex(old.root_hash),
+            new_root=signed.root,
+            proof=[bytes.fromhex(h) for h in cons.hashes],
+        )
         report = compliance.audit_report("books")
     reads = {r.job_id: set(r.files) for r in report.reads}
     assert job.id in reads and read.file in reads[job.id]
     assert job.id in {r.job_id for r in report.releases}
-    assert any(a.principal == "olivia" and a.action == "dataset.register"
-               for a in report.accesses)
+    assert any(a.principal == "olivia" and a.action == "dataset.register" for a in report.accesses)
 
 
 def test_identity_issuance_is_audited(dep: Deployment) -> None:

@@ -39,10 +39,22 @@ def setup(tmp_path_factory: pytest.TempPathFactory, runtime_image: str) -> Path:
 
 def _try(root: Path, spec: str, *extra: str) -> tuple[int, dict]:
     (root / "spec.yaml").write_text(spec)
-    result = CliRunner().invoke(app, ["job", "try", str(root / "spec.yaml"), "--mock",
-                                      f"books={root / 'books-mock'}", "--model",
-                                      str(root / "model"), "--policy", str(root / "policy.yaml"),
-                                      *extra, "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "job",
+            "try",
+            str(root / "spec.yaml"),
+            "--mock",
+            f"books={root / 'books-mock'}",
+            "--model",
+            str(root / "model"),
+            "--policy",
+            str(root / "policy.yaml"),
+            *extra,
+            "--json",
+        ],
+    )
     return result.exit_code, json.loads(result.stdout)
 
 
@@ -62,9 +74,14 @@ def test_a_custom_job_that_smuggles_a_pickle_is_told_before_it_submits(setup: Pa
         "shutil.copy('/model/base/model.safetensors', '/output/model.safetensors')\n"
         "pickle.dump({'x': 1}, open('/output/model.pt', 'wb'))\n"
         "json.dump({'steps': 1}, open('/output/metrics.json', 'w'))\n"
-        "sys.exit(0)\n")
-    code, out = _try(setup, SPEC.format(trainer="custom", extra='entrypoint: "attack:M"\n'),
-                     "--bundle", str(code_dir))
+        "sys.exit(0)\n"
+    )
+    code, out = _try(
+        setup,
+        SPEC.format(trainer="custom", extra='entrypoint: "attack:M"\n'),
+        "--bundle",
+        str(code_dir),
+    )
     assert code == 1 and not out["would_release"]
     failed = [c for c in out["checks"] if not c["passed"]]
     assert failed and failed[0]["check"] == "artifacts"

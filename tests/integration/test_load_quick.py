@@ -18,8 +18,9 @@ from tests.bench.load import run_load
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 
-def test_the_bounded_load_run_holds_every_check(tmp_path: Path, runtime_image: str,
-                                                docker_client: Any) -> None:
+def test_the_bounded_load_run_holds_every_check(
+    tmp_path: Path, runtime_image: str, docker_client: Any
+) -> None:
     report = run_load(tmp_path, clients=8, jobs=80, containers=3, backpressure_jobs=40)
     failed = [c for c in report["checks"] if not c["ok"]]
     assert not failed, failed

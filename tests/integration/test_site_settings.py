@@ -43,8 +43,11 @@ def dep(tmp_path: Path, runtime_image: str) -> Iterator[Deployment]:
 
 
 def test_a_runtime_the_engine_lacks_is_an_error_not_a_fallback(dep: Deployment) -> None:
-    with dep.client("theo") as team, dep.client("olivia") as owner, \
-            dep.client("carol") as compliance:
+    with (
+        dep.client("theo") as team,
+        dep.client("olivia") as owner,
+        dep.client("carol") as compliance,
+    ):
         job = team.submit(SPEC)
         owner.decide(job.id, approve=True, reason="test")
         for _ in team.watch(job.id, timeout=300):
@@ -75,10 +78,20 @@ def test_a_site_starting_leaves_another_sites_running_jobs_alone(
     out.mkdir()
     out.chmod(0o777)
     rt = DockerRuntime(docker_client)
-    handle = rt.prepare(ContainerSpec(
-        image=runtime_image, job_id="job-a1", output_dir=out, memory_bytes=256 << 20, cpus=0.5,
-        pids=64, tmp_bytes=16 << 20, timeout_s=120, command=("sleep", "120"),
-        labels={**first.labels, TEST_RUN_LABEL: TEST_RUN_ID}))
+    handle = rt.prepare(
+        ContainerSpec(
+            image=runtime_image,
+            job_id="job-a1",
+            output_dir=out,
+            memory_bytes=256 << 20,
+            cpus=0.5,
+            pids=64,
+            tmp_bytes=16 << 20,
+            timeout_s=120,
+            command=("sleep", "120"),
+            labels={**first.labels, TEST_RUN_LABEL: TEST_RUN_ID},
+        )
+    )
     rt.start(handle)
     try:
         assert rt.status(handle).state is RunState.RUNNING

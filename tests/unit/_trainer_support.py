@@ -25,8 +25,13 @@ from trainers.runtime import ROOT_ENV
 FAST = {"max_steps": 4, "batch_size": 4, "block_size": 32, "seed": 3}
 
 
-def make_inputs(root: Path, *, books: str | None = "books", labelled: str | None = None,
-                labelled_count: int = 60) -> Path:
+def make_inputs(
+    root: Path,
+    *,
+    books: str | None = "books",
+    labelled: str | None = None,
+    labelled_count: int = 60,
+) -> Path:
     """A template root: a generated corpus under ``data/<books>``, labelled examples under
     ``data/<labelled>`` (either may be None), and a tiny base model under ``model/base``."""
     if books is not None:

@@ -18,17 +18,26 @@ KEY = ed25519.Ed25519PrivateKey.generate()
 def _home(tmp_path: Path, n: int) -> tuple[Path, Path]:
     gw = tmp_path / "home" / "gateway"
     gw.mkdir(parents=True)
-    (gw / "audit-signing.pub").write_bytes(KEY.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    (gw / "audit-signing.pub").write_bytes(
+        KEY.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
     log = AuditLog(gw / "audit.db", signing_key=KEY, checkpoint_interval_s=0)
     for i in range(n):
-        log.append(AuditEvent(principal="p", role="operator", action="rpc.X", outcome="ok",
-                              details={"i": i}))
+        log.append(
+            AuditEvent(
+                principal="p", role="operator", action="rpc.X", outcome="ok", details={"i": i}
+            )
+        )
     early = log.checkpoint()
     (tmp_path / "early.json").write_text(json.dumps(early.to_dict()))
     for i in range(n, 2 * n):
-        log.append(AuditEvent(principal="p", role="operator", action="rpc.X", outcome="ok",
-                              details={"i": i}))
+        log.append(
+            AuditEvent(
+                principal="p", role="operator", action="rpc.X", outcome="ok", details={"i": i}
+            )
+        )
     log.export(tmp_path / "x.jsonl")
     log.close()
     return tmp_path / "home", tmp_path / "x.jsonl"
@@ -65,10 +74,30 @@ def test_verify_names_the_edited_record_and_a_foreign_previous(tmp_path: Path) -
     early = json.loads((tmp_path / "early.json").read_text())
     early["root"] = "00" * 32
     (tmp_path / "forged.json").write_text(json.dumps(early))
-    r = CliRunner().invoke(app, ["--home", str(home), "audit", "verify", str(export),
-                                 "--previous", str(tmp_path / "forged.json")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "--home",
+            str(home),
+            "audit",
+            "verify",
+            str(export),
+            "--previous",
+            str(tmp_path / "forged.json"),
+        ],
+    )
     assert r.exit_code == 1 and "not the gateway key" in _flat(r.output)
     (tmp_path / "junk.json").write_text("{}")
-    r = CliRunner().invoke(app, ["--home", str(home), "audit", "verify", str(export),
-                                 "--previous", str(tmp_path / "junk.json")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "--home",
+            str(home),
+            "audit",
+            "verify",
+            str(export),
+            "--previous",
+            str(tmp_path / "junk.json"),
+        ],
+    )
     assert r.exit_code == 1 and "not a checkpoint" in _flat(r.output)

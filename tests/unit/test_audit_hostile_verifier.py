@@ -32,8 +32,14 @@ N = 23
 
 
 def _event(i: int) -> AuditEvent:
-    return AuditEvent(principal=f"p{i % 3}", role="model-team", action="rpc.GetJob",
-                      outcome="allowed", job_id=f"job-{i}", details={"i": i})
+    return AuditEvent(
+        principal=f"p{i % 3}",
+        role="model-team",
+        action="rpc.GetJob",
+        outcome="allowed",
+        job_id=f"job-{i}",
+        details={"i": i},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +88,9 @@ def test_an_edited_record_is_named(export: list[str], tmp_path: Path, victim: in
     assert e.value.seq == victim
 
 
-def test_an_edit_with_a_recomputed_leaf_hash_breaks_the_chain(export: list[str],
-                                                              tmp_path: Path) -> None:
+def test_an_edit_with_a_recomputed_leaf_hash_breaks_the_chain(
+    export: list[str], tmp_path: Path
+) -> None:
     recs = _records(export)
     recs[5]["leaf"]["outcome"] = "denied"
     leaf = json.dumps(recs[5]["leaf"], sort_keys=True, separators=(",", ":")).encode()
@@ -124,8 +131,7 @@ def test_reordered_records_are_named(export: list[str], tmp_path: Path) -> None:
     assert e.value.seq == 8
 
 
-def test_a_moved_record_renumbered_is_caught_by_its_leaf(export: list[str],
-                                                          tmp_path: Path) -> None:
+def test_a_moved_record_renumbered_is_caught_by_its_leaf(export: list[str], tmp_path: Path) -> None:
     recs = _records(export)
     recs[8], recs[9] = recs[9], recs[8]
     recs[8]["seq"], recs[9]["seq"] = 8, 9
@@ -160,17 +166,18 @@ def test_a_log_spliced_from_another_log_fails(export: list[str], tmp_path: Path)
         verify_export(_write(tmp_path, _dump(spliced, _checkpoints(export))), public_key=PUB)
 
 
-def test_a_checkpoint_signed_with_another_key_is_refused(export: list[str],
-                                                         tmp_path: Path) -> None:
+def test_a_checkpoint_signed_with_another_key_is_refused(export: list[str], tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not the gateway key"):
-        verify_export(_write(tmp_path, export),
-                      public_key=ed25519.Ed25519PrivateKey.generate().public_key())
+        verify_export(
+            _write(tmp_path, export), public_key=ed25519.Ed25519PrivateKey.generate().public_key()
+        )
 
 
 def test_a_log_with_no_checkpoint_is_refused(export: list[str], tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no signed checkpoint"):
-        verify_export(_write(tmp_path, [x for x in export if '"checkpoint"' not in x]),
-                      public_key=PUB)
+        verify_export(
+            _write(tmp_path, [x for x in export if '"checkpoint"' not in x]), public_key=PUB
+        )
 
 
 # -- proofs ---------------------------------------------------------------------------------
@@ -184,13 +191,26 @@ def _flip(b: bytes, bit: int = 0) -> bytes:
 
 
 def test_an_honest_inclusion_proof_verifies() -> None:
-    verify_inclusion(index=9, size=N, leaf=LEAVES[9], proof=m.inclusion_proof(9, LEAVES),
-                     expected_root=ROOT)
+    verify_inclusion(
+        index=9, size=N, leaf=LEAVES[9], proof=m.inclusion_proof(9, LEAVES), expected_root=ROOT
+    )
 
 
-@pytest.mark.parametrize("case", ["flip-node", "flip-leaf", "wrong-index", "index-too-big",
-                                  "truncated", "extended", "reversed", "wrong-size",
-                                  "wrong-root", "empty"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "flip-node",
+        "flip-leaf",
+        "wrong-index",
+        "index-too-big",
+        "truncated",
+        "extended",
+        "reversed",
+        "wrong-size",
+        "wrong-root",
+        "empty",
+    ],
+)
 def test_forged_inclusion_proofs_are_rejected(case: str) -> None:
     proof = m.inclusion_proof(9, LEAVES)
     kw = {"index": 9, "size": N, "leaf": LEAVES[9], "proof": proof, "expected_root": ROOT}
@@ -219,13 +239,29 @@ def test_forged_inclusion_proofs_are_rejected(case: str) -> None:
         verify_inclusion(**kw)
 
 
-@pytest.mark.parametrize("case", ["flip", "truncated", "extended", "unrelated", "swapped",
-                                  "wrong-old-root", "shrinking", "equal-nonempty"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "flip",
+        "truncated",
+        "extended",
+        "unrelated",
+        "swapped",
+        "wrong-old-root",
+        "shrinking",
+        "equal-nonempty",
+    ],
+)
 def test_forged_consistency_proofs_are_rejected(case: str) -> None:
     old = 7
     proof = m.consistency_proof(old, LEAVES)
-    kw = {"old_size": old, "new_size": N, "old_root": m.root(LEAVES[:old]), "new_root": ROOT,
-          "proof": proof}
+    kw = {
+        "old_size": old,
+        "new_size": N,
+        "old_root": m.root(LEAVES[:old]),
+        "new_root": ROOT,
+        "proof": proof,
+    }
     match case:
         case "flip":
             kw["proof"] = [_flip(proof[0]), *proof[1:]]
@@ -261,8 +297,9 @@ def _rehash_from(recs: list[dict], start: int) -> None:
         r["chain"] = chain.hex()
 
 
-def test_a_record_appended_after_the_last_checkpoint_is_named(export: list[str],
-                                                              tmp_path: Path) -> None:
+def test_a_record_appended_after_the_last_checkpoint_is_named(
+    export: list[str], tmp_path: Path
+) -> None:
     recs = _records(export)
     forged = json.loads(json.dumps(recs[-1]))
     forged["seq"] = forged["leaf"]["seq"] = N
@@ -274,37 +311,40 @@ def test_a_record_appended_after_the_last_checkpoint_is_named(export: list[str],
     assert e.value.seq == N
 
 
-def test_a_record_framed_to_show_another_leaf_is_refused(export: list[str],
-                                                          tmp_path: Path) -> None:
+def test_a_record_framed_to_show_another_leaf_is_refused(export: list[str], tmp_path: Path) -> None:
     # JSON keeps the last of two equal keys: a verifier that hashed the first "leaf" and a
     # reader that shows the second would disagree about what was verified.
     lines = list(export)
     evil = dict(_records(export)[4]["leaf"], principal="mallory")
-    lines[4] = lines[4][:-1] + ',"leaf":' + json.dumps(evil, sort_keys=True,
-                                                       separators=(",", ":")) + "}"
+    lines[4] = (
+        lines[4][:-1] + ',"leaf":' + json.dumps(evil, sort_keys=True, separators=(",", ":")) + "}"
+    )
     with pytest.raises(RecordError, match="record 4"):
         verify_export(_write(tmp_path, lines), public_key=PUB)
 
 
 @pytest.mark.parametrize("field", ["leaf_hash", "chain"])
-def test_a_hash_in_another_spelling_is_refused(export: list[str], tmp_path: Path,
-                                               field: str) -> None:
+def test_a_hash_in_another_spelling_is_refused(
+    export: list[str], tmp_path: Path, field: str
+) -> None:
     recs = _records(export)
     recs[3][field] = recs[3][field].upper()  # the same bytes, another text
     with pytest.raises(RecordError, match="record 3: line 4 is not a well-formed record"):
         verify_export(_write(tmp_path, _dump(recs, _checkpoints(export))), public_key=PUB)
 
 
-def test_a_signature_in_another_base64_spelling_is_refused(export: list[str],
-                                                           tmp_path: Path) -> None:
+def test_a_signature_in_another_base64_spelling_is_refused(
+    export: list[str], tmp_path: Path
+) -> None:
     cps = [json.loads(x) for x in _checkpoints(export)]
     sig = cps[0]["checkpoint"]["signature"]
     # The last character before "==" carries 4 unused bits: flip one, same 64 bytes.
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
     c = sig[-3]
     cps[0]["checkpoint"]["signature"] = sig[:-3] + alphabet[alphabet.index(c) ^ 1] + "=="
-    lines = _dump(_records(export), [json.dumps(c, sort_keys=True, separators=(",", ":"))
-                                     for c in cps])
+    lines = _dump(
+        _records(export), [json.dumps(c, sort_keys=True, separators=(",", ":")) for c in cps]
+    )
     with pytest.raises(CheckpointError, match="not canonical base64"):
         verify_export(_write(tmp_path, lines), public_key=PUB)
 
@@ -315,25 +355,29 @@ def test_checkpoints_out_of_order_are_refused(export: list[str], tmp_path: Path)
         verify_export(_write(tmp_path, _dump(_records(export), cps[::-1])), public_key=PUB)
 
 
-def test_a_forged_consistency_proof_between_checkpoints_is_refused(export: list[str],
-                                                                   tmp_path: Path) -> None:
+def test_a_forged_consistency_proof_between_checkpoints_is_refused(
+    export: list[str], tmp_path: Path
+) -> None:
     cps = [json.loads(x) for x in _checkpoints(export)]
     assert cps[1]["extends"]["size"] == 10 and cps[1]["extends"]["proof"]
     proof = cps[1]["extends"]["proof"]
     proof[0] = _flip(bytes.fromhex(proof[0])).hex()
-    lines = _dump(_records(export), [json.dumps(c, sort_keys=True, separators=(",", ":"))
-                                     for c in cps])
+    lines = _dump(
+        _records(export), [json.dumps(c, sort_keys=True, separators=(",", ":")) for c in cps]
+    )
     with pytest.raises(ProofError, match="checkpoint at size 23 does not provably extend"):
         verify_export(_write(tmp_path, lines), public_key=PUB)
     cps[1]["extends"]["size"] = 9
-    lines = _dump(_records(export), [json.dumps(c, sort_keys=True, separators=(",", ":"))
-                                     for c in cps])
+    lines = _dump(
+        _records(export), [json.dumps(c, sort_keys=True, separators=(",", ":")) for c in cps]
+    )
     with pytest.raises(CheckpointError, match="proves it extends size 9"):
         verify_export(_write(tmp_path, lines), public_key=PUB)
 
 
-def test_an_earlier_checkpoint_of_another_log_is_not_extended(export: list[str],
-                                                             tmp_path: Path) -> None:
+def test_an_earlier_checkpoint_of_another_log_is_not_extended(
+    export: list[str], tmp_path: Path
+) -> None:
     from gateway.audit import SignedCheckpoint
 
     other = AuditLog(tmp_path / "o.db", signing_key=KEY, checkpoint_interval_s=0)

@@ -23,9 +23,14 @@ KEY = ed25519.Ed25519PrivateKey.generate()
 
 
 def ev(i: int, **kw: object) -> AuditEvent:
-    base: dict[str, object] = {"principal": "theo", "role": "model-team",
-                               "action": "rpc.GetJob", "outcome": "allowed",
-                               "job_id": f"job-{i % 4}", "details": {"i": i}}
+    base: dict[str, object] = {
+        "principal": "theo",
+        "role": "model-team",
+        "action": "rpc.GetJob",
+        "outcome": "allowed",
+        "job_id": f"job-{i % 4}",
+        "details": {"i": i},
+    }
     base.update(kw)
     return AuditEvent(**base)  # type: ignore[arg-type]
 
@@ -93,10 +98,20 @@ def test_proofs_from_the_log_verify_against_its_checkpoints(log: AuditLog) -> No
         log.append(ev(i))
     new = log.checkpoint()
     rec = log.record(4)
-    verify_inclusion(index=4, size=new.size, leaf=rec.leaf_hash,
-                     proof=log.inclusion_proof(4, new.size), expected_root=new.root)
-    verify_consistency(old_size=old.size, new_size=new.size, old_root=old.root,
-                       new_root=new.root, proof=log.consistency_proof(old.size, new.size))
+    verify_inclusion(
+        index=4,
+        size=new.size,
+        leaf=rec.leaf_hash,
+        proof=log.inclusion_proof(4, new.size),
+        expected_root=new.root,
+    )
+    verify_consistency(
+        old_size=old.size,
+        new_size=new.size,
+        old_root=old.root,
+        new_root=new.root,
+        proof=log.consistency_proof(old.size, new.size),
+    )
     with pytest.raises(InvalidInput):
         log.consistency_proof(5, 99)
 
@@ -108,8 +123,10 @@ def test_an_export_extends_an_earlier_checkpoint(log: AuditLog, tmp_path: Path) 
     for i in range(5, 12):
         log.append(ev(i))
     log.export(tmp_path / "x.jsonl")
-    assert verify_export(tmp_path / "x.jsonl", public_key=KEY.public_key(),
-                         previous=earlier).size == 12
+    assert (
+        verify_export(tmp_path / "x.jsonl", public_key=KEY.public_key(), previous=earlier).size
+        == 12
+    )
     forged = KEY.sign(b"x")
     from gateway.audit import SignedCheckpoint
 
@@ -191,8 +208,10 @@ def test_a_read_only_verify_counts_records_no_checkpoint_covers_yet(tmp_path: Pa
 def test_a_failed_commit_records_nothing_and_the_log_goes_on(tmp_path: Path) -> None:
     lg = AuditLog(tmp_path / "a.db", signing_key=KEY, checkpoint_interval_s=0)
     with sqlite3.connect(tmp_path / "a.db") as db:
-        db.execute("CREATE TRIGGER boom BEFORE INSERT ON records WHEN NEW.principal='boom' "
-                   "BEGIN SELECT RAISE(ABORT, 'the disk is on fire'); END")
+        db.execute(
+            "CREATE TRIGGER boom BEFORE INSERT ON records WHEN NEW.principal='boom' "
+            "BEGIN SELECT RAISE(ABORT, 'the disk is on fire'); END"
+        )
     try:
         lg.append(ev(0))
         with pytest.raises(AuditLogError, match="cannot write the audit log: the disk is on"):
@@ -223,8 +242,9 @@ def test_the_database_verify_names_an_edited_leaf_and_a_broken_chain(tmp_path: P
     lg.close()
     with sqlite3.connect(tmp_path / "a.db") as db:
         (leaf,) = db.execute("SELECT leaf FROM records WHERE seq=4").fetchone()
-        db.execute("UPDATE records SET leaf=? WHERE seq=4",
-                   (bytes(leaf).replace(b'"i":4', b'"i":5'),))
+        db.execute(
+            "UPDATE records SET leaf=? WHERE seq=4", (bytes(leaf).replace(b'"i":4', b'"i":5'),)
+        )
     ro = AuditLog.open_readonly(tmp_path / "a.db", public_key=KEY.public_key())
     with pytest.raises(RecordError, match="record 4: its content does not match"):
         ro.verify()
@@ -245,8 +265,7 @@ def test_events_are_plain_copied_values(log: AuditLog) -> None:
         OPERATOR = "operator"
 
     details: dict[object, object] = {"n": 1, "nested": {"k": [1, 2]}, 3: "three"}
-    e = AuditEvent(principal="p", role=Role.OPERATOR, action="a", outcome="o",
-                   details=details)  # type: ignore[arg-type]
+    e = AuditEvent(principal="p", role=Role.OPERATOR, action="a", outcome="o", details=details)  # type: ignore[arg-type]
     details["n"] = 2
     details["nested"]["k"].append(3)  # type: ignore[index]
     assert type(e.role) is str and e.role == "operator"
@@ -256,50 +275,116 @@ def test_events_are_plain_copied_values(log: AuditLog) -> None:
     with pytest.raises(InvalidInput, match="job_id must be"):
         AuditEvent(principal="p", role="r", action="a", outcome="o", job_id=7)  # type: ignore[arg-type]
     with pytest.raises(InvalidInput, match="details must be JSON"):
-        AuditEvent(principal="p", role="r", action="a", outcome="o",
-                   details={"x": float("nan")})
+        AuditEvent(principal="p", role="r", action="a", outcome="o", details={"x": float("nan")})
 
 
 def test_the_takedown_report_names_accesses_reads_and_derived_releases(log: AuditLog) -> None:
     def e(**kw: object) -> AuditEvent:
-        base: dict[str, object] = {"principal": "olivia", "role": "data-owner",
-                                   "action": "dataset.register", "outcome": "ok"}
+        base: dict[str, object] = {
+            "principal": "olivia",
+            "role": "data-owner",
+            "action": "dataset.register",
+            "outcome": "ok",
+        }
         base.update(kw)
         return AuditEvent(**base)  # type: ignore[arg-type]
 
     log.append(e(dataset="books@v1"))
-    log.append(e(principal="site", role="operator", action="data.read", job_id="j1",
-                 dataset="books@v1", file="b.txt"))
-    log.append(e(principal="site", role="operator", action="data.read", job_id="j1",
-                 dataset="books@v1", file="a.txt"))
-    log.append(e(principal="site", role="operator", action="data.read", job_id="j2",
-                 dataset="bookshelf@v1", file="z.txt"))
-    log.append(e(principal="gateway", role="operator", action="release.sign", job_id="j1",
-                 details={"manifest_sha256": "ab" * 32}))
-    log.append(e(principal="gateway", role="operator", action="release.sign", job_id="j2",
-                 details={"manifest_sha256": "cd" * 32}))
+    log.append(
+        e(
+            principal="site",
+            role="operator",
+            action="data.read",
+            job_id="j1",
+            dataset="books@v1",
+            file="b.txt",
+        )
+    )
+    log.append(
+        e(
+            principal="site",
+            role="operator",
+            action="data.read",
+            job_id="j1",
+            dataset="books@v1",
+            file="a.txt",
+        )
+    )
+    log.append(
+        e(
+            principal="site",
+            role="operator",
+            action="data.read",
+            job_id="j2",
+            dataset="bookshelf@v1",
+            file="z.txt",
+        )
+    )
+    log.append(
+        e(
+            principal="gateway",
+            role="operator",
+            action="release.sign",
+            job_id="j1",
+            details={"manifest_sha256": "ab" * 32},
+        )
+    )
+    log.append(
+        e(
+            principal="gateway",
+            role="operator",
+            action="release.sign",
+            job_id="j2",
+            details={"manifest_sha256": "cd" * 32},
+        )
+    )
     # j3 was submitted against books@v2 and approved, read nothing recorded, and released:
     # it derives from books all the same, and who downloaded it must be found.
-    log.append(e(principal="theo", role="model-team", action="job.submit", job_id="j3",
-                 details={"datasets": ["books@v2"]}))
-    log.append(e(principal="olivia", action="job.approve", job_id="j3",
-                 details={"datasets": ["books@v2"]}))
-    log.append(e(principal="theo", role="model-team", action="job.submit", job_id="j4",
-                 details={"datasets": ["bookshelf@v1"]}))
-    log.append(e(principal="gateway", role="operator", action="release.sign", job_id="j3",
-                 details={"manifest_sha256": "ef" * 32}))
-    log.append(e(principal="theo", role="model-team", action="release.download",
-                 job_id="j3"))
-    log.append(e(principal="theo", role="model-team", action="release.download",
-                 job_id="j2"))
+    log.append(
+        e(
+            principal="theo",
+            role="model-team",
+            action="job.submit",
+            job_id="j3",
+            details={"datasets": ["books@v2"]},
+        )
+    )
+    log.append(
+        e(principal="olivia", action="job.approve", job_id="j3", details={"datasets": ["books@v2"]})
+    )
+    log.append(
+        e(
+            principal="theo",
+            role="model-team",
+            action="job.submit",
+            job_id="j4",
+            details={"datasets": ["bookshelf@v1"]},
+        )
+    )
+    log.append(
+        e(
+            principal="gateway",
+            role="operator",
+            action="release.sign",
+            job_id="j3",
+            details={"manifest_sha256": "ef" * 32},
+        )
+    )
+    log.append(e(principal="theo", role="model-team", action="release.download", job_id="j3"))
+    log.append(e(principal="theo", role="model-team", action="release.download", job_id="j2"))
     r = log.report("books")
     assert r.reads == {"j1": ("a.txt", "b.txt")}
-    assert [(d.job_id, d.manifest_sha256) for d in r.releases] == [("j1", "ab" * 32),
-                                                                   ("j3", "ef" * 32)]
+    assert [(d.job_id, d.manifest_sha256) for d in r.releases] == [
+        ("j1", "ab" * 32),
+        ("j3", "ef" * 32),
+    ]
     assert {(a.principal, a.action, a.count) for a in r.accesses} == {
-        ("olivia", "dataset.register", 1), ("site", "data.read", 2),
-        ("theo", "job.submit", 1), ("olivia", "job.approve", 1),
-        ("theo", "release.download", 1)}
+        ("olivia", "dataset.register", 1),
+        ("site", "data.read", 2),
+        ("theo", "job.submit", 1),
+        ("olivia", "job.approve", 1),
+        ("theo", "release.download", 1),
+    }
     assert [d.job_id for d in log.report("books@v1").releases] == ["j1"]
     with pytest.raises(InvalidInput, match="dataset"):
         log.report("")

@@ -9,8 +9,16 @@ import pytest
 from gateway.audit import _merkle as m
 
 # The eight leaves of certificate-transparency's merkle_tree_test and their roots.
-CT_LEAVES = ["", "00", "10", "2021", "3031", "40414243", "5051525354555657",
-             "606162636465666768696a6b6c6d6e6f"]
+CT_LEAVES = [
+    "",
+    "00",
+    "10",
+    "2021",
+    "3031",
+    "40414243",
+    "5051525354555657",
+    "606162636465666768696a6b6c6d6e6f",
+]
 CT_ROOTS = [
     "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
     "fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125",
@@ -54,11 +62,17 @@ def test_every_proof_verifies_for_every_size_up_to_33() -> None:
         r = m.root(tree)
         assert r == _reference(tree)
         for i in range(n):
-            m.verify_inclusion(index=i, size=n, leaf=tree[i], proof=m.inclusion_proof(i, tree),
-                               expected_root=r)
+            m.verify_inclusion(
+                index=i, size=n, leaf=tree[i], proof=m.inclusion_proof(i, tree), expected_root=r
+            )
         for k in range(1, n + 1):
-            m.verify_consistency(old_size=k, new_size=n, old_root=m.root(tree[:k]), new_root=r,
-                                 proof=m.consistency_proof(k, tree))
+            m.verify_consistency(
+                old_size=k,
+                new_size=n,
+                old_root=m.root(tree[:k]),
+                new_root=r,
+                proof=m.consistency_proof(k, tree),
+            )
 
 
 def test_known_proof_shapes() -> None:
@@ -75,27 +89,39 @@ def test_known_proof_shapes() -> None:
 # eight leaves: (index or old size, tree size) -> hashes.
 CT_INCLUSION = {
     (0, 1): [],
-    (0, 8): ["96a296d224f285c67bee93c30f8a309157f0daa35dc5b87e410b78630a09cfc7",
-             "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
-             "6b47aaf29ee3c2af9af889bc1fb9254dabd31177f16232dd6aab035ca39bf6e4"],
-    (5, 8): ["bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
-             "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
-             "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7"],
+    (0, 8): [
+        "96a296d224f285c67bee93c30f8a309157f0daa35dc5b87e410b78630a09cfc7",
+        "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+        "6b47aaf29ee3c2af9af889bc1fb9254dabd31177f16232dd6aab035ca39bf6e4",
+    ],
+    (5, 8): [
+        "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
+        "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
+        "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+    ],
     (2, 3): ["fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125"],
-    (1, 5): ["6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
-             "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
-             "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b"],
+    (1, 5): [
+        "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
+        "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+        "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
+    ],
 }
 CT_CONSISTENCY = {
     (1, 1): [],
-    (1, 8): ["96a296d224f285c67bee93c30f8a309157f0daa35dc5b87e410b78630a09cfc7",
-             "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
-             "6b47aaf29ee3c2af9af889bc1fb9254dabd31177f16232dd6aab035ca39bf6e4"],
-    (6, 8): ["0ebc5d3437fbe2db158b9f126a1d118e308181031d0a949f8dededebc558ef6a",
-             "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
-             "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7"],
-    (2, 5): ["5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
-             "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b"],
+    (1, 8): [
+        "96a296d224f285c67bee93c30f8a309157f0daa35dc5b87e410b78630a09cfc7",
+        "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+        "6b47aaf29ee3c2af9af889bc1fb9254dabd31177f16232dd6aab035ca39bf6e4",
+    ],
+    (6, 8): [
+        "0ebc5d3437fbe2db158b9f126a1d118e308181031d0a949f8dededebc558ef6a",
+        "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
+        "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+    ],
+    (2, 5): [
+        "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+        "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
+    ],
 }
 
 
@@ -105,8 +131,13 @@ def test_inclusion_proofs_match_the_ct_vectors(index: int, size: int) -> None:
     tree = m.Tree(LEAVES)
     assert m.inclusion_proof(index, LEAVES[:size]) == want
     assert tree.inclusion_proof(index, size) == want
-    m.verify_inclusion(index=index, size=size, leaf=LEAVES[index], proof=want,
-                       expected_root=bytes.fromhex(CT_ROOTS[size - 1]))
+    m.verify_inclusion(
+        index=index,
+        size=size,
+        leaf=LEAVES[index],
+        proof=want,
+        expected_root=bytes.fromhex(CT_ROOTS[size - 1]),
+    )
 
 
 @pytest.mark.parametrize(("old", "size"), sorted(CT_CONSISTENCY))
@@ -115,8 +146,13 @@ def test_consistency_proofs_match_the_ct_vectors(old: int, size: int) -> None:
     tree = m.Tree(LEAVES)
     assert m.consistency_proof(old, LEAVES[:size]) == want
     assert tree.consistency_proof(old, size) == want
-    m.verify_consistency(old_size=old, new_size=size, old_root=bytes.fromhex(CT_ROOTS[old - 1]),
-                         new_root=bytes.fromhex(CT_ROOTS[size - 1]), proof=want)
+    m.verify_consistency(
+        old_size=old,
+        new_size=size,
+        old_root=bytes.fromhex(CT_ROOTS[old - 1]),
+        new_root=bytes.fromhex(CT_ROOTS[size - 1]),
+        proof=want,
+    )
 
 
 def test_the_incremental_tree_agrees_with_the_reference_at_every_size() -> None:

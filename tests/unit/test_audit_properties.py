@@ -28,12 +28,23 @@ def test_appends_keep_every_earlier_proof_valid(leaves: list[bytes], data: st.Da
     old_root = m.root(hashes[:old])
     # The old proof still proves the leaf against the old root, after any number of appends,
     # and the new tree provably extends the old one.
-    verify_inclusion(index=index, size=old, leaf=hashes[index], proof=old_proof,
-                     expected_root=old_root)
-    verify_consistency(old_size=old, new_size=len(hashes), old_root=old_root,
-                       new_root=m.root(hashes), proof=m.consistency_proof(old, hashes))
-    verify_inclusion(index=index, size=len(hashes), leaf=hashes[index],
-                     proof=m.inclusion_proof(index, hashes), expected_root=m.root(hashes))
+    verify_inclusion(
+        index=index, size=old, leaf=hashes[index], proof=old_proof, expected_root=old_root
+    )
+    verify_consistency(
+        old_size=old,
+        new_size=len(hashes),
+        old_root=old_root,
+        new_root=m.root(hashes),
+        proof=m.consistency_proof(old, hashes),
+    )
+    verify_inclusion(
+        index=index,
+        size=len(hashes),
+        leaf=hashes[index],
+        proof=m.inclusion_proof(index, hashes),
+        expected_root=m.root(hashes),
+    )
 
 
 _EXPORT: list[bytes] = []
@@ -44,9 +55,17 @@ def _export() -> bytes:
         with tempfile.TemporaryDirectory() as tmp:
             log = AuditLog(Path(tmp) / "a.db", signing_key=KEY, checkpoint_interval_s=0)
             for i in range(12):
-                log.append(AuditEvent(principal=f"p{i}", role="data-owner", action="data.read",
-                                      outcome="ok", dataset="books@v1", file=f"f{i}.txt",
-                                      details={"n": i, "ok": True}))
+                log.append(
+                    AuditEvent(
+                        principal=f"p{i}",
+                        role="data-owner",
+                        action="data.read",
+                        outcome="ok",
+                        dataset="books@v1",
+                        file=f"f{i}.txt",
+                        details={"n": i, "ok": True},
+                    )
+                )
             log.export(Path(tmp) / "x.jsonl")
             log.close()
             _EXPORT.append((Path(tmp) / "x.jsonl").read_bytes())
@@ -75,27 +94,49 @@ def test_any_changed_byte_fails_verification(data: st.DataObject) -> None:
 
 
 _TEXT = st.text(max_size=12)
-_JSON = st.recursive(st.none() | st.booleans() | st.integers() | _TEXT
-                     | st.floats(allow_nan=False, allow_infinity=False),
-                     lambda inner: st.lists(inner, max_size=3)
-                     | st.dictionaries(_TEXT, inner, max_size=3), max_leaves=8)
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | _TEXT
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+    max_leaves=8,
+)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.builds(AuditEvent, principal=_TEXT.filter(bool), role=_TEXT.filter(bool),
-                 action=_TEXT.filter(bool), outcome=_TEXT.filter(bool),
-                 job_id=st.none() | _TEXT, dataset=st.none() | _TEXT, file=st.none() | _TEXT,
-                 details=st.dictionaries(_TEXT, _JSON, max_size=4)),
-       st.integers(0, 2**40))
+@given(
+    st.builds(
+        AuditEvent,
+        principal=_TEXT.filter(bool),
+        role=_TEXT.filter(bool),
+        action=_TEXT.filter(bool),
+        outcome=_TEXT.filter(bool),
+        job_id=st.none() | _TEXT,
+        dataset=st.none() | _TEXT,
+        file=st.none() | _TEXT,
+        details=st.dictionaries(_TEXT, _JSON, max_size=4),
+    ),
+    st.integers(0, 2**40),
+)
 def test_the_leaf_is_the_canonical_json_of_the_record(event: AuditEvent, seq: int) -> None:
     from gateway.audit._model import decode_leaf, encode_leaf
 
     time = "2026-01-02T03:04:05.000006Z"
     leaf = encode_leaf(seq, time, event)
-    obj = {"seq": seq, "time": time, "details": dict(event.details), "principal":
-           event.principal, "role": event.role, "action": event.action,
-           "outcome": event.outcome, "job_id": event.job_id, "dataset": event.dataset,
-           "file": event.file}
+    obj = {
+        "seq": seq,
+        "time": time,
+        "details": dict(event.details),
+        "principal": event.principal,
+        "role": event.role,
+        "action": event.action,
+        "outcome": event.outcome,
+        "job_id": event.job_id,
+        "dataset": event.dataset,
+        "file": event.file,
+    }
     assert leaf == json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
     assert decode_leaf(leaf) == (seq, time, event)
 
@@ -105,8 +146,11 @@ def _outcome(path: Path, *, fast: bool) -> tuple[str, int | None]:
 
     from gateway.audit import _verify
 
-    with contextlib.nullcontext() if fast else mock.patch.object(_verify._Checker, "_fast",
-                                                                  return_value=False):
+    with (
+        contextlib.nullcontext()
+        if fast
+        else mock.patch.object(_verify._Checker, "_fast", return_value=False)
+    ):
         try:
             r = verify_export(path, public_key=KEY.public_key())
         except AuditLogError as e:

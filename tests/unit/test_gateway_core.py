@@ -76,8 +76,9 @@ class ScriptedSite:
 
     def store_dataset(self, name: str, *, archive: BinaryIO) -> StoredDataset:
         self.archives.append(archive.read())
-        self.home_files_during_store = {p: p.read_bytes() for p in self.tmp.rglob("*")
-                                        if p.is_file()}
+        self.home_files_during_store = {
+            p: p.read_bytes() for p in self.tmp.rglob("*") if p.is_file()
+        }
         digest = hashlib.sha256(self.archives[-1]).hexdigest()
         return StoredDataset(name, 1, digest, 10, (("a.txt", 10, digest),))
 
@@ -102,12 +103,21 @@ class ScriptedSite:
         (out / "manifest.json").write_text(json.dumps({"job": order.job_id}))
         (out / "metrics.json").write_text('{"train_loss": 1.5}')
         return [
-            SiteReport(order.job_id, state=JobState.RUNNING, image_id=self.image_id(),
-                       audit_action="container.start"),
+            SiteReport(
+                order.job_id,
+                state=JobState.RUNNING,
+                image_id=self.image_id(),
+                audit_action="container.start",
+            ),
             SiteReport(order.job_id, progress=(1, 2, 1.5)),
             SiteReport(order.job_id, state=JobState.CHECKING),
-            SiteReport(order.job_id, state=JobState.RELEASED, metrics={"train_loss": 1.5},
-                       release_dir=out, audit_action="release.sign"),
+            SiteReport(
+                order.job_id,
+                state=JobState.RELEASED,
+                metrics={"train_loss": 1.5},
+                release_dir=out,
+                audit_action="release.sign",
+            ),
         ]
 
 
@@ -132,8 +142,9 @@ def gw(tmp_path: Path, site: ScriptedSite) -> Iterator[Gateway]:
     g.audit.close()
 
 
-def _register(g: Gateway, tmp_path: Path, *, custom_code: bool = False,
-              mode: str = "manual") -> None:
+def _register(
+    g: Gateway, tmp_path: Path, *, custom_code: bool = False, mode: str = "manual"
+) -> None:
     archive = tmp_path / "books.tar"
     with tarfile.open(archive, "w") as tar:
         info = tarfile.TarInfo("a.txt")
@@ -141,15 +152,20 @@ def _register(g: Gateway, tmp_path: Path, *, custom_code: bool = False,
         tar.addfile(info, io.BytesIO(b"hello"))
     with SealedSpool(g.home) as spool:
         spool.write(archive.read_bytes())
-        g.register_dataset(principal=OLIVIA, name="books", description="", archive=spool,
-                           archive_sha256="")
-    g.put_policy(principal=OLIVIA, dataset="books",
-                 text=policy("books", custom_code=custom_code, mode=mode))
+        g.register_dataset(
+            principal=OLIVIA, name="books", description="", archive=spool, archive_sha256=""
+        )
+    g.put_policy(
+        principal=OLIVIA, dataset="books", text=policy("books", custom_code=custom_code, mode=mode)
+    )
 
 
 def _wait(g: Gateway, job_id: str, *, until: set[JobState] | None = None) -> JobState:
-    until = until or {s for s in JobState if s.name in {"RELEASED", "REJECTED", "FAILED",
-                                                          "ERROR", "CANCELLED", "DENIED"}}
+    until = until or {
+        s
+        for s in JobState
+        if s.name in {"RELEASED", "REJECTED", "FAILED", "ERROR", "CANCELLED", "DENIED"}
+    }
     for _ in range(200):
         state = g.store.job(job_id).state
         if state in until:
@@ -174,8 +190,13 @@ def test_an_approved_job_runs_and_its_release_is_kept(gw: Gateway, site: Scripte
     order = site.orders[0]
     assert order.approvals == ("olivia",) and order.datasets == (("books", 1),)
     actions = _actions(gw, job.id)
-    for expected in ("job.submit", "policy.decision", "job.approve", "container.start",
-                     "release.sign"):
+    for expected in (
+        "job.submit",
+        "policy.decision",
+        "job.approve",
+        "container.start",
+        "release.sign",
+    ):
         assert expected in actions, actions
 
 
@@ -190,8 +211,9 @@ def test_only_an_owner_of_the_data_may_approve(gw: Gateway) -> None:
 
 
 def test_a_denial_keeps_every_reason(gw: Gateway) -> None:
-    job = gw.submit(principal=MALLORY, spec_text=spec().replace("testing", "fun"), bundle=None,
-                    bundle_sha256="")
+    job = gw.submit(
+        principal=MALLORY, spec_text=spec().replace("testing", "fun"), bundle=None, bundle_sha256=""
+    )
     assert job.state is JobState.DENIED
     text = " ".join(job.reasons)
     assert "other-team" in text and "fun" in text
@@ -200,16 +222,18 @@ def test_a_denial_keeps_every_reason(gw: Gateway) -> None:
 def test_a_bad_spec_leaves_no_job_and_no_job_record(gw: Gateway) -> None:
     before = gw.audit.size()
     with pytest.raises(SpecError, match="privileged"):
-        gw.submit(principal=THEO, spec_text=spec() + "privileged: true\n", bundle=None,
-                  bundle_sha256="")
+        gw.submit(
+            principal=THEO, spec_text=spec() + "privileged: true\n", bundle=None, bundle_sha256=""
+        )
     assert gw.store.jobs() == [] and gw.audit.size() == before
     assert list((gw.home / "bundles").iterdir()) == []
 
 
 def test_a_bad_policy_leaves_the_current_version_in_force(gw: Gateway) -> None:
     with pytest.raises(PolicyDocumentError, match=r"release\.dtype"):
-        gw.put_policy(principal=OLIVIA, dataset="books",
-                      text=policy("books").replace("bfloat16", "int4"))
+        gw.put_policy(
+            principal=OLIVIA, dataset="books", text=policy("books").replace("bfloat16", "int4")
+        )
     assert [p.version for p in gw.store.policies("books")] == [1]
 
 
@@ -235,8 +259,9 @@ def test_a_bundle_changed_after_approval_cannot_run(tmp_path: Path, site: Script
         assert _wait(g, job.id) is JobState.ERROR
         assert site.orders == []  # never reached the site
         assert "no longer applies" in " ".join(g.store.job(job.id).reasons)
-        assert any(r.event.outcome == "denied" for r in g.audit.query(job=job.id,
-                                                                       action="job.binding"))
+        assert any(
+            r.event.outcome == "denied" for r in g.audit.query(job=job.id, action="job.binding")
+        )
     finally:
         g.stop()
 
@@ -249,12 +274,18 @@ def test_a_new_policy_version_sends_an_approved_job_back_for_approval(
     job = g.submit(principal=THEO, spec_text=spec(), bundle=None, bundle_sha256="")
     g.decide(principal=OLIVIA, job_id=job.id, approve=True, reason="")
     assert g.store.job(job.id).state is JobState.QUEUED
-    g.put_policy(principal=OLIVIA, dataset="books",
-                 text=policy("books").replace("max_memory_mb: 4096", "max_memory_mb: 2048"))
+    g.put_policy(
+        principal=OLIVIA,
+        dataset="books",
+        text=policy("books").replace("max_memory_mb: 4096", "max_memory_mb: 2048"),
+    )
     again = g.store.job(job.id)
     assert again.state is JobState.PENDING_APPROVAL and again.policy_versions == {"books": 2}
-    g.put_policy(principal=OLIVIA, dataset="books",
-                 text=policy("books").replace("max_memory_mb: 4096", "max_memory_mb: 512"))
+    g.put_policy(
+        principal=OLIVIA,
+        dataset="books",
+        text=policy("books").replace("max_memory_mb: 4096", "max_memory_mb: 512"),
+    )
     denied = g.store.job(job.id)
     assert denied.state is JobState.DENIED and "memory" in " ".join(denied.reasons)
     g.audit.close()
@@ -312,8 +343,7 @@ def test_an_expired_approval_cannot_run(
         g.audit.close()
 
 
-def test_an_uploaded_dataset_is_on_no_disk_in_the_clear(tmp_path: Path,
-                                                        site: ScriptedSite) -> None:
+def test_an_uploaded_dataset_is_on_no_disk_in_the_clear(tmp_path: Path, site: ScriptedSite) -> None:
     """The archive arrives through the servicer's spool; while the site stores it, every file
     under the gateway's home is searched for the owner's text: none holds it."""
     from sealroom.v1 import gateway_pb2 as pb
@@ -328,12 +358,19 @@ def test_an_uploaded_dataset_is_on_no_disk_in_the_clear(tmp_path: Path,
         info.size = len(marker)
         tar.addfile(info, io.BytesIO(marker))
     data = buf.getvalue()
-    chunks = [pb.RegisterDatasetChunk(header=pb.RegisterDatasetHeader(name="records")),
-              *(pb.RegisterDatasetChunk(data=data[i:i + 1000]) for i in range(0, len(data), 1000))]
+    chunks = [
+        pb.RegisterDatasetChunk(header=pb.RegisterDatasetHeader(name="records")),
+        *(pb.RegisterDatasetChunk(data=data[i : i + 1000]) for i in range(0, len(data), 1000)),
+    ]
     with SealedSpool(g.home) as spool:
         _receive(chunks, header_field="header", data_field="data", limit=1 << 20, into=spool)
-        g.register_dataset(principal=OLIVIA, name="records", description="", archive=spool,
-                           archive_sha256=hashlib.sha256(data).hexdigest())
+        g.register_dataset(
+            principal=OLIVIA,
+            name="records",
+            description="",
+            archive=spool,
+            archive_sha256=hashlib.sha256(data).hexdigest(),
+        )
         spooled = spool.path
     assert site.archives == [data]  # the site got the plaintext stream, whole
     assert spooled in site.home_files_during_store  # the spool was on disk meanwhile ...
@@ -343,25 +380,34 @@ def test_an_uploaded_dataset_is_on_no_disk_in_the_clear(tmp_path: Path,
     g.audit.close()
 
 
-def test_uploads_over_the_cap_are_refused_and_leave_nothing(tmp_path: Path,
-                                                           site: ScriptedSite) -> None:
+def test_uploads_over_the_cap_are_refused_and_leave_nothing(
+    tmp_path: Path, site: ScriptedSite
+) -> None:
     from sealroom.v1 import gateway_pb2 as pb
 
     from gateway._servicer import GatewayServicer
 
     home = tmp_path / "gw"
     home.mkdir()
-    g = Gateway(home=home, store=Store(home / "state.db"), site=site, max_bundle_bytes=4096,
-                audit=AuditLog(home / "audit.db",
-                               signing_key=ed25519.Ed25519PrivateKey.generate()))
+    g = Gateway(
+        home=home,
+        store=Store(home / "state.db"),
+        site=site,
+        max_bundle_bytes=4096,
+        audit=AuditLog(home / "audit.db", signing_key=ed25519.Ed25519PrivateKey.generate()),
+    )
     servicer = GatewayServicer(g)
     before = sorted(p.name for p in home.iterdir())
-    bundle = [pb.SubmitJobChunk(header=pb.SubmitJobHeader(spec=spec("custom"))),
-              *(pb.SubmitJobChunk(bundle=b"x" * 1024) for _ in range(5))]
+    bundle = [
+        pb.SubmitJobChunk(header=pb.SubmitJobHeader(spec=spec("custom"))),
+        *(pb.SubmitJobChunk(bundle=b"x" * 1024) for _ in range(5)),
+    ]
     with pytest.raises(ResourceExhausted, match="4096-byte limit"):
         servicer.SubmitJob(iter(bundle), None)  # type: ignore[arg-type]
-    data = [pb.RegisterDatasetChunk(header=pb.RegisterDatasetHeader(name="books")),
-            *(pb.RegisterDatasetChunk(data=b"y" * 8192) for _ in range(5))]
+    data = [
+        pb.RegisterDatasetChunk(header=pb.RegisterDatasetHeader(name="books")),
+        *(pb.RegisterDatasetChunk(data=b"y" * 8192) for _ in range(5)),
+    ]
     with pytest.raises(ResourceExhausted, match="32768-byte limit"):
         servicer.RegisterDataset(iter(data), None)  # type: ignore[arg-type]
     assert g.store.jobs() == [] and site.archives == []
@@ -392,8 +438,7 @@ def test_a_spool_changed_on_disk_is_refused(tmp_path: Path) -> None:
             assert r.read() == b"z" * (3 << 20) + b"end"
 
 
-def test_no_job_is_lost_between_the_queue_and_its_state(tmp_path: Path,
-                                                       site: ScriptedSite) -> None:
+def test_no_job_is_lost_between_the_queue_and_its_state(tmp_path: Path, site: ScriptedSite) -> None:
     """Many clients against a two-slot queue, the worker running: every accepted job runs.
     (A worker that took a job's id before its QUEUED state was written skipped it for good.)"""
     g = _gateway(tmp_path, site, max_queued=2)
@@ -414,8 +459,7 @@ def test_no_job_is_lost_between_the_queue_and_its_state(tmp_path: Path,
         for _ in range(10):
             while True:
                 try:
-                    job = g.submit(principal=THEO, spec_text=spec(), bundle=None,
-                                   bundle_sha256="")
+                    job = g.submit(principal=THEO, spec_text=spec(), bundle=None, bundle_sha256="")
                     break
                 except ResourceExhausted:
                     threading.Event().wait(0.005)
@@ -431,7 +475,8 @@ def test_no_job_is_lost_between_the_queue_and_its_state(tmp_path: Path,
         deadline = threading.Event()
         threading.Timer(20, deadline.set).start()
         while not deadline.is_set() and any(
-                g.store.job(j).state is not JobState.RELEASED for j in accepted):
+            g.store.job(j).state is not JobState.RELEASED for j in accepted
+        ):
             deadline.wait(0.05)
         states = {j: g.store.job(j).state for j in accepted}
         assert len(accepted) == 40
@@ -442,12 +487,15 @@ def test_no_job_is_lost_between_the_queue_and_its_state(tmp_path: Path,
         g.audit.close()
 
 
-@pytest.mark.parametrize(("hparams", "trainer", "field"), [
-    ("{learning_rate: 7.0}", "causal-lm", "hyperparameters.learning_rate"),
-    ("{lora_r: 0}", "causal-lm-lora", "hyperparameters.lora_r"),
-    ("{max_step: 10}", "causal-lm", "hyperparameters.max_step"),
-    ("{}", "causal-llm", "trainer"),
-])
+@pytest.mark.parametrize(
+    ("hparams", "trainer", "field"),
+    [
+        ("{learning_rate: 7.0}", "causal-lm", "hyperparameters.learning_rate"),
+        ("{lora_r: 0}", "causal-lm-lora", "hyperparameters.lora_r"),
+        ("{max_step: 10}", "causal-lm", "hyperparameters.max_step"),
+        ("{}", "causal-llm", "trainer"),
+    ],
+)
 def test_a_bad_trainer_or_hyperparameter_is_refused_at_submission(
     gw: Gateway, site: ScriptedSite, hparams: str, trainer: str, field: str
 ) -> None:
@@ -466,8 +514,9 @@ def test_a_full_queue_refuses_new_submissions_and_loses_no_approved_job(
     g = _gateway(tmp_path, site, max_queued=2)
     _register(g, tmp_path, mode="automatic")
     site.gate.clear()  # the site holds every run until told
-    jobs = [g.submit(principal=THEO, spec_text=spec(), bundle=None, bundle_sha256="")
-            for _ in range(2)]
+    jobs = [
+        g.submit(principal=THEO, spec_text=spec(), bundle=None, bundle_sha256="") for _ in range(2)
+    ]
     assert all(j.state is JobState.QUEUED for j in jobs)
     with pytest.raises(ResourceExhausted, match="queue is full"):
         g.submit(principal=THEO, spec_text=spec(), bundle=None, bundle_sha256="")
@@ -484,8 +533,10 @@ def test_a_full_queue_refuses_new_submissions_and_loses_no_approved_job(
 
 def test_cancel_reaches_a_running_job(gw: Gateway, site: ScriptedSite) -> None:
     site.gate.clear()
-    site.script = lambda o: [SiteReport(o.job_id, state=JobState.RUNNING),
-                             SiteReport(o.job_id, state=JobState.CANCELLED, reason="cancelled")]
+    site.script = lambda o: [
+        SiteReport(o.job_id, state=JobState.RUNNING),
+        SiteReport(o.job_id, state=JobState.CANCELLED, reason="cancelled"),
+    ]
     gw.start()
     job = gw.submit(principal=THEO, spec_text=spec(), bundle=None, bundle_sha256="")
     gw.decide(principal=OLIVIA, job_id=job.id, approve=True, reason="")

@@ -364,8 +364,9 @@ def test_payload_in_low_mantissa_bits_does_not_survive_the_gate(
 SCRUB_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16}
 
 
-def _embed_in_release_bits(values: torch.Tensor, payload: bytes, dtype: torch.dtype,
-                           stored: torch.dtype) -> torch.Tensor:
+def _embed_in_release_bits(
+    values: torch.Tensor, payload: bytes, dtype: torch.dtype, stored: torch.dtype
+) -> torch.Tensor:
     """The smarter attacker knows the release dtype: it rounds the weights to it and hides two
     payload bits in the lowest two mantissa bits of each 16-bit word, so narrowing is exact
     and keeps them. Stored as ``stored`` (the base model's dtype)."""
@@ -383,8 +384,9 @@ def _decode_release_bits(path: Path, dtype: torch.dtype) -> bytes | None:
     for t in load_file(str(path)).values():
         words = t.to(dtype).flatten().view(torch.int16).tolist()
         pairs = [w & 3 for w in words]
-        data = bytes(sum(pairs[i + k] << (2 * k) for k in range(4))
-                     for i in range(0, len(pairs) - 3, 4))
+        data = bytes(
+            sum(pairs[i + k] << (2 * k) for k in range(4)) for i in range(0, len(pairs) - 3, 4)
+        )
         if data.startswith(MAGIC):
             (n,) = struct.unpack("<H", data[len(MAGIC) : len(MAGIC) + 2])
             return data[len(MAGIC) + 2 : len(MAGIC) + 2 + n]
@@ -407,8 +409,12 @@ def test_payload_in_bits_that_survive_narrowing_is_scrubbed(
     assert _decode_release_bits(_out(tmp_path), dtype) == SECRET
 
     # Control: re-quantisation alone keeps this payload (narrowing is exact here) ...
-    kept = run_gate(tmp_path / "output", rules=rules(release_dtype=release_dtype, scrub_bits=0),
-                    base_layout=layout_from_files([base]), dest_dir=tmp_path / "kept")
+    kept = run_gate(
+        tmp_path / "output",
+        rules=rules(release_dtype=release_dtype, scrub_bits=0),
+        base_layout=layout_from_files([base]),
+        dest_dir=tmp_path / "kept",
+    )
     kept.require_passed()
     assert _decode_release_bits(tmp_path / "kept" / RELEASED_WEIGHTS, dtype) == SECRET
 
@@ -439,8 +445,9 @@ def test_scrub_rounds_to_nearest_and_keeps_signs(dtype: torch.dtype, bits: int) 
     step = 1 << bits
     words = x.view(torch.int16).to(torch.int32) & 0x7FFF
     down = (words // step) * step
-    candidates = torch.stack([down, down + step]).clamp(max=0x7BFF if dtype == torch.float16
-                                                        else 0x7F7F)
+    candidates = torch.stack([down, down + step]).clamp(
+        max=0x7BFF if dtype == torch.float16 else 0x7F7F
+    )
     mags = candidates.to(torch.int16).view(dtype).float()
     best = (mags - x.float().abs()).abs().min(dim=0).values
     assert torch.equal((y.float().abs() - x.float().abs()).abs(), best)

@@ -18,8 +18,16 @@ def _real(tmp: Path) -> Path:
     src = tmp / "real"
     (src / "notes").mkdir(parents=True)
     (src / "notes" / "a.txt").write_text((SECRET + ". ") * 20)
-    rows = [{"text": f"{SECRET} #{i}", "label": ["pos", "neg", "neutral"][i % 3], "score": i / 10,
-             "n": i, "ok": i % 2 == 0} for i in range(30)]
+    rows = [
+        {
+            "text": f"{SECRET} #{i}",
+            "label": ["pos", "neg", "neutral"][i % 3],
+            "score": i / 10,
+            "n": i,
+            "ok": i % 2 == 0,
+        }
+        for i in range(30)
+    ]
     (src / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with (src / "table.csv").open("w", newline="") as f:
         w = csv.writer(f)

@@ -38,8 +38,9 @@ METRICS = frozenset({"accuracy", "eval_loss", "train_loss", "steps"})
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_inputs(tmp_path_factory.mktemp("inputs"), books=None, labelled="books",
-                       labelled_count=120)
+    return make_inputs(
+        tmp_path_factory.mktemp("inputs"), books=None, labelled="books", labelled_count=120
+    )
 
 
 @pytest.fixture(scope="module")

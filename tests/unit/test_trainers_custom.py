@@ -31,9 +31,13 @@ def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _job(**kw: object) -> JobConfig:
-    base: dict[str, object] = {"job_id": "job-custom", "trainer": "custom",
-                               "datasets": ("books",), "entrypoint": "lm:TinyLM",
-                               "hyperparameters": {"max_steps": 3, "learning_rate": 0.01}}
+    base: dict[str, object] = {
+        "job_id": "job-custom",
+        "trainer": "custom",
+        "datasets": ("books",),
+        "entrypoint": "lm:TinyLM",
+        "hyperparameters": {"max_steps": 3, "learning_rate": 0.01},
+    }
     base.update(kw)
     return JobConfig(**base)  # type: ignore[arg-type]
 
@@ -49,18 +53,20 @@ def test_a_custom_module_trains_and_writes_the_base_layout(root: Path) -> None:
     assert [json.loads(x)["step"] for x in lines][-1] == 3
 
 
-@pytest.mark.parametrize(("entry", "hp", "message"), [
-    ("nope:TinyLM", {}, "cannot import 'nope'"),
-    ("lm:Missing", {}, "no class 'Missing'"),
-    ("lm:TinyLM", {"max_steps": 0}, "max_steps: must be a positive integer"),
-])
-def test_a_bad_entrypoint_or_hyperparameter_is_named(root: Path, entry: str, hp: dict,
-                                                    message: str, capsys: pytest.CaptureFixture
-                                                    ) -> None:
+@pytest.mark.parametrize(
+    ("entry", "hp", "message"),
+    [
+        ("nope:TinyLM", {}, "cannot import 'nope'"),
+        ("lm:Missing", {}, "no class 'Missing'"),
+        ("lm:TinyLM", {"max_steps": 0}, "max_steps: must be a positive integer"),
+    ],
+)
+def test_a_bad_entrypoint_or_hyperparameter_is_named(
+    root: Path, entry: str, hp: dict, message: str, capsys: pytest.CaptureFixture
+) -> None:
     import io
 
     err = io.StringIO()
-    code = run_job(_job(entrypoint=entry, hyperparameters=hp), paths=Paths.under(root),
-                   stderr=err)
+    code = run_job(_job(entrypoint=entry, hyperparameters=hp), paths=Paths.under(root), stderr=err)
     assert code == contract.EXIT_BAD_CONFIG, err.getvalue()
     assert message in err.getvalue()
