@@ -1,6 +1,6 @@
 # Sealroom: two commands on a fresh machine.
 #   make demo   set everything up, then play the whole story end to end
-#   make test   set everything up, then run every test
+#   make test   set everything up, then lint and run every test
 # Set-up steps are idempotent: a second run reuses the venv, the engine and the image.
 
 PY        ?= python3
@@ -35,7 +35,7 @@ proto: venv
 proto-check: venv
 	$(VPY) -m gateway._protogen --check
 
-test: image
+test: image lint
 	CI=$${CI:-} $(VPY) -m pytest -q
 
 test-unit: venv

@@ -60,13 +60,14 @@ def _principal_from_pem(pem: bytes) -> Principal:
 def principal_of(context: grpc.ServicerContext) -> Principal:
     """The caller, from the TLS handshake. Raises PermissionDenied without a certificate."""
     auth = context.auth_context()
-    certs = auth.get("x509_pem_cert") or []
+    found = auth.get("x509_pem_cert")
+    certs: list[bytes] = found if isinstance(found, list) else []  # gRPC: a list; else none
     if not certs:
         raise PermissionDenied("no verified client certificate")
     return _principal_from_pem(bytes(certs[0]))
 
 
-class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class AuthInterceptor(grpc.ServerInterceptor):
     def __init__(self, audit: AuditFn) -> None:
         self._audit = audit
 

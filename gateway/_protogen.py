@@ -76,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         for p in problems:
             print(f"proto: {p} (run `make proto`)", file=sys.stderr)
         return 1 if problems else 0
-    for p in _committed():
-        p.unlink()
+    for old in _committed():
+        old.unlink()
     with tempfile.TemporaryDirectory() as tmp:
-        for p in generate(Path(tmp)):
-            shutil.copy2(p, ROOT / PACKAGE / p.name)
+        for new in generate(Path(tmp)):
+            shutil.copy2(new, ROOT / PACKAGE / new.name)
     (ROOT / "sealroom" / "__init__.py").touch()
     (ROOT / PACKAGE / "__init__.py").touch()
     return 0

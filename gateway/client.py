@@ -15,7 +15,7 @@ import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import grpc
 from sealroom.v1 import gateway_pb2 as pb
@@ -41,7 +41,7 @@ def pack_directory(src: Path, dest: Path, *, gzip: bool) -> Path:
     """Tar ``src`` (regular files and directories only) reproducibly into ``dest``."""
     if not src.is_dir():
         raise InvalidInput(f"{src} is not a directory")
-    mode = "w:gz" if gzip else "w"
+    mode: Literal["w:gz", "w"] = "w:gz" if gzip else "w"
     with tarfile.open(dest, mode, format=tarfile.PAX_FORMAT) as tar:
         for path in sorted(src.rglob("*")):
             if path.is_symlink():

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
 
 from gateway.cli._common import STATE, JsonOpt, client, console, emit, errors, to_dict
+
+if TYPE_CHECKING:
+    from sealroom.v1 import gateway_pb2 as pb
+
+    from gateway.audit import SignedCheckpoint
 
 audit_app = typer.Typer(help="The audit log (compliance).", no_args_is_help=True)
 release_app = typer.Typer(help="Released models.", no_args_is_help=True)
@@ -173,7 +178,7 @@ def _extends(log: Any, earlier: Any, key: Any) -> None:
     )
 
 
-def _checkpoint(cp: object, public_key: Path | None) -> object:
+def _checkpoint(cp: pb.Checkpoint, public_key: Path | None) -> SignedCheckpoint:
     """A checkpoint message as a verified :class:`SignedCheckpoint`."""
     import base64
 
@@ -183,10 +188,10 @@ def _checkpoint(cp: object, public_key: Path | None) -> object:
 
     signed = SignedCheckpoint(
         size=cp.size,
-        root=bytes.fromhex(cp.root_hash),  # type: ignore[attr-defined]
+        root=bytes.fromhex(cp.root_hash),
         time=cp.time,
         signature=base64.b64decode(cp.signature),
-    )  # type: ignore[attr-defined]
+    )
     key_path = public_key or STATE.home / "gateway" / "audit-signing.pub"
     signed.verify(serialization.load_pem_public_key(key_path.read_bytes()))  # type: ignore[arg-type]
     return signed
@@ -228,7 +233,7 @@ def audit_prove(
             leaf=bytes.fromhex(proof.leaf_hash),
             proof=[bytes.fromhex(h) for h in proof.hashes],
             expected_root=signed.root,
-        )  # type: ignore[attr-defined]
+        )
         emit(
             as_json,
             {
@@ -261,7 +266,7 @@ def audit_consistency(
             old_size=old_size,
             new_size=cp.size,
             old_root=bytes.fromhex(old_root),
-            new_root=signed.root,  # type: ignore[attr-defined]
+            new_root=signed.root,
             proof=[bytes.fromhex(h) for h in proof.hashes],
         )
         emit(
