@@ -212,16 +212,6 @@ class SiteAgent:
         run_dir = self._runs / _safe(job)
         try:
             self._run(order, report, run_dir)
-        except SealroomError as e:
-            report(
-                SiteReport(
-                    job,
-                    audit_action="run.error",
-                    audit_outcome="error",
-                    details={"error": type(e).__name__, "message": str(e)},
-                )
-            )
-            report(SiteReport(job, state=JobState.ERROR, reason=f"site: {e}"))
         except Exception as e:  # the system's fault, never the job's: report and clean up
             report(
                 SiteReport(
@@ -231,9 +221,10 @@ class SiteAgent:
                     details={"error": type(e).__name__, "message": str(e)},
                 )
             )
-            report(
-                SiteReport(job, state=JobState.ERROR, reason=f"site: unexpected {type(e).__name__}")
-            )
+            # Our own errors say what went wrong; anything else only its kind (its text may
+            # carry what the job wrote).
+            said = str(e) if isinstance(e, SealroomError) else f"unexpected {type(e).__name__}"
+            report(SiteReport(job, state=JobState.ERROR, reason=f"site: {said}"))
         finally:
             with self._lock:
                 self._cancelled.discard(job)

@@ -18,7 +18,7 @@ from sealroom.v1 import gateway_pb2_grpc as pb_grpc
 
 from gateway._auth import principal_of
 from gateway._spool import SealedSpool
-from gateway.core import Gateway, JobEvent
+from gateway.core import Gateway, JobEvent, sha256_file
 from gateway.lifecycle import JobState
 from gateway.store import DatasetRecord, JobRecord, PolicyRecord
 from policies.errors import InvalidInput, ResourceExhausted
@@ -64,14 +64,6 @@ class _HashingFile:
     def write(self, data: bytes) -> None:
         self.hash.update(data)
         self._f.write(data)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while data := f.read(CHUNK):
-            h.update(data)
-    return h.hexdigest()
 
 
 def _dataset(d: DatasetRecord) -> pb.Dataset:
@@ -288,7 +280,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         root = self.g.release_dir(principal=principal_of(context), job_id=request.job_id)
         for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
             rel = path.relative_to(root).as_posix()
-            digest = _sha256_file(path)  # in blocks: a release can be many gigabytes
+            digest = sha256_file(path)
             yield pb.ReleaseChunk(
                 file=pb.ReleaseFileHeader(path=rel, size=path.stat().st_size, sha256=digest)
             )

@@ -30,11 +30,9 @@ T = TypeVar("T")
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+    """The file's SHA-256, read in blocks (a bundle or a release can be gigabytes)."""
     with path.open("rb") as f:
-        while data := f.read(CHUNK):
-            h.update(data)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def pack_directory(src: Path, dest: Path, *, gzip: bool) -> Path:

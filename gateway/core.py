@@ -312,7 +312,7 @@ class Gateway:
         check_trainer(spec)
         self._admit()
         if bundle is not None:
-            actual = bundle_sha256 if received else _sha256_file(bundle)
+            actual = bundle_sha256 if received else sha256_file(bundle)
             if bundle_sha256 and actual != bundle_sha256:
                 raise InvalidInput(
                     f"bundle hash mismatch: header says {bundle_sha256}, got {actual}"
@@ -694,25 +694,22 @@ class Gateway:
                     outcome=decision.outcome.value,
                     details=decision.to_dict(),
                 )
+                auto = decision.outcome is access.Outcome.AUTO_APPROVE
                 if decision.outcome is access.Outcome.DENY:
                     self._transition(
                         job.id, JobState.DENIED, reason="; ".join(str(r) for r in decision.reasons)
                     )
-                elif decision.outcome is access.Outcome.AUTO_APPROVE:
-                    # Approved under the new version by the policy itself: a waiting job goes
-                    # ahead, an approved one keeps its place, both bound to the new version.
-                    if state is JobState.PENDING_APPROVAL:
-                        self._transition(
-                            job.id,
-                            JobState.APPROVED,
-                            reason=f"approved under the new policy of {dataset}",
-                            policy_versions=versions,
-                            binding=binding,
-                        )
-                        self._enqueue(job.id)
-                    else:
-                        self.store.update_job(job.id, policy_versions=versions, binding=binding)
-                elif state is not JobState.PENDING_APPROVAL:
+                elif auto and state is JobState.PENDING_APPROVAL:
+                    # Approved under the new version by the policy itself: it goes ahead.
+                    self._transition(
+                        job.id,
+                        JobState.APPROVED,
+                        reason=f"approved under the new policy of {dataset}",
+                        policy_versions=versions,
+                        binding=binding,
+                    )
+                    self._enqueue(job.id)
+                elif not auto and state is not JobState.PENDING_APPROVAL:
                     self._transition(
                         job.id,
                         JobState.PENDING_APPROVAL,
@@ -720,7 +717,7 @@ class Gateway:
                         policy_versions=versions,
                         binding=binding,
                     )
-                else:
+                else:  # keeps its state (still waiting, or approved by the policy itself)
                     self.store.update_job(job.id, policy_versions=versions, binding=binding)
 
     def _work(self) -> None:
@@ -765,7 +762,7 @@ class Gateway:
             current = self._binding(
                 job.id,
                 parse_spec(job.spec).digest(),
-                _sha256_file(bundle) if bundle is not None else "",
+                sha256_file(bundle) if bundle is not None else "",
                 job.datasets,
                 [doc.ref() for _, doc in policies.values()],
             )
@@ -881,12 +878,10 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: Path) -> str:
+    """The file's SHA-256, read in blocks (a bundle or a release can be gigabytes)."""
     with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def job_summary(job: JobRecord) -> dict[str, Any]:

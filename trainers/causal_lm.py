@@ -37,25 +37,10 @@ class CausalLMModule(FineTuneModule):
     """Next-token training of ``net``, any module called as ``net(input_ids=, labels=)`` that
     returns an object with ``.loss`` (every Hugging Face ``*ForCausalLM`` does)."""
 
-    def __init__(
-        self,
-        net: torch.nn.Module,
-        *,
-        learning_rate: float,
-        weight_decay: float,
-        warmup_steps: int,
-        max_steps: int,
-    ) -> None:
-        super().__init__(
-            net,
-            learning_rate=learning_rate,
-            weight_decay=weight_decay,
-            warmup_steps=warmup_steps,
-            max_steps=max_steps,
-        )
-        self._eval_sum = 0.0
-        self._eval_blocks = 0
-        self.eval_loss: float | None = None
+    # Evaluation figures (reset as each evaluation starts); the constructor is the base's.
+    _eval_sum: float = 0.0
+    _eval_blocks: int = 0
+    eval_loss: float | None = None
 
     def batch_loss(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
         (ids,) = batch

@@ -35,27 +35,12 @@ class ClassifierModule(FineTuneModule):
     """Cross-entropy training of ``net``, called as ``net(input_ids=, attention_mask=,
     labels=)`` and returning ``.loss`` and ``.logits`` (every HF sequence classifier does)."""
 
-    def __init__(
-        self,
-        net: torch.nn.Module,
-        *,
-        learning_rate: float,
-        weight_decay: float,
-        warmup_steps: int,
-        max_steps: int,
-    ) -> None:
-        super().__init__(
-            net,
-            learning_rate=learning_rate,
-            weight_decay=weight_decay,
-            warmup_steps=warmup_steps,
-            max_steps=max_steps,
-        )
-        self._eval_sum = 0.0
-        self._eval_correct = 0
-        self._eval_count = 0
-        self.eval_loss: float | None = None
-        self.accuracy: float | None = None
+    # Evaluation figures (reset as each evaluation starts); the constructor is the base's.
+    _eval_sum: float = 0.0
+    _eval_correct: int = 0
+    _eval_count: int = 0
+    eval_loss: float | None = None
+    accuracy: float | None = None
 
     def batch_loss(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
         ids, mask, labels = batch

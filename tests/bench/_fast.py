@@ -56,6 +56,17 @@ purpose: testing
 resources: {{cpus: 1, memory_mb: 1024, timeout_s: 60}}
 """
 
+ONE_STEP_SPEC = """\
+name: {name}
+datasets: [books]
+base_model: tiny-lm
+trainer: causal-lm
+purpose: testing
+hyperparameters: {{max_steps: 1, batch_size: 2, block_size: 32, seed: 0}}
+resources: {{cpus: 1, memory_mb: 2048, timeout_s: 300}}
+"""
+"""A real container job that trains one step: what the launch bench and the load run start."""
+
 BLOCK = 1 << 20
 
 

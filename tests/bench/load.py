@@ -37,7 +37,7 @@ from typing import Any
 
 from gateway.client import Client
 from policies.errors import ResourceExhausted, SealroomError
-from tests.bench._fast import FAST_SPEC, Home, make_home, prepare
+from tests.bench._fast import FAST_SPEC, ONE_STEP_SPEC, Home, make_home, prepare
 from tests.bench._proc import RssSampler, Served
 
 MB = 1 << 20
@@ -338,17 +338,6 @@ def fast_phase(
     }, checks
 
 
-CONTAINER_SPEC = """\
-name: {name}
-datasets: [books]
-base_model: tiny-lm
-trainer: causal-lm
-purpose: testing
-hyperparameters: {{max_steps: 1, batch_size: 2, block_size: 32, seed: 0}}
-resources: {{cpus: 1, memory_mb: 2048, timeout_s: 300}}
-"""
-
-
 def container_phase(
     root: Path, *, clients: int, jobs: int, workers: int = 2
 ) -> tuple[dict[str, Any], list[Check]]:
@@ -380,7 +369,7 @@ def container_phase(
                 gw.address,
                 clients=min(clients, jobs),
                 jobs=jobs,
-                spec=lambda i: CONTAINER_SPEC.format(name=f"load-{i}"),
+                spec=lambda i: ONE_STEP_SPEC.format(name=f"load-{i}"),
                 retry=True,
                 gw=gw,
             )
