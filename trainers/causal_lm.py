@@ -203,13 +203,7 @@ def _train(
         eval_fraction=hp.eval_fraction,
         seed=hp.seed,
     )
-    module = CausalLMModule(
-        net,
-        learning_rate=hp.learning_rate,
-        weight_decay=hp.weight_decay,
-        warmup_steps=hp.warmup_steps,
-        max_steps=hp.max_steps,
-    )
+    module = CausalLMModule.for_run(net, hp)
     if hp.dp is not None:
         data.setup("fit")
         assert data.train_blocks is not None

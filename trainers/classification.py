@@ -192,13 +192,7 @@ def run(hp: ClassificationHyperparameters, ctx: RunContext) -> dict[str, float]:
         eval_fraction=hp.eval_fraction,
         seed=hp.seed,
     )
-    module = ClassifierModule(
-        net,
-        learning_rate=hp.learning_rate,
-        weight_decay=hp.weight_decay,
-        warmup_steps=hp.warmup_steps,
-        max_steps=hp.max_steps,
-    )
+    module = ClassifierModule.for_run(net, hp)
     if hp.dp is not None:
         module.private = data.private = training.PrivateTraining.attach(
             net,

@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytorch_lightning as pl
 import torch
@@ -268,6 +268,17 @@ class FineTuneModule(pl.LightningModule):
         self._empty_batch = False
         # Checkpoints hold only what trains (a LoRA run's frozen base is the base model).
         self.strict_loading = False
+
+    @classmethod
+    def for_run(cls, net: torch.nn.Module, hp: TrainingHyperparameters) -> Self:
+        """The module a built-in trainer's run trains, with the optimizer settings of ``hp``."""
+        return cls(
+            net,
+            learning_rate=hp.learning_rate,
+            weight_decay=hp.weight_decay,
+            warmup_steps=hp.warmup_steps,
+            max_steps=hp.max_steps,
+        )
 
     # -- what subclasses provide ---------------------------------------------------------------
 
