@@ -9,7 +9,17 @@ the rate grows with the number of concurrent callers instead of being one fsync 
 
 Each record stores its *leaf* (:func:`~gateway.audit._model.encode_leaf`), the leaf hash (RFC
 6962) and a running chain hash ``H(0x01 || chain[i-1] || leaf_hash[i])``; the query columns are
-copies of fields of the leaf, checked against it by :meth:`AuditLog.verify`. The Merkle tree is
+copies of fields of the leaf, checked against it by :meth:`AuditLog.verify`.
+
+The query indexes are kept off the durable path: a commit writes only the records table, whose
+pages fill in order. Indexing each batch of 64 as it commits cost more than the fsync (an index
+on job ids touches a page per job in the batch, and each dirty page goes through the WAL). The
+writer copies the tail of query columns into the indexed ``lookup`` table in one transaction
+once it is ``_INDEX_ROWS`` long, when the log is idle, and on close; a query reads the indexed
+part through the lookup table and the short tail from the records themselves, in one read
+transaction, so it never misses a record. Verification checks the lookup table too.
+
+The Merkle tree is
 kept in memory as a :class:`~gateway.audit._merkle.Tree` (rebuilt from the leaf hashes on open),
 so roots and proofs cost O(log² n). Signed checkpoints (size, root, time; Ed25519 by the
 gateway's key) are written on demand, on an interval and on close. Verification names the first
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import queue
 import sqlite3
@@ -42,7 +53,7 @@ from gateway.audit._model import (
     SignedCheckpoint,
     VerifyResult,
     decode_leaf,
-    encode_leaf,
+    leaf_tail,
     normal_time,
     now,
 )
@@ -70,15 +81,26 @@ __all__ = [
 
 _MAX_BATCH = 2048  # 12 parameters a row, within SQLite's limit of 32766
 
+# The query columns the lookup table indexes (the rest are filtered on the records found).
+_INDEXED = ("principal", "action", "job_id", "dataset")
+_INDEX_ROWS = 4096  # the unindexed tail is indexed once it is this long,
+_INDEX_IDLE_S = 0.5  # or once no append has come for this long
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     seq INTEGER PRIMARY KEY, time TEXT NOT NULL, leaf BLOB NOT NULL, leaf_hash BLOB NOT NULL,
     chain BLOB NOT NULL, principal TEXT, role TEXT, action TEXT, outcome TEXT, job_id TEXT,
     dataset TEXT, file TEXT);
-CREATE INDEX IF NOT EXISTS records_job ON records(job_id);
-CREATE INDEX IF NOT EXISTS records_dataset ON records(dataset);
-CREATE INDEX IF NOT EXISTS records_action ON records(action);
-CREATE INDEX IF NOT EXISTS records_principal ON records(principal);
+CREATE TABLE IF NOT EXISTS lookup (
+    seq INTEGER PRIMARY KEY, principal TEXT, action TEXT, job_id TEXT, dataset TEXT);
+CREATE INDEX IF NOT EXISTS lookup_job ON lookup(job_id);
+CREATE INDEX IF NOT EXISTS lookup_dataset ON lookup(dataset);
+CREATE INDEX IF NOT EXISTS lookup_action ON lookup(action);
+CREATE INDEX IF NOT EXISTS lookup_principal ON lookup(principal);
+DROP INDEX IF EXISTS records_job;
+DROP INDEX IF EXISTS records_dataset;
+DROP INDEX IF EXISTS records_action;
+DROP INDEX IF EXISTS records_principal;
 CREATE TABLE IF NOT EXISTS checkpoints (
     size INTEGER PRIMARY KEY, root BLOB NOT NULL, time TEXT NOT NULL, signature BLOB NOT NULL);
 """
@@ -127,21 +149,12 @@ class AuditLog:
             # Readers get their own connection: WAL lets them run beside the writer's commits.
             self._rdb = self._connect() if not _readonly else self._wdb
             opened.append(self._rdb)
-            count, low, top = self._rdb.execute(
-                "SELECT COUNT(*), MIN(seq), MAX(seq) FROM records"
-            ).fetchone()
-            if count and (low, top) != (0, count - 1) and not _readonly:
-                first = next(
-                    i
-                    for i, (seq,) in enumerate(
-                        self._rdb.execute("SELECT seq FROM records ORDER BY seq")
-                    )
-                    if seq != i
-                )
+            gap = None if _readonly else _first_gap(self._rdb, "records")
+            if gap is not None:
                 raise RecordError(
                     "the database's records are not numbered 0..n-1 (one was "
                     "removed or inserted): run `sealroom audit verify`",
-                    seq=first,
+                    seq=gap,
                 )
             self._tree = _merkle.Tree(
                 [
@@ -153,6 +166,19 @@ class AuditLog:
                 "SELECT chain FROM records ORDER BY seq DESC LIMIT 1"
             ).fetchone()
             self._chain = bytes(last[0]) if last else GENESIS
+            # Records 0.._indexed-1 are in the lookup table. A log written before there was
+            # one gets it now; read-only, such a log is queried without it.
+            self._lookup = (
+                self._rdb.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type='table' AND name='lookup'"
+                ).fetchone()
+                is not None
+            )
+            self._indexed: int = (
+                self._rdb.execute("SELECT IFNULL(MAX(seq), -1) + 1 FROM lookup").fetchone()[0]
+                if self._lookup
+                else 0
+            )
         except BaseException as e:
             for db in opened:
                 db.close()
@@ -170,6 +196,7 @@ class AuditLog:
         self._writer: threading.Thread | None = None
         self._ticker: threading.Thread | None = None
         if not _readonly:
+            self._index_tail()
             self._writer = threading.Thread(
                 target=self._write_loop, name="audit-writer", daemon=True
             )
@@ -219,16 +246,24 @@ class AuditLog:
         return item.record
 
     def _write_loop(self) -> None:
-        get, get_nowait = self._queue.get, self._queue.get_nowait
         while True:
-            first = get()
+            try:  # while records wait to be indexed, an idle moment is the time to do it
+                first = (
+                    self._queue.get(timeout=_INDEX_IDLE_S)
+                    if self._indexed < len(self._tree)
+                    else self._queue.get()
+                )
+            except queue.Empty:
+                self._index_tail()
+                continue
             if first is None:
+                self._index_tail()
                 return
             batch = [first]
             stop = False
             while len(batch) < _MAX_BATCH:
                 try:
-                    nxt = get_nowait()
+                    nxt = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is None:
@@ -236,8 +271,29 @@ class AuditLog:
                     break
                 batch.append(nxt)
             self._commit(batch)
+            if len(self._tree) - self._indexed >= _INDEX_ROWS:
+                self._index_tail()
             if stop:
+                self._index_tail()
                 return
+
+    def _index_tail(self) -> None:
+        """Copy the query columns of the records not yet indexed into the lookup table, in
+        one transaction of its own. Only the writer thread (or ``__init__``, before it) calls
+        this, so no commit runs meanwhile. A failure leaves the tail to the next try: queries
+        read the unindexed tail from the records themselves."""
+        if self._indexed >= len(self._tree):
+            return
+        try:
+            with self._wlock:
+                self._wdb.execute(
+                    f"INSERT INTO lookup SELECT seq, {', '.join(_INDEXED)} "  # noqa: S608
+                    "FROM records WHERE seq >= ?",
+                    (self._indexed,),
+                )
+        except sqlite3.Error:
+            return
+        self._indexed = len(self._tree)
 
     def _commit(self, batch: list[_Pending]) -> None:
         if self._broken is not None:
@@ -246,14 +302,16 @@ class AuditLog:
         base = seq = len(self._tree)
         chain = self._chain
         time = now()  # one time for the batch: the moment it went to disk
-        rows, hashes = [], []
-        node_hash, leaf_hash = _merkle.node_hash, _merkle.leaf_hash
+        params: list[Any] = []  # the rows' values, one after another
+        hashes = []
+        add, sha256 = params.extend, hashlib.sha256
+        tail = leaf_tail(time)
         for item in batch:
             e = item.event
-            leaf = encode_leaf(seq, time, e)
-            lh = leaf_hash(leaf)
-            chain = node_hash(chain, lh)
-            rows.append(
+            leaf = b"%s%d%s" % (e._leaf_head, seq, tail)  # type: ignore[attr-defined] # encode_leaf
+            lh = sha256(b"\x00" + leaf).digest()  # _merkle.leaf_hash and node_hash, inline
+            chain = sha256(b"\x01" + chain + lh).digest()
+            add(
                 (
                     seq,
                     time,
@@ -276,7 +334,7 @@ class AuditLog:
             # one sqlite3_step: the writer gives up the GIL once a batch, not once a row, so
             # the appenders it wakes cannot keep it waiting for the GIL row after row.
             with self._wlock:
-                self._wdb.execute(_insert_sql(len(rows)), [v for r in rows for v in r])
+                self._wdb.execute(_insert_sql(len(batch)), params)
         except Exception as e:  # nothing was recorded; unless the database says otherwise
             err = AuditLogError(f"cannot write the audit log: {e}")
             try:
@@ -428,7 +486,42 @@ class AuditLog:
         """Records matching every given filter, oldest first, at most ``limit``. ``dataset``
         matches ``name`` (every version) or ``name@vN``; ``action`` ending in ``*`` is a
         prefix; ``since``/``until`` are RFC 3339 times (inclusive)."""
-        where, args = [], []
+        if limit <= 0:
+            raise InvalidInput("limit: must be positive")
+        sql, args = self._select(
+            job=job,
+            dataset=dataset,
+            file=file,
+            principal=principal,
+            role=role,
+            action=action,
+            outcome=outcome,
+            since=since,
+            until=until,
+        )
+        with self._rlock:
+            rows = self._rdb.execute(sql, (*args, limit)).fetchall()
+        out = []
+        for _, leaf, lh in rows:
+            s, time, event = decode_leaf(bytes(leaf))
+            out.append(AuditRecord(s, time, event, bytes(lh)))
+        return out
+
+    def _select(
+        self,
+        *,
+        job: str | None,
+        dataset: str | None,
+        file: str | None,
+        principal: str | None,
+        role: str | None,
+        action: str | None,
+        outcome: str | None,
+        since: str | None,
+        until: str | None,
+    ) -> tuple[str, list[str]]:
+        """The SQL of :meth:`query` and its arguments, the limit last (to be added)."""
+        terms: list[tuple[str, str, list[str]]] = []  # (column, condition, its arguments)
         for col, val in (
             ("job_id", job),
             ("file", file),
@@ -437,41 +530,44 @@ class AuditLog:
             ("outcome", outcome),
         ):
             if val:
-                where.append(f"{col} = ?")
-                args.append(val)
+                terms.append((col, f"{col} = ?", [val]))
         if dataset:
             if "@" in dataset:
-                where.append("dataset = ?")
-                args.append(dataset)
+                terms.append(("dataset", "dataset = ?", [dataset]))
             else:
-                where.append("(dataset = ? OR dataset LIKE ? ESCAPE '\\')")
-                args += [dataset, _like(dataset) + "@v%"]
+                terms.append(
+                    (
+                        "dataset",
+                        "(dataset = ? OR dataset GLOB ?)",
+                        [dataset, _glob(dataset) + "@v*"],
+                    )
+                )
         if action:
             if action.endswith("*"):
-                where.append("action LIKE ? ESCAPE '\\'")
-                args.append(_like(action[:-1]) + "%")
+                terms.append(("action", "action GLOB ?", [_glob(action[:-1]) + "*"]))
             else:
-                where.append("action = ?")
-                args.append(action)
+                terms.append(("action", "action = ?", [action]))
         if since:
-            where.append("time >= ?")
-            args.append(normal_time(since))
+            terms.append(("time", "time >= ?", [normal_time(since)]))
         if until:
-            where.append("time <= ?")
-            args.append(normal_time(until))
-        if limit <= 0:
-            raise InvalidInput("limit: must be positive")
-        sql = "SELECT leaf, leaf_hash FROM records"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq LIMIT ?"
-        with self._rlock:
-            rows = self._rdb.execute(sql, (*args, limit)).fetchall()
-        out = []
-        for leaf, lh in rows:
-            s, time, event = decode_leaf(bytes(leaf))
-            out.append(AuditRecord(s, time, event, bytes(lh)))
-        return out
+            terms.append(("time", "time <= ?", [normal_time(until)]))
+        every = " AND ".join(["1", *(cond for _, cond, _ in terms)])
+        args = [a for _, _, a_ in terms for a in a_]
+        indexed = [(cond, a_) for col, cond, a_ in terms if col in _INDEXED]
+        if indexed and self._lookup:
+            # The indexed records through the lookup table, then the tail not yet indexed;
+            # both filtered on the records themselves, in one read transaction. (The
+            # conditions are fixed text from above; every value is bound as a parameter.)
+            sql = (
+                "SELECT seq, leaf, leaf_hash FROM records WHERE seq IN (SELECT seq FROM lookup "  # noqa: S608
+                f"WHERE {' AND '.join(c for c, _ in indexed)}) AND {every} UNION ALL "
+                "SELECT seq, leaf, leaf_hash FROM records WHERE seq > "
+                f"(SELECT IFNULL(MAX(seq), -1) FROM lookup) AND {every} ORDER BY seq LIMIT ?"
+            )
+            args = [*(a for _, a_ in indexed for a in a_), *args, *args]
+        else:
+            sql = f"SELECT seq, leaf, leaf_hash FROM records WHERE {every} ORDER BY seq LIMIT ?"  # noqa: S608
+        return sql, args
 
     def report(self, dataset: str) -> DatasetReport:
         """The compliance report for ``dataset`` (see :mod:`gateway.audit._report`)."""
@@ -541,6 +637,8 @@ class AuditLog:
                 "dataset, file FROM records ORDER BY seq"
             )
             p = check_lines(_db_lines(rows), sizes={c.size for c in checkpoints})
+            if self._lookup:
+                _check_lookup(db)
         except sqlite3.Error as e:
             raise AuditLogError(f"cannot read the audit log {self.path}: {e}") from e
         finally:
@@ -554,8 +652,39 @@ def _insert_sql(n: int) -> str:
     return "INSERT INTO records VALUES " + ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?)"] * n)  # noqa: S608
 
 
-def _like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%")
+def _first_gap(db: sqlite3.Connection, table: str) -> int | None:
+    """The first seq missing from ``table`` (records or lookup), if they are not 0..n-1."""
+    count, low, top = db.execute(f"SELECT COUNT(*), MIN(seq), MAX(seq) FROM {table}").fetchone()  # noqa: S608
+    if not count or (low, top) == (0, count - 1):
+        return None
+    rows = db.execute(f"SELECT seq FROM {table} ORDER BY seq")  # noqa: S608
+    return next(i for i, (seq,) in enumerate(rows) if seq != i)
+
+
+def _check_lookup(db: sqlite3.Connection) -> None:
+    """The lookup table holds records 0..k-1 with the records' own column values: a row
+    removed, added or changed there would make queries miss records or find wrong ones."""
+    differs = " OR ".join(f"l.{c} IS NOT r.{c}" for c in _INDEXED)
+    row = db.execute(
+        "SELECT l.seq, r.seq IS NULL FROM lookup l LEFT JOIN records r ON r.seq = l.seq "  # noqa: S608
+        f"WHERE r.seq IS NULL OR {differs} ORDER BY l.seq LIMIT 1"
+    ).fetchone()
+    if row is not None:
+        raise RecordError(
+            "the query index lists it, but the log holds no such record"
+            if row[1]
+            else "its entry in the query index differs from it (edited)",
+            seq=row[0],
+        )
+    gap = _first_gap(db, "lookup")
+    if gap is not None:
+        raise RecordError("its entry in the query index is missing (queries miss it)", seq=gap)
+
+
+def _glob(text: str) -> str:
+    """``text`` as a GLOB pattern that matches only itself (GLOB is case-sensitive, unlike
+    LIKE, and an index serves a GLOB prefix)."""
+    return text.replace("[", "[[]").replace("*", "[*]").replace("?", "[?]")
 
 
 def _db_lines(rows: Any) -> Iterator[bytes]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,200 @@ def test_queries_filter_by_every_field(log: AuditLog) -> None:
     assert len(log.query(since=first)) == 4 and len(log.query(until=first)) == 1
     with pytest.raises(InvalidInput, match="RFC 3339"):
         log.query(since="yesterday")
+
+
+# Queries as a compliance officer asks them, and the same answers worked out in Python.
+QUERIES: list[dict[str, str]] = [
+    {"job": "job-1"},
+    {"dataset": "books"},
+    {"dataset": "books@v2"},
+    {"action": "data.*"},
+    {"principal": "mallory"},
+    {"action": "rpc.GetJob", "job": "job-2"},
+    {"role": "model-team", "outcome": "denied"},
+    {"dataset": "books", "file": "a.txt"},
+    {},
+]
+
+
+def _matches(e: AuditEvent, q: dict[str, str]) -> bool:
+    for key, want in q.items():
+        if key == "dataset":
+            name = (e.dataset or "").split("@v")[0]
+            if (e.dataset != want) and ("@" in want or name != want):
+                return False
+        elif key == "action" and want.endswith("*"):
+            if not e.action.startswith(want[:-1]):
+                return False
+        elif getattr(e, "job_id" if key == "job" else key) != want:
+            return False
+    return True
+
+
+def _mixed(i: int) -> AuditEvent:
+    return ev(
+        i,
+        action=("data.read", "rpc.GetJob", "job.submit")[i % 3],
+        principal=("theo", "mallory", "ada")[i % 5 % 3],
+        outcome=("allowed", "denied")[i % 7 == 0],
+        dataset=(None, "books@v1", "books@v2", "bookshelf@v1")[i % 4],
+        file=("a.txt", "b.txt")[i % 2] if i % 4 else None,
+    )
+
+
+def _answers(lg: AuditLog) -> list[list[int]]:
+    return [[r.seq for r in lg.query(limit=10_000, **q)] for q in QUERIES]  # type: ignore[arg-type]
+
+
+def _indexed(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        return int(db.execute("SELECT COUNT(*) FROM lookup").fetchone()[0])
+
+
+def test_queries_find_the_same_records_indexed_or_not_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.audit import _log
+
+    monkeypatch.setattr(_log, "_INDEX_IDLE_S", 60.0)  # only close() indexes here
+    events = [_mixed(i) for i in range(60)]
+    expected = [[i for i, e in enumerate(events) if _matches(e, q)] for q in QUERIES]
+    assert all(expected[:-1]) and expected[-1] == list(range(60))
+    lg = AuditLog(tmp_path / "a.db", signing_key=KEY, checkpoint_interval_s=0)
+    for e in events[:40]:
+        lg.append(e)
+    assert _indexed(tmp_path / "a.db") == 0  # every record in the unindexed tail
+    assert _answers(lg) == [[i for i in x if i < 40] for x in expected]
+    lg.close()
+    assert _indexed(tmp_path / "a.db") == 40
+    lg = AuditLog(tmp_path / "a.db", signing_key=KEY, checkpoint_interval_s=0)
+    for e in events[40:]:
+        lg.append(e)
+    assert _indexed(tmp_path / "a.db") == 40  # 40 through the index, 20 in the tail
+    assert _answers(lg) == expected
+    lg.close()
+    ro = AuditLog.open_readonly(tmp_path / "a.db", public_key=KEY.public_key())
+    assert _indexed(tmp_path / "a.db") == 60 and _answers(ro) == expected
+    ro.close()
+
+
+def test_the_tail_is_indexed_when_it_grows_long_or_the_log_is_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.audit import _log
+
+    monkeypatch.setattr(_log, "_INDEX_ROWS", 10)
+    monkeypatch.setattr(_log, "_INDEX_IDLE_S", 60.0)
+    lg = AuditLog(tmp_path / "a.db", signing_key=KEY, checkpoint_interval_s=0)
+    for i in range(25):
+        lg.append(ev(i))
+    deadline = time.monotonic() + 10
+    while _indexed(tmp_path / "a.db") < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _indexed(tmp_path / "a.db") == 20  # two tails of 10; 5 wait for more
+    lg.close()
+    monkeypatch.setattr(_log, "_INDEX_ROWS", 4096)
+    monkeypatch.setattr(_log, "_INDEX_IDLE_S", 0.05)
+    lg = AuditLog(tmp_path / "a.db", signing_key=KEY, checkpoint_interval_s=0)
+    for i in range(25, 30):
+        lg.append(ev(i))
+    deadline = time.monotonic() + 10
+    while _indexed(tmp_path / "a.db") < 30 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _indexed(tmp_path / "a.db") == 30  # idle: indexed without a close
+    lg.close()
+
+
+@pytest.mark.parametrize(
+    "q",
+    [{"job": "job-1"}, {"dataset": "books"}, {"action": "data.*"}, {"principal": "mallory"}],
+    ids=lambda q: next(iter(q)),
+)
+def test_queries_by_the_indexed_fields_read_the_index_not_the_whole_log(
+    log: AuditLog, q: dict[str, str]
+) -> None:
+    for i in range(20):
+        log.append(_mixed(i))
+    sql, args = log._select(
+        **{
+            k: q.get(k)
+            for k in ("job", "dataset", "file", "principal", "role", "action", "outcome")
+        },
+        since=None,
+        until=None,
+    )
+    with sqlite3.connect(log.path) as db:
+        plan = " / ".join(r[3] for r in db.execute("EXPLAIN QUERY PLAN " + sql, (*args, 10)))
+    assert "SCAN" not in plan, plan
+    assert "USING INDEX lookup_" in plan or "USING COVERING INDEX lookup_" in plan, plan
+
+
+def test_names_match_as_written_not_as_patterns(log: AuditLog) -> None:
+    for i, name in enumerate(["a*b@v1", "axb@v1", "a[b]@v1", "A*B@v1", "a?b@v2", "a_b@v1"]):
+        log.append(ev(i, dataset=name, action=f"x{name}.read"))
+    assert [r.event.dataset for r in log.query(dataset="a*b")] == ["a*b@v1"]
+    assert [r.event.dataset for r in log.query(dataset="a[b]")] == ["a[b]@v1"]
+    assert [r.event.dataset for r in log.query(dataset="a?b")] == ["a?b@v2"]
+    assert [r.event.dataset for r in log.query(dataset="a_b")] == ["a_b@v1"]
+    assert [r.event.dataset for r in log.query(action="xa*b*")] == ["a*b@v1"]
+    assert len(log.query(action="xa*")) == 5 and len(log.query(action="x*")) == 6  # not xA*B
+
+
+def test_a_changed_query_index_is_named_by_verify(tmp_path: Path) -> None:
+    lg = AuditLog(tmp_path / "a.db", signing_key=KEY, checkpoint_interval_s=0)
+    for i in range(10):
+        lg.append(ev(i))
+    lg.close()
+    cases = [
+        (
+            "UPDATE lookup SET job_id='job-x' WHERE seq=6",
+            "record 6: its entry in the query index differs",
+        ),
+        ("DELETE FROM lookup WHERE seq=3", "record 3: its entry in the query index is missing"),
+        (
+            "INSERT INTO lookup VALUES (10, 'theo', 'rpc.GetJob', 'job-1', NULL)",
+            "record 10: the query index lists it",
+        ),
+    ]
+    for change, named in cases:
+        with sqlite3.connect(tmp_path / "a.db") as db:
+            db.execute("SAVEPOINT s")
+            db.execute(change)
+            db.execute("RELEASE s")
+        ro = AuditLog.open_readonly(tmp_path / "a.db", public_key=KEY.public_key())
+        with pytest.raises(RecordError, match=named):
+            ro.verify()
+        ro.close()
+        with sqlite3.connect(tmp_path / "a.db") as db:  # put it back for the next case
+            db.execute("DELETE FROM lookup")
+            db.execute(
+                "INSERT INTO lookup SELECT seq, principal, action, job_id, dataset FROM records"
+            )
+    ro = AuditLog.open_readonly(tmp_path / "a.db", public_key=KEY.public_key())
+    assert ro.verify().size == 10
+    ro.close()
+
+
+def test_a_log_from_before_the_query_index_gets_one(tmp_path: Path) -> None:
+    lg = AuditLog(tmp_path / "a.db", signing_key=KEY, checkpoint_interval_s=0)
+    events = [_mixed(i) for i in range(30)]
+    for e in events:
+        lg.append(e)
+    expected = _answers(lg)
+    lg.close()
+    with sqlite3.connect(tmp_path / "a.db") as db:  # the schema as it was: indexes on records
+        db.execute("DROP TABLE lookup")
+        for col in ("job_id", "dataset", "action", "principal"):
+            db.execute(f"CREATE INDEX records_{col.split('_')[0]} ON records({col})")
+    ro = AuditLog.open_readonly(tmp_path / "a.db", public_key=KEY.public_key())
+    assert _answers(ro) == expected and ro.verify().size == 30
+    ro.close()
+    lg = AuditLog(tmp_path / "a.db", signing_key=KEY, checkpoint_interval_s=0)
+    assert _indexed(tmp_path / "a.db") == 30 and _answers(lg) == expected
+    lg.close()
+    with sqlite3.connect(tmp_path / "a.db") as db:
+        names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert not any(n.startswith("records_") for n in names), names
 
 
 def test_proofs_from_the_log_verify_against_its_checkpoints(log: AuditLog) -> None:
