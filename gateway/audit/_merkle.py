@@ -14,11 +14,15 @@ bool.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+
+import numpy as np
 
 from policies.errors import AuditLogError
 
 EMPTY_ROOT = hashlib.sha256(b"").digest()
+_DIGEST = type(hashlib.sha256()).digest  # map(_DIGEST, map(sha256, ...)): hashing in C loops
+_CUTS: dict[int, list[slice]] = {}
 
 
 class ProofError(AuditLogError):
@@ -194,18 +198,32 @@ class Tree:
         return path[::-1]
 
 
-def levels(leaves: Sequence[bytes]) -> list[list[bytes]]:
-    """Every complete, aligned subtree's hash over ``leaves`` (leaf hashes), level by level:
-    ``levels(x)[h][i]`` is the root of leaves ``i*2**h .. (i+1)*2**h - 1``."""
-    out = [list(leaves)]
-    sha256 = hashlib.sha256
-    while len(out[-1]) > 1:
-        it = iter(out[-1])
-        out.append([sha256(b"\x01" + a + b).digest() for a, b in zip(it, it, strict=False)])
+def levels(hashes: bytes) -> list[bytes]:
+    """Every complete, aligned subtree's hash over ``hashes`` (leaf hashes, 32 bytes each,
+    one after another), level by level: bytes ``32*i .. 32*i+31`` of ``levels(x)[h]`` are the
+    root of leaves ``i*2**h .. (i+1)*2**h - 1``."""
+    out = [hashes]
+    while len(out[-1]) >= 64:
+        # The next level's inputs, 0x01 || left || right, as the rows of one matrix.
+        m = len(out[-1]) // 64
+        pairs = np.empty((m, 65), np.uint8)
+        pairs[:, 0] = 1
+        pairs[:, 1:] = np.frombuffer(out[-1], np.uint8, count=64 * m).reshape(m, 64)
+        out.append(b"".join(map(_DIGEST, map(hashlib.sha256, rows(pairs.tobytes(), 65)))))
     return out
 
 
-def prefix_root(lv: list[list[bytes]], size: int) -> bytes:
+def rows(data: bytes, width: int) -> Iterator[bytes]:
+    """``data`` cut into pieces of ``width`` bytes (the slices are made once, and kept)."""
+    n = len(data) // width
+    cuts = _CUTS.get(width, [])
+    if len(cuts) < n:  # a new list, whole before it is seen: threads may share them
+        cuts = [slice(i, i + width) for i in range(0, width << n.bit_length(), width)]
+        _CUTS[width] = cuts
+    return map(data.__getitem__, cuts[:n])
+
+
+def prefix_root(lv: list[bytes], size: int) -> bytes:
     """MTH of the first ``size`` leaves, from :func:`levels` (O(log n) hashes)."""
     if size == 0:
         return EMPTY_ROOT
@@ -213,7 +231,8 @@ def prefix_root(lv: list[list[bytes]], size: int) -> bytes:
     s = 0
     while s < size:
         h = (size - s).bit_length() - 1
-        nodes.append(lv[h][s >> h])
+        i = s >> h
+        nodes.append(lv[h][32 * i : 32 * i + 32])
         s += 1 << h
     r = nodes[-1]
     for c in reversed(nodes[:-1]):

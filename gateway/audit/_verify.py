@@ -13,25 +13,27 @@ recomputes each leaf hash, the hash chain ``chain[i] = H(0x01 || chain[i-1] || l
 and the Merkle root at every checkpoint's size (a chunk of leaves at a time, so memory stays
 small), naming the first record at fault; then every checkpoint's signature and root, and that
 one covers the last record. Records in the form :func:`record_line` writes are checked a batch
-at a time with list operations, so that verifying runs close to the speed of the hashing it
-must do (see :class:`_Checker`); anything else takes the JSON parser.
+at a time with loops that run in C, so that verifying runs close to the speed of the hashing
+it must do (see :class:`_Checker`); anything else takes the JSON parser.
 """
 
 from __future__ import annotations
 
-import binascii
+import functools
 import json
 import mmap
 import os
-from binascii import unhexlify
-from collections.abc import Iterable, Sequence
+from binascii import hexlify, unhexlify
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from hashlib import sha256
-from operator import itemgetter, sub
+from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from numpy.typing import NDArray
 
 from gateway.audit import _merkle
 from gateway.audit._merkle import ProofError
@@ -45,12 +47,11 @@ from gateway.audit._model import (
 from policies.errors import AuditLogError, InvalidInput
 
 GENESIS = b"\x00" * 32
+_DIGEST = type(sha256()).digest  # map(_DIGEST, map(sha256, ...)): hashing in C loops
 
 # A record line as write_export writes it: {"chain":"<hex>","leaf":<leaf>,"leaf_hash":"<hex>",
 # "seq":N} and a newline.
-_P1, _P2, _P3 = b'{"chain":"', b'","leaf":', b',"leaf_hash":"'
-_P5 = b',"time":"'
-_CHAIN = itemgetter(slice(10, 74))
+_P1, _P2 = b'{"chain":"', b'","leaf":'
 _CHUNK = 1 << 16  # leaves hashed into a subtree at a time while verifying
 
 
@@ -193,10 +194,12 @@ class _Roots:
         self._stack: list[bytes] = []  # roots of complete subtrees of whole chunks
         self._done = 0
 
-    def feed(self, hashes: list[bytes]) -> bytes:
-        """Take the next chunk (whole, or the last); returns the root so far."""
+    def feed(self, hashes: bytes) -> bytes:
+        """Take the next chunk of leaf hashes, one after another (whole, or the last);
+        returns the root so far."""
         lv = _merkle.levels(hashes)
-        end = self._done + len(hashes)
+        count = len(hashes) // 32
+        end = self._done + count
         while self._next < len(self._wanted) and self._wanted[self._next] <= end:
             size = self._wanted[self._next]
             local = size - self._done
@@ -204,11 +207,9 @@ class _Roots:
                 [*self._stack, _merkle.prefix_root(lv, local)] if local else self._stack
             )
             self._next += 1
-        root = _fold(
-            [*self._stack, _merkle.prefix_root(lv, len(hashes))] if hashes else self._stack
-        )
-        if len(hashes) == _CHUNK:
-            self._stack.append(lv[-1][0])
+        root = _fold([*self._stack, _merkle.prefix_root(lv, count)] if count else self._stack)
+        if count == _CHUNK:
+            self._stack.append(lv[-1])
             c = end // _CHUNK
             while not c & 1:
                 right = self._stack.pop()
@@ -237,17 +238,19 @@ class _Checker:
     """The state of one pass, fed lines a batch at a time.
 
     A batch of record lines in exactly the form :func:`record_line` writes, numbered from the
-    record expected next, is checked all at once, with list operations instead of a loop of
-    statements (the verifier's hot path): each line's frame, its seq included, is known, and
-    its leaf is the span inside the frame; that span is what gets hashed and compared with the
-    stored hashes and then the signed roots, so a line that frames it differently cannot pass.
-    If anything in the batch is off, the batch is checked again a line at a time through the
-    JSON parser, which names the first record at fault.
+    record expected next, is checked all at once (the verifier's hot path, see
+    :func:`_framed`): each line's frame, its seq included, is known, and its leaf is the span
+    inside the frame; that span is what gets hashed and compared with the stored hashes and
+    then the signed roots, so a line that frames it differently cannot pass. The loops over
+    lines run in C (``map`` over hashlib, numpy over the frames), so that verifying runs at
+    about half the speed of the hashing alone. If anything in the batch is off, the batch is
+    checked again a line at a time through the JSON parser, which names the first record at
+    fault.
     """
 
     def __init__(self, sizes: Iterable[int]) -> None:
         self._roots = _Roots(sizes)
-        self._hashes: list[bytes] = []
+        self._hashes = b""  # leaf hashes not yet fed to the roots
         self._chain = GENESIS
         self.n = 0
         self._lineno = 0
@@ -265,45 +268,22 @@ class _Checker:
             self._line(raw)
 
     def _fast(self, batch: list[bytes]) -> bool:
-        k, n0 = len(batch), self.n
-        tails = [b'","seq":%d}\n' % i for i in range(n0, n0 + k)]
-        ends = list(map(sub, map(len, batch), map(len, tails)))  # where each tail starts
-        # The frame; and the leaf's own seq where a leaf of this record has it, followed by
-        # ',"time":"', a 27-character time and '"}'.
-        if not all(
-            [
-                r[:10] == _P1
-                and r[74:83] == _P2
-                and r.endswith(t)
-                and r[s - 78 : s - 64] == _P3
-                and r[s - 116 : s - 107] == _P5
-                and r[s - 113 - len(t) : s - 116] == t[1:-2]
-                for r, t, s in zip(batch, tails, ends, strict=True)
-            ]
-        ):
-            return False
-        lh_x = b"".join([r[s - 64 : s] for r, s in zip(batch, ends, strict=True)])
-        chain_x = b"".join(map(_CHAIN, batch))
-        if not (lh_x.islower() and chain_x.islower()):
-            return False  # upper-case hex, or (all but never) only digits: the slow path
-        try:
-            stored_lh, stored_chain = unhexlify(lh_x), unhexlify(chain_x)
-        except binascii.Error:
-            return False
-        lhs = [sha256(b"\x00" + r[83 : s - 78]).digest() for r, s in zip(batch, ends, strict=True)]
-        if b"".join(lhs) != stored_lh:
-            return False
-        prev = [
-            self._chain,
-            *map(
-                stored_chain.__getitem__,
-                map(slice, range(0, 32 * k - 32, 32), range(32, 32 * k, 32)),
-            ),
-        ]
-        if (
-            b"".join([sha256(b"\x01" + p + h).digest() for p, h in zip(prev, lhs, strict=True)])
-            != stored_chain
-        ):
+        lhs = stored_chain = b""
+        for lo, hi in _same_width(self.n, self.n + len(batch)):
+            part = _framed(batch[lo - self.n : hi - self.n], lo, hi)
+            if part is None:
+                return False
+            lhs += part[0]
+            stored_chain += part[1]
+        # Each link H(0x01 || chain[i-1] || leaf_hash[i]) from the stored chain hashes, all
+        # built as the rows of one matrix; equal to the stored ones, they are the chain.
+        k = len(batch)
+        links = np.empty((k, 65), np.uint8)
+        links[:, 0] = 1
+        links[0, 1:33] = np.frombuffer(self._chain, np.uint8)
+        links[1:, 1:33] = np.frombuffer(stored_chain, np.uint8).reshape(k, 32)[:-1]
+        links[:, 33:] = np.frombuffer(lhs, np.uint8).reshape(k, 32)
+        if b"".join(map(_DIGEST, map(sha256, _merkle.rows(links.tobytes(), 65)))) != stored_chain:
             return False
         self._chain = stored_chain[-32:]
         self.n += k
@@ -332,18 +312,94 @@ class _Checker:
             raise RecordError("the hash chain breaks here (edited, removed or inserted)", seq=n)
         self._chain = chain
         self.n += 1
-        self._add([lh])
+        self._add(lh)
 
-    def _add(self, lhs: list[bytes]) -> None:
+    def _add(self, lhs: bytes) -> None:
         self._hashes += lhs
-        while len(self._hashes) >= _CHUNK:
-            self._roots.feed(self._hashes[:_CHUNK])
-            del self._hashes[:_CHUNK]
+        while len(self._hashes) >= 32 * _CHUNK:
+            self._roots.feed(self._hashes[: 32 * _CHUNK])
+            self._hashes = self._hashes[32 * _CHUNK :]
 
     def finish(self) -> Pass:
         root = self._roots.feed(self._hashes)
-        self._hashes = []
+        self._hashes = b""
         return Pass(size=self.n, root=root, roots=self._roots.roots)
+
+
+def _framed(lines: list[bytes], lo: int, hi: int) -> tuple[bytes, bytes] | None:
+    """Records ``lo..hi-1`` (their seqs all of one width), if every line is exactly what
+    :func:`record_line` writes and each leaf matches its stored leaf hash: their leaf hashes
+    and their stored chain hashes, each 32 bytes, one after another. Else None.
+
+    Every line starts with 83 bytes of one shape (``{"chain":"<64 hex>","leaf":``) and, the
+    seq's width being fixed, ends with ``133 + 2*width`` bytes of one shape: the leaf's own
+    seq and time, its end, the leaf hash and the line's seq. Those ends of all the lines are
+    checked at once as the rows of two byte matrices; a line too short for either makes a
+    matrix of the wrong size."""
+    k, d = len(lines), len(str(lo))
+    w = 133 + 2 * d
+    if min(map(len, lines)) <= w + 83:  # the two ends would meet or overlap
+        return None
+    try:
+        head = np.frombuffer(b"".join(map(_at(0, 83), lines)), np.uint8).reshape(k, 83)
+        tail = np.frombuffer(b"".join(map(_at(-w, None), lines)), np.uint8).reshape(k, w)
+    except ValueError:
+        return None
+    seqs = _digits(lo, hi, d)
+    head_ok, tail_ok = _shapes(d)
+    chain_x = head[:, 10:74]
+    if not (
+        (head[:, head_ok[0]] == head_ok[1]).all()
+        and (tail[:, tail_ok[0]] == tail_ok[1]).all()
+        and (tail[:, 7 : 7 + d] == seqs).all()  # the leaf's seq
+        and (tail[:, 131 + d : 131 + 2 * d] == seqs).all()  # the line's
+        and (((chain_x >= 48) & (chain_x <= 57)) | ((chain_x >= 97) & (chain_x <= 102))).all()
+    ):
+        return None
+    leaves = map(b"\x00".__add__, map(_at(83, -88 - d), lines))
+    lhs = b"".join(map(_DIGEST, map(sha256, leaves)))
+    if hexlify(lhs) != tail[:, 59 + d : 123 + d].tobytes():
+        return None  # a leaf or its hash changed, or the hash is not lower-case hex
+    return lhs, unhexlify(chain_x.tobytes())
+
+
+@functools.lru_cache(maxsize=16)
+def _shapes(d: int) -> tuple[tuple[NDArray[np.intp], NDArray[np.uint8]], ...]:
+    """The fixed bytes of a record line's first 83 and last ``133 + 2*d`` bytes: where they
+    are and what they hold (``?`` marks hex, digits and the time, checked otherwise)."""
+    head = _P1 + b"?" * 64 + _P2
+    tail = (b',"seq":' + b"?" * d + b',"time":"' + b"?" * 27 + b'"},"leaf_hash":"' + b"?" * 64) + (
+        b'","seq":' + b"?" * d + b"}\n"
+    )
+    out = []
+    for shape in (head, tail):
+        row = np.frombuffer(shape, np.uint8)
+        at = np.flatnonzero(row != ord("?"))
+        out.append((at, row[at]))
+    return tuple(out)
+
+
+def _digits(lo: int, hi: int, d: int) -> NDArray[np.uint8]:
+    """The numbers ``lo..hi-1``, all ``d`` digits long, as rows of ASCII digits."""
+    n = np.arange(lo, hi, dtype=np.int64)
+    out = np.empty((hi - lo, d), np.uint8)
+    for j in range(d - 1, -1, -1):
+        out[:, j] = n % 10 + 48
+        n //= 10
+    return out
+
+
+def _same_width(start: int, end: int) -> Iterator[tuple[int, int]]:
+    """``start..end`` cut where the numbers gain a digit."""
+    while start < end:
+        cut = min(end, 10 ** len(str(start)))
+        yield start, cut
+        start = cut
+
+
+@functools.lru_cache(maxsize=64)
+def _at(start: int, stop: int | None) -> Callable[[bytes], bytes]:
+    return itemgetter(slice(start, stop))
 
 
 def _slow_line(raw: bytes, lineno: int) -> tuple[int, bytes, bytes, bytes] | None:

@@ -162,7 +162,7 @@ def test_the_incremental_tree_agrees_with_the_reference_at_every_size() -> None:
         assert len(tree) == n and tree.root(n) == _reference(leaves[:n])
         tree.extend([leaves[n]])
     big = m.Tree(leaves)  # appended at once, hashed level by level
-    lv = m.levels(leaves)
+    lv = m.levels(b"".join(leaves))
     for n in range(1, 71):
         assert big.root(n) == tree.root(n) == m.prefix_root(lv, n) == _reference(leaves[:n])
         for i in range(n):
