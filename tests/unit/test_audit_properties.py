@@ -47,14 +47,15 @@ def test_appends_keep_every_earlier_proof_valid(leaves: list[bytes], data: st.Da
     )
 
 
-_EXPORT: list[bytes] = []
+_EXPORTS: dict[int, bytes] = {}
 
 
-def _export() -> bytes:
-    if not _EXPORT:
+def _export(n: int = 12) -> bytes:
+    """An export of ``n`` records (made once for each ``n``)."""
+    if n not in _EXPORTS:
         with tempfile.TemporaryDirectory() as tmp:
             log = AuditLog(Path(tmp) / "a.db", signing_key=KEY, checkpoint_interval_s=0)
-            for i in range(12):
+            for i in range(n):
                 log.append(
                     AuditEvent(
                         principal=f"p{i}",
@@ -66,10 +67,12 @@ def _export() -> bytes:
                         details={"n": i, "ok": True},
                     )
                 )
+                if i == n // 2:
+                    log.checkpoint()
             log.export(Path(tmp) / "x.jsonl")
             log.close()
-            _EXPORT.append((Path(tmp) / "x.jsonl").read_bytes())
-    return _EXPORT[0]
+            _EXPORTS[n] = (Path(tmp) / "x.jsonl").read_bytes()
+    return _EXPORTS[n]
 
 
 @settings(max_examples=150, deadline=None)
@@ -165,9 +168,20 @@ def _outcome(path: Path, *, fast: bool) -> tuple[str, int | None]:
 def test_the_batch_path_and_the_parser_agree_on_every_damaged_export(
     data: st.DataObject,
 ) -> None:
-    lines = _export().splitlines(keepends=True)
+    _damage_and_compare(data, _export(), range(len(_export().splitlines())))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_they_agree_where_the_seq_gains_a_digit(data: st.DataObject) -> None:
+    # Records 95..105 of 110: the batch path cuts the batch where seqs go from 2 digits to 3.
+    _damage_and_compare(data, _export(110), range(95, 106))
+
+
+def _damage_and_compare(data: st.DataObject, export: bytes, where: range) -> None:
+    lines = export.splitlines(keepends=True)
     how = data.draw(st.sampled_from(["byte", "drop", "swap", "dup"]), label="damage")
-    i = data.draw(st.integers(0, len(lines) - 1), label="line")
+    i = data.draw(st.sampled_from(where), label="line")
     if how == "byte":
         raw = bytearray(lines[i])
         pos = data.draw(st.integers(0, len(raw) - 1), label="position")
@@ -176,14 +190,16 @@ def test_the_batch_path_and_the_parser_agree_on_every_damaged_export(
     elif how == "drop":
         del lines[i]
     elif how == "swap":
-        j = data.draw(st.integers(0, len(lines) - 1), label="other")
+        j = data.draw(st.integers(0, len(lines) - 1).filter(lambda j: j != i), label="other")
         lines[i], lines[j] = lines[j], lines[i]
     else:
         lines.insert(i, lines[i])
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp) / "x.jsonl"
         p.write_bytes(b"".join(lines))
-        assert _outcome(p, fast=True) == _outcome(p, fast=False)
+        fast = _outcome(p, fast=True)
+        assert fast == _outcome(p, fast=False)
+        assert fast[0] != "ok", "a damaged export passed"
 
 
 def test_an_undamaged_export_takes_the_batch_path() -> None:
@@ -202,4 +218,6 @@ def test_an_undamaged_export_takes_the_batch_path() -> None:
         p = Path(tmp) / "x.jsonl"
         p.write_bytes(_export())
         assert _outcome(p, fast=True) == ("ok", 12)
-    assert taken == [True]
+        p.write_bytes(_export(110))  # seqs of 1, 2 and 3 digits: one batch cut in three
+        assert _outcome(p, fast=True) == ("ok", 110)
+    assert taken == [True, True]
