@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,7 @@ def _enclave(root: Path, steps: int) -> float:
     from enclave.runtime import ContainerSpec, DockerRuntime, RunState
 
     paths = Paths.under(root)
-    out = root / f"enclave-out-{steps}"
-    out.mkdir()
+    out = Path(tempfile.mkdtemp(dir=root, prefix=f"enclave-out-{steps}-"))
     os.chown(out, 10001, 10001)
     rt = DockerRuntime()
     spec = ContainerSpec(
@@ -102,9 +102,11 @@ def bench_training(tmp: Path, *, quick: bool) -> dict[str, Any]:
     write_corpus(paths.data / "books", documents=60, seed=2)
     os.chmod(tmp, 0o755)
     # Start-up (imports, model load, tokenising, evaluation) measured by a 1-step run of each,
-    # then subtracted: what remains is the training loop.
-    bare = _bare(tmp, steps) - _bare(tmp, 1)
-    enclave = _enclave(tmp, steps) - _enclave(tmp, 1)
+    # then subtracted: what remains is the training loop. The full runs take turns, and each
+    # side's best counts: noise on a shared machine only ever adds time.
+    runs = [(_bare(tmp, steps), _enclave(tmp, steps)) for _ in range(1 if quick else 2)]
+    bare = min(b for b, _ in runs) - _bare(tmp, 1)
+    enclave = min(e for _, e in runs) - _enclave(tmp, 1)
     bare_rate, enclave_rate = (steps - 1) / bare, (steps - 1) / enclave
     return {
         "name": "training: steps/s in the enclave vs bare on the host (causal-lm, small)",
@@ -114,5 +116,11 @@ def bench_training(tmp: Path, *, quick: bool) -> dict[str, Any]:
         "ratio": round(enclave_rate / bare_rate, 3),
         "goal": 0.98,
         "steps": steps,
-        "progress": json.dumps({"bare_s": round(bare, 2), "enclave_s": round(enclave, 2)}),
+        "progress": json.dumps(
+            {
+                "bare_s": round(bare, 2),
+                "enclave_s": round(enclave, 2),
+                "runs_s": [[round(b, 2), round(e, 2)] for b, e in runs],
+            }
+        ),
     }
