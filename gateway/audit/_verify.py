@@ -254,12 +254,13 @@ class _Checker:
         self._chain = GENESIS
         self.n = 0
         self._lineno = 0
+        self._checkpoints_from: int | None = None  # the line of the first checkpoint
 
     def lines(self, batch: list[bytes]) -> None:
         i = len(batch)
         while i and batch[i - 1][:10] != _P1:  # checkpoint lines close an export
             i -= 1
-        if not (i and self._fast(batch[:i])):
+        if not (i and self._checkpoints_from is None and self._fast(batch[:i])):
             i = 0
         else:
             self._lineno += i
@@ -293,8 +294,16 @@ class _Checker:
     def _line(self, raw: bytes) -> None:
         rec = _slow_line(raw, self._lineno)
         if rec is None:
+            if self._checkpoints_from is None:
+                self._checkpoints_from = self._lineno
             return
         seq, leaf, stored_lh, stored_chain = rec
+        if self._checkpoints_from is not None:
+            raise RecordError(
+                f"it is on line {self._lineno}, after the checkpoint on line "
+                f"{self._checkpoints_from}: an export lists every record first",
+                seq=seq,
+            )
         n = self.n
         if seq != n:
             what = "missing" if seq > n else "out of order or repeated"

@@ -355,6 +355,21 @@ def test_checkpoints_out_of_order_are_refused(export: list[str], tmp_path: Path)
         verify_export(_write(tmp_path, _dump(_records(export), cps[::-1])), public_key=PUB)
 
 
+@pytest.mark.parametrize("where", ["among the records", "after the checkpoints"])
+def test_records_and_checkpoints_interleaved_are_refused(
+    export: list[str], tmp_path: Path, where: str
+) -> None:
+    # Every record and checkpoint intact, in order within its kind: only the layout lies.
+    recs, cps = _dump(_records(export), []), _checkpoints(export)
+    lines = (
+        recs[:-1] + cps[:1] + recs[-1:] + cps[1:]
+        if where == "among the records"
+        else recs[:-1] + cps + recs[-1:]
+    )
+    with pytest.raises(RecordError, match=f"record {N - 1}: .*an export lists every record first"):
+        verify_export(_write(tmp_path, lines), public_key=PUB)
+
+
 def test_a_forged_consistency_proof_between_checkpoints_is_refused(
     export: list[str], tmp_path: Path
 ) -> None:
