@@ -174,11 +174,17 @@ class AuditLog:
                 ).fetchone()
                 is not None
             )
-            self._indexed: int = (
-                self._rdb.execute("SELECT IFNULL(MAX(seq), -1) + 1 FROM lookup").fetchone()[0]
-                if self._lookup
-                else 0
-            )
+            self._indexed = 0
+            if self._lookup:
+                count, top = self._rdb.execute(
+                    "SELECT COUNT(*), IFNULL(MAX(seq), -1) FROM lookup"
+                ).fetchone()
+                self._indexed = int(count)
+                if not _readonly and (count != top + 1 or count > len(self._tree)):
+                    # A gap, or rows for records the log does not hold: the table is derived
+                    # data, so it is emptied here and filled again from the records below.
+                    self._wdb.execute("DELETE FROM lookup")
+                    self._indexed = 0
         except BaseException as e:
             for db in opened:
                 db.close()

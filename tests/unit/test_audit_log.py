@@ -263,6 +263,33 @@ def test_a_changed_query_index_is_named_by_verify(tmp_path: Path) -> None:
     ro.close()
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        "DELETE FROM lookup WHERE seq=3",
+        "INSERT INTO lookup VALUES (10, 'theo', 'rpc.GetJob', 'job-1', NULL)",
+        "DELETE FROM lookup WHERE seq>5",
+    ],
+    ids=["a gap", "a row ahead of the log", "behind the log"],
+)
+def test_a_query_index_that_does_not_fit_the_log_is_filled_again_on_open(
+    tmp_path: Path, change: str
+) -> None:
+    lg = AuditLog(tmp_path / "a.db", signing_key=KEY, checkpoint_interval_s=0)
+    for i in range(10):
+        lg.append(ev(i))
+    lg.close()
+    with sqlite3.connect(tmp_path / "a.db") as db:
+        db.execute(change)
+    lg = AuditLog(tmp_path / "a.db", signing_key=KEY, checkpoint_interval_s=0)
+    assert _indexed(tmp_path / "a.db") == 10
+    assert lg.verify().size == 10 and len(lg.query(job="job-1")) == 3
+    for i in range(10, 14):  # and later fills go on (a row ahead would block them)
+        lg.append(ev(i))
+    lg.close()
+    assert _indexed(tmp_path / "a.db") == 14
+
+
 def test_a_log_from_before_the_query_index_gets_one(tmp_path: Path) -> None:
     lg = AuditLog(tmp_path / "a.db", signing_key=KEY, checkpoint_interval_s=0)
     events = [_mixed(i) for i in range(30)]
