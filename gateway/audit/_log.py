@@ -176,11 +176,10 @@ class AuditLog:
             )
             self._indexed = 0
             if self._lookup:
-                count, top = self._rdb.execute(
-                    "SELECT COUNT(*), IFNULL(MAX(seq), -1) FROM lookup"
-                ).fetchone()
-                self._indexed = int(count)
-                if not _readonly and (count != top + 1 or count > len(self._tree)):
+                (self._indexed,) = self._rdb.execute("SELECT COUNT(*) FROM lookup").fetchone()
+                if not _readonly and (
+                    _first_gap(self._rdb, "lookup") is not None or self._indexed > len(self._tree)
+                ):
                     # A gap, or rows for records the log does not hold: the table is derived
                     # data, so it is emptied here and filled again from the records below.
                     self._wdb.execute("DELETE FROM lookup")
@@ -494,39 +493,6 @@ class AuditLog:
         prefix; ``since``/``until`` are RFC 3339 times (inclusive)."""
         if limit <= 0:
             raise InvalidInput("limit: must be positive")
-        sql, args = self._select(
-            job=job,
-            dataset=dataset,
-            file=file,
-            principal=principal,
-            role=role,
-            action=action,
-            outcome=outcome,
-            since=since,
-            until=until,
-        )
-        with self._rlock:
-            rows = self._rdb.execute(sql, (*args, limit)).fetchall()
-        out = []
-        for _, leaf, lh in rows:
-            s, time, event = decode_leaf(bytes(leaf))
-            out.append(AuditRecord(s, time, event, bytes(lh)))
-        return out
-
-    def _select(
-        self,
-        *,
-        job: str | None,
-        dataset: str | None,
-        file: str | None,
-        principal: str | None,
-        role: str | None,
-        action: str | None,
-        outcome: str | None,
-        since: str | None,
-        until: str | None,
-    ) -> tuple[str, list[str]]:
-        """The SQL of :meth:`query` and its arguments, the limit last (to be added)."""
         terms: list[tuple[str, str, list[str]]] = []  # (column, condition, its arguments)
         for col, val in (
             ("job_id", job),
@@ -573,7 +539,13 @@ class AuditLog:
             args = [*(a for _, a_ in indexed for a in a_), *args, *args]
         else:
             sql = f"SELECT seq, leaf, leaf_hash FROM records WHERE {every} ORDER BY seq LIMIT ?"  # noqa: S608
-        return sql, args
+        with self._rlock:
+            rows = self._rdb.execute(sql, (*args, limit)).fetchall()
+        out = []
+        for _, leaf, lh in rows:
+            s, time, event = decode_leaf(bytes(leaf))
+            out.append(AuditRecord(s, time, event, bytes(lh)))
+        return out
 
     def report(self, dataset: str) -> DatasetReport:
         """The compliance report for ``dataset`` (see :mod:`gateway.audit._report`)."""

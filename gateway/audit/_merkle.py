@@ -14,14 +14,14 @@ bool.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from policies.errors import AuditLogError
 
 EMPTY_ROOT = hashlib.sha256(b"").digest()
-_DIGEST = type(hashlib.sha256()).digest  # map(_DIGEST, map(sha256, ...)): hashing in C loops
+_DIGEST = type(hashlib.sha256()).digest
 _CUTS: dict[int, list[slice]] = {}
 
 
@@ -209,8 +209,13 @@ def levels(hashes: bytes) -> list[bytes]:
         pairs = np.empty((m, 65), np.uint8)
         pairs[:, 0] = 1
         pairs[:, 1:] = np.frombuffer(out[-1], np.uint8, count=64 * m).reshape(m, 64)
-        out.append(b"".join(map(_DIGEST, map(hashlib.sha256, rows(pairs.tobytes(), 65)))))
+        out.append(digests(rows(pairs.tobytes(), 65)))
     return out
+
+
+def digests(inputs: Iterable[bytes]) -> bytes:
+    """SHA-256 of each input, the digests one after another: a loop that runs in C."""
+    return b"".join(map(_DIGEST, map(hashlib.sha256, inputs)))
 
 
 def rows(data: bytes, width: int) -> Iterator[bytes]:

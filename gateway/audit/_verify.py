@@ -26,7 +26,6 @@ import os
 from binascii import hexlify, unhexlify
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from hashlib import sha256
 from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any
@@ -47,7 +46,6 @@ from gateway.audit._model import (
 from policies.errors import AuditLogError, InvalidInput
 
 GENESIS = b"\x00" * 32
-_DIGEST = type(sha256()).digest  # map(_DIGEST, map(sha256, ...)): hashing in C loops
 
 # A record line as write_export writes it: {"chain":"<hex>","leaf":<leaf>,"leaf_hash":"<hex>",
 # "seq":N} and a newline.
@@ -284,7 +282,7 @@ class _Checker:
         links[0, 1:33] = np.frombuffer(self._chain, np.uint8)
         links[1:, 1:33] = np.frombuffer(stored_chain, np.uint8).reshape(k, 32)[:-1]
         links[:, 33:] = np.frombuffer(lhs, np.uint8).reshape(k, 32)
-        if b"".join(map(_DIGEST, map(sha256, _merkle.rows(links.tobytes(), 65)))) != stored_chain:
+        if _merkle.digests(_merkle.rows(links.tobytes(), 65)) != stored_chain:
             return False
         self._chain = stored_chain[-32:]
         self.n += k
@@ -366,7 +364,7 @@ def _framed(lines: list[bytes], lo: int, hi: int) -> tuple[bytes, bytes] | None:
     ):
         return None
     leaves = map(b"\x00".__add__, map(_at(83, -88 - d), lines))
-    lhs = b"".join(map(_DIGEST, map(sha256, leaves)))
+    lhs = _merkle.digests(leaves)
     if hexlify(lhs) != tail[:, 59 + d : 123 + d].tobytes():
         return None  # a leaf or its hash changed, or the hash is not lower-case hex
     return lhs, unhexlify(chain_x.tobytes())

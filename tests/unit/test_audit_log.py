@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -203,16 +204,13 @@ def test_queries_by_the_indexed_fields_read_the_index_not_the_whole_log(
 ) -> None:
     for i in range(20):
         log.append(_mixed(i))
-    sql, args = log._select(
-        **{
-            k: q.get(k)
-            for k in ("job", "dataset", "file", "principal", "role", "action", "outcome")
-        },
-        since=None,
-        until=None,
-    )
-    with sqlite3.connect(log.path) as db:
-        plan = " / ".join(r[3] for r in db.execute("EXPLAIN QUERY PLAN " + sql, (*args, 10)))
+    statements: list[str] = []  # what the query ran, its values written in
+    log._rdb.set_trace_callback(statements.append)
+    log.query(**q)  # type: ignore[arg-type]
+    log._rdb.set_trace_callback(None)
+    (sql,) = statements
+    with contextlib.closing(sqlite3.connect(log.path)) as db:
+        plan = " / ".join(r[3] for r in db.execute("EXPLAIN QUERY PLAN " + sql))
     assert "SCAN" not in plan, plan
     assert "USING INDEX lookup_" in plan or "USING COVERING INDEX lookup_" in plan, plan
 
