@@ -18,19 +18,18 @@ Stdout and stderr are kept in the site (size-capped); they can carry data.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tarfile
 import threading
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from enclave import _mounts
+from enclave import _mounts, _progress
 from enclave.gate import (
     DPInputs,
     GateResult,
@@ -322,7 +321,11 @@ class SiteAgent:
                     },
                 )
             )
-            with _progress(output / "metrics.jsonl", job, report):
+            with _progress.follow(
+                output,
+                lambda p: report(SiteReport(job, progress=p)),
+                interval_s=PROGRESS_INTERVAL_S,
+            ):
                 status = self.runtime.wait(handle, timeout_s=spec.resources.timeout_s)
             self._keep_logs(job, run_dir, self.runtime.logs(handle, max_bytes=MAX_LOG_BYTES))
             summary = ledger.stop()
@@ -626,53 +629,3 @@ def unpack_bundle(bundle: Path, dest: Path) -> None:
             p.chmod(0o755)
         elif p.is_file():
             p.chmod(0o644)
-
-
-@contextmanager
-def _progress(path: Path, job_id: str, report: Report) -> Iterator[None]:
-    """Forward numbers only (step, total, loss) from the job's progress file, rate-limited."""
-    stop = threading.Event()
-
-    def follow() -> None:
-        offset = 0
-        last = None
-        while not stop.wait(PROGRESS_INTERVAL_S):
-            last, offset = _read_progress(path, offset, last)
-            if last is not None:
-                report(SiteReport(job_id, progress=last))
-        final, _ = _read_progress(path, offset, last)
-        if final is not None and final != last:
-            report(SiteReport(job_id, progress=final))
-
-    t = threading.Thread(target=follow, name=f"progress-{job_id}", daemon=True)
-    t.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        t.join(timeout=5)
-
-
-def _read_progress(
-    path: Path,
-    offset: int,
-    last: tuple[int, int, float] | None,
-) -> tuple[tuple[int, int, float] | None, int]:
-    try:
-        with path.open("rb") as f:
-            f.seek(offset)
-            data = f.read(1 << 20)
-    except OSError:
-        return last, offset
-    end = data.rfind(b"\n")
-    if end < 0:
-        return last, offset
-    for line in data[: end + 1].splitlines():
-        try:
-            obj = json.loads(line)
-            step, total, loss = int(obj["step"]), int(obj["total"]), float(obj["loss"])
-        except (ValueError, KeyError, TypeError):
-            continue
-        if 0 <= step <= 10**9 and 0 <= total <= 10**9 and math.isfinite(loss):
-            last = (step, total, round(loss, 4))
-    return last, offset + end + 1
