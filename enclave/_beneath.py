@@ -37,6 +37,7 @@ TOO_LARGE = "it exceeds its size cap"
 BAD_PATH = "its path is not a plain relative path"
 UNREADABLE = "it cannot be opened"
 ROOT_UNUSABLE = "the root cannot be opened as a directory"
+CHANGED = "it changed after it was listed"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO returns at once (and is refused on the descriptor) instead of

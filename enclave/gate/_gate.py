@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from enclave import _beneath
 from enclave.gate import _memorization, _safetensors, _walk
 from policies.errors import AlreadyExists, InvalidInput, PolicyDocumentError, ReleaseRefused
 from policies.release import (
@@ -194,7 +195,7 @@ def layout_from_model_dir(model_dir: Path) -> Layout:
 def _read_small(root: Path, ref: _walk.FileRef) -> bytes:
     fd = _walk.open_verified(root, ref)
     try:
-        return os.pread(fd, ref.size, 0)
+        return _beneath.read_fd(fd, max_bytes=ref.size)
     finally:
         os.close(fd)
 
@@ -217,7 +218,7 @@ def _check_weights(
         for ref in listing.weights:
             try:
                 fd = _walk.open_verified(root, ref)
-            except OSError:
+            except _beneath.BeneathRefused:
                 reasons.append("a weights file could not be opened safely (name withheld)")
                 continue
             fds.append(fd)
@@ -273,7 +274,7 @@ def _check_metrics(
         try:
             data = _read_small(root, listing.metrics)
             raw = _safetensors.strict_json(data, constants_as_floats=True)
-        except OSError:
+        except _beneath.BeneathRefused:
             return MetricsDecision(
                 {}, CheckResult.decide(CheckName.METRICS, ["metrics.json could not be read safely"])
             )
@@ -553,7 +554,7 @@ def _peek_names(root: Path, listing: _walk.Listing, rules: ReleaseRules) -> set[
     for ref in listing.weights:
         try:
             fd = _walk.open_verified(root, ref)
-        except OSError:
+        except _beneath.BeneathRefused:
             return None
         try:
             header = _safetensors.read_header(fd, known=frozenset(), limits=rules.limits)

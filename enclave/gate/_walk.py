@@ -3,8 +3,10 @@
 A job may plant a symbolic link to ``/data``, a hard link to a dataset file, a FIFO that blocks
 a reader, or a device node. Every name here is looked up relative to an open directory
 descriptor with ``O_NOFOLLOW`` (``lstat`` semantics), each file is checked to be a regular file
-with one link under the size cap, and :func:`open_verified` re-checks the opened descriptor
-against the listing (same device and inode) so nothing can be swapped in between.
+with one link under the size cap. :func:`open_verified` opens a listed file the one way the
+site opens anything the job wrote (:func:`enclave._beneath.open_beneath`) and re-checks the
+opened descriptor against the listing (same device, inode and size) so nothing can be swapped
+in between.
 
 Reasons never echo a job-chosen name: only names from the fixed layout (``weights``,
 ``metrics.json``, ...) and well-known extensions appear in them.
@@ -18,6 +20,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from enclave import _beneath
 from policies.release import OutputLimits
 
 WEIGHTS_DIR = "weights"
@@ -33,8 +36,6 @@ PICKLE_EXTENSIONS = frozenset(
 )
 
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK: should a FIFO ever reach open(), it must not hang the gate.
-_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -202,25 +203,15 @@ def _list_weights(root_fd: int, limits: OutputLimits) -> tuple[list[FileRef], li
 
 
 def open_verified(root: Path, ref: FileRef) -> int:
-    """Open ``ref`` for reading, never through a link, and check it is still the listed inode.
+    """Open ``ref`` for reading beneath ``root`` (:func:`enclave._beneath.open_beneath`: no link
+    followed, a regular file with one link on the output's filesystem, checked on the open
+    descriptor) and check it is still the listed inode, of the listed size.
 
-    Raises OSError when a component is a link or the file is no longer what was listed.
+    Raises :class:`~enclave._beneath.BeneathRefused` (a :class:`ReleaseRefused`) otherwise.
     """
-    parts = ref.relpath.split("/")
-    fds = [os.open(root, _OPEN_DIR)]
-    try:
-        for part in parts[:-1]:
-            fds.append(os.open(part, _OPEN_DIR, dir_fd=fds[-1]))
-        fd = os.open(parts[-1], _OPEN_FILE, dir_fd=fds[-1])
-    finally:
-        for d in fds:
-            os.close(d)
+    fd = _beneath.open_beneath(root, ref.relpath)
     st = os.fstat(fd)
-    if (
-        not stat.S_ISREG(st.st_mode)
-        or st.st_nlink != 1
-        or (st.st_dev, st.st_ino, st.st_size) != (ref.dev, ref.ino, ref.size)
-    ):
+    if (st.st_dev, st.st_ino, st.st_size) != (ref.dev, ref.ino, ref.size):
         os.close(fd)
-        raise OSError(f"{ref.relpath} changed after it was listed")
+        raise _beneath.BeneathRefused(_beneath.CHANGED)
     return fd
