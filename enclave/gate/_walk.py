@@ -36,6 +36,7 @@ PICKLE_EXTENSIONS = frozenset(
 )
 
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+VANISHED = "changed while the output was listed"
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,15 @@ def _kind(mode: int) -> str | None:
     return "is not a regular file"
 
 
+def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
+    """The entry's own status (a link's, not its target's); None when it went away after it
+    was listed (the job still renaming: refused as the job's fault, never a site error)."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return None
+
+
 def _check_file(st: os.stat_result, what: str, cap: int) -> str | None:
     if st.st_nlink != 1:
         return f"{what} has more than one hard link (a link may point at protected data)"
@@ -106,11 +116,11 @@ def list_output(root: Path, *, limits: OutputLimits) -> tuple[Listing | None, li
                 entries += 1
                 if entries > limits.max_files:
                     return None, [f"more than {limits.max_files} entries in the output"]
-                top.append((entry.name, os.stat(entry.name, dir_fd=root_fd, follow_symlinks=False)))
-        for name, st in sorted(top):
+                top.append((entry.name, _lstat(entry.name, root_fd)))
+        for name, st in sorted(top, key=lambda t: t[0]):
             what = _describe("", name)
-            bad = _kind(st.st_mode)
-            if bad:
+            bad = _kind(st.st_mode) if st is not None else VANISHED
+            if bad or st is None:
                 reasons.append(f"{what} {bad}")
                 continue
             if name in IGNORED_DIRS:
@@ -173,10 +183,10 @@ def _list_weights(root_fd: int, limits: OutputLimits) -> tuple[list[FileRef], li
                     reasons.append(f"more than {limits.max_files} entries in weights/")
                     break
                 name = entry.name
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                st = _lstat(name, dir_fd)
                 what = _describe(WEIGHTS_DIR + "/", name)
-                bad = _kind(st.st_mode)
-                if bad:
+                bad = _kind(st.st_mode) if st is not None else VANISHED
+                if bad or st is None:
                     reasons.append(f"{what} {bad}")
                     continue
                 if stat.S_ISDIR(st.st_mode):
