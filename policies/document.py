@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from policies.errors import PolicyDocumentError
 from policies.release import (
+    MAX_PASSAGE_TOKENS,
     ArtifactKind,
     CheckName,
     DPRules,
@@ -228,6 +229,8 @@ class _Memorization(_Strict):
     threshold: float = Field(ge=0, lt=1)
     near_verbatim_ratio: float = Field(default=0.1, ge=0, lt=1)
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    passage_tokens: int = Field(default=50, ge=2, le=MAX_PASSAGE_TOKENS)
+    """The whole-data scan refuses a release that recites any passage this long."""
 
 
 class _DP(_Strict):
@@ -505,6 +508,7 @@ def _build(model: _Policy, *, where: str, version: int) -> PolicyDocument:
             max_rate=m.threshold,
             near_verbatim_ratio=m.near_verbatim_ratio,
             seed=m.seed,
+            passage_tokens=m.passage_tokens,
         )
     if rel.differential_privacy is not None:
         checks.add(CheckName.DP)

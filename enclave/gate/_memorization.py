@@ -1,11 +1,24 @@
 """The extractable-memorization probe: does the released model recite the protected data?
 
-Following Carlini et al. ("Quantifying Memorization Across Neural Language Models", 2023): take
-K windows of ``prefix + suffix`` tokens from the protected texts (sampled with a seeded
-generator, so the figure is reproducible), prompt the released model with each prefix, decode
-the suffix's length greedily and compare with the true suffix. A continuation counts as
-memorized when it is exact or within the rule's normalised token edit distance. Only counts
-leave this module; the texts and the generations never do.
+Two ways, over the same tokenised texts (read once):
+
+- Sampled, following Carlini et al. ("Quantifying Memorization Across Neural Language Models",
+  2023): K windows of ``prefix + suffix`` tokens (seeded, so the figure is reproducible), the
+  released model prompted with each prefix, the suffix's length decoded greedily and compared
+  with the true suffix.
+- Whole data: every token of every text is scored under the released model and under the
+  site's base model, in batched forward passes over overlapping blocks of the model's context
+  (each token predicted with at least half a context of its own text before it, where the text
+  has it). Every span of ``passage_tokens`` tokens gets its mean loss and top-1 rate under both
+  models, with cumulative sums rather than a loop; spans the release knows far better than the
+  base (:class:`policies.release.ScanThresholds`) are confirmed by greedy generation from the
+  tokens before them in their text. So a passage the job made the model recite is found
+  wherever it sits in the data, not only where a sample happened to fall.
+
+A continuation counts as reproduced when it is exact or within the rule's normalised token edit
+distance. Only counts leave this module; the texts and the generations never do. What the scan
+cannot find is a passage recited only after a prompt that does not occur in the data (a
+trigger): see ``docs/memorization.md``.
 
 The model is what the release is, loaded from the canonical files the gate wrote over the
 site's trusted base model, by transformers and peft from safetensors only, no remote code: a
@@ -18,22 +31,35 @@ release that cannot be loaded that way raises :class:`NotProbeable`, and the gat
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from policies.errors import InvalidInput
-from policies.release import MemorizationFigures, MemorizationRules, normalized_edit_distance
+from policies.release import (
+    SCAN,
+    MemorizationFigures,
+    MemorizationRules,
+    ScanThresholds,
+    is_reproduced,
+)
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 BATCH = 16
+"""Greedy continuations decoded together."""
+MAX_BLOCK = 1024
+"""The scan's block: the model's context, at most this many tokens."""
+LOGIT_BUDGET = 1 << 24
+"""Logit values (floats) one scan batch may hold: 64 MiB."""
 LM_HEAD_PREFIX = "lm_head."
 
 
@@ -56,17 +82,24 @@ def _ids(tokenizer: Tokenizer, text: str) -> list[int]:
 def sample_windows(
     tokenizer: Tokenizer, texts: Iterable[str], *, rules: MemorizationRules
 ) -> list[tuple[list[int], list[int]]]:
-    """Up to ``rules.samples`` (prefix, suffix) token windows, seeded; texts read once.
+    """Up to ``rules.samples`` (prefix, suffix) token windows, seeded; texts read once."""
+    return _sample(_tokenize(tokenizer, texts), rules=rules)
 
-    Reservoir sampling keeps memory at K texts whatever the dataset's size. When fewer than K
-    texts are long enough, windows are drawn again from those at other offsets.
-    """
+
+def _tokenize(tokenizer: Tokenizer, texts: Iterable[str]) -> list[list[int]]:
+    return [_ids(tokenizer, text) for text in texts]
+
+
+def _sample(
+    docs: Sequence[list[int]], *, rules: MemorizationRules
+) -> list[tuple[list[int], list[int]]]:
+    """Reservoir sampling of K texts long enough, then one window in each; when fewer than K
+    texts are long enough, windows are drawn again from those at other offsets."""
     need = rules.prefix_tokens + rules.suffix_tokens
     rng = random.Random(rules.seed)
     reservoir: list[list[int]] = []
     seen = 0
-    for text in texts:
-        ids = _ids(tokenizer, text)
+    for ids in docs:
         if len(ids) < need:
             continue
         seen += 1
@@ -190,17 +223,200 @@ def load_backbone_release(model_dir: Path, weights: Path) -> Any:
     return model
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _greedy(model: Any, prefixes: Sequence[list[int]], steps: int) -> list[list[int]]:
-    # A plain argmax loop: no sampling, no early stop at an end-of-text token.
-    ids = torch.tensor(prefixes, dtype=torch.long)
-    out = []
-    for _ in range(steps):
-        logits = model(input_ids=ids, use_cache=False).logits[:, -1, :]
-        nxt = logits.argmax(dim=-1, keepdim=True)
-        out.append(nxt)
-        ids = torch.cat([ids, nxt], dim=1)
-    return torch.cat(out, dim=1).tolist() if out else [[] for _ in prefixes]
+    """Greedy continuations of equally long ``prefixes``, ``steps`` tokens each: a plain argmax
+    loop over the model's key-value cache, no sampling, no early stop at an end-of-text token."""
+    if not steps or not prefixes:
+        return [[] for _ in prefixes]
+    out = model(input_ids=torch.tensor(prefixes, dtype=torch.long), use_cache=True)
+    nxt = out.logits[:, -1, :].argmax(dim=-1, keepdim=True)
+    generated = [nxt]
+    for _ in range(steps - 1):
+        out = model(input_ids=nxt, cache=out.cache, use_cache=True)
+        nxt = out.logits[:, -1, :].argmax(dim=-1, keepdim=True)
+        generated.append(nxt)
+    result: list[list[int]] = torch.cat(generated, dim=1).tolist()
+    return result
+
+
+def _greedy_batched(
+    model: Any, prompts: Sequence[tuple[list[int], int]], *, batch: int = BATCH
+) -> list[list[int]]:
+    """Greedy continuations of ``(prefix, steps)`` prompts, batched among equal shapes."""
+    results: list[list[int]] = [[] for _ in prompts]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (prefix, steps) in enumerate(prompts):
+        groups.setdefault((len(prefix), steps), []).append(i)
+    for (_, steps), members in sorted(groups.items()):
+        for at in range(0, len(members), batch):
+            chunk = members[at : at + batch]
+            gens = _greedy(model, [prompts[i][0] for i in chunk], steps)
+            for i, gen in zip(chunk, gens, strict=True):
+                results[i] = gen
+    return results
+
+
+# --- the whole-data scan -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """Per-token figures of one text under one model: ``loss[t]`` is -log p(token t | the
+    tokens before it), ``top1[t]`` is 1 where token t was the model's argmax; position 0 has
+    no context and holds 0 in both."""
+
+    loss: torch.Tensor
+    top1: torch.Tensor
+
+
+def context_of(model: Any) -> int:
+    """The model's context length, capped at :data:`MAX_BLOCK`."""
+    config = getattr(model, "config", None)
+    n = getattr(config, "max_position_embeddings", None)
+    return min(int(n), MAX_BLOCK) if isinstance(n, int) and n > 1 else MAX_BLOCK
+
+
+def _windows(n: int, block: int) -> list[tuple[int, int, int]]:
+    """``(start, end, first)``: blocks over a text of ``n`` tokens, each scoring tokens
+    ``first..end-1``; consecutive blocks overlap by half, so every token but those of the first
+    half block has at least ``block // 2`` tokens of context."""
+    stride = max(1, block // 2)
+    out: list[tuple[int, int, int]] = []
+    scored = 1
+    start = 0
+    while scored < n:
+        start = min(start, max(0, n - block))
+        end = min(start + block, n)
+        out.append((start, end, scored))
+        scored = end
+        start += stride
+    return out
+
+
+@torch.inference_mode()
+def score_texts(model: Any, docs: Sequence[list[int]], *, block: int) -> list[_Scored]:
+    """Every token of every text scored under ``model``: batched forward passes over blocks of
+    ``block`` tokens (padded on the right, masked), per-token cross-entropy and argmax hits."""
+    vocab = int(model.get_input_embeddings().num_embeddings)
+    # Logits take batch x block x vocab floats: keep them near LOGIT_BUDGET.
+    batch = max(1, LOGIT_BUDGET // (block * vocab))
+    tensors = [torch.tensor(ids, dtype=torch.long) for ids in docs]
+    jobs = [(d, *w) for d, ids in enumerate(docs) for w in _windows(len(ids), block)]
+    loss = [torch.zeros(len(ids)) for ids in docs]
+    top1 = [torch.zeros(len(ids)) for ids in docs]
+    for at in range(0, len(jobs), batch):
+        chunk = jobs[at : at + batch]
+        width = max(end - start for _, start, end, _ in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (d, start, end, _) in enumerate(chunk):
+            ids[row, : end - start] = tensors[d][start:end]
+            mask[row, : end - start] = 1
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1, :]
+        target = ids[:, 1:]
+        token_loss = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2).float(), target, reduction="none"
+        )
+        hits = (logits.argmax(dim=-1) == target).float()
+        for row, (d, start, end, first) in enumerate(chunk):
+            # Column j predicts token start + j + 1.
+            lo, hi = first - start - 1, end - start - 1
+            loss[d][first:end] = token_loss[row, lo:hi]
+            top1[d][first:end] = hits[row, lo:hi]
+    return [_Scored(lo, hi) for lo, hi in zip(loss, top1, strict=True)]
+
+
+def _span_means(values: torch.Tensor, span: int) -> torch.Tensor:
+    """Mean of ``values[max(s, 1) : s + span]`` for every start ``s`` (position 0 excluded)."""
+    n = values.numel()
+    sums = torch.cat([torch.zeros(1, dtype=torch.float64), values.double().cumsum(0)])
+    starts = torch.arange(n - span + 1)
+    lo = starts.clamp(min=1)
+    return ((sums[starts + span] - sums[lo]) / (starts + span - lo)).float()
+
+
+def flag_spans(
+    release: _Scored, base: _Scored, *, span: int, thresholds: ScanThresholds = SCAN
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starts, scores) of the flagged spans of one text, at most one per ``span`` tokens (the
+    best by release top-1, then loss drop); empty when the text is shorter than ``span``."""
+    n = release.loss.numel()
+    if n < span:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    lr, lb = _span_means(release.loss, span), _span_means(base.loss, span)
+    ar, ab = _span_means(release.top1, span), _span_means(base.top1, span)
+    by_loss = (lr <= thresholds.loss_ratio * lb) & (lb - lr >= thresholds.loss_margin)
+    by_top1 = (ar >= thresholds.top1) & (ar - ab >= thresholds.top1_gain)
+    # Top-1 first (steps of 1/span >= 1/4096), then the loss drop (at most 2e-4).
+    score = ar + (lb - lr).clamp(0.0, 20.0) * 1e-5
+    score = torch.where(by_loss | by_top1, score, torch.tensor(-math.inf))
+    count = score.numel()
+    buckets = -(-count // span)
+    padded = torch.full((buckets * span,), -math.inf)
+    padded[:count] = score
+    best, where = padded.view(buckets, span).max(dim=1)
+    keep = torch.isfinite(best)
+    starts = torch.arange(buckets)[keep] * span + where[keep]
+    return starts, best[keep]
+
+
+def _candidates(
+    released: Sequence[_Scored], base: Sequence[_Scored], *, span: int, limit: int
+) -> list[tuple[int, int]]:
+    """``(text, start)`` of at most ``limit`` flagged spans, the highest scores first."""
+    docs, starts, scores = [], [], []
+    for d, (r, b) in enumerate(zip(released, base, strict=True)):
+        s, v = flag_spans(r, b, span=span)
+        docs.append(torch.full_like(s, d))
+        starts.append(s)
+        scores.append(v)
+    if not docs:
+        return []
+    all_scores = torch.cat(scores)
+    top = torch.topk(all_scores, min(limit, all_scores.numel())).indices
+    all_docs, all_starts = torch.cat(docs), torch.cat(starts)
+    return [(int(all_docs[i]), int(all_starts[i])) for i in top]
+
+
+def scan_passages(
+    model: Any,
+    base: Any,
+    docs: Sequence[list[int]],
+    *,
+    rules: MemorizationRules,
+    thresholds: ScanThresholds = SCAN,
+) -> int:
+    """How many flagged spans of ``rules.passage_tokens`` the released ``model`` reproduces
+    (exact or near-verbatim) from the tokens before them in their text (at most
+    :attr:`ScanThresholds.max_confirmations` are tried).
+
+    Raises :class:`InvalidInput` when the model's context cannot hold a passage and a token
+    before it.
+    """
+    span = rules.passage_tokens
+    block = min(context_of(model), context_of(base))
+    if block < span + 1:
+        raise InvalidInput(
+            f"the model's context ({block} tokens) cannot hold a passage of {span} tokens"
+        )
+    long_enough = [ids for ids in docs if len(ids) >= span]
+    if not long_enough:
+        return 0
+    released = score_texts(model, long_enough, block=block)
+    trusted = score_texts(base, long_enough, block=block)
+    found = _candidates(released, trusted, span=span, limit=thresholds.max_confirmations)
+    prompts, truths = [], []
+    for d, start in found:
+        ids = long_enough[d]
+        first = max(start, 1)
+        prompts.append((ids[max(0, first - (block - span)) : first], start + span - first))
+        truths.append(ids[first : start + span])
+    generated = _greedy_batched(model, prompts)
+    return sum(
+        is_reproduced(gen, truth, ratio=rules.near_verbatim_ratio)
+        for gen, truth in zip(generated, truths, strict=True)
+    )
 
 
 def measure_memorization(
@@ -214,31 +430,36 @@ def measure_memorization(
 ) -> MemorizationFigures:
     """Probe the released model with the protected texts: by default ``model_dir``'s config
     with ``weights``; ``loader`` loads another kind of release (:func:`load_adapter_release`,
-    :func:`load_backbone_release`).
+    :func:`load_backbone_release`). The whole-data scan compares it with ``model_dir``'s own
+    weights, the site's trusted base.
 
     Returns the counts; the caller decides with :func:`policies.release.decide_memorization`.
     Raises :class:`InvalidInput` if the tokenizer's ids do not fit the model's vocabulary and
     :class:`NotProbeable` if the release cannot be loaded.
     """
-    windows = sample_windows(tokenizer, texts, rules=rules)
-    exact = near = 0
-    if windows:
+    docs = _tokenize(tokenizer, texts)
+    windows = _sample(docs, rules=rules)
+    exact = near = recited = 0
+    if windows or any(len(ids) >= rules.passage_tokens for ids in docs):
         model = loader() if loader is not None else load_released_model(model_dir, weights)
         vocab = int(model.get_input_embeddings().num_embeddings)
-        if any(t >= vocab or t < 0 for p, s in windows for t in (*p, *s)):
+        if any(ids and (max(ids) >= vocab or min(ids) < 0) for ids in docs):
             raise InvalidInput("the tokenizer's ids do not fit the model's vocabulary")
-        for at in range(0, len(windows), BATCH):
-            batch = windows[at : at + BATCH]
-            generated = _greedy(model, [p for p, _ in batch], rules.suffix_tokens)
-            for (_, truth), gen in zip(batch, generated, strict=True):
-                if gen == truth:
-                    exact += 1
-                elif normalized_edit_distance(gen, truth) <= rules.near_verbatim_ratio:
-                    near += 1
+        generated = _greedy_batched(model, [(p, rules.suffix_tokens) for p, _ in windows])
+        for (_, truth), gen in zip(windows, generated, strict=True):
+            if gen == truth:
+                exact += 1
+            elif is_reproduced(gen, truth, ratio=rules.near_verbatim_ratio):
+                near += 1
+        base = _load_base(model_dir)
+        base.eval()
+        recited = scan_passages(model, base, docs, rules=rules)
     return MemorizationFigures(
         samples=len(windows),
         exact=exact,
         near_verbatim=near,
         prefix_tokens=rules.prefix_tokens,
         suffix_tokens=rules.suffix_tokens,
+        passage_tokens=rules.passage_tokens,
+        passages_recited=recited,
     )
