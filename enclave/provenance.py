@@ -139,10 +139,14 @@ class ReleaseContext:
     approval_binding: str
     approvals: tuple[str, ...]
     audit: AuditPosition
+    channels: Mapping[str, float] = field(default_factory=dict)
+    """The leakage account the run was held to: bits per channel the model team observes,
+    and ``budget_bits`` (:mod:`policies.channels`)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datasets", MappingProxyType(dict(self.datasets)))
         object.__setattr__(self, "policy_versions", MappingProxyType(dict(self.policy_versions)))
+        object.__setattr__(self, "channels", MappingProxyType(dict(self.channels)))
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,7 @@ class Manifest:
             "approval_binding": c.approval_binding,
             "approvals": list(c.approvals),
             "audit": {"seq": c.audit.seq, "checkpoint_root": c.audit.checkpoint_root},
+            "channels": dict(c.channels),
             "site": self.site,
             "issued_at": self.issued_at.strftime(_TIME_FORMAT),
             "gates": [
@@ -251,6 +256,7 @@ def _from_obj(raw: Any) -> Manifest:
             "approval_binding",
             "approvals",
             "audit",
+            "channels",
             "site",
             "issued_at",
             "gates",
@@ -293,6 +299,7 @@ def _from_obj(raw: Any) -> Manifest:
             approval_binding=top["approval_binding"],
             approvals=tuple(_list(top["approvals"], "approvals")),
             audit=AuditPosition(seq=audit["seq"], checkpoint_root=audit["checkpoint_root"]),
+            channels=_map(top["channels"], "channels"),
         ),
         site=top["site"],
         issued_at=issued,
@@ -348,6 +355,10 @@ def _validate(m: Manifest) -> None:
     for a in c.approvals:
         _text(a, "approval")
     _int(c.audit.seq, "audit.seq")
+    for name, bits in c.channels.items():
+        _text(name, "channel name")
+        if isinstance(bits, bool) or not isinstance(bits, int | float) or not 0 <= bits < 1e12:
+            raise ValueError("channel bits must be non-negative finite numbers")
     if c.audit.checkpoint_root is not None:
         _sha(c.audit.checkpoint_root, "audit.checkpoint_root")
     if m.issued_at.tzinfo is None:

@@ -61,7 +61,14 @@ class SiteReport:
     job_id: str
     state: JobState | None = None
     reason: str = ""
-    progress: tuple[int, int, float] | None = None  # (step, total, loss)
+    """For the model team: a :class:`policies.channels.TeamReason`, never the job's words."""
+    detail: str = ""
+    """For the owners only: what happened (which check refused, the exit code)."""
+    progress: tuple[int, int, float] | None = None  # (step, total, loss): a scheduled point
+    owner_progress: tuple[int, int, float] | None = None
+    """Full progress, for the owners and operators only."""
+    channel_bits: float | None = None
+    """With RUNNING: the capacity of what the team can observe of this run, now charged."""
     audit_action: str = ""  # e.g. "container.start"; empty for no audit event
     audit_outcome: str = "ok"
     audit_dataset: str = ""

@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     bundle_sha256 TEXT NOT NULL, datasets TEXT NOT NULL, policy_versions TEXT NOT NULL,
     reasons TEXT NOT NULL, image_id TEXT NOT NULL, metrics TEXT NOT NULL,
     release_id TEXT NOT NULL, binding TEXT NOT NULL,
-    created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+    owner_record TEXT NOT NULL DEFAULT '{}');
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 CREATE TABLE IF NOT EXISTS approvals (
     job_id TEXT NOT NULL, owner TEXT NOT NULL, decision TEXT NOT NULL, reason TEXT NOT NULL,
@@ -115,6 +116,11 @@ class JobRecord:
     binding: str = ""
     created_at: str = ""
     updated_at: str = ""
+    details: tuple[str, ...] = ()
+    """What the site said to the owners about the run (which check, which exit code): never
+    shown to the model team, whose ``reasons`` come from a fixed vocabulary."""
+    channel_bits: float = 0.0
+    """The capacity of what the team could observe of the run, charged when it started."""
 
 
 class Store:
@@ -125,6 +131,11 @@ class Store:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(jobs)")}
+        if "owner_record" not in columns:  # a store from before the leakage account
+            self._conn.execute(
+                "ALTER TABLE jobs ADD COLUMN owner_record TEXT NOT NULL DEFAULT '{}'"
+            )
         self._lock = threading.RLock()
 
     def close(self) -> None:
@@ -240,7 +251,7 @@ class Store:
         job = replace(job, created_at=now, updated_at=now)
         with self._tx() as c:
             c.execute(
-                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 _job_row(job),
             )
         return job
@@ -289,7 +300,7 @@ class Store:
             after = replace(before, state=new, updated_at=utcnow(), **changes)
             c.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
             c.execute(
-                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 _job_row(after),
             )
         return before, after
@@ -305,7 +316,7 @@ class Store:
             after = replace(_job(row), updated_at=utcnow(), **changes)
             c.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
             c.execute(
-                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 _job_row(after),
             )
         return after
@@ -367,6 +378,7 @@ def _job_row(job: JobRecord) -> tuple[Any, ...]:
         job.binding,
         job.created_at,
         job.updated_at,
+        json.dumps({"details": list(job.details), "channel_bits": job.channel_bits}),
     )
 
 
@@ -389,7 +401,9 @@ def _job(row: tuple[Any, ...]) -> JobRecord:
         binding,
         created_at,
         updated_at,
+        owner_record,
     ) = row
+    owner = json.loads(owner_record)
     return JobRecord(
         id=id_,
         name=name,
@@ -408,4 +422,6 @@ def _job(row: tuple[Any, ...]) -> JobRecord:
         binding=binding,
         created_at=created_at,
         updated_at=updated_at,
+        details=tuple(owner.get("details", ())),
+        channel_bits=float(owner.get("channel_bits", 0.0)),
     )
