@@ -39,6 +39,8 @@ ROLES: dict[str, frozenset[Role]] = {
     "WatchJob": _ALL,
     "GetJobLogs": frozenset({Role.DATA_OWNER, Role.OPERATOR, Role.MODEL_TEAM}),
     "DecideJob": frozenset({Role.DATA_OWNER}),
+    "ReviewRelease": frozenset({Role.DATA_OWNER}),
+    "DecideRelease": frozenset({Role.DATA_OWNER}),
     "DownloadRelease": frozenset({Role.MODEL_TEAM, Role.DATA_OWNER, Role.COMPLIANCE}),
     "QueryAudit": frozenset({Role.COMPLIANCE, Role.OPERATOR}),
     "ExportAudit": frozenset({Role.COMPLIANCE, Role.OPERATOR}),

@@ -18,7 +18,8 @@ from sealroom.v1 import gateway_pb2_grpc as pb_grpc
 
 from gateway._auth import principal_of
 from gateway._spool import SealedSpool
-from gateway.core import Gateway, JobEvent, sha256_file
+from gateway._views import JobEvent
+from gateway.core import Gateway, sha256_file
 from gateway.lifecycle import JobState
 from gateway.store import DatasetRecord, JobRecord, PolicyRecord
 from policies.errors import InvalidInput, ResourceExhausted
@@ -135,6 +136,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             updated_at=j.updated_at,
             metrics=dict(j.metrics),
             release_id=j.release_id,
+            details=list(j.details),
+            channel_bits=j.channel_bits,
         )
 
     def RotateSiteKey(
@@ -252,6 +255,42 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def DecideJob(self, request: pb.DecideJobRequest, context: grpc.ServicerContext) -> pb.Job:
         return self._job(
             self.g.decide(
+                principal=principal_of(context),
+                job_id=request.job_id,
+                approve=request.approve,
+                reason=request.reason,
+            )
+        )
+
+    def ReviewRelease(
+        self, request: pb.ReviewReleaseRequest, context: grpc.ServicerContext
+    ) -> pb.ReleaseReview:
+        r = self.g.release_review(principal=principal_of(context), job_id=request.job_id)
+        return pb.ReleaseReview(
+            job_id=r.job_id,
+            release_id=r.release_id,
+            weights_capacity_bits=r.capacity.bits,
+            released_elements=r.capacity.elements,
+            bits_per_element=dict(r.capacity.bits_per_element),
+            scrub_bits=r.capacity.scrub_bits,
+            checks=[
+                pb.ReleaseCheck(
+                    dataset=c.dataset,
+                    check=c.check,
+                    passed=c.passed,
+                    figures_json=json.dumps(dict(c.figures), sort_keys=True),
+                )
+                for c in r.checks
+            ],
+            reviewers=sorted(r.reviewers),
+            approved_by=sorted(r.approved_by),
+        )
+
+    def DecideRelease(
+        self, request: pb.DecideReleaseRequest, context: grpc.ServicerContext
+    ) -> pb.Job:
+        return self._job(
+            self.g.decide_release(
                 principal=principal_of(context),
                 job_id=request.job_id,
                 approve=request.approve,

@@ -192,6 +192,15 @@ class Client:
             self._stub.DecideJob, pb.DecideJobRequest(job_id=job_id, approve=approve, reason=reason)
         )
 
+    def review_release(self, job_id: str) -> pb.ReleaseReview:
+        return self._call(self._stub.ReviewRelease, pb.ReviewReleaseRequest(job_id=job_id))
+
+    def decide_release(self, job_id: str, *, approve: bool, reason: str = "") -> pb.Job:
+        return self._call(
+            self._stub.DecideRelease,
+            pb.DecideReleaseRequest(job_id=job_id, approve=approve, reason=reason),
+        )
+
     def cancel(self, job_id: str, reason: str = "") -> pb.Job:
         return self._call(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id, reason=reason))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import json
 import queue
 import shutil
 import threading
@@ -38,7 +39,7 @@ from gateway.store import (
     Store,
     utcnow,
 )
-from policies import access, approval, document
+from policies import access, approval, document, review
 from policies.errors import (
     InvalidInput,
     InvalidState,
@@ -497,6 +498,132 @@ class Gateway:
         )
         return path
 
+    # -- review of reviewed custom code -----------------------------------------------------
+
+    def release_review(self, *, principal: Principal, job_id: str) -> review.ReviewReport:
+        """The report an owner decides a held release on: the weights channel's capacity in
+        bits and the gate's check results, from the site-signed release. Owners of a dataset
+        whose policy asks for review only; audited."""
+        job, reviewers = self._reviewable(principal, job_id)
+        report = self._review_report(job, reviewers)
+        self.record(
+            principal,
+            "release.review",
+            job_id=job_id,
+            details={
+                "release_id": report.release_id,
+                "weights_capacity_bits": report.capacity.bits,
+            },
+        )
+        return report
+
+    def decide_release(
+        self, *, principal: Principal, job_id: str, approve: bool, reason: str
+    ) -> JobRecord:
+        """An owner's verdict on a held release. One rejection rejects (REJECTED; the staged
+        release is deleted); it is RELEASED once every reviewing owner has approved this very
+        release (its manifest's hash). Audited, with the capacity the owner accepted."""
+        job, reviewers = self._reviewable(principal, job_id)
+        report = self._review_report(job, reviewers)
+        self.record(
+            principal,
+            "release.approve" if approve else "release.reject",
+            job_id=job_id,
+            details={
+                "release_id": report.release_id,
+                "weights_capacity_bits": report.capacity.bits,
+                "datasets": sorted(d for d, o in reviewers.items() if o == principal.name),
+                "reason": reason,
+            },
+        )
+        if not approve:
+            shutil.rmtree(self._releases / job_id, ignore_errors=True)
+            # The owner's words stay in the audit log: the team sees the verdict only.
+            return self._transition(
+                job_id, JobState.REJECTED, reason="rejected: owner's review of the release"
+            )
+        if set(reviewers.values()) <= self._release_approvers(job_id, report.release_id):
+            metrics = json.loads((self._releases / job_id / "metrics.json").read_text())
+            return self._transition(
+                job_id,
+                JobState.RELEASED,
+                reason="released after the owners' review",
+                release_id=report.release_id,
+                metrics={k: float(v) for k, v in metrics.items()},
+            )
+        return self.store.job(job_id)
+
+    def _held_for_review(
+        self, job_id: str, state: JobState, reason: str, changes: dict[str, Any]
+    ) -> tuple[JobState, str]:
+        """A passed release of reviewed custom code waits for its owners (AWAITING_REVIEW):
+        staged in the release store, but neither its id nor its metrics reach the job record,
+        so the team sees the state only until the owners approve. Edits ``changes``."""
+        if state is not JobState.RELEASED or not self._reviewers(self.store.job(job_id)):
+            return state, reason
+        changes.pop("release_id", None)
+        changes.pop("metrics", None)
+        return JobState.AWAITING_REVIEW, "waiting for the owner's review of the release"
+
+    def _reviewers(self, job: JobRecord) -> dict[str, str]:
+        """Dataset -> owner, for each dataset whose policy (the version the job ran under)
+        makes the job's release wait for review."""
+        spec = parse_spec(job.spec)
+        return {
+            name: self._owner(name)
+            for name, doc in self._policies_at(job.policy_versions).items()
+            if access.needs_review(spec, doc)
+        }
+
+    def _reviewable(self, principal: Principal, job_id: str) -> tuple[JobRecord, dict[str, str]]:
+        job = self.store.job(job_id)
+        if principal.role is not Role.DATA_OWNER or not self._may_see(principal, job):
+            raise NotFound(f"no job {job_id}")  # the same answer as for someone else's job
+        reviewers = self._reviewers(job)
+        if principal.name not in reviewers.values():
+            raise PermissionDenied(
+                f"{principal.name} owns no dataset of job {job_id} whose policy asks for review"
+            )
+        if job.state is not JobState.AWAITING_REVIEW:
+            raise InvalidState(f"job {job_id} is {job.state}, not waiting for review")
+        return job, reviewers
+
+    def _review_report(self, job: JobRecord, reviewers: Mapping[str, str]) -> review.ReviewReport:
+        from enclave.provenance import MANIFEST, Manifest
+
+        dest = self._releases / job.id
+        raw = (dest / MANIFEST).read_bytes()
+        manifest = Manifest.from_bytes(raw)
+        release_id = hashlib.sha256(raw).hexdigest()
+        tensors = [
+            t
+            for a in manifest.artifacts
+            if a.path.endswith(".safetensors")
+            for t in _safetensors_header(dest / a.path)
+        ]
+        docs = self._policies_at(job.policy_versions)
+        return review.review_report(
+            job_id=job.id,
+            release_id=release_id,
+            tensors=tensors,
+            scrub_bits=[docs[d].release.scrub_bits for d in reviewers],
+            checks=[
+                review.CheckResult(g.dataset, c.name, c.passed, dict(c.figures))
+                for g in manifest.gates
+                for c in g.checks
+            ],
+            reviewers=reviewers.values(),
+            approved_by=self._release_approvers(job.id, release_id),
+        )
+
+    def _release_approvers(self, job_id: str, release_id: str) -> set[str]:
+        """Owners who approved this release: the audit log is the record of their verdicts."""
+        return {
+            r.event.principal
+            for r in self.audit.query(job=job_id, action="release.approve")
+            if r.event.details.get("release_id") == release_id
+        }
+
     # -- internals --------------------------------------------------------------------------
 
     def _owner(self, dataset: str) -> str:
@@ -840,8 +967,9 @@ class Gateway:
             manifest = (dest / "manifest.json").read_bytes()
             changes["release_id"] = hashlib.sha256(manifest).hexdigest()
             changes["metrics"] = dict(report.metrics)
+        state, reason = self._held_for_review(job_id, report.state, report.reason, changes)
         try:
-            self._transition(job_id, report.state, reason=report.reason, **changes)
+            self._transition(job_id, state, reason=reason, **changes)
         except InvalidState as e:  # e.g. a late report for a job that has already ended
             self.record(
                 SYSTEM,
@@ -872,6 +1000,18 @@ def check_trainer(spec: JobSpec) -> None:
         entry.validate(spec.hyperparameters)
     except ConfigError as e:
         raise SpecError(str(e)) from e
+
+
+def _safetensors_header(path: Path) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, shape) of each tensor of a site-signed safetensors file, from its header."""
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return [
+        (str(t["dtype"]), tuple(int(d) for d in t["shape"]))
+        for name, t in header.items()
+        if name != "__metadata__"
+    ]
 
 
 def _now() -> dt.datetime:

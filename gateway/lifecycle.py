@@ -1,7 +1,11 @@
 """The job lifecycle as a pure state machine (no I/O).
 
     SUBMITTED → PENDING_APPROVAL → APPROVED → QUEUED → RUNNING → CHECKING → RELEASED
-                     │  (automatic approval skips PENDING_APPROVAL)
+                     │  (automatic approval skips PENDING_APPROVAL)   │          ↑
+                     │                                                └→ AWAITING_REVIEW
+                     │  (custom code under ``custom_code: reviewed``: the gate passed, the
+                     │   owner reviews what the weights can carry, approves → RELEASED or
+                     │   rejects → REJECTED)
     exits: DENIED (a decision), CANCELLED (the submitter), FAILED (the job's fault),
            ERROR (the system's fault), REJECTED (the release checks failed)
 
@@ -24,6 +28,7 @@ class JobState(enum.StrEnum):
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"
     CHECKING = "CHECKING"
+    AWAITING_REVIEW = "AWAITING_REVIEW"
     RELEASED = "RELEASED"
     DENIED = "DENIED"
     CANCELLED = "CANCELLED"
@@ -55,7 +60,9 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     _S.APPROVED: frozenset({_S.QUEUED, _S.PENDING_APPROVAL, _S.DENIED, _S.CANCELLED, _S.ERROR}),
     _S.QUEUED: frozenset({_S.RUNNING, _S.PENDING_APPROVAL, _S.DENIED, _S.CANCELLED, _S.ERROR}),
     _S.RUNNING: frozenset({_S.CHECKING, _S.FAILED, _S.CANCELLED, _S.ERROR}),
-    _S.CHECKING: frozenset({_S.RELEASED, _S.REJECTED, _S.ERROR}),
+    _S.CHECKING: frozenset({_S.RELEASED, _S.AWAITING_REVIEW, _S.REJECTED, _S.ERROR}),
+    # Not CANCELLED: the run is over and what it wrote is the owner's to release or not.
+    _S.AWAITING_REVIEW: frozenset({_S.RELEASED, _S.REJECTED}),
 }
 
 

@@ -20,13 +20,20 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from policies.document import ApprovalMode, LogVisibility, PolicyDocument, PolicyRef
+from policies.document import (
+    ApprovalMode,
+    CustomCode,
+    LogVisibility,
+    PolicyDocument,
+    PolicyRef,
+)
 from policies.errors import InvalidInput, PermissionDenied, PolicyViolation
 from policies.identity import USER_ROLES, Principal, Role
 from policies.spec import JobSpec
 
 __all__ = [
     "DP_EPSILON_HYPERPARAMETER",
+    "PRIVATE_TRAINER",
     "USER_ROLES",
     "ApprovalRequirement",
     "Decision",
@@ -37,8 +44,13 @@ __all__ = [
     "Rule",
     "check_log_access",
     "evaluate_submission",
+    "needs_review",
     "require_aware",
 ]
+
+PRIVATE_TRAINER = "private"
+"""The trainer name of a team's computation graph run by the site's DP-SGD trainer
+(:mod:`trainers.private`); allowed by ``custom_code: private`` (or ``reviewed``)."""
 
 DP_EPSILON_HYPERPARAMETER = "dp_epsilon"
 """A spec may ask for a smaller privacy budget than the policy's per-job cap with this
@@ -218,8 +230,20 @@ def _check_dataset(
             f"(allowed: {', '.join(sorted(policy.base_models)) or 'none'})",
         )
     if spec.is_custom:
-        if not policy.trainers.custom_code:
-            fail(Rule.CUSTOM_CODE, "custom code is not allowed; use a built-in trainer")
+        if not policy.trainers.allows_python:
+            fail(
+                Rule.CUSTOM_CODE,
+                f"custom code is not allowed (custom_code: {policy.trainers.custom_code}); "
+                "use a built-in trainer"
+                + (" or a graph (trainer: private)" if policy.trainers.allows_graph else ""),
+            )
+    elif spec.trainer == PRIVATE_TRAINER:
+        if not policy.trainers.allows_graph:
+            fail(
+                Rule.CUSTOM_CODE,
+                f"a team's graph is not allowed (custom_code: {policy.trainers.custom_code}); "
+                "use a built-in trainer",
+            )
     elif spec.trainer not in policy.trainers.builtin:
         fail(
             Rule.TRAINER,
@@ -263,10 +287,12 @@ def _check_dataset(
                 f"{dp.epsilon_budget:g}",
             )
     requirement = None
-    if policy.approval.mode is not ApprovalMode.AUTOMATIC:
+    if policy.approval.mode is not ApprovalMode.AUTOMATIC or needs_review(spec, policy):
         # Nobody approves their own job, whatever certificates they hold.
         eligible = frozenset(owners) - {principal.name}
-        quorum = policy.approval.quorum
+        # Reviewed code is approved by a person even under an automatic policy: its weights
+        # can carry the data, which no rule can judge for the owner.
+        quorum = max(policy.approval.quorum, 1)
         if len(eligible) < quorum:
             fail(
                 Rule.APPROVERS,
@@ -278,6 +304,13 @@ def _check_dataset(
                 dataset=name, owners=eligible, quorum=quorum, policy=policy.ref()
             )
     return reasons, requirement
+
+
+def needs_review(spec: JobSpec, policy: PolicyDocument) -> bool:
+    """Does a job of ``spec`` on the dataset of ``policy`` run the team's own Python under
+    ``custom_code: reviewed``? Then it is approved by an owner whatever the approval mode, and
+    its release waits for the owner's review of what its weights can carry."""
+    return spec.is_custom and policy.trainers.custom_code is CustomCode.REVIEWED
 
 
 def evaluate_submission(

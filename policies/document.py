@@ -89,10 +89,35 @@ class AccessRules:
     purposes: frozenset[str] | None
 
 
+class CustomCode(enum.StrEnum):
+    """How a team's own code may touch the dataset (``trainers.custom_code``)."""
+
+    FORBIDDEN = "false"
+    """Built-in trainers only."""
+    REVIEWED = "reviewed"
+    """The team's own Python (``trainer: custom``) may run. Its weights can carry the data, up
+    to the capacity the owner's review report states; so approval is manual and the release
+    waits for the owner's review. The legacy ``custom_code: true`` means this."""
+    PRIVATE = "private"
+    """The team's model and loss only as a ``torch.export`` graph (``trainer: private``), which
+    the site's own DP-SGD trainer runs: the release is (epsilon, delta)-DP whatever it computes."""
+
+
 @dataclass(frozen=True)
 class TrainerRules:
     builtin: frozenset[str]
-    custom_code: bool
+    custom_code: CustomCode
+
+    @property
+    def allows_python(self) -> bool:
+        """The team's own Python (``trainer: custom``) may run."""
+        return self.custom_code is CustomCode.REVIEWED
+
+    @property
+    def allows_graph(self) -> bool:
+        """A team's computation graph may run under the site's DP-SGD trainer. Reviewed code
+        allows it too: a graph under DP-SGD bounds strictly more than arbitrary code."""
+        return self.custom_code in (CustomCode.PRIVATE, CustomCode.REVIEWED)
 
 
 @dataclass(frozen=True)
@@ -181,14 +206,18 @@ class _Access(_Strict):
 
 class _Trainers(_Strict):
     builtin: list[str] = Field(default_factory=list, max_length=64)
-    custom_code: bool = False
+    # ``true`` is kept as written (not rewritten to "reviewed") so the digest of a policy stored
+    # before the modes existed does not change, and neither do approvals bound to it.
+    custom_code: bool | Literal["reviewed", "private"] = False
 
     @field_validator("builtin")
     @classmethod
     def _builtin(cls, v: list[str]) -> list[str]:
         for name in v:
-            if name == "custom":
-                raise ValueError("'custom' is not a built-in trainer: use custom_code: true")
+            if name in ("custom", "private"):
+                raise ValueError(
+                    f"{name!r} is not a built-in trainer: use custom_code: reviewed or private"
+                )
             if not NAME_RE.match(name):
                 raise ValueError(f"{name!r} is not a trainer name")
         return v
@@ -547,7 +576,8 @@ def _build(model: _Policy, *, where: str, version: int) -> PolicyDocument:
         ),
         base_models=frozenset(model.base_models),
         trainers=TrainerRules(
-            builtin=frozenset(model.trainers.builtin), custom_code=model.trainers.custom_code
+            builtin=frozenset(model.trainers.builtin),
+            custom_code=_custom_code(model.trainers.custom_code),
         ),
         resources=ResourceCaps(
             gpus=model.resources.max_gpus,
@@ -565,6 +595,16 @@ def _build(model: _Policy, *, where: str, version: int) -> PolicyDocument:
         canonical=canonical,
         version=version,
     )
+
+
+def _custom_code(value: bool | str) -> CustomCode:
+    """``true`` (before the modes existed) is ``reviewed``: it allowed arbitrary code, whose
+    weights can carry the data, so it now gets what that mode asks (manual approval, review)."""
+    if value is True:
+        return CustomCode.REVIEWED
+    if value is False:
+        return CustomCode.FORBIDDEN
+    return CustomCode(value)
 
 
 # Lists whose order means nothing: canonically sorted and de-duplicated.

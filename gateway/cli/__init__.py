@@ -9,6 +9,7 @@ sealroom policy put | get | versions | diff | check    data owner
 sealroom job submit | get | list | watch | cancel      model team
 sealroom job approve | deny | logs                     data owner
 sealroom release download | verify                    model team, anyone offline
+sealroom release review | approve | reject            data owner (custom_code: reviewed)
 sealroom audit query | export | verify                 compliance
 sealroom demo                                          the whole story, end to end
 """

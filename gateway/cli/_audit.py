@@ -1,4 +1,5 @@
-"""Compliance verbs (the audit log) and release verbs (download and offline verification)."""
+"""Compliance verbs (the audit log) and release verbs (download and offline verification; an
+owner's review of a held release)."""
 
 from __future__ import annotations
 
@@ -343,3 +344,52 @@ def release_verify(
             f"release verifies: job {manifest.get('job_id')}, signed by site "
             f"{getattr(v, 'site', '?')}, {len(manifest.get('artifacts', {}))} artifacts",
         )
+
+
+@release_app.command("review")
+def release_review(job_id: str, as_json: bool = JsonOpt) -> None:
+    """Show a held release (custom_code: reviewed): what its weights can carry, in bits, and
+    the gate's checks (data owner)."""
+    with errors(as_json), client() as c:
+        r = c.review_release(job_id)
+
+        def text() -> None:
+            console.print(
+                f"job {r.job_id}, release {r.release_id[:16]}…: the weights can carry up to "
+                f"[bold]{r.weights_capacity_bits:,} bits[/] "
+                f"({r.released_elements:,} elements x "
+                + ", ".join(f"{b} bits ({d})" for d, b in sorted(r.bits_per_element.items()))
+                + f" after the gate's re-quantisation and a scrub of {r.scrub_bits} bits)"
+            )
+            table = Table("dataset", "check", "passed", "figures")
+            for k in r.checks:
+                table.add_row(k.dataset, k.check, "yes" if k.passed else "NO", k.figures_json)
+            console.print(table)
+            console.print(
+                f"reviewers: {', '.join(r.reviewers)}; approved by: "
+                f"{', '.join(r.approved_by) or 'nobody yet'}"
+            )
+
+        emit(as_json, to_dict(r), text)
+
+
+def _decide_release(job_id: str, *, approve: bool, reason: str, as_json: bool) -> None:
+    with errors(as_json), client() as c:
+        j = c.decide_release(job_id, approve=approve, reason=reason)
+        emit(as_json, to_dict(j), f"job {j.id}: {j.state}")
+
+
+@release_app.command("approve")
+def release_approve(
+    job_id: str, reason: str = typer.Option("", help="why"), as_json: bool = JsonOpt
+) -> None:
+    """Release a held release after reviewing it (data owner)."""
+    _decide_release(job_id, approve=True, reason=reason, as_json=as_json)
+
+
+@release_app.command("reject")
+def release_reject(
+    job_id: str, reason: str = typer.Option("", help="why"), as_json: bool = JsonOpt
+) -> None:
+    """Reject a held release after reviewing it: the job ends REJECTED (data owner)."""
+    _decide_release(job_id, approve=False, reason=reason, as_json=as_json)

@@ -102,7 +102,9 @@ def test_purposes_absent_means_any_purpose() -> None:
 def test_custom_code_where_allowed() -> None:
     policy = make_policy(trainers={"custom_code": True})
     spec = make_spec(trainer="custom", entrypoint="train:Module")
-    assert decide(spec, policies={"books": policy}).outcome is Outcome.AUTO_APPROVE
+    # Allowed, but (custom_code: true is now `reviewed`) an owner approves it even though
+    # the policy's approval is automatic: its weights can carry the data.
+    assert decide(spec, policies={"books": policy}).outcome is Outcome.NEEDS_APPROVAL
 
 
 def test_two_datasets_only_the_manual_one_needs_approval() -> None:

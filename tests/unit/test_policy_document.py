@@ -11,6 +11,7 @@ import pytest
 
 from policies.document import (
     ApprovalMode,
+    CustomCode,
     LogVisibility,
     diff_policies,
     parse_policy,
@@ -48,7 +49,7 @@ def test_books_example_parses_into_the_rules_it_states() -> None:
     assert policy.access.teams == frozenset({"model-team"})
     assert policy.base_models == frozenset({"tiny-lm"})
     assert policy.trainers.builtin == frozenset({"causal-lm", "causal-lm-lora", "classification"})
-    assert policy.trainers.custom_code is False
+    assert policy.trainers.custom_code is CustomCode.FORBIDDEN
     assert policy.approval.mode is ApprovalMode.MANUAL
     assert policy.approval.quorum == 1
     assert policy.approval.valid_for == dt.timedelta(hours=72)
@@ -211,7 +212,7 @@ def test_numbers_out_of_range_or_not_finite(old: str, new: str, field: str) -> N
 
 def test_custom_is_not_a_builtin_trainer() -> None:
     text = BOOKS.replace("builtin: [causal-lm,", "builtin: [custom,")
-    assert "use custom_code: true" in problems(text)
+    assert "use custom_code: reviewed or private" in problems(text)
 
 
 def test_yaml_syntax_error_names_the_line() -> None:

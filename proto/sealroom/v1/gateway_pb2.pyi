@@ -481,6 +481,8 @@ class Job(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     RELEASE_ID_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    CHANNEL_BITS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     state: _builtins.str
@@ -494,6 +496,8 @@ class Job(_message.Message):
     created_at: _builtins.str
     updated_at: _builtins.str
     release_id: _builtins.str
+    channel_bits: _builtins.float
+    """the capacity of what the team could observe of the run"""
     @_builtins.property
     def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetVersionRef]: ...
     @_builtins.property
@@ -507,6 +511,12 @@ class Job(_message.Message):
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """released metrics, once RELEASED"""
+
+    @_builtins.property
+    def details(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the site told the owners (which check refused, the exit code); empty for the model
+        team, whose reasons come from a fixed vocabulary (policies/channels.py).
+        """
 
     def __init__(
         self,
@@ -528,10 +538,12 @@ class Job(_message.Message):
         updated_at: _builtins.str = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         release_id: _builtins.str = ...,
+        details: _abc.Iterable[_builtins.str] | None = ...,
+        channel_bits: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "bundle_sha256", b"bundle_sha256", "created_at", b"created_at", "datasets", b"datasets", "id", b"id", "image_id", b"image_id", "metrics", b"metrics", "name", b"name", "policy_versions", b"policy_versions", "reasons", b"reasons", "release_id", b"release_id", "spec", b"spec", "spec_sha256", b"spec_sha256", "state", b"state", "submitter", b"submitter", "team", b"team", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "bundle_sha256", b"bundle_sha256", "channel_bits", b"channel_bits", "created_at", b"created_at", "datasets", b"datasets", "details", b"details", "id", b"id", "image_id", b"image_id", "metrics", b"metrics", "name", b"name", "policy_versions", b"policy_versions", "reasons", b"reasons", "release_id", b"release_id", "spec", b"spec", "spec_sha256", b"spec_sha256", "state", b"state", "submitter", b"submitter", "team", b"team", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -642,6 +654,152 @@ class DecideJobRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DecideJobRequest: _TypeAlias = DecideJobRequest  # noqa: Y015
+
+@_typing.final
+class ReviewReleaseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReviewReleaseRequest: _TypeAlias = ReviewReleaseRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseCheck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    CHECK_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    FIGURES_JSON_FIELD_NUMBER: _builtins.int
+    dataset: _builtins.str
+    check: _builtins.str
+    passed: _builtins.bool
+    figures_json: _builtins.str
+    """the check's figures as signed into the manifest (JSON object)"""
+    def __init__(
+        self,
+        *,
+        dataset: _builtins.str = ...,
+        check: _builtins.str = ...,
+        passed: _builtins.bool = ...,
+        figures_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "dataset", b"dataset", "figures_json", b"figures_json", "passed", b"passed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseCheck: _TypeAlias = ReleaseCheck  # noqa: Y015
+
+@_typing.final
+class ReleaseReview(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class BitsPerElementEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    RELEASE_ID_FIELD_NUMBER: _builtins.int
+    WEIGHTS_CAPACITY_BITS_FIELD_NUMBER: _builtins.int
+    RELEASED_ELEMENTS_FIELD_NUMBER: _builtins.int
+    BITS_PER_ELEMENT_FIELD_NUMBER: _builtins.int
+    SCRUB_BITS_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    REVIEWERS_FIELD_NUMBER: _builtins.int
+    APPROVED_BY_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    release_id: _builtins.str
+    """SHA-256 of the signed manifest the verdict is for"""
+    weights_capacity_bits: _builtins.int
+    """upper bound on what the released weights can carry"""
+    released_elements: _builtins.int
+    scrub_bits: _builtins.int
+    @_builtins.property
+    def bits_per_element(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """per dtype, the bits that survive the gate"""
+
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReleaseCheck]: ...
+    @_builtins.property
+    def reviewers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """owners whose approval releases it"""
+
+    @_builtins.property
+    def approved_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        release_id: _builtins.str = ...,
+        weights_capacity_bits: _builtins.int = ...,
+        released_elements: _builtins.int = ...,
+        bits_per_element: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        scrub_bits: _builtins.int = ...,
+        checks: _abc.Iterable[Global___ReleaseCheck] | None = ...,
+        reviewers: _abc.Iterable[_builtins.str] | None = ...,
+        approved_by: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved_by", b"approved_by", "bits_per_element", b"bits_per_element", "checks", b"checks", "job_id", b"job_id", "release_id", b"release_id", "released_elements", b"released_elements", "reviewers", b"reviewers", "scrub_bits", b"scrub_bits", "weights_capacity_bits", b"weights_capacity_bits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseReview: _TypeAlias = ReleaseReview  # noqa: Y015
+
+@_typing.final
+class DecideReleaseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    APPROVE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    approve: _builtins.bool
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        approve: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approve", b"approve", "job_id", b"job_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecideReleaseRequest: _TypeAlias = DecideReleaseRequest  # noqa: Y015
 
 @_typing.final
 class WatchJobRequest(_message.Message):

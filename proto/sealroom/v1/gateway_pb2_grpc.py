@@ -99,6 +99,16 @@ class GatewayStub:
                 request_serializer=sealroom_dot_v1_dot_gateway__pb2.DecideJobRequest.SerializeToString,
                 response_deserializer=sealroom_dot_v1_dot_gateway__pb2.Job.FromString,
                 _registered_method=True)
+        self.ReviewRelease = channel.unary_unary(
+                '/sealroom.v1.Gateway/ReviewRelease',
+                request_serializer=sealroom_dot_v1_dot_gateway__pb2.ReviewReleaseRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_gateway__pb2.ReleaseReview.FromString,
+                _registered_method=True)
+        self.DecideRelease = channel.unary_unary(
+                '/sealroom.v1.Gateway/DecideRelease',
+                request_serializer=sealroom_dot_v1_dot_gateway__pb2.DecideReleaseRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_gateway__pb2.Job.FromString,
+                _registered_method=True)
         self.DownloadRelease = channel.unary_stream(
                 '/sealroom.v1.Gateway/DownloadRelease',
                 request_serializer=sealroom_dot_v1_dot_gateway__pb2.DownloadReleaseRequest.SerializeToString,
@@ -226,6 +236,21 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReviewRelease(self, request, context):
+        """Data owner of a dataset whose policy says `custom_code: reviewed`: a custom job's release
+        that passed the gate waits (AWAITING_REVIEW) for the owner, who reads what its weights can
+        carry (ReviewRelease) and approves (RELEASED) or rejects (REJECTED) it (DecideRelease).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecideRelease(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DownloadRelease(self, request, context):
         """Model team (own jobs), data owner, compliance.
         """
@@ -346,6 +371,16 @@ def add_GatewayServicer_to_server(servicer, server):
             'DecideJob': grpc.unary_unary_rpc_method_handler(
                     servicer.DecideJob,
                     request_deserializer=sealroom_dot_v1_dot_gateway__pb2.DecideJobRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_gateway__pb2.Job.SerializeToString,
+            ),
+            'ReviewRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReviewRelease,
+                    request_deserializer=sealroom_dot_v1_dot_gateway__pb2.ReviewReleaseRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_gateway__pb2.ReleaseReview.SerializeToString,
+            ),
+            'DecideRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecideRelease,
+                    request_deserializer=sealroom_dot_v1_dot_gateway__pb2.DecideReleaseRequest.FromString,
                     response_serializer=sealroom_dot_v1_dot_gateway__pb2.Job.SerializeToString,
             ),
             'DownloadRelease': grpc.unary_stream_rpc_method_handler(
@@ -739,6 +774,60 @@ class Gateway:
             target,
             '/sealroom.v1.Gateway/DecideJob',
             sealroom_dot_v1_dot_gateway__pb2.DecideJobRequest.SerializeToString,
+            sealroom_dot_v1_dot_gateway__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReviewRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.Gateway/ReviewRelease',
+            sealroom_dot_v1_dot_gateway__pb2.ReviewReleaseRequest.SerializeToString,
+            sealroom_dot_v1_dot_gateway__pb2.ReleaseReview.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecideRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.Gateway/DecideRelease',
+            sealroom_dot_v1_dot_gateway__pb2.DecideReleaseRequest.SerializeToString,
             sealroom_dot_v1_dot_gateway__pb2.Job.FromString,
             options,
             channel_credentials,

@@ -51,6 +51,12 @@ class GatewayStub:
     GetJobLogs: _grpc.UnaryStreamMultiCallable[_gateway_pb2.GetJobLogsRequest, _gateway_pb2.LogChunk]
     DecideJob: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.DecideJobRequest, _gateway_pb2.Job]
     """Data owner of every dataset the job names."""
+    ReviewRelease: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ReviewReleaseRequest, _gateway_pb2.ReleaseReview]
+    """Data owner of a dataset whose policy says `custom_code: reviewed`: a custom job's release
+    that passed the gate waits (AWAITING_REVIEW) for the owner, who reads what its weights can
+    carry (ReviewRelease) and approves (RELEASED) or rejects (REJECTED) it (DecideRelease).
+    """
+    DecideRelease: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.DecideReleaseRequest, _gateway_pb2.Job]
     DownloadRelease: _grpc.UnaryStreamMultiCallable[_gateway_pb2.DownloadReleaseRequest, _gateway_pb2.ReleaseChunk]
     """Model team (own jobs), data owner, compliance."""
     QueryAudit: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.QueryAuditRequest, _gateway_pb2.QueryAuditResponse]
@@ -88,6 +94,12 @@ class GatewayAsyncStub(GatewayStub):
     GetJobLogs: _aio.UnaryStreamMultiCallable[_gateway_pb2.GetJobLogsRequest, _gateway_pb2.LogChunk]  # type: ignore[assignment]
     DecideJob: _aio.UnaryUnaryMultiCallable[_gateway_pb2.DecideJobRequest, _gateway_pb2.Job]  # type: ignore[assignment]
     """Data owner of every dataset the job names."""
+    ReviewRelease: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ReviewReleaseRequest, _gateway_pb2.ReleaseReview]  # type: ignore[assignment]
+    """Data owner of a dataset whose policy says `custom_code: reviewed`: a custom job's release
+    that passed the gate waits (AWAITING_REVIEW) for the owner, who reads what its weights can
+    carry (ReviewRelease) and approves (RELEASED) or rejects (REJECTED) it (DecideRelease).
+    """
+    DecideRelease: _aio.UnaryUnaryMultiCallable[_gateway_pb2.DecideReleaseRequest, _gateway_pb2.Job]  # type: ignore[assignment]
     DownloadRelease: _aio.UnaryStreamMultiCallable[_gateway_pb2.DownloadReleaseRequest, _gateway_pb2.ReleaseChunk]  # type: ignore[assignment]
     """Model team (own jobs), data owner, compliance."""
     QueryAudit: _aio.UnaryUnaryMultiCallable[_gateway_pb2.QueryAuditRequest, _gateway_pb2.QueryAuditResponse]  # type: ignore[assignment]
@@ -200,6 +212,24 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.Job, _abc.Awaitable[_gateway_pb2.Job]]:
         """Data owner of every dataset the job names."""
+
+    @_abc_1.abstractmethod
+    def ReviewRelease(
+        self,
+        request: _gateway_pb2.ReviewReleaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.ReleaseReview, _abc.Awaitable[_gateway_pb2.ReleaseReview]]:
+        """Data owner of a dataset whose policy says `custom_code: reviewed`: a custom job's release
+        that passed the gate waits (AWAITING_REVIEW) for the owner, who reads what its weights can
+        carry (ReviewRelease) and approves (RELEASED) or rejects (REJECTED) it (DecideRelease).
+        """
+
+    @_abc_1.abstractmethod
+    def DecideRelease(
+        self,
+        request: _gateway_pb2.DecideReleaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.Job, _abc.Awaitable[_gateway_pb2.Job]]: ...
 
     @_abc_1.abstractmethod
     def DownloadRelease(
