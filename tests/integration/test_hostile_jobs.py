@@ -32,8 +32,8 @@ from typing import Any
 
 import pytest
 
-from enclave import _mounts
-from enclave._collect import OutputRefused, walk_output
+from enclave import _beneath, _mounts, _progress
+from enclave.gate import run_gate
 from enclave.runtime import (
     JOB_LABEL,
     MANAGED_LABEL,
@@ -43,6 +43,7 @@ from enclave.runtime import (
     Handle,
     RunState,
 )
+from policies.release import CheckName, ReleaseRules
 from trainers.contract import JOB_USER
 
 pytestmark = pytest.mark.docker
@@ -582,6 +583,41 @@ def _assert_no_data_bytes(out: Path) -> None:
                     os.close(fd)
 
 
+def _gate_refusal(out: Path, dest: Path) -> str:
+    """What the site's release gate says of the job's output: it must refuse; its reasons."""
+    rules = ReleaseRules(
+        version="hostile:1",
+        checks=frozenset({CheckName.ARTIFACTS, CheckName.WEIGHTS, CheckName.METRICS}),
+        allowed_metrics=frozenset({"loss"}),
+    )
+    result = run_gate(out, rules=rules, base_layout={"w": ("F32", [4])}, dest_dir=dest)
+    assert not result.passed and not dest.exists()
+    text = "; ".join(r for c in result.checks for r in c.reasons)
+    assert SECRET.decode().strip() not in text
+    return text
+
+
+def _site_reads_nothing(out: Path, *relpaths: str) -> None:
+    """Every way the site reads a job-written file refuses these, without blocking: the
+    primitive, and the agent's progress follower."""
+    result: list[Any] = []
+
+    def read() -> None:
+        for rel in relpaths:
+            with pytest.raises(_beneath.BeneathRefused):
+                _beneath.read_beneath(out, rel, max_bytes=1 << 20)
+        events: list[Any] = []
+        with _progress.follow(out, events.append, interval_s=0.01):
+            time.sleep(0.05)
+        result.append((events, _progress.read_progress(out, 0, None)))
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "a site read blocked"
+    assert result == [([], (None, 0))]
+
+
 def test_symlinks_into_data_are_refused_and_never_followed(
     runtime, runtime_image, site, test_labels
 ):
@@ -590,16 +626,41 @@ def test_symlinks_into_data_are_refused_and_never_followed(
     os.symlink("/data/ds/secret.txt", "/output/weights/model.safetensors")
     os.symlink("/data/ds", "/output/datadir")
     os.symlink("/data/ds/secret.txt", "/output/metrics.json")
+    os.symlink("../data/ds/secret.txt", "/output/metrics.jsonl")
     report(read_inside=open("/output/metrics.json").read() != "")
     """
     with attack(runtime, runtime_image, site, test_labels, script) as ran:
         assert ran.status.state is RunState.EXITED and ran.status.exit_code == 0
         assert ran.report == {"read_inside": True}  # the links work inside the container...
         _assert_no_data_bytes(ran.output)  # ...but the host side reads no data bytes
-        with pytest.raises(OutputRefused, match="symbolic link") as info:
-            walk_output(ran.output)
-        assert "model.safetensors" not in str(info.value)  # names never echoed
-        assert len(info.value.relpaths) == 3
+        text = _gate_refusal(ran.output, site["root"] / "release")
+        assert text.count("is a symbolic link") == 4, text
+        assert "model.safetensors" not in text  # names never echoed
+        _site_reads_nothing(
+            ran.output,
+            "weights/model.safetensors",
+            "datadir/secret.txt",
+            "metrics.json",
+            "metrics.jsonl",
+        )
+
+
+def test_progress_link_to_a_host_file_reports_nothing(runtime, runtime_image, site, test_labels):
+    """The attack that once worked: ``/output/metrics.jsonl`` a link to a host file of progress
+    lines; the agent (root) followed it and sent its numbers to ``job watch``."""
+    host_file = site["root"] / "host-progress.jsonl"
+    host_file.write_text('{"step": 7777, "total": 8888, "loss": 4242.0}\n' * 3)
+    depth = "../" * (len(site["root"].parts) + 1)  # from /output/sub up past the host root
+    script = f"""
+    os.symlink({str(host_file)!r}, "/output/metrics.jsonl")
+    os.makedirs("/output/sub")
+    os.symlink("{depth}{str(host_file).lstrip("/")}", "/output/sub/metrics.jsonl")
+    report(dangles_inside=not os.path.exists("/output/metrics.jsonl"))
+    """
+    with attack(runtime, runtime_image, site, test_labels, script) as ran:
+        assert ran.status.state is RunState.EXITED and ran.status.exit_code == 0
+        assert ran.report == {"dangles_inside": True}  # only the host could follow it
+        _site_reads_nothing(ran.output, "metrics.jsonl", "sub/metrics.jsonl")
 
 
 def test_hardlinks_into_data_fail_and_hardlinks_in_output_are_refused(
@@ -609,15 +670,17 @@ def test_hardlinks_into_data_fail_and_hardlinks_in_output_are_refused(
     fd = os.open("/data/ds/secret.txt", os.O_RDONLY)
     direct = attempt(os.link, "/data/ds/secret.txt", "/output/h1")
     via_fd = attempt(os.link, f"/proc/self/fd/{fd}", "/output/h2", follow_symlinks=True)
-    with open("/output/a", "w") as f: f.write("x")
-    inside = attempt(os.link, "/output/a", "/output/b")
+    os.makedirs("/output/weights")
+    with open("/output/weights/a.safetensors", "w") as f: f.write("x")
+    inside = attempt(os.link, "/output/weights/a.safetensors", "/output/metrics.json")
     report(direct=direct, via_fd=via_fd, inside=inside)
     """
     with attack(runtime, runtime_image, site, test_labels, script) as ran:
         assert ran.report == {"direct": "EXDEV", "via_fd": "EXDEV", "inside": "ok"}
         _assert_no_data_bytes(ran.output)
-        with pytest.raises(OutputRefused, match="2 hard links"):
-            walk_output(ran.output)
+        text = _gate_refusal(ran.output, site["root"] / "release")
+        assert text.count("has more than one hard link") == 2, text
+        _site_reads_nothing(ran.output, "weights/a.safetensors", "metrics.json")
     assert (site["data"] / "secret.txt").stat().st_nlink == 1
 
 
@@ -643,15 +706,17 @@ def test_device_nodes_cannot_be_made_and_fifos_sockets_are_refused(
     import stat
     dev = attempt(os.mknod, "/output/mem", stat.S_IFCHR | 0o666, os.makedev(1, 1))
     fifo = attempt(os.mkfifo, "/output/metrics.json")
+    progress = attempt(os.mkfifo, "/output/metrics.jsonl")
     s = socket.socket(socket.AF_UNIX)
     sock = attempt(s.bind, "/output/sock")
-    report(dev=dev, fifo=fifo, sock=sock)
+    report(dev=dev, fifo=fifo, progress=progress, sock=sock)
     """
     with attack(runtime, runtime_image, site, test_labels, script) as ran:
-        assert ran.report == {"dev": "EPERM", "fifo": "ok", "sock": "ok"}
-        with pytest.raises(OutputRefused) as info:
-            walk_output(ran.output)  # returns at once: nothing is opened, so no FIFO blocks
-        assert "a FIFO" in str(info.value) and "a socket" in str(info.value)
+        assert ran.report == {"dev": "EPERM", "fifo": "ok", "progress": "ok", "sock": "ok"}
+        text = _gate_refusal(ran.output, site["root"] / "release")
+        assert "'metrics.json' is a FIFO" in text and "is a socket" in text
+        # Nothing blocks on a FIFO: the primitive opens non-blocking and refuses it after.
+        _site_reads_nothing(ran.output, "metrics.json", "metrics.jsonl", "sock")
 
 
 # -- privileges ------------------------------------------------------------------------------
