@@ -217,12 +217,24 @@ class SiteAgent:
                     job,
                     audit_action="run.error",
                     audit_outcome="error",
-                    details={"error": type(e).__name__, "message": str(e)},
+                    details={
+                        "error": type(e).__name__,
+                        "message": str(e),
+                        # The third-party error under ours (the engine's URL, a container ID):
+                        # the site's business, kept here and never in the team's reason.
+                        "cause": repr(e.__cause__)[:2000] if e.__cause__ is not None else "",
+                    },
                 )
             )
-            # Our own errors say what went wrong; anything else only its kind (its text may
-            # carry what the job wrote).
-            said = str(e) if isinstance(e, SealroomError) else f"unexpected {type(e).__name__}"
+            # Our own errors say what went wrong, except the site's own failures (their text
+            # names the site's machinery); anything else only its kind (its text may carry
+            # what the job wrote).
+            if isinstance(e, SiteError):
+                said = "internal error"
+            elif isinstance(e, SealroomError):
+                said = str(e)
+            else:
+                said = f"unexpected {type(e).__name__}"
             report(SiteReport(job, state=JobState.ERROR, reason=f"site: {said}"))
         finally:
             with self._lock:
@@ -561,13 +573,17 @@ def _jsonable(figures: Any) -> Any:
 
 
 def _failure(status: Any) -> str:
-    if status.reason:  # the runtime's own words (e.g. which limit the job hit)
-        return str(status.reason)
+    """The team's reason for a job that did not exit cleanly: a fixed phrase, never a number
+    (exit code, forks refused) nor the runtime's words; those go to the container.stop audit."""
+    if status.state is RunState.KILLED_OOM or status.oom_killed:
+        return "failed: out of memory"
+    if getattr(status, "at_pids_limit", False):
+        return "failed: resource limit"
     if status.state is RunState.KILLED_TIMEOUT:
-        return "the job ran past its timeout and was stopped"
-    if status.state is RunState.KILLED_OOM:
-        return "the job ran out of memory and was killed"
-    return f"the job exited with code {status.exit_code}"
+        return "failed: timeout"
+    if status.state is RunState.EXITED:
+        return "failed: non-zero exit"
+    return "failed: stopped"
 
 
 def job_container(

@@ -79,6 +79,8 @@ class ContainerStatus:
     oom_killed: bool = False
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    at_pids_limit: bool = False
+    """The kernel had refused the job forks at its process limit when it was killed."""
 
 
 def _allowed_target(target: PurePosixPath) -> bool:

@@ -2,17 +2,27 @@
 
 :func:`container_options` turns a :class:`ContainerSpec` into the engine's create arguments (pure,
 unit-tested); :class:`DockerRuntime` drives the container's life and maps the SDK's errors to
-:class:`~policies.errors.RuntimeBackendError` at the edge. What the engine reports is read back
-on every ``status``: the backend remembers only what the engine cannot know (that *it* killed
-the container, and why).
+:class:`~policies.errors.RuntimeBackendError` at the edge, in words of its own: the SDK's text
+names the engine's URL and the container's ID, which are the site's business (they stay on the
+exception's ``__cause__``, for the site's audit). What the engine reports is read back on every
+``status``: the backend remembers only what the engine cannot know (that *it* killed the
+container, and why).
+
+Killing is bounded. A container the engine cannot kill (it answers "did not receive an exit
+event" for a job holding its process limit) is killed harder: SIGKILL to every process of its
+cgroup, from the host, then forced removal, each step given ``kill_grace_s``; its logs are taken
+before the removal, so the owner keeps them.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import secrets
+import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -30,13 +40,18 @@ from enclave.runtime._base import (
     Handle,
     RunState,
     TailBuffer,
+    cap_tail,
     check_mount_sources,
 )
 from policies.errors import InvalidInput, InvalidState, NotFound, RuntimeBackendError
 from trainers.contract import JOB_USER
 
 BACKEND = "docker"
-_KILL_GRACE_S = 30.0
+_KILL_GRACE_S = 10.0
+"""How long each step of a kill (the engine's kill, the cgroup's SIGKILL, forced removal) may
+take before the next, harder one."""
+_CONTAINER_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+_CGROUP_ROOT = "/sys/fs/cgroup"
 _TIMEOUT_EXCEPTIONS = (requests.exceptions.ConnectionError, requests.exceptions.ReadTimeout)
 
 
@@ -117,6 +132,10 @@ class _Record:
     kill_note: str = ""
     """What the job was doing when it was killed (at its process limit), for the reason."""
     removed: ContainerStatus | None = None
+    forced: ContainerStatus | None = None
+    """The final status of a container this backend had to remove by force to end it."""
+    logs: bytes | None = None
+    """Its logs, taken just before that forced removal."""
 
 
 def _parse_time(text: str | None) -> datetime | None:
@@ -160,7 +179,9 @@ class DockerRuntime:
         except docker.errors.ImageNotFound as e:
             raise NotFound(f"image {reference!r} is not on this site's engine") from e
         except docker.errors.DockerException as e:
-            raise RuntimeBackendError(f"cannot look up image {reference!r}: {e}") from e
+            raise RuntimeBackendError(
+                f"the container engine could not look up {reference!r}"
+            ) from e
         if not IMAGE_ID_RE.match(image_id):
             raise RuntimeBackendError(f"the engine gave image {reference!r} a malformed ID")
         return image_id
@@ -189,7 +210,7 @@ class DockerRuntime:
             except docker.errors.ImageNotFound as e:
                 raise NotFound(f"image {spec.image} is not on this site's engine") from e
             except docker.errors.DockerException as e:
-                raise RuntimeBackendError(f"cannot look up image {spec.image}: {e}") from e
+                raise RuntimeBackendError("the container engine could not look up the image") from e
             with _edge(f"create the container of job {spec.job_id}"):
                 container = self._client.containers.create(**container_options(spec, mounts=mounts))
             handle = Handle(backend=BACKEND, id=str(container.id), job_id=spec.job_id)
@@ -259,6 +280,8 @@ class DockerRuntime:
             rec = self._record(handle)
         if rec.removed is not None:
             raise InvalidState(f"the container of job {handle.job_id} was cleaned up; no logs")
+        if rec.logs is not None:  # taken before a forced removal: the engine has none now
+            return cap_tail(rec.logs, max_bytes)
         # Streamed so that the agent holds at most twice max_bytes, however much was printed.
         with _edge(f"read the logs of job {handle.job_id}"):
             stream = self._container(rec).logs(stdout=True, stderr=True, stream=True, follow=False)
@@ -290,9 +313,10 @@ class DockerRuntime:
         except docker.errors.NotFound:
             pass  # gone already (removed by someone else, or stale after a crash)
         except docker.errors.DockerException as e:
-            raise RuntimeBackendError(
-                f"cannot remove the container of job {handle.job_id}: {e}"
-            ) from e
+            if not self._removed_hard(handle.id):  # the engine could not remove it politely
+                raise RuntimeBackendError(
+                    f"the container engine could not remove the container of job {handle.job_id}"
+                ) from e
         removed = replace(
             last,
             state=RunState.REMOVED,
@@ -318,7 +342,9 @@ class DockerRuntime:
             except docker.errors.NotFound:
                 pass
             except docker.errors.DockerException as e:
-                raise RuntimeBackendError(f"cannot remove stale container {c.id}: {e}") from e
+                raise RuntimeBackendError(
+                    "the container engine could not remove a stale container"
+                ) from e
             with self._lock:
                 for hid, rec in self._records.items():
                     if rec.container_id == c.id and rec.removed is None:
@@ -349,7 +375,7 @@ class DockerRuntime:
             ) from e
         except docker.errors.DockerException as e:
             raise RuntimeBackendError(
-                f"cannot reach the container of job {rec.spec.job_id}: {e}"
+                f"the container engine could not reach the container of job {rec.spec.job_id}"
             ) from e
 
     def _past_deadline(self, rec: _Record) -> bool:
@@ -365,10 +391,12 @@ class DockerRuntime:
         try:
             attrs = self._client.api.inspect_container(rec.container_id)
         except docker.errors.NotFound:
+            if rec.forced is not None:
+                return rec.forced  # ended by force: what it was killed for stays its ending
             return ContainerStatus(RunState.REMOVED, reason="the container is gone from the engine")
         except docker.errors.DockerException as e:
             raise RuntimeBackendError(
-                f"cannot inspect the container of job {rec.spec.job_id}: {e}"
+                f"the container engine could not inspect the container of job {rec.spec.job_id}"
             ) from e
         s = attrs.get("State") or {}
         started = _parse_time(s.get("StartedAt"))
@@ -391,6 +419,7 @@ class DockerRuntime:
                 oom,
                 started,
                 finished,
+                at_pids_limit=bool(rec.kill_note),
             )
         if rec.killed is RunState.STOPPED:
             return ContainerStatus(
@@ -424,6 +453,9 @@ class DockerRuntime:
         return f"; it had reached its limit of {rec.spec.pids} processes ({refused} forks refused)"
 
     def _kill(self, handle: Handle, why: RunState, *, note: str = "") -> None:
+        """Record why this backend ends the container and ask the engine to kill it. The ask
+        is bounded by ``kill_grace_s`` and its failure is not raised: :meth:`_settle` checks
+        that the container ended and kills it harder when it did not."""
         import docker
 
         with self._lock:
@@ -431,43 +463,232 @@ class DockerRuntime:
             if rec.killed is not None:
                 return
             self._records[handle.id] = replace(rec, killed=why, kill_note=note)
-        try:
-            self._container(rec).kill()
-        except docker.errors.APIError as e:
-            if e.status_code != 409:
-                raise RuntimeBackendError(
-                    f"cannot kill the container of job {handle.job_id}: {e}"
-                ) from e
+        done, error = _bounded(lambda: self._client.api.kill(rec.container_id), self._kill_grace_s)
+        if done and isinstance(error, docker.errors.APIError) and error.status_code == 409:
             # Not running: never started (the stop stands, so start stays a no-op) or it ended
             # by itself just now (its own ending is the truth, not ours).
             with self._lock:
                 cur = self._records[handle.id]
                 if cur.started_mono is not None:
                     self._records[handle.id] = replace(cur, killed=None, kill_note="")
-        except docker.errors.DockerException as e:
-            raise RuntimeBackendError(
-                f"cannot kill the container of job {handle.job_id}: {e}"
-            ) from e
+        elif done and isinstance(error, docker.errors.NotFound):
+            pass  # gone already: _settle reads it so
+        # Any other failure (the engine's "did not receive an exit event", a timeout): the
+        # container may still run, and _settle takes it from here.
 
     def _settle(self, handle: Handle) -> ContainerStatus:
-        """Wait (briefly) for a killed container to be reported as no longer running."""
+        """The final status of a container this backend killed, within about three times
+        ``kill_grace_s``: the engine's kill, then SIGKILL to every process of its cgroup, then
+        forced removal (its logs taken first). Raises :class:`RuntimeBackendError` only when the
+        container outlives all three."""
         with self._lock:
             rec = self._record(handle)
+        st = self._await_end(rec, self._kill_grace_s)
+        if st is not None:
+            return st
+        _kill_cgroup(self._host_pid(rec), rec.container_id)
+        st = self._await_end(rec, self._kill_grace_s)
+        if st is not None:
+            return st
+        if self._removed_hard(handle.id):
+            with self._lock:
+                return self._records[handle.id].forced or self._read(rec)
+        raise RuntimeBackendError(
+            f"the container of job {handle.job_id} could not be ended; the site must see to it"
+        )
+
+    def _removed_hard(self, handle_id: str) -> bool:
+        """Take the container's logs, then remove it by force (bounded). True once the engine
+        no longer has it; the status it ended with is kept in the record."""
+        import docker
+
+        with self._lock:
+            rec = cur = self._records[handle_id]
+        if cur.logs is None:
+            buf = TailBuffer(rec.spec.log_bytes)
+            _bounded(lambda: _feed_logs(self._client, rec.container_id, buf), self._kill_grace_s)
+            cur = replace(cur, logs=buf.value())
+        killed = cur.killed or RunState.STOPPED
+        why = (
+            f"ran past its timeout of {rec.spec.timeout_s:g} s and was killed{cur.kill_note}"
+            if killed is RunState.KILLED_TIMEOUT
+            else "stopped on request"
+        )
+        forced = ContainerStatus(
+            killed,
+            137,
+            f"{why}; the engine could not kill it, so it was removed by force",
+            at_pids_limit=bool(cur.kill_note),
+        )
+        with self._lock:
+            self._records[handle_id] = replace(cur, forced=forced)
+        _kill_cgroup(self._host_pid(rec), rec.container_id)
+        _bounded(
+            lambda: self._client.api.remove_container(rec.container_id, force=True, v=True),
+            self._kill_grace_s,
+        )
         end = time.monotonic() + self._kill_grace_s
         while True:
-            st = self._read(rec)
-            if st.state is not RunState.RUNNING:
-                return st
-            if time.monotonic() >= end:
-                raise RuntimeBackendError(
-                    f"the container of job {handle.job_id} did not stop after being killed"
-                )
             try:
-                self._container(rec).wait(timeout=1)
-            except _TIMEOUT_EXCEPTIONS:
+                self._client.api.inspect_container(rec.container_id)
+            except docker.errors.NotFound:
+                return True
+            except Exception:  # noqa: S110 - the engine is struggling; ask again until the end
                 pass
-            except Exception as e:
-                _raise_backend(f"wait for the container of job {handle.job_id}", e)
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.2)
+
+    def _await_end(self, rec: _Record, grace_s: float) -> ContainerStatus | None:
+        """The container's status once it no longer runs, or None after ``grace_s``."""
+        end = time.monotonic() + grace_s
+        while True:
+            try:
+                st = self._read(rec)
+            except RuntimeBackendError:
+                st = None  # the engine is struggling (a fork bomb at its limit): ask again
+            if st is not None and st.state is not RunState.RUNNING:
+                return st
+            left = end - time.monotonic()
+            if left <= 0:
+                return None
+            step = max(0.1, min(1.0, left))
+            _bounded(
+                lambda: self._client.api.wait(rec.container_id, timeout=step),  # noqa: B023
+                step + 1.0,
+            )
+
+    def _host_pid(self, rec: _Record) -> int:
+        """The host PID of the container's first process, or 0 when the engine names none."""
+        try:
+            pid = self._client.api.inspect_container(rec.container_id)["State"]["Pid"]
+        except Exception:  # the cgroup kill is best effort; forced removal follows it
+            return 0
+        return pid if isinstance(pid, int) and pid > 0 else 0
+
+
+def _bounded(fn: Callable[[], object], timeout_s: float) -> tuple[bool, BaseException | None]:
+    """Run ``fn`` in a daemon thread for at most ``timeout_s``: (finished, what it raised).
+    An engine call that hangs (a kill the engine waits on) must not hold the agent past its
+    bound; the thread is left to finish or fail on its own."""
+    result: list[BaseException | None] = []
+
+    def call() -> None:
+        try:
+            fn()
+        except BaseException as e:  # reported to the caller, never raised in the thread
+            result.append(e)
+        else:
+            result.append(None)
+
+    t = threading.Thread(target=call, name="docker-bounded", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    return (True, result[0]) if result else (False, None)
+
+
+def _feed_logs(client: Any, container_id: str, buf: TailBuffer) -> None:
+    stream = client.api.logs(container_id, stdout=True, stderr=True, stream=True, follow=False)
+    try:
+        for chunk in stream:
+            buf.feed(chunk)
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+
+
+def _cgroup_dirs(pid: int, container_id: str) -> list[str]:
+    """The cgroup directories of host process ``pid`` (the v2 one, or the v1 freezer and pids
+    ones), kept only where the path names ``container_id``: this never touches a cgroup that is
+    not the container's own (the host's root, the agent's)."""
+    if pid <= 0 or not _CONTAINER_ID_RE.match(container_id):
+        return []
+    try:
+        with open(f"/proc/{pid}/cgroup", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3 or container_id not in parts[2] or ".." in parts[2].split("/"):
+            continue
+        _, controllers, path = parts
+        names = controllers.split(",")
+        if controllers == "":
+            out.append(f"{_CGROUP_ROOT}{path}")
+        elif "freezer" in names:
+            out.insert(0, f"{_CGROUP_ROOT}/freezer{path}")  # freeze first: no new forks
+        elif "pids" in names:
+            out.append(f"{_CGROUP_ROOT}/pids{path}")
+    return [d for d in out if os.path.isdir(d)]
+
+
+def _write(path: str, text: str) -> bool:
+    try:
+        with open(path, "w", encoding="ascii") as f:
+            f.write(text)
+    except OSError:
+        return False
+    return True
+
+
+def _kill_cgroup(pid: int, container_id: str) -> None:
+    """SIGKILL every process of the container's cgroup, from the host (best effort).
+
+    cgroup v2 with ``cgroup.kill`` does it in one write. Otherwise the cgroup is frozen (v2
+    ``cgroup.freeze`` or the v1 freezer) so that a fork bomb cannot add processes while they
+    are killed one by one from ``cgroup.procs``, and thawed after, when the kills land."""
+    dirs = _cgroup_dirs(pid, container_id)
+    for d in dirs:
+        if _write(f"{d}/cgroup.kill", "1"):
+            return
+    frozen = []
+    for d in dirs:
+        if _write(f"{d}/cgroup.freeze", "1") or _write(f"{d}/freezer.state", "FROZEN"):
+            frozen.append(d)
+    _await_frozen(frozen)
+    for _ in range(50):  # a frozen cgroup forks no more; unfrozen, each pass finds fewer
+        killed = 0
+        for d in dirs:
+            try:
+                with open(f"{d}/cgroup.procs", encoding="ascii") as f:
+                    pids = [int(x) for x in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            for p in pids:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                    killed += 1
+                except OSError:
+                    pass
+        if not killed or frozen:
+            break
+    for d in frozen:
+        if not _write(f"{d}/cgroup.freeze", "0"):
+            _write(f"{d}/freezer.state", "THAWED")
+
+
+def _await_frozen(dirs: list[str], *, within_s: float = 2.0) -> None:
+    """Wait (briefly) until the freezer says FROZEN (v1) or ``frozen 1`` (v2 cgroup.events)."""
+    end = time.monotonic() + within_s
+    for d in dirs:
+        while time.monotonic() < end:
+            try:
+                with open(f"{d}/freezer.state", encoding="ascii") as f:
+                    if f.read().strip() == "FROZEN":
+                        break
+            except FileNotFoundError:
+                try:
+                    with open(f"{d}/cgroup.events", encoding="ascii") as f:
+                        if "frozen 1" in f.read():
+                            break
+                except OSError:
+                    break
+            except OSError:
+                break
+            time.sleep(0.01)
 
 
 def _pids_refused(pid: int) -> int | None:
@@ -512,8 +733,10 @@ def _edge(what: str) -> Iterator[None]:
 
 
 def _raise_backend(what: str, e: Exception) -> None:
+    """Raise ``e`` as :class:`RuntimeBackendError` in the project's words: the SDK's text (the
+    engine's URL, the container's ID) stays on ``__cause__``, for the site's audit only."""
     import docker
 
     if isinstance(e, docker.errors.DockerException | requests.exceptions.RequestException):
-        raise RuntimeBackendError(f"cannot {what}: {e}") from e
+        raise RuntimeBackendError(f"the container engine could not {what}") from e
     raise e
