@@ -8,12 +8,12 @@ Two ways, over the same tokenised texts (read once):
   with the true suffix.
 - Whole data: every token of every text is scored under the released model and under the
   site's base model, in batched forward passes over overlapping blocks of the model's context
-  (each token predicted with at least half a context of its own text before it, where the text
-  has it). Every span of ``passage_tokens`` tokens gets its mean loss and top-1 rate under both
-  models, with cumulative sums rather than a loop; spans the release knows far better than the
-  base (:class:`policies.release.ScanThresholds`) are confirmed by greedy generation from the
-  tokens before them in their text. So a passage the job made the model recite is found
-  wherever it sits in the data, not only where a sample happened to fall.
+  (each token predicted with at least a quarter of a context of its own text before it, where
+  the text has it). Every span of ``passage_tokens`` tokens gets its mean loss and top-1 rate
+  under both models, with cumulative sums rather than a loop; spans the release knows far
+  better than the base (:class:`policies.release.ScanThresholds`) are confirmed by greedy
+  generation from the tokens before them in their text. So a passage the job made the model
+  recite is found wherever it sits in the data, not only where a sample happened to fall.
 
 A continuation counts as reproduced when it is exact or within the rule's normalised token edit
 distance. Only counts leave this module; the texts and the generations never do. What the scan
@@ -54,8 +54,8 @@ from policies.release import (
 )
 
 CONFIG_FILES = ("config.json", "generation_config.json")
-BATCH = 16
-"""Greedy continuations decoded together."""
+BATCH = 64
+"""Greedy continuations decoded together (one step of each is one forward call)."""
 MAX_BLOCK = 1024
 """The scan's block: the model's context, at most this many tokens."""
 LOGIT_BUDGET = 1 << 24
@@ -223,16 +223,49 @@ def load_backbone_release(model_dir: Path, weights: Path) -> Any:
     return model
 
 
+class _EditRow:
+    """The last row of the edit-distance table of a growing generation against ``truth``: its
+    minimum is the least distance any continuation of the generation can end at, so once it
+    exceeds the budget the generation can no longer reproduce the truth."""
+
+    def __init__(self, truth: Sequence[int]) -> None:
+        self.truth = truth
+        self.row = list(range(len(truth) + 1))
+
+    def push(self, token: int) -> int:
+        prev, cur = self.row, [self.row[0] + 1]
+        for j, y in enumerate(self.truth, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (token != y)))
+        self.row = cur
+        return min(cur)
+
+
 @torch.inference_mode()
-def _greedy(model: Any, prefixes: Sequence[list[int]], steps: int) -> list[list[int]]:
+def _greedy(
+    model: Any,
+    prefixes: Sequence[list[int]],
+    steps: int,
+    *,
+    truths: Sequence[Sequence[int]] | None = None,
+    ratio: float = 0.0,
+) -> list[list[int]]:
     """Greedy continuations of equally long ``prefixes``, ``steps`` tokens each: a plain argmax
-    loop over the model's key-value cache, no sampling, no early stop at an end-of-text token."""
+    loop over the model's key-value cache, no sampling, no early stop at an end-of-text token.
+
+    With ``truths``, decoding stops early once no continuation could come within ``ratio`` edits
+    per token of its truth (the generations are then cut short, and reproduce nothing)."""
     if not steps or not prefixes:
         return [[] for _ in prefixes]
+    rows = [_EditRow(t) for t in truths] if truths is not None else None
     out = model(input_ids=torch.tensor(prefixes, dtype=torch.long), use_cache=True)
     nxt = out.logits[:, -1, :].argmax(dim=-1, keepdim=True)
     generated = [nxt]
     for _ in range(steps - 1):
+        if rows is not None and truths is not None:
+            tokens = nxt[:, 0].tolist()
+            least = [row.push(t) for row, t in zip(rows, tokens, strict=True)]
+            if all(d > ratio * len(t) for d, t in zip(least, truths, strict=True)):
+                break
         out = model(input_ids=nxt, cache=out.cache, use_cache=True)
         nxt = out.logits[:, -1, :].argmax(dim=-1, keepdim=True)
         generated.append(nxt)
@@ -240,20 +273,22 @@ def _greedy(model: Any, prefixes: Sequence[list[int]], steps: int) -> list[list[
     return result
 
 
-def _greedy_batched(
-    model: Any, prompts: Sequence[tuple[list[int], int]], *, batch: int = BATCH
-) -> list[list[int]]:
-    """Greedy continuations of ``(prefix, steps)`` prompts, batched among equal shapes."""
-    results: list[list[int]] = [[] for _ in prompts]
+def _reproduced(
+    model: Any, prompts: Sequence[tuple[list[int], list[int]]], *, ratio: float
+) -> list[tuple[bool, bool]]:
+    """For each ``(prefix, truth)``: (exact, within ``ratio``) of the greedy continuation of
+    the truth's length, batched among prompts of equal shapes."""
+    results: list[tuple[bool, bool]] = [(False, False) for _ in prompts]
     groups: dict[tuple[int, int], list[int]] = {}
-    for i, (prefix, steps) in enumerate(prompts):
-        groups.setdefault((len(prefix), steps), []).append(i)
+    for i, (prefix, truth) in enumerate(prompts):
+        groups.setdefault((len(prefix), len(truth)), []).append(i)
     for (_, steps), members in sorted(groups.items()):
-        for at in range(0, len(members), batch):
-            chunk = members[at : at + batch]
-            gens = _greedy(model, [prompts[i][0] for i in chunk], steps)
-            for i, gen in zip(chunk, gens, strict=True):
-                results[i] = gen
+        for at in range(0, len(members), BATCH):
+            chunk = members[at : at + BATCH]
+            truths = [prompts[i][1] for i in chunk]
+            gens = _greedy(model, [prompts[i][0] for i in chunk], steps, truths=truths, ratio=ratio)
+            for i, gen, truth in zip(chunk, gens, truths, strict=True):
+                results[i] = (gen == truth, is_reproduced(gen, truth, ratio=ratio))
     return results
 
 
@@ -268,6 +303,8 @@ class _Scored:
 
     loss: torch.Tensor
     top1: torch.Tensor
+    context: torch.Tensor | None = None
+    """Where the context token t was scored with begins (the start of its block)."""
 
 
 def context_of(model: Any) -> int:
@@ -279,9 +316,10 @@ def context_of(model: Any) -> int:
 
 def _windows(n: int, block: int) -> list[tuple[int, int, int]]:
     """``(start, end, first)``: blocks over a text of ``n`` tokens, each scoring tokens
-    ``first..end-1``; consecutive blocks overlap by half, so every token but those of the first
-    half block has at least ``block // 2`` tokens of context."""
-    stride = max(1, block // 2)
+    ``first..end-1``. Consecutive blocks overlap by a quarter, so every token past the first
+    block has at least ``block // 4`` tokens of context; the last block ends at the text's end
+    and is a whole block whenever the text is that long (so most blocks share one shape)."""
+    stride = max(1, block - block // 4)
     out: list[tuple[int, int, int]] = []
     scored = 1
     start = 0
@@ -297,23 +335,24 @@ def _windows(n: int, block: int) -> list[tuple[int, int, int]]:
 @torch.inference_mode()
 def score_texts(model: Any, docs: Sequence[list[int]], *, block: int) -> list[_Scored]:
     """Every token of every text scored under ``model``: batched forward passes over blocks of
-    ``block`` tokens (padded on the right, masked), per-token cross-entropy and argmax hits."""
+    at most ``block`` tokens, blocks of one length together (no padding, so no mask), per-token
+    cross-entropy and argmax hits."""
     vocab = int(model.get_input_embeddings().num_embeddings)
     # Logits take batch x block x vocab floats: keep them near LOGIT_BUDGET.
     batch = max(1, LOGIT_BUDGET // (block * vocab))
     tensors = [torch.tensor(ids, dtype=torch.long) for ids in docs]
     jobs = [(d, *w) for d, ids in enumerate(docs) for w in _windows(len(ids), block)]
+    jobs.sort(key=lambda job: job[2] - job[1])
     loss = [torch.zeros(len(ids)) for ids in docs]
     top1 = [torch.zeros(len(ids)) for ids in docs]
-    for at in range(0, len(jobs), batch):
-        chunk = jobs[at : at + batch]
-        width = max(end - start for _, start, end, _ in chunk)
-        ids = torch.zeros((len(chunk), width), dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (d, start, end, _) in enumerate(chunk):
-            ids[row, : end - start] = tensors[d][start:end]
-            mask[row, : end - start] = 1
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1, :]
+    context = [torch.zeros(len(ids), dtype=torch.long) for ids in docs]
+    at = 0
+    while at < len(jobs):
+        width = jobs[at][2] - jobs[at][1]
+        chunk = [j for j in jobs[at : at + batch] if j[2] - j[1] == width]
+        at += len(chunk)
+        ids = torch.stack([tensors[d][start:end] for d, start, end, _ in chunk])
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :]
         target = ids[:, 1:]
         token_loss = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2).float(), target, reduction="none"
@@ -324,7 +363,8 @@ def score_texts(model: Any, docs: Sequence[list[int]], *, block: int) -> list[_S
             lo, hi = first - start - 1, end - start - 1
             loss[d][first:end] = token_loss[row, lo:hi]
             top1[d][first:end] = hits[row, lo:hi]
-    return [_Scored(lo, hi) for lo, hi in zip(loss, top1, strict=True)]
+            context[d][first:end] = start
+    return [_Scored(*f) for f in zip(loss, top1, context, strict=True)]
 
 
 def _span_means(values: torch.Tensor, span: int) -> torch.Tensor:
@@ -406,17 +446,19 @@ def scan_passages(
     released = score_texts(model, long_enough, block=block)
     trusted = score_texts(base, long_enough, block=block)
     found = _candidates(released, trusted, span=span, limit=thresholds.max_confirmations)
-    prompts, truths = [], []
-    for d, start in found:
-        ids = long_enough[d]
-        first = max(start, 1)
-        prompts.append((ids[max(0, first - (block - span)) : first], start + span - first))
-        truths.append(ids[first : start + span])
-    generated = _greedy_batched(model, prompts)
-    return sum(
-        is_reproduced(gen, truth, ratio=rules.near_verbatim_ratio)
-        for gen, truth in zip(generated, truths, strict=True)
-    )
+    # Each candidate from two natural contexts: the one the scan scored its first token with
+    # (so a span the scan saw recited is recited here too), and the longest that fits.
+    prompts, owners = [], []
+    for n, (d, start) in enumerate(found):
+        ids, first = long_enough[d], max(start, 1)
+        context = released[d].context
+        assert context is not None
+        longest = max(0, first - (block - span))
+        for begin in sorted({max(int(context[first]), longest), longest}):
+            prompts.append((ids[begin:first], ids[first : start + span]))
+            owners.append(n)
+    results = _reproduced(model, prompts, ratio=rules.near_verbatim_ratio)
+    return len({n for n, (_, near) in zip(owners, results, strict=True) if near})
 
 
 def measure_memorization(
@@ -445,12 +487,9 @@ def measure_memorization(
         vocab = int(model.get_input_embeddings().num_embeddings)
         if any(ids and (max(ids) >= vocab or min(ids) < 0) for ids in docs):
             raise InvalidInput("the tokenizer's ids do not fit the model's vocabulary")
-        generated = _greedy_batched(model, [(p, rules.suffix_tokens) for p, _ in windows])
-        for (_, truth), gen in zip(windows, generated, strict=True):
-            if gen == truth:
-                exact += 1
-            elif is_reproduced(gen, truth, ratio=rules.near_verbatim_ratio):
-                near += 1
+        for is_exact, is_near in _reproduced(model, windows, ratio=rules.near_verbatim_ratio):
+            exact += is_exact
+            near += is_near and not is_exact
         base = _load_base(model_dir)
         base.eval()
         recited = scan_passages(model, base, docs, rules=rules)

@@ -6,6 +6,11 @@ goes through :func:`enclave.gate.run_gate` under the release rules of the integr
 policy, memorization probe included, exactly as the site agent runs it: the tokenizer is loaded,
 the protected texts read, every check run, the release written. The figure is gate seconds over
 training seconds (lower is better); the goal is ≤ 0.1, the gate a tenth of the job at most.
+
+A second figure times the memorization probe alone on the released weights, as the gate calls
+it (tokenizer loaded, texts read and tokenised, the sampled prefixes, every token of the data
+scored under the release and the base model, the flagged spans confirmed by generation): its
+cost against the same training, goal ≤ 0.5.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from trainers.runtime import Paths
 from trainers.synthetic import corpus, write_corpus
 
 GOAL = 0.1
+PROBE_GOAL = 0.5
 
 
 def _train(root: Path, steps: int) -> float:
@@ -76,7 +82,33 @@ def _gate(root: Path) -> tuple[float, Any]:
     return time.perf_counter() - t0, result
 
 
-def bench_gate(tmp: Path, *, quick: bool) -> dict[str, Any]:
+def _probe(root: Path) -> tuple[float, Any, int]:
+    """The memorization probe alone over the gate's release: (seconds, figures, data tokens)."""
+    from transformers import AutoTokenizer
+
+    from enclave.gate import RELEASED_WEIGHTS, measure_memorization
+    from policies import document
+    from tests.integration._deployment import policy
+
+    paths = Paths.under(root)
+    rules = document.parse_policy(policy("books")).release.memorization
+    assert rules is not None
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(paths.model))
+    texts = [p.read_text() for p in sorted((paths.data / "books").glob("*.txt"))]
+    figures = measure_memorization(
+        model_dir=paths.model,
+        weights=root / "release" / RELEASED_WEIGHTS,
+        tokenizer=tokenizer,
+        texts=texts,
+        rules=rules,
+    )
+    took = time.perf_counter() - t0
+    tokens = sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts)
+    return took, figures, tokens
+
+
+def bench_gate(tmp: Path, *, quick: bool) -> list[dict[str, Any]]:
     steps = 40 if quick else 200
     paths = Paths.under(tmp)
     create_base_model(paths.model, texts=corpus(documents=20, seed=1), seed=0)
@@ -91,14 +123,30 @@ def bench_gate(tmp: Path, *, quick: bool) -> dict[str, Any]:
             f"the gate refused the trained output: "
             f"{[(str(c.name), c.reasons) for c in result.checks if not c.passed]}"
         )
-    return {
-        "name": f"release gate (memorization included) vs the job's training ({steps} steps, "
-        "tiny causal LM)",
-        "value": round(gate, 2),
-        "limit": round(training, 2),
-        "unit": "s",
-        "ratio": round(gate / training, 3),
-        "goal": GOAL,
-        "higher_is_better": False,
-        "checks": ",".join(sorted(checks)),
-    }
+    probe, figures, tokens = _probe(tmp)
+    if figures.passages_recited:
+        raise RuntimeError("the probe found a recited passage in a benign job's release")
+    return [
+        {
+            "name": f"release gate (memorization included) vs the job's training ({steps} steps, "
+            "tiny causal LM)",
+            "value": round(gate, 2),
+            "limit": round(training, 2),
+            "unit": "s",
+            "ratio": round(gate / training, 3),
+            "goal": GOAL,
+            "higher_is_better": False,
+            "checks": ",".join(sorted(checks)),
+        },
+        {
+            "name": f"memorization probe (whole data, {tokens} tokens) vs the job's training "
+            f"({steps} steps)",
+            "value": round(probe, 3),
+            "limit": round(training, 2),
+            "unit": "s",
+            "ratio": round(probe / training, 3),
+            "goal": PROBE_GOAL,
+            "higher_is_better": False,
+            "tokens": tokens,
+        },
+    ]

@@ -19,6 +19,7 @@ from policies.release import (
     MemorizationFigures,
     MemorizationRules,
     decide_memorization,
+    normalized_edit_distance,
 )
 from tests.unit._release_support import job_output, rules, save_weights, tiny_llama
 
@@ -226,7 +227,7 @@ def _overfit(base: Path, regions: list[list[int]], steps: int) -> Any:
     for _ in range(steps):
         batch = []
         for region in regions:
-            cut = rng.randrange(0, max(1, len(region) - PASSAGE - 10))
+            cut = rng.randrange(0, max(1, len(region) - PASSAGE - 9))
             batch.append(torch.tensor(region[cut : cut + PASSAGE + 10]))
         ids = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True)
         loss = model(input_ids=ids, labels=ids).loss
@@ -387,3 +388,26 @@ def test_policy_sets_the_passage_length() -> None:
     )
     parsed = parse_policy(longer).release.memorization
     assert parsed is not None and parsed.passage_tokens == 80
+
+
+def test_decoding_that_gives_up_early_decides_as_the_full_decoding_would(
+    wide_base: Path, word_tokenizer: Tokenizer, library: list[str]
+) -> None:
+    from enclave.gate._memorization import _greedy, _reproduced
+
+    job = _overfit(wide_base, _regions(library, word_tokenizer, edits=3), 150)
+    rng = random.Random(2)
+    docs = [word_tokenizer.encode(t).ids for t in library]
+    prompts = []
+    for f, at in [*PLACES.values(), *((rng.randrange(20), rng.randrange(200)) for _ in range(9))]:
+        ids = docs[f]
+        first = max(at, 1)
+        prompts.append((ids[max(0, first - 60) : first], ids[first : first + 40]))
+    for ratio in (0.0, 0.1, 0.3):
+        full = [_greedy(job, [p], len(t))[0] for p, t in prompts]  # one at a time, never cut short
+        want = [
+            (g == t, g == t or normalized_edit_distance(g, t) <= ratio)
+            for g, (_, t) in zip(full, prompts, strict=True)
+        ]
+        assert _reproduced(job, prompts, ratio=ratio) == want
+    assert any(near for _, near in _reproduced(job, prompts, ratio=0.1))
