@@ -36,6 +36,7 @@ from trainers.hparams import (
     ClassificationHyperparameters,
     LoRAHyperparameters,
 )
+from trainers.private_hparams import PrivateHyperparameters
 from trainers.runtime import Paths, RunContext
 
 
@@ -64,6 +65,11 @@ TRAINERS: dict[str, BuiltinTrainer] = {
     ),
     "classification": BuiltinTrainer(
         validate=ClassificationHyperparameters.parse, run="trainers.classification:run"
+    ),
+    # A team's torch.export graph under the site's DP-SGD (custom_code: private); the bundle's
+    # program is read as data, never run as Python (trainers.private).
+    "private": BuiltinTrainer(
+        validate=PrivateHyperparameters.parse, run="trainers.private:run_bundle"
     ),
 }
 """Built-in trainers by the name a job spec uses."""

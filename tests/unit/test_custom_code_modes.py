@@ -178,7 +178,9 @@ def _signed_release(site: ScriptedSite, order: RunOrder) -> list[SiteReport]:
     save_file({k: torch.zeros(s, dtype=torch.bfloat16) for k, s in SHAPES.items()}, weights)
     (out / "metrics.json").write_text('{"train_loss": 1.5}')
     arts = tuple(
-        ArtifactDigest(p, hashlib.sha256((out / p).read_bytes()).hexdigest(), (out / p).stat().st_size)
+        ArtifactDigest(
+            p, hashlib.sha256((out / p).read_bytes()).hexdigest(), (out / p).stat().st_size
+        )
         for p in ("metrics.json", "weights/model.safetensors")
     )
     manifest = Manifest(
