@@ -140,10 +140,10 @@ def bench_gate(tmp: Path, *, quick: bool) -> list[dict[str, Any]]:
         {
             "name": f"release gate (without the memorization probe) vs the job's training "
             f"({steps} steps, tiny causal LM)",
-            "value": round(gate, 3),
+            "value": _sig(gate),
             "limit": round(training, 2),
             "unit": "s",
-            "ratio": round(gate / training, 3),
+            "ratio": _sig(gate / training),
             "goal": GOAL,
             "higher_is_better": False,
             "checks": ",".join(sorted(str(c.name) for c in checked.checks)),
@@ -151,15 +151,20 @@ def bench_gate(tmp: Path, *, quick: bool) -> list[dict[str, Any]]:
         {
             "name": f"memorization probe (whole data, {tokens} tokens) vs the job's training "
             f"({steps} steps)",
-            "value": round(probe, 3),
+            "value": _sig(probe),
             "limit": round(training, 2),
             "unit": "s",
-            "ratio": round(probe / training, 3),
+            "ratio": _sig(probe / training),
             "goal": PROBE_GOAL,
             "higher_is_better": False,
             "tokens": tokens,
         },
     ]
+
+
+def _sig(x: float) -> float:
+    """Three significant digits: a ratio of a few thousandths must not round to 0."""
+    return float(f"{x:.3g}")
 
 
 def _refusals(result: Any) -> list[tuple[str, tuple[str, ...]]]:
