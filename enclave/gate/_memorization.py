@@ -60,6 +60,8 @@ MAX_BLOCK = 1024
 """The scan's block: the model's context, at most this many tokens."""
 LOGIT_BUDGET = 1 << 24
 """Logit values (floats) one scan batch may hold: 64 MiB."""
+CHUNK_TOKENS = 1 << 20
+"""Tokens of text the scan scores before it keeps only its best candidates."""
 LM_HEAD_PREFIX = "lm_head."
 
 
@@ -86,18 +88,19 @@ def sample_windows(
     return _sample(_tokenize(tokenizer, texts), rules=rules)
 
 
-def _tokenize(tokenizer: Tokenizer, texts: Iterable[str]) -> list[list[int]]:
-    return [_ids(tokenizer, text) for text in texts]
+def _tokenize(tokenizer: Tokenizer, texts: Iterable[str]) -> list[torch.Tensor]:
+    # int32 tensors, 4 bytes a token: a list of Python ints would take nine times as much.
+    return [torch.tensor(_ids(tokenizer, text), dtype=torch.int32) for text in texts]
 
 
 def _sample(
-    docs: Sequence[list[int]], *, rules: MemorizationRules
+    docs: Sequence[torch.Tensor], *, rules: MemorizationRules
 ) -> list[tuple[list[int], list[int]]]:
     """Reservoir sampling of K texts long enough, then one window in each; when fewer than K
     texts are long enough, windows are drawn again from those at other offsets."""
     need = rules.prefix_tokens + rules.suffix_tokens
     rng = random.Random(rules.seed)
-    reservoir: list[list[int]] = []
+    reservoir: list[torch.Tensor] = []
     seen = 0
     for ids in docs:
         if len(ids) < need:
@@ -113,7 +116,7 @@ def _sample(
     for i in range(rules.samples if reservoir else 0):
         ids = reservoir[i % len(reservoir)]
         start = rng.randrange(len(ids) - need + 1)
-        window = ids[start : start + need]
+        window: list[int] = ids[start : start + need].tolist()
         windows.append((window[: rules.prefix_tokens], window[rules.prefix_tokens :]))
     return windows
 
@@ -303,7 +306,7 @@ class _Scored:
 
     loss: torch.Tensor
     top1: torch.Tensor
-    context: torch.Tensor | None = None
+    context: torch.Tensor
     """Where the context token t was scored with begins (the start of its block)."""
 
 
@@ -333,14 +336,16 @@ def _windows(n: int, block: int) -> list[tuple[int, int, int]]:
 
 
 @torch.inference_mode()
-def score_texts(model: Any, docs: Sequence[list[int]], *, block: int) -> list[_Scored]:
+def score_texts(
+    model: Any, docs: Sequence[torch.Tensor | list[int]], *, block: int
+) -> list[_Scored]:
     """Every token of every text scored under ``model``: batched forward passes over blocks of
     at most ``block`` tokens, blocks of one length together (no padding, so no mask), per-token
     cross-entropy and argmax hits."""
     vocab = int(model.get_input_embeddings().num_embeddings)
     # Logits take batch x block x vocab floats: keep them near LOGIT_BUDGET.
     batch = max(1, LOGIT_BUDGET // (block * vocab))
-    tensors = [torch.tensor(ids, dtype=torch.long) for ids in docs]
+    tensors = [torch.as_tensor(ids, dtype=torch.long) for ids in docs]
     jobs = [(d, *w) for d, ids in enumerate(docs) for w in _windows(len(ids), block)]
     jobs.sort(key=lambda job: job[2] - job[1])
     loss = [torch.zeros(len(ids)) for ids in docs]
@@ -401,35 +406,45 @@ def flag_spans(
     return starts, best[keep]
 
 
-def _candidates(
-    released: Sequence[_Scored], base: Sequence[_Scored], *, span: int, limit: int
-) -> list[tuple[int, int]]:
-    """``(text, start)`` of at most ``limit`` flagged spans, the highest scores first."""
-    docs, starts, scores = [], [], []
+def _flagged(
+    released: Sequence[_Scored], base: Sequence[_Scored], *, span: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(text, start, score) of the flagged spans of these texts, as tensors."""
+    docs, starts, scores = (
+        [torch.zeros(0, dtype=torch.long)],
+        [torch.zeros(0, dtype=torch.long)],
+        [torch.zeros(0)],
+    )
     for d, (r, b) in enumerate(zip(released, base, strict=True)):
         s, v = flag_spans(r, b, span=span)
         docs.append(torch.full_like(s, d))
         starts.append(s)
         scores.append(v)
-    if not docs:
-        return []
-    all_scores = torch.cat(scores)
-    top = torch.topk(all_scores, min(limit, all_scores.numel())).indices
-    all_docs, all_starts = torch.cat(docs), torch.cat(starts)
-    return [(int(all_docs[i]), int(all_starts[i])) for i in top]
+    return torch.cat(docs), torch.cat(starts), torch.cat(scores)
+
+
+def _candidates(
+    released: Sequence[_Scored], base: Sequence[_Scored], *, span: int, limit: int
+) -> list[tuple[int, int]]:
+    """``(text, start)`` of at most ``limit`` flagged spans, the highest scores first."""
+    docs, starts, scores = _flagged(released, base, span=span)
+    top = torch.topk(scores, min(limit, scores.numel())).indices
+    return [(int(docs[i]), int(starts[i])) for i in top]
 
 
 def scan_passages(
     model: Any,
     base: Any,
-    docs: Sequence[list[int]],
+    docs: Sequence[torch.Tensor],
     *,
     rules: MemorizationRules,
     thresholds: ScanThresholds = SCAN,
 ) -> int:
     """How many flagged spans of ``rules.passage_tokens`` the released ``model`` reproduces
     (exact or near-verbatim) from the tokens before them in their text (at most
-    :attr:`ScanThresholds.max_confirmations` are tried).
+    :attr:`ScanThresholds.max_confirmations` are tried). Texts are scored a chunk of
+    :data:`CHUNK_TOKENS` at a time, keeping only the best candidates so far, so memory does not
+    grow with the data beyond its tokens.
 
     Raises :class:`InvalidInput` when the model's context cannot hold a passage and a token
     before it.
@@ -441,21 +456,43 @@ def scan_passages(
             f"the model's context ({block} tokens) cannot hold a passage of {span} tokens"
         )
     long_enough = [ids for ids in docs if len(ids) >= span]
-    if not long_enough:
-        return 0
-    released = score_texts(model, long_enough, block=block)
-    trusted = score_texts(base, long_enough, block=block)
-    found = _candidates(released, trusted, span=span, limit=thresholds.max_confirmations)
+    limit = thresholds.max_confirmations
+    # The best candidates so far: text, start, score, and where the scan's context began.
+    kept = [torch.zeros(0, dtype=torch.long)] * 2 + [
+        torch.zeros(0),
+        torch.zeros(0, dtype=torch.long),
+    ]
+    at = 0
+    while at < len(long_enough):
+        chunk: list[torch.Tensor] = []
+        size = 0
+        while at < len(long_enough) and (not chunk or size + len(long_enough[at]) <= CHUNK_TOKENS):
+            chunk.append(long_enough[at])
+            size += len(long_enough[at])
+            at += 1
+        released = score_texts(model, chunk, block=block)
+        trusted = score_texts(base, chunk, block=block)
+        d, s, v = _flagged(released, trusted, span=span)
+        begins = [
+            int(released[int(di)].context[max(int(si), 1)]) for di, si in zip(d, s, strict=True)
+        ]
+        d = d + (at - len(chunk))
+        merged = [
+            torch.cat([k, x])
+            for k, x in zip(kept, (d, s, v, torch.tensor(begins, dtype=torch.long)), strict=True)
+        ]
+        top = torch.topk(merged[2], min(limit, merged[2].numel())).indices
+        kept = [m[top] for m in merged]
     # Each candidate from two natural contexts: the one the scan scored its first token with
     # (so a span the scan saw recited is recited here too), and the longest that fits.
     prompts, owners = [], []
-    for n, (d, start) in enumerate(found):
-        ids, first = long_enough[d], max(start, 1)
-        context = released[d].context
-        assert context is not None
+    for n, (d_, start, scanned) in enumerate(
+        zip(kept[0].tolist(), kept[1].tolist(), kept[3].tolist(), strict=True)
+    ):
+        ids, first = long_enough[d_], max(start, 1)
         longest = max(0, first - (block - span))
-        for begin in sorted({max(int(context[first]), longest), longest}):
-            prompts.append((ids[begin:first], ids[first : start + span]))
+        for begin in sorted({max(scanned, longest), longest}):
+            prompts.append((ids[begin:first].tolist(), ids[first : start + span].tolist()))
             owners.append(n)
     results = _reproduced(model, prompts, ratio=rules.near_verbatim_ratio)
     return len({n for n, (_, near) in zip(owners, results, strict=True) if near})
@@ -485,7 +522,7 @@ def measure_memorization(
     if windows or any(len(ids) >= rules.passage_tokens for ids in docs):
         model = loader() if loader is not None else load_released_model(model_dir, weights)
         vocab = int(model.get_input_embeddings().num_embeddings)
-        if any(ids and (max(ids) >= vocab or min(ids) < 0) for ids in docs):
+        if any(len(ids) and (int(ids.max()) >= vocab or int(ids.min()) < 0) for ids in docs):
             raise InvalidInput("the tokenizer's ids do not fit the model's vocabulary")
         for is_exact, is_near in _reproduced(model, windows, ratio=rules.near_verbatim_ratio):
             exact += is_exact

@@ -355,8 +355,9 @@ def test_a_flood_of_suspicious_spans_costs_at_most_the_cap_of_confirmations() ->
 
     # Every span of every text looks recited: one candidate per 50 tokens, at most the cap.
     n = 2000
-    perfect = _Scored(torch.zeros(n), torch.ones(n))
-    clueless = _Scored(torch.full((n,), 5.0), torch.zeros(n))
+    blocks = torch.arange(n) // 96 * 96
+    perfect = _Scored(torch.zeros(n), torch.ones(n), blocks)
+    clueless = _Scored(torch.full((n,), 5.0), torch.zeros(n), blocks)
     found = _candidates([perfect] * 3, [clueless] * 3, span=50, limit=SCAN.max_confirmations)
     assert len(found) == SCAN.max_confirmations
     assert len({(d, s // 50) for d, s in found}) == len(found)
@@ -411,3 +412,19 @@ def test_decoding_that_gives_up_early_decides_as_the_full_decoding_would(
         ]
         assert _reproduced(job, prompts, ratio=ratio) == want
     assert any(near for _, near in _reproduced(job, prompts, ratio=0.1))
+
+
+def test_scanning_the_data_a_chunk_at_a_time_finds_the_same_passages(
+    wide_base: Path,
+    word_tokenizer: Tokenizer,
+    library: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from enclave.gate import _memorization
+
+    job = _overfit(wide_base, _regions(library, word_tokenizer, edits=0), 150)
+    base = _memorization._load_base(wide_base)
+    docs = _memorization._tokenize(word_tokenizer, library)
+    whole = _memorization.scan_passages(job, base, docs, rules=WHOLE)
+    monkeypatch.setattr(_memorization, "CHUNK_TOKENS", 700)  # two files a chunk
+    assert _memorization.scan_passages(job, base, docs, rules=WHOLE) == whole >= 3
