@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from enclave import _mounts, _progress
+from enclave import _dp, _mounts, _progress
 from enclave.gate import (
     DPInputs,
     GateResult,
@@ -52,7 +52,8 @@ from policies import document
 from policies.errors import InvalidInput, ReleaseRefused, SealroomError, SiteError
 from policies.release import CheckName, ReleaseRules
 from policies.spec import JobSpec
-from trainers.contract import CODE_DIR, DATA_DIR, JOB_ENV, MODEL_DIR, JobConfig
+from trainers import privacy
+from trainers.contract import CODE_DIR, DATA_DIR, JOB_ENV, MODEL_DIR, DPParameters, JobConfig
 from trainers.errors import TrainerError
 from trainers.labelled import labelled_file
 from trainers.release import expected_release
@@ -119,6 +120,7 @@ class SiteAgent:
         self.labels = {SITE_LABEL: name, SITE_INSTANCE_LABEL: self.instance}
         self._cancelled: set[str] = set()
         self._handles: dict[str, Any] = {}
+        self._dp: dict[str, DPParameters | None] = {}  # the DP-SGD this site set, per job
         self._lock = threading.Lock()
         # After a crash: no decrypted byte and no output mount may outlive the run. Containers
         # first: a job a crashed agent left running would keep its mounts (the data) alive.
@@ -240,6 +242,7 @@ class SiteAgent:
             with self._lock:
                 self._cancelled.discard(job)
                 self._handles.pop(job, None)
+                self._dp.pop(job, None)
 
     # -- one run ----------------------------------------------------------------------------
 
@@ -297,8 +300,10 @@ class SiteAgent:
             if self._is_cancelled(job):
                 report(SiteReport(job, state=JobState.CANCELLED, reason="cancelled"))
                 return
+            dp = self._dp[job] = self._dp_parameters(order, report, model.path, versions)
             cspec = job_container(
                 spec,
+                dp=dp,
                 job_id=job,
                 image=self.image,
                 limits=self.limits,
@@ -414,8 +419,13 @@ class SiteAgent:
                 )
                 memo = MemorizationInputs(model_dir=model_dir, tokenizer=tokenizer, texts=texts)
             dp = (
-                DPInputs(spent=order.epsilon_spent.get(dataset, 0.0))
-                if CheckName.DP in r.checks
+                DPInputs(
+                    spent=order.epsilon_spent.get(dataset, 0.0),
+                    # The site's accountant over the DP-SGD it set (+inf where it set none),
+                    # at this policy's delta: never what the job wrote.
+                    epsilon=_dp.charged_epsilon(self._dp.get(job), delta=r.dp.delta),
+                )
+                if CheckName.DP in r.checks and r.dp is not None
                 else None
             )
             result = run_gate(
@@ -490,6 +500,35 @@ class SiteAgent:
                 audit_action="release.sign",
                 details={"manifest_sha256": signed.manifest_sha256},
             )
+        )
+
+    def _dp_parameters(
+        self, order: RunOrder, report: Report, model_dir: Path, versions: list[VaultVersion]
+    ) -> DPParameters | None:
+        """The DP-SGD this site grants the job (None: none), its sample rate from the training
+        samples counted in the site's own plaintext with the trainer's own rules."""
+
+        def dataset_files() -> Iterator[tuple[str, bytes]]:
+            for v in versions:
+                files = [(e.path, d) for e, d in self.vault.iter_plaintext(v)]
+                report(
+                    SiteReport(
+                        order.job_id,
+                        audit_action="data.gate-read",
+                        audit_dataset=v.name,
+                        details={"purpose": "DP-SGD sample rate", "files": len(files)},
+                    )
+                )
+                yield from files
+
+        return _dp.decide(
+            order.spec,
+            training_rows=lambda: privacy.training_rows(
+                order.spec.trainer,
+                dict(order.spec.hyperparameters),
+                model_dir=model_dir,
+                dataset_files=dataset_files,
+            ),
         )
 
     def _release_form(
@@ -589,6 +628,7 @@ def _failure(status: Any) -> str:
 def job_container(
     spec: JobSpec,
     *,
+    dp: DPParameters | None = None,
     job_id: str,
     image: str,
     limits: SiteLimits,
@@ -606,6 +646,7 @@ def job_container(
         datasets=tuple(data),
         hyperparameters=dict(spec.hyperparameters),
         entrypoint=spec.entrypoint,
+        dp=dp,
     )
     return ContainerSpec(
         image=image,

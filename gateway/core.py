@@ -16,8 +16,10 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import math
 import queue
 import shutil
+import sys
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
@@ -669,15 +671,34 @@ class Gateway:
         }
 
     def _epsilon_spent(self, names: list[str]) -> dict[str, float]:
-        """Privacy budget already released per dataset (sum of released jobs' epsilon)."""
+        """Privacy budget already released per dataset: the sum, over released jobs, of the ε
+        the site's accountant charged each in its signed release manifest (that dataset's DP
+        check), never a metric the job wrote. A release whose gate ran no DP check on the
+        dataset spent none of its DP budget; one whose record cannot be read, or reads as
+        anything but a finite number >= 0, is charged the largest float (fail closed: later
+        DP jobs on the dataset are refused by the budget, and the sum stays a finite number)."""
         spent = dict.fromkeys(names, 0.0)
+        worst = sys.float_info.max
         for job in self.store.jobs(state=JobState.RELEASED):
-            eps = job.metrics.get("epsilon")
-            if eps is None:
+            touched = {d.name for d in job.datasets if d.name in spent}
+            if not touched:
                 continue
-            for d in job.datasets:
-                if d.name in spent:
-                    spent[d.name] += eps
+            charged = dict.fromkeys(touched, 0.0)
+            try:
+                manifest = json.loads((self._releases / job.id / "manifest.json").read_bytes())
+                for gate in manifest["gates"]:
+                    if gate["dataset"] not in charged:
+                        continue
+                    for check in gate["checks"]:
+                        if check["name"] == "dp":
+                            eps = check["figures"].get("epsilon", worst)
+                            ok = isinstance(eps, int | float) and not isinstance(eps, bool)
+                            ok = ok and math.isfinite(eps) and eps >= 0
+                            charged[gate["dataset"]] = float(eps) if ok else worst
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                charged = dict.fromkeys(touched, worst)
+            for name, eps in charged.items():
+                spent[name] = min(worst, spent[name] + eps)
         return spent
 
     def _decide(

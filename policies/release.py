@@ -390,6 +390,15 @@ def round_significant(value: float, digits: int) -> float:
     return 0.0 if rounded == 0 else rounded
 
 
+def _round_up_significant(value: float, digits: int) -> float:
+    """``value`` to ``digits`` significant digits, never below it (a charge rounds up)."""
+    rounded = round_significant(value, digits)
+    if rounded < value:
+        step = 10 ** (math.floor(math.log10(value)) - digits + 1)
+        rounded = round_significant(rounded + step, digits)
+    return rounded
+
+
 def check_metrics(raw: Any, *, rules: ReleaseRules) -> MetricsDecision:
     """Check parsed ``metrics.json`` content against the rules.
 
@@ -523,11 +532,18 @@ def decide_memorization(figures: MemorizationFigures, *, rules: MemorizationRule
 
 
 def decide_dp(epsilon: float | None, *, spent: float, rules: DPRules) -> CheckResult:
-    """Refuse unless ``epsilon`` (the job's privacy loss) fits the per-job cap and, added to
-    ``spent`` (what earlier releases on the same data used), the cumulative budget."""
+    """Refuse unless ``epsilon`` (the job's privacy loss, as the site's accountant computed it)
+    fits the per-job cap and, added to ``spent`` (what earlier releases on the same data used),
+    the cumulative budget. None or +inf (no DP the site set) never fits; a NaN or negative
+    value is refused, and a negative ``spent`` counts as nothing spent, never as budget won.
+    The ``epsilon`` figure, which the gateway charges, is rounded up."""
     reasons = []
-    if epsilon is None:
-        reasons.append("no epsilon was recorded for the job")
+    if isinstance(spent, bool) or not isinstance(spent, int | float) or math.isnan(spent):
+        reasons.append("the epsilon already spent is not a number")
+        spent = math.inf
+    spent = max(0.0, float(spent))
+    if epsilon is None or epsilon == math.inf:
+        reasons.append("the job ran without DP-SGD set by the site: its epsilon is unbounded")
     elif isinstance(epsilon, bool) or not math.isfinite(epsilon) or epsilon < 0:
         reasons.append("the recorded epsilon is not a non-negative finite number")
     else:
@@ -543,8 +559,9 @@ def decide_dp(epsilon: float | None, *, spent: float, rules: DPRules) -> CheckRe
     figures: dict[str, Figure] = {
         "max_epsilon_per_job": rules.max_epsilon_per_job,
         "epsilon_budget": rules.epsilon_budget,
-        "spent_before": spent,
     }
-    if epsilon is not None and math.isfinite(epsilon):
-        figures["epsilon"] = round_significant(epsilon, 6)
+    if math.isfinite(spent):
+        figures["spent_before"] = spent
+    if epsilon is not None and math.isfinite(epsilon) and epsilon >= 0:
+        figures["epsilon"] = _round_up_significant(epsilon, 6)
     return CheckResult.decide(CheckName.DP, reasons, figures)

@@ -213,6 +213,7 @@ def _train(
             rows=len(data.train_blocks),
             batch_size=hp.batch_size,
             steps=hp.max_steps,
+            site=ctx.dp,
         )
     trainer = training.fit(module, data, hp, ctx, trainer_name=trainer_name)
     if module.eval_loss is None or not math.isfinite(module.eval_loss):

@@ -200,6 +200,7 @@ def run(hp: ClassificationHyperparameters, ctx: RunContext) -> dict[str, float]:
             rows=len(data.train_rows),
             batch_size=hp.batch_size,
             steps=hp.max_steps,
+            site=ctx.dp,
         )
     trainer = training.fit(module, data, hp, ctx, trainer_name="classification")
     if module.eval_loss is None or module.accuracy is None or not math.isfinite(module.eval_loss):

@@ -22,6 +22,7 @@ with at least ``step``, ``total`` and ``loss``. Checkpoints for resuming go to
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -50,11 +51,54 @@ EXIT_BAD_CONFIG = 2
 
 
 @dataclass(frozen=True)
+class DPParameters:
+    """The DP-SGD a built-in trainer runs, decided by the site (never by the job): Gaussian
+    noise of ``noise_multiplier`` times ``max_grad_norm`` on per-sample gradients clipped to
+    ``max_grad_norm``, each sample drawn into a step with probability ``sample_rate``, for
+    ``steps`` steps, calibrated for ``delta``. The site charges the ε of exactly these.
+    Raises ``ValueError`` for values no accountant could use."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    delta: float
+
+    def __post_init__(self) -> None:
+        for name in ("noise_multiplier", "sample_rate", "max_grad_norm", "delta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"dp.{name} must be a number")
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"dp.{name} must be a positive finite number")
+        if not (self.sample_rate <= 1 and self.delta < 1):
+            raise ValueError("dp: sample_rate and delta must lie in (0, 1]")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError("dp.steps must be a positive integer")
+
+    def to_obj(self) -> dict[str, float | int]:
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "max_grad_norm": self.max_grad_norm,
+            "delta": self.delta,
+        }
+
+    @classmethod
+    def from_obj(cls, raw: Any) -> DPParameters:
+        if not isinstance(raw, dict) or set(raw) != set(cls.__dataclass_fields__):
+            raise ValueError(f"dp must be an object of {', '.join(cls.__dataclass_fields__)}")
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """What the harness needs to know about the job. Built by the site agent from the spec.
 
     ``trainer`` is a built-in trainer's name (e.g. ``"causal-lm"``) or ``"custom"``, in which
-    case ``entrypoint`` names ``module:ClassName`` inside ``/code``.
+    case ``entrypoint`` names ``module:ClassName`` inside ``/code``. ``dp`` is the DP-SGD the
+    site decided for a built-in trainer asked for it (``dp_epsilon``); None otherwise.
     """
 
     job_id: str
@@ -62,6 +106,7 @@ class JobConfig:
     datasets: tuple[str, ...]
     hyperparameters: Mapping[str, Any] = field(default_factory=dict)
     entrypoint: str | None = None
+    dp: DPParameters | None = None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -71,6 +116,7 @@ class JobConfig:
                 "datasets": list(self.datasets),
                 "hyperparameters": dict(self.hyperparameters),
                 "entrypoint": self.entrypoint,
+                "dp": None if self.dp is None else self.dp.to_obj(),
             },
             sort_keys=True,
         )
@@ -94,12 +140,14 @@ class JobConfig:
         entrypoint = raw.get("entrypoint")
         if entrypoint is not None and not isinstance(entrypoint, str):
             raise ValueError(f"{JOB_ENV}: entrypoint must be a string or null")
+        dp = raw.get("dp")
         return cls(
             job_id=raw["job_id"],
             trainer=raw["trainer"],
             datasets=tuple(datasets),
             hyperparameters=hyperparameters,
             entrypoint=entrypoint,
+            dp=None if dp is None else DPParameters.from_obj(dp),
         )
 
     @classmethod

@@ -129,6 +129,7 @@ def _context(job: JobConfig, paths: Paths) -> RunContext:
         progress_file=paths.progress_file,
         scratch_dir=paths.tmp,
         checkpoint_dir=paths.checkpoint_dir,
+        dp=job.dp,
     )
 
 

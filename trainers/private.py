@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 from trainers import contract
+from trainers.contract import DPParameters
 from trainers.errors import ConfigError, DataError, TrainerError
 from trainers.private_hparams import PREFIX as _PREFIX
 from trainers.private_hparams import PrivateHyperparameters
@@ -312,13 +313,27 @@ def dp_sgd(
     hp: PrivateHyperparameters,
     *,
     on_step: Callable[[int, int], None] | None = None,
+    site: DPParameters | None = None,
 ) -> tuple[dict[str, torch.Tensor], DPRun]:
-    """Train the trainable parameters on ``examples`` (``int64[N, block]``) with DP-SGD."""
+    """Train the trainable parameters on ``examples`` (``int64[N, block]``) with DP-SGD, with
+    the ``site``'s noise multiplier and sample rate where it set them (inside a site)."""
     n = int(examples.shape[0])
     if n == 0:
         raise DataError("no training examples")
     q = min(1.0, hp.batch_size / n)
-    sigma = noise_for(epsilon=hp.dp_epsilon, delta=hp.dp_delta, sample_rate=q, steps=hp.max_steps)
+    sigma = 0.0
+    if site is not None:
+        if (site.steps, site.max_grad_norm, site.delta) != (
+            hp.max_steps,
+            hp.dp_max_grad_norm,
+            hp.dp_delta,
+        ):
+            raise ConfigError(f"{_PREFIX}.dp_epsilon", "the site's DP-SGD parameters differ")
+        q, sigma = site.sample_rate, site.noise_multiplier
+    else:
+        sigma = noise_for(
+            epsilon=hp.dp_epsilon, delta=hp.dp_delta, sample_rate=q, steps=hp.max_steps
+        )
     gen = torch.Generator().manual_seed(hp.seed)
     # The noise must not be predictable by whoever chose the seed: fresh entropy for it.
     noise_gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
@@ -381,7 +396,7 @@ def run(hp: PrivateHyperparameters, ctx: RunContext, *, code_dir: Path) -> dict[
         with ctx.progress_file.open("a", encoding="utf-8") as f:
             f.write(line + "\n")
 
-    params, dp = dp_sgd(module, tensors, trainable, examples, hp, on_step=progress)
+    params, dp = dp_sgd(module, tensors, trainable, examples, hp, on_step=progress, site=ctx.dp)
     ctx.weights_file.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in params.items()}, str(ctx.weights_file))
     return {"epsilon": dp.epsilon, "steps": float(dp.steps)}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from trainers import contract
+from trainers.contract import DPParameters
 from trainers.errors import ConfigError, DataError
 
 ROOT_ENV = "SEALROOM_ROOT"
@@ -92,6 +93,8 @@ class RunContext:
     progress_file: Path
     scratch_dir: Path
     checkpoint_dir: Path | None = None
+    dp: DPParameters | None = None
+    """The site's DP-SGD parameters for this run (see :class:`trainers.contract.JobConfig`)."""
 
 
 def find_text_files(dirs: Sequence[Path]) -> list[Path]:

@@ -14,10 +14,15 @@ DP-SGD. With ``dp_epsilon`` set, each step draws a Poisson sample of the trainin
 sample in with probability ``q = batch_size / n``), Opacus computes per-sample gradients, clips
 each to ``dp_max_grad_norm`` and adds Gaussian noise whose multiplier Opacus calibrates so that
 the RDP accountant reaches at most ``dp_epsilon`` at ``dp_delta`` after ``max_steps`` steps.
-The spent epsilon is the metric ``epsilon``. The sampling and the noise come from a random key
-drawn from the OS for the job and kept in its checkpoint (never from ``seed``, which the model
-team knows: known noise could be subtracted). One sample is one training block (causal LM) or
-one example (classification); DP runs are therefore not reproducible from the seed.
+Inside a site the noise multiplier and the sample rate are the site's
+(:class:`~trainers.contract.DPParameters` in the job's configuration, from
+:func:`trainers.privacy.calibrate`) and the trainer uses exactly those; only a run outside a
+site calibrates its own. The site charges the ε it computes from its parameters; the metric
+``epsilon`` this trainer reports is for the record only. The sampling and the noise come from
+a random key drawn from the OS for the job and kept in its checkpoint (never from ``seed``,
+which the model team knows: known noise could be subtracted). One sample is one training
+block (causal LM) or one example (classification); DP runs are therefore not reproducible from
+the seed.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from trainers import privacy
+from trainers.contract import DPParameters
 from trainers.errors import ConfigError, TrainingFailed
 from trainers.hparams import PREFIX, DPSettings, TrainingHyperparameters
 from trainers.runtime import RunContext
@@ -45,11 +52,8 @@ CHECKPOINT_FILE = "last.ckpt"
 TRAIN_LOSS_WINDOW = 10
 """``train_loss`` in metrics.json is the mean of the last this many steps' losses."""
 KEY_BYTES = 32
-_LOOSE_ORDER = r"Optimal order is the (largest|smallest)"
-RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + list(range(64, 257, 8))
-"""Rényi orders the accountant optimises over: Opacus' defaults (to 63) and a few beyond, for
-small-noise runs (any order gives a valid bound; more only cost time: high integer orders are
-slow to evaluate)."""
+_LOOSE_ORDER = privacy.LOOSE_ORDER
+RDP_ORDERS = privacy.RDP_ORDERS
 
 
 def _derive(key: bytes, purpose: bytes, step: int) -> int:
@@ -170,34 +174,31 @@ class PrivateTraining:
         rows: int,
         batch_size: int,
         steps: int,
+        site: DPParameters | None = None,
     ) -> PrivateTraining:
+        """DP-SGD on ``net`` with the ``site``'s parameters, used as given; without them (a
+        run outside a site) calibrated here for ``batch_size`` of ``rows`` samples. Raises
+        :class:`ConfigError` when the site's parameters are not the ones the hyperparameters
+        ask for (steps, clipping, δ), or the target cannot be reached."""
         from opacus import GradSampleModule
         from opacus.accountants import RDPAccountant
-        from opacus.accountants.utils import get_noise_multiplier
 
-        sample_rate = min(1.0, batch_size / rows)
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_LOOSE_ORDER)
-                noise = get_noise_multiplier(
-                    target_epsilon=settings.target_epsilon,
-                    target_delta=settings.delta,
-                    sample_rate=sample_rate,
-                    steps=steps,
-                    accountant="rdp",
-                    alphas=RDP_ORDERS,
-                )
-        except ValueError as e:  # "The privacy budget is too low."
+        if site is None:
+            site = privacy.calibrate(settings, sample_rate=min(1.0, batch_size / rows), steps=steps)
+        elif (site.steps, site.max_grad_norm, site.delta) != (
+            steps,
+            settings.max_grad_norm,
+            settings.delta,
+        ):
             raise ConfigError(
                 f"{PREFIX}.dp_epsilon",
-                f"{settings.target_epsilon} cannot be reached in {steps} steps sampling "
-                f"{sample_rate:.3g} of {rows} samples: {e}",
-            ) from e
+                "the site's DP-SGD parameters do not match the hyperparameters",
+            )
         return cls(
             settings=settings,
-            sample_rate=sample_rate,
-            noise_multiplier=float(noise),
-            expected_batch_size=max(1, round(sample_rate * rows)),
+            sample_rate=site.sample_rate,
+            noise_multiplier=site.noise_multiplier,
+            expected_batch_size=max(1, round(site.sample_rate * rows)),
             key=os.urandom(KEY_BYTES),
             # Hooks on net's layers record per-sample gradients; net itself is unchanged.
             grad_module=GradSampleModule(net, loss_reduction="mean"),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping
@@ -158,8 +159,9 @@ class MemorizationInputs:
 @dataclass(frozen=True)
 class DPInputs:
     """The privacy-accounting hook. ``spent`` is what earlier releases on the same data used.
-    ``epsilon`` is the accountant's record for this job; when None the job's own ``epsilon``
-    metric is used (self-reported: the trainers' accountant should supply it instead)."""
+    ``epsilon`` is the site's accountant's ε for this job (:mod:`enclave._dp`); None means the
+    site set no DP for it, which is charged as +inf. The job's own ``epsilon`` metric never
+    counts, and is released only as the site's value."""
 
     spent: float
     epsilon: float | None = None
@@ -265,8 +267,24 @@ def _check_weights(
             os.close(fd)
 
 
+def _site_epsilon(raw: Any, *, rules: ReleaseRules, epsilon: float | None) -> Any:
+    """The job's metrics with its ``epsilon`` replaced by the site's (dropped where the site
+    has none, or the policy releases none): a job's own privacy figure never leaves."""
+    if not isinstance(raw, dict) or "epsilon" not in raw:
+        return raw
+    out = {k: v for k, v in raw.items() if k != "epsilon"}
+    if epsilon is not None and math.isfinite(epsilon) and "epsilon" in rules.allowed_metrics:
+        out["epsilon"] = epsilon
+    return out
+
+
 def _check_metrics(
-    root: Path, listing: _walk.Listing, *, rules: ReleaseRules, dest: Path
+    root: Path,
+    listing: _walk.Listing,
+    *,
+    rules: ReleaseRules,
+    dest: Path,
+    epsilon: float | None = None,
 ) -> MetricsDecision:
     if listing.metrics is None:
         decision = check_metrics({}, rules=rules)
@@ -286,7 +304,7 @@ def _check_metrics(
                     ["metrics.json is not strict JSON (or repeats a name, or nests too deeply)"],
                 ),
             )
-        decision = check_metrics(raw, rules=rules)
+        decision = check_metrics(_site_epsilon(raw, rules=rules, epsilon=epsilon), rules=rules)
     if decision.result.passed:
         text = json.dumps(
             dict(decision.values), sort_keys=True, separators=(",", ":"), allow_nan=False
@@ -513,7 +531,8 @@ def _after_weights(
     dp: DPInputs | None,
 ) -> list[CheckResult]:
     checks.append(weights)
-    metrics = _check_metrics(output_dir, listing, rules=rules, dest=dest)
+    site_epsilon = dp.epsilon if dp is not None else None
+    metrics = _check_metrics(output_dir, listing, rules=rules, dest=dest, epsilon=site_epsilon)
     checks.append(metrics.result)
 
     if CheckName.MEMORIZATION in rules.checks:
@@ -541,11 +560,9 @@ def _after_weights(
 
     if CheckName.DP in rules.checks:
         assert dp is not None and rules.dp is not None
-        if dp.epsilon is None and not metrics.result.passed:
-            checks.append(CheckResult.not_run(CheckName.DP, CheckName.METRICS))
-        else:
-            epsilon = dp.epsilon if dp.epsilon is not None else metrics.values.get("epsilon")
-            checks.append(decide_dp(epsilon, spent=dp.spent, rules=rules.dp))
+        # The site's ε only: no DP the site set is +inf, whatever the job's metrics say.
+        epsilon = dp.epsilon if dp.epsilon is not None else math.inf
+        checks.append(decide_dp(epsilon, spent=dp.spent, rules=rules.dp))
     return checks
 
 
