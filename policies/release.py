@@ -186,8 +186,9 @@ class ScanThresholds:
 
     For each span of ``passage_tokens`` consecutive tokens of a text (each token predicted from
     the tokens before it in the same text, with at least a quarter of the model's context where
-    the text has it), four figures: the mean per-token loss (nats) under the release and under the base
-    model, and the fraction of tokens that are each model's top prediction (its greedy choice).
+    the text has it), four figures: the mean per-token loss (nats) under the release and under
+    the base model, and the fraction of tokens that are each model's top prediction (its greedy
+    choice).
     A span is flagged when the release knows it far better than the base:
 
     - by loss: release loss <= ``loss_ratio`` x base loss, and base - release >= ``loss_margin``;
