@@ -246,7 +246,12 @@ class Runtime(Protocol):
     (the tail: that is where tracebacks are), which stay in the site; ``cleanup`` removes it
     (REMOVED). Every method is idempotent: ``start`` never runs a job twice, ``stop`` and
     ``cleanup`` on a final or removed container do nothing; ``remove_stale`` ends what a crashed
-    agent left behind. Errors: :class:`InvalidInput` for a bad spec,
+    agent left behind. Killing is bounded and is the job's ending, not the backend's failure:
+    a container that does not die on the first kill is killed harder (every process of its
+    cgroup, then forced removal, its logs kept for ``logs``) and still ends KILLED_TIMEOUT or
+    STOPPED, ``at_pids_limit`` set where it was at its process limit. Error texts name no engine
+    address and no container ID (those stay on ``__cause__``, for the site's audit). Errors:
+    :class:`InvalidInput` for a bad spec,
     :class:`~policies.errors.NotFound` for a handle this backend did not make or an image it does
     not have, :class:`~policies.errors.InvalidState` for ``start``/``logs`` after ``cleanup`` (and
     ``prepare`` of a job already prepared with another spec),
