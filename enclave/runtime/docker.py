@@ -47,7 +47,7 @@ from policies.errors import InvalidInput, InvalidState, NotFound, RuntimeBackend
 from trainers.contract import JOB_USER
 
 BACKEND = "docker"
-_KILL_GRACE_S = 10.0
+_KILL_GRACE_S = 5.0
 """How long each step of a kill (the engine's kill, the cgroup's SIGKILL, forced removal) may
 take before the next, harder one."""
 _CONTAINER_ID_RE = re.compile(r"^[0-9a-f]{64}$")
