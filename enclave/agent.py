@@ -535,11 +535,14 @@ class SiteAgent:
         self, order: RunOrder, report: Report, model_dir: Path, versions: list[VaultVersion]
     ) -> ReleaseForm | None:
         """What a built-in trainer's release is, from the approved spec and the site's own
-        copy of the base model (and, for a classifier without given labels, the data): never
-        from the job's output. None for custom code, whose release is the base layout."""
+        copy of the base model (and, for a classifier without given labels, the data; for a
+        private graph, the program in the bundle the site unpacked, which the job could not
+        write): never from the job's output. None for custom code, whose release is the base
+        layout."""
         spec = order.spec
         if spec.is_custom:
             return None
+        code_dir = self._runs / _safe(order.job_id) / "code" if order.bundle is not None else None
 
         def dataset_files() -> Iterator[tuple[str, bytes]]:
             for v in versions:
@@ -560,6 +563,7 @@ class SiteAgent:
                 dict(spec.hyperparameters),
                 model_dir=model_dir,
                 dataset_files=dataset_files,
+                code_dir=code_dir,
             )
         except TrainerError as e:
             # The job ran to completion under these very hyperparameters and data: the site

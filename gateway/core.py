@@ -312,7 +312,7 @@ class Gateway:
         ``bundle_sha256`` the hash it computed while receiving it; the file is then moved
         into the bundle store rather than hashed and copied again."""
         spec = parse_spec(spec_text)
-        check_trainer(spec)
+        check_trainer(spec, has_bundle=bundle is not None)
         self._admit()
         if bundle is not None:
             actual = bundle_sha256 if received else sha256_file(bundle)
@@ -1001,15 +1001,22 @@ class Gateway:
             )
 
 
-def check_trainer(spec: JobSpec) -> None:
+def check_trainer(spec: JobSpec, *, has_bundle: bool) -> None:
     """Refuse at submission what the container would refuse after approval: an unknown
-    built-in trainer, or hyperparameters its rules reject (the same torch-free rules the
-    harness applies, :mod:`trainers.hparams`). Raises :class:`SpecError` naming the field."""
+    built-in trainer, hyperparameters its rules reject (the same torch-free rules the
+    harness applies, :mod:`trainers.hparams`; a private graph's ``dp_epsilon`` is required
+    there), or a private graph without the bundle that holds it. Raises :class:`SpecError`
+    naming the field."""
     from trainers.errors import ConfigError
     from trainers.harness import TRAINERS
 
     if spec.is_custom:
         return  # the team's own module takes its own keyword arguments
+    if spec.trainer == access.PRIVATE_TRAINER and not has_bundle:
+        raise SpecError(
+            "bundle: trainer 'private' trains the team's graph, and no code bundle came with "
+            "the spec (it must hold program.pt2, written by torch.export.save)"
+        )
     entry = TRAINERS.get(spec.trainer)
     if entry is None:
         known = ", ".join(sorted(TRAINERS))

@@ -244,6 +244,14 @@ def _check_dataset(
                 f"a team's graph is not allowed (custom_code: {policy.trainers.custom_code}); "
                 "use a built-in trainer",
             )
+        elif policy.release.memorization is not None and policy.release.dp is None:
+            # The probe cannot load a graph's parameters; the gate lets DP bound them instead,
+            # and with no DP budget it would refuse the release after the run.
+            fail(
+                Rule.CUSTOM_CODE,
+                "a team's graph cannot be probed for memorization, and the policy sets no "
+                "differential_privacy budget to bound it instead",
+            )
     elif spec.trainer not in policy.trainers.builtin:
         fail(
             Rule.TRAINER,

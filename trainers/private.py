@@ -33,7 +33,8 @@ accountant says reaches the job's ``dp_epsilon`` at ``dp_delta`` after ``max_ste
 rate ``q``; ε is computed again by the accountant from the parameters used and is the only
 figure this trainer reports (no loss: a loss on the data is not private). The released
 weights are the trainable parameters only (``weights/model.safetensors``), so the release is
-(ε, δ)-DP for each training example.
+(ε, δ)-DP for each training example. The site knows that layout before it reads the output:
+:func:`released_layout` computes it from the bundle's program, the same way the trainer loads it.
 """
 
 from __future__ import annotations
@@ -58,11 +59,19 @@ from trainers.errors import ConfigError, DataError, TrainerError
 from trainers.private_hparams import PREFIX as _PREFIX
 from trainers.private_hparams import PrivateHyperparameters
 from trainers.runtime import RunContext, find_text_files
+from trainers.weights import TensorLayout
 
 PROGRAM_FILE = "program.pt2"
 """Where the team's graph sits in the code bundle."""
 MAX_PROGRAM_BYTES = 512 * 1024 * 1024
+MAX_UNPACKED_BYTES = 2 * MAX_PROGRAM_BYTES
+"""The archive's members together, as declared (zipfile reads no member past its declared
+size): the site loads the program too (:func:`released_layout`), outside any container, so a
+zip bomb must not get to inflate there."""
+MAX_MEMBERS = 10_000
 MAX_NODES = 100_000
+RELEASED_DTYPE = "F32"
+"""What :func:`run` writes every trainable parameter as (:func:`dp_sgd` trains in float32)."""
 ALLOWED_NAMESPACES = ("torch.ops.aten.",)
 ALLOWED_TARGETS = frozenset({"_operator.getitem"})
 REFUSED_OPS = frozenset(
@@ -164,6 +173,11 @@ def load_program(path: Path) -> tuple[torch.fx.GraphModule, dict[str, torch.Tens
         raise GraphRefused(f"{PROGRAM_FILE} is over {MAX_PROGRAM_BYTES} bytes")
     try:
         with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            if len(members) > MAX_MEMBERS:
+                raise GraphRefused(f"{PROGRAM_FILE} holds over {MAX_MEMBERS} files")
+            if sum(m.file_size for m in members) > MAX_UNPACKED_BYTES:
+                raise GraphRefused(f"{PROGRAM_FILE} unpacks to over {MAX_UNPACKED_BYTES} bytes")
             names = archive.namelist()
             models = [n for n in names if re.fullmatch(r"[^/]+/models/[^/]+\.json", n)]
             if len(models) != 1:
@@ -218,6 +232,16 @@ def load_program(path: Path) -> tuple[torch.fx.GraphModule, dict[str, torch.Tens
     if missing:
         raise GraphRefused("a trainable parameter is not one of the program's parameters")
     return module, tensors, trainable
+
+
+def released_layout(path: Path) -> TensorLayout:
+    """What :func:`run` releases for the program at ``path``: each trainable parameter, as
+    :data:`RELEASED_DTYPE`, in its own shape. The site calls this on the bundle it unpacked
+    (never on the job's output) to know the release before reading it; it loads the program
+    as the trainer does, so the two agree, and raises :class:`GraphRefused` where the trainer
+    would have."""
+    _, tensors, trainable = load_program(path)
+    return {n: (RELEASED_DTYPE, tuple(int(d) for d in tensors[n].shape)) for n in trainable}
 
 
 def _check_graph(graph: torch.fx.Graph) -> None:
@@ -337,6 +361,7 @@ def dp_sgd(
     gen = torch.Generator().manual_seed(hp.seed)
     # The noise must not be predictable by whoever chose the seed: fresh entropy for it.
     noise_gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    # float32 whatever the graph's dtype: the released layout (RELEASED_DTYPE) says so.
     params = {k: tensors[k].detach().clone().float() for k in sorted(trainable)}
     clip = hp.dp_max_grad_norm
     expected = q * n

@@ -1,12 +1,14 @@
 """What a built-in trainer's release is, for the site: computed before the job's output is
 read, from trusted inputs only (the approved hyperparameters, the site's copy of the base
 model and, when a classifier's labels are not fixed by the hyperparameters, the dataset's
-plaintext, which the site holds anyway).
+plaintext, which the site holds anyway; for the private trainer, the program in the code
+bundle the site unpacked itself, read as data by :func:`trainers.private.released_layout`).
 
 :func:`expected_release` is the one call the site makes: the kind of release, the exact tensor
 layout the trainer writes, the name the weights are released under and the config file the
-site writes beside them. Torch-free; raises :class:`~trainers.errors.ConfigError` for
-hyperparameters or a base model the trainer would have refused, and
+site writes beside them. Torch-free but for the private trainer's branch (it loads the
+program); raises :class:`~trainers.errors.ConfigError` for hyperparameters or a base model the
+trainer would have refused, and
 :class:`~trainers.errors.DataError` for data it would have refused (a job that got as far as
 the gate did not, so either means the site and the trainer disagree).
 """
@@ -25,17 +27,22 @@ from trainers.hparams import (
     ClassificationHyperparameters,
     LoRAHyperparameters,
 )
+from trainers.private_hparams import PrivateHyperparameters
 from trainers.weights import WEIGHTS_FILE, TensorLayout, tensor_layout
 
 FULL = "full"
 LORA_ADAPTER = "lora-adapter"
 CLASSIFIER = "classifier"
+GRAPH_PARAMETERS = "graph-parameters"
+"""The trainable parameters of a team's graph (``trainer: private``), as the site's DP-SGD
+trainer wrote them; not a model the base's libraries load."""
 
 
 @dataclass(frozen=True)
 class ExpectedRelease:
-    """``kind`` is ``full``, ``lora-adapter`` or ``classifier``; ``config_name`` and
-    ``config`` are None for a full release (its config is the base model's)."""
+    """``kind`` is ``full``, ``lora-adapter``, ``classifier`` or ``graph-parameters``;
+    ``config_name`` and ``config`` are None for a full release (its config is the base
+    model's) and for a graph's parameters (they have none)."""
 
     kind: str
     layout: TensorLayout
@@ -54,13 +61,25 @@ def expected_release(
     *,
     model_dir: Path,
     dataset_files: DatasetFiles | None = None,
+    code_dir: Path | None = None,
 ) -> ExpectedRelease:
     """The release a built-in ``trainer`` produces under ``hyperparameters``.
 
     ``dataset_files`` is called only for a classifier whose ``labels`` are not given (the
-    number of classes, hence the head's shape, comes from the data then). Raises
-    :class:`ConfigError` for an unknown trainer (``trainer``) or bad hyperparameters.
+    number of classes, hence the head's shape, comes from the data then). ``code_dir`` is the
+    job's unpacked code bundle, read only for the private trainer (its program says which
+    parameters are trained). Raises :class:`ConfigError` for an unknown trainer
+    (``trainer``), bad hyperparameters or a private job without a bundle, and
+    :class:`~trainers.private.GraphRefused` for a program the trainer would have refused.
     """
+    if trainer == "private":
+        PrivateHyperparameters.parse(hyperparameters)
+        if code_dir is None:
+            raise ConfigError("bundle", "trainer 'private' trains the bundle's program: none given")
+        from trainers import private  # torch: only the private trainer's release needs it
+
+        layout = private.released_layout(code_dir / private.PROGRAM_FILE)
+        return ExpectedRelease(GRAPH_PARAMETERS, layout, WEIGHTS_FILE)
     if trainer == "causal-lm":
         CausalLMHyperparameters.parse(hyperparameters)
         return ExpectedRelease(FULL, tensor_layout(model_dir), WEIGHTS_FILE)

@@ -11,7 +11,9 @@ What a release is comes from the site, never from the job: a :class:`ReleaseForm
 from the approved hyperparameters by the trainers' trusted functions) says which tensors the
 weights must hold, under which name they are released, and carries the config file the site
 writes beside them (``weights/adapter_config.json`` for a LoRA adapter, ``weights/config.json``
-for a classifier), so that ``weights/`` loads as it is in ``peft`` or ``transformers``.
+for a classifier), so that ``weights/`` loads as it is in ``peft`` or ``transformers``. A
+private graph's trainable parameters load in neither: the memorization probe cannot run on
+them, and passes only where the policy's DP budget bounds the job instead.
 
 Refusals are the job's fault and come back as a result (the gateway records them and moves the
 job to REJECTED). Configuration faults (rules without checks, a memorization check with no
@@ -68,12 +70,18 @@ class ReleaseKind(enum.StrEnum):
     CLASSIFIER = "classifier"
     """A sequence classifier on the base's backbone: ``weights/model.safetensors`` +
     ``config.json``."""
+    GRAPH_PARAMETERS = "graph-parameters"
+    """The trainable parameters of a team's graph trained by the site's DP-SGD trainer
+    (``custom_code: private``): ``weights/model.safetensors``, no config. No library loads
+    them as a model, so the memorization probe cannot run; the policy's DP budget bounds
+    them instead (:func:`_dp_bounds_memorization`)."""
 
 
 _WEIGHTS_PATHS = {
     ReleaseKind.FULL: RELEASED_WEIGHTS,
     ReleaseKind.LORA_ADAPTER: RELEASED_ADAPTER,
     ReleaseKind.CLASSIFIER: RELEASED_WEIGHTS,
+    ReleaseKind.GRAPH_PARAMETERS: RELEASED_WEIGHTS,
 }
 _CONFIG_PATHS = {
     ReleaseKind.LORA_ADAPTER: "weights/adapter_config.json",
@@ -94,9 +102,9 @@ class ReleaseForm:
     config: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.kind is ReleaseKind.FULL:
+        if self.kind not in _CONFIG_PATHS:
             if self.config is not None:
-                raise InvalidInput("a full release carries no config of the site's")
+                raise InvalidInput(f"a {self.kind} release carries no config of the site's")
             return
         if self.config is None:
             raise InvalidInput(f"a {self.kind} release needs the site's config file")
@@ -437,6 +445,7 @@ def _run_checks(
             ReleaseKind.FULL: "base model",
             ReleaseKind.LORA_ADAPTER: "declared adapter",
             ReleaseKind.CLASSIFIER: "declared classifier",
+            ReleaseKind.GRAPH_PARAMETERS: "graph's trainable parameters",
         }[form.kind]
         if rules.adapter_only and form.kind is not ReleaseKind.LORA_ADAPTER:
             checks.append(
@@ -539,6 +548,8 @@ def _after_weights(
         assert memorization is not None and rules.memorization is not None
         if not weights.passed:
             checks.append(CheckResult.not_run(CheckName.MEMORIZATION, CheckName.WEIGHTS))
+        elif form is not None and form.kind is ReleaseKind.GRAPH_PARAMETERS:
+            checks.append(_dp_bounds_memorization(rules, dp))
         else:
             assert form is not None
             try:
@@ -564,6 +575,26 @@ def _after_weights(
         epsilon = dp.epsilon if dp.epsilon is not None else math.inf
         checks.append(decide_dp(epsilon, spent=dp.spent, rules=rules.dp))
     return checks
+
+
+def _dp_bounds_memorization(rules: ReleaseRules, dp: DPInputs | None) -> CheckResult:
+    """The memorization check of a graph's parameters: no probe can load them, and none is
+    needed where the policy's DP budget binds the job. Passed (the probe skipped, the reason
+    recorded in the figures) when the policy sets DP and the site's ε is finite and within its
+    per-job cap, which the dp check then charges; refused otherwise (fail closed: a release
+    nothing bounds does not leave)."""
+    epsilon = dp.epsilon if dp is not None else None
+    if rules.dp is None or CheckName.DP not in rules.checks:
+        reason = "the policy sets no DP budget, and only DP bounds a graph's parameters"
+    elif epsilon is None or not math.isfinite(epsilon) or epsilon < 0:
+        reason = "the job ran without DP-SGD set by the site"
+    elif epsilon > rules.dp.max_epsilon_per_job:
+        reason = f"epsilon {epsilon:.4g} exceeds the per-job cap {rules.dp.max_epsilon_per_job:.4g}"
+    else:
+        return CheckResult.decide(
+            CheckName.MEMORIZATION, [], {"skipped": f"bounded by DP, epsilon={epsilon:.4g}"}
+        )
+    return CheckResult.decide(CheckName.MEMORIZATION, [f"cannot be probed: {reason}"])
 
 
 def _peek_names(root: Path, listing: _walk.Listing, rules: ReleaseRules) -> set[str] | None:

@@ -82,12 +82,14 @@ def bundle(dest: Path, files: Mapping[str, str]) -> Path:
 def policy(
     dataset: str,
     *,
-    custom_code: bool = False,
+    custom_code: bool | str = False,
     mode: str = "manual",
     memorization: bool = True,
     teams: tuple[str, ...] = ("model-team",),
 ) -> str:
-    """A policy for ``dataset``, the example's rules with the given changes."""
+    """A policy for ``dataset``, the example's rules with the given changes. ``custom_code``
+    is a bool (true: the legacy spelling of ``reviewed``) or a mode's name (``private``)."""
+    code = custom_code if isinstance(custom_code, str) else str(custom_code).lower()
     memo = (
         """
       memorization:
@@ -110,7 +112,7 @@ def policy(
         base_models: [tiny-lm]
         trainers:
           builtin: [causal-lm, causal-lm-lora, classification]
-          custom_code: {"true" if custom_code else "false"}
+          custom_code: {code}
         resources: {{max_gpus: 0, max_cpus: 2, max_memory_mb: 4096, max_timeout_s: 600}}
         approval: {{mode: {mode}}}
         release:
