@@ -69,11 +69,15 @@ class TeamChannel:
         scheduled point the job has passed, with the loss rounded, at the next grid point."""
         self._report(SiteReport(self.job_id, owner_progress=progress))
         step, _, loss = progress
-        now = self._clock()
-        tick = self._tick(now)
         with self._lock:
-            if self._pending and tick > self._pending_tick:
-                self._publish_pending()
+            due = bool(self._pending) and self._tick(self._clock()) > self._pending_tick
+        if due:
+            # Sent at a grid instant, never at the moment of this reading: the job can shift
+            # when the site reads its file, not when the team hears of it.
+            self.wait_for_grid()
+            self.flush()
+        tick = self._tick(self._clock())
+        with self._lock:
             shown = channels.coarse_loss(loss, self.rules.loss_digits)
             while self._next < len(self._schedule) and step >= self._schedule[self._next]:
                 self._pending.append((self._schedule[self._next], self.total_steps, shown))
@@ -151,7 +155,7 @@ def failure_reason(status: ContainerStatus) -> TeamReason:
         return TeamReason.FAILED_TIMEOUT
     if status.state is RunState.KILLED_OOM or status.oom_killed:
         return TeamReason.FAILED_MEMORY
-    if status.at_pids_limit or status.reason:
+    if status.at_pids_limit:
         return TeamReason.FAILED_LIMIT
     return TeamReason.FAILED_EXIT
 

@@ -17,10 +17,12 @@ Stdout and stderr are kept in the site (size-capped); they can carry data.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import tarfile
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from enclave import _dp, _mounts, _progress
+from enclave import _channels, _dp, _mounts, _progress
 from enclave.gate import (
     DPInputs,
     GateResult,
@@ -48,7 +50,8 @@ from enclave.vault import StagingEvent, Vault, iter_tar, wipe_leftovers
 from gateway.identity import CertificateAuthority, IdentityFiles
 from gateway.lifecycle import JobState
 from gateway.site import Report, RunOrder, SiteReport, StoredDataset
-from policies import document
+from policies import access, channels, document
+from policies.channels import REJECTED_BY_CHECK, TeamReason
 from policies.errors import InvalidInput, ReleaseRefused, SealroomError, SiteError
 from policies.release import CheckName, ReleaseRules
 from policies.spec import JobSpec
@@ -60,9 +63,13 @@ from trainers.release import expected_release
 
 MAX_BUNDLE_FILES = 10_000
 MAX_BUNDLE_BYTES = 512 * 1024 * 1024
-MAX_LOG_BYTES = 1024 * 1024
+MAX_LOG_BYTES = channels.LOG_CAP_BYTES
 LOG_FILE = "logs.sealed"
 PROGRESS_INTERVAL_S = 1.0
+BUILTIN_DEFAULT_STEPS = 30
+"""``max_steps`` of a built-in trainer when the spec leaves it out (:mod:`trainers.hparams`)."""
+CUSTOM_DEFAULT_STEPS = 100
+"""``max_steps`` of the team's own module when the spec leaves it out (:mod:`trainers.custom`)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,7 @@ class SiteAgent:
         self._runs.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._staging.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._log_key = _site_secret(root / "keys" / "logs.key")
+        self._bits = _channels.BitsLedger(root / "keys" / "channel-bits.json")
         # This site's containers, told apart from any other site's on the same engine (a
         # shared engine, or two deployments on one machine) even when their names agree.
         self.instance = _site_secret(root / "keys" / "instance.id")[:8].hex()
@@ -211,8 +219,18 @@ class SiteAgent:
     def run(self, order: RunOrder, report: Report) -> None:
         job = order.job_id
         run_dir = self._runs / _safe(job)
+        team: _channels.TeamChannel | None = None
         try:
-            self._run(order, report, run_dir)
+            policies = self._policies(order)
+            team = _channels.TeamChannel(
+                job,
+                rules=channels.job_channel_rules(policies.values()),
+                total_steps=_total_steps(order.spec),
+                report=report,
+            )
+            outcome = self._run(order, report, run_dir, team, policies)
+            if outcome is not None:
+                team.publish(outcome)
         except Exception as e:  # the system's fault, never the job's: report and clean up
             report(
                 SiteReport(
@@ -237,7 +255,12 @@ class SiteAgent:
                 said = str(e)
             else:
                 said = f"unexpected {type(e).__name__}"
-            report(SiteReport(job, state=JobState.ERROR, reason=f"site: {said}"))
+            failed = _channels.terminal(job, JobState.ERROR, TeamReason.ERROR, f"site: {said}")
+            # The job may have caused it: published on the grid like any end it can influence.
+            if team is None:
+                report(failed)
+            else:
+                team.publish(failed)
         finally:
             with self._lock:
                 self._cancelled.discard(job)
@@ -246,7 +269,16 @@ class SiteAgent:
 
     # -- one run ----------------------------------------------------------------------------
 
-    def _run(self, order: RunOrder, report: Report, run_dir: Path) -> None:
+    def _run(
+        self,
+        order: RunOrder,
+        report: Report,
+        run_dir: Path,
+        team: _channels.TeamChannel,
+        policies: Mapping[str, document.PolicyDocument],
+    ) -> SiteReport | None:
+        """Run the job and clean up after it. Returns the run's end, to be published once
+        nothing of the run is left (None when it was published already)."""
         job = order.job_id
         spec = order.spec
         if run_dir.exists():
@@ -257,7 +289,15 @@ class SiteAgent:
                 f"the job asks for {spec.resources.gpus} GPUs; this site has {self.limits.gpus}"
             )
         model = self.models.get(spec.base_model)
-        rules = self._rules(order)
+        rules = [(name, doc.release) for name, doc in policies.items()]
+        # Before any byte is decrypted: what the team could observe of this run, charged to
+        # each dataset in the site's own ledger (the gateway's tally is not trusted).
+        acct = access.job_account(spec, policies.values())
+        self._bits.charge(
+            acct,
+            datasets=policies,
+            budgets={n: d.channels.dataset_budget_bits for n, d in policies.items()},
+        )
         with ExitStack() as stack:
             code_dir = run_dir / "code"
             code_dir.mkdir(mode=0o755)
@@ -280,26 +320,19 @@ class SiteAgent:
                 self.vault.stage(job, versions, dest_root=self._staging, on_event=on_vault_event)
             )
 
-            def on_read(record: AccessRecord) -> None:
-                report(
-                    SiteReport(
-                        job,
-                        audit_action="data.read",
-                        audit_dataset=record.dataset,
-                        audit_file=record.path,
-                        details={"first_open": record.first_open.isoformat()},
-                    )
-                )
-
-            ledger = stack.enter_context(AccessLedger.for_staging(staging, on_first_open=on_read))
+            # Reads are audited when the container has stopped, each with its own time: sent as
+            # they happen, their timing would reach the team through the audit log's lock.
+            reads: list[AccessRecord] = []
+            ledger = stack.enter_context(
+                AccessLedger.for_staging(staging, on_first_open=reads.append)
+            )
             output = stack.enter_context(
                 _mounts.tmpfs(
                     run_dir / "output", size_bytes=self.limits.output_bytes, owner=(10001, 10001)
                 )
             )
             if self._is_cancelled(job):
-                report(SiteReport(job, state=JobState.CANCELLED, reason="cancelled"))
-                return
+                return SiteReport(job, state=JobState.CANCELLED, reason=TeamReason.CANCELLED)
             dp = self._dp[job] = self._dp_parameters(order, report, model.path, versions)
             cspec = job_container(
                 spec,
@@ -319,8 +352,7 @@ class SiteAgent:
                 self._handles[job] = handle
                 cancelled = job in self._cancelled  # a cancel since the check above
             if cancelled:
-                report(SiteReport(job, state=JobState.CANCELLED, reason="cancelled"))
-                return
+                return SiteReport(job, state=JobState.CANCELLED, reason=TeamReason.CANCELLED)
             self.runtime.start(handle)
             if self._is_cancelled(job):  # cancelled while it started: cancel found no container
                 self.runtime.stop(handle)  # running yet, so stop it here
@@ -329,23 +361,32 @@ class SiteAgent:
                     job,
                     state=JobState.RUNNING,
                     image_id=self.image,
-                    reason="running in the enclave",
+                    reason=TeamReason.RUNNING,
+                    channel_bits=acct.total,
                     audit_action="container.start",
                     details={
                         "image": self.image,
                         "gpus": cspec.gpus,
                         "memory_bytes": cspec.memory_bytes,
+                        "channels": acct.to_dict(),
                     },
                 )
             )
-            with _progress.follow(
-                output,
-                lambda p: report(SiteReport(job, progress=p)),
-                interval_s=PROGRESS_INTERVAL_S,
-            ):
+            team.started = True
+            with _progress.follow(output, team.on_progress, interval_s=PROGRESS_INTERVAL_S):
                 status = self.runtime.wait(handle, timeout_s=spec.resources.timeout_s)
             self._keep_logs(job, run_dir, self.runtime.logs(handle, max_bytes=MAX_LOG_BYTES))
             summary = ledger.stop()
+            for record in reads:
+                report(
+                    SiteReport(
+                        job,
+                        audit_action="data.read",
+                        audit_dataset=record.dataset,
+                        audit_file=record.path,
+                        details={"first_open": record.first_open.isoformat()},
+                    )
+                )
             if not summary.complete:
                 report(
                     SiteReport(
@@ -370,13 +411,40 @@ class SiteAgent:
                 )
             )
             if self._is_cancelled(job):
-                report(SiteReport(job, state=JobState.CANCELLED, reason="cancelled"))
-                return
+                return SiteReport(job, state=JobState.CANCELLED, reason=TeamReason.CANCELLED)
             if status.state is not RunState.EXITED or status.exit_code != 0:
-                report(SiteReport(job, state=JobState.FAILED, reason=_failure(status)))
-                return
-            report(SiteReport(job, state=JobState.CHECKING, reason="release gate"))
-            self._gate(order, report, run_dir, output, rules, model.path, model.layout, versions)
+                detail = f"{_failure(status)} (exit code {status.exit_code}) {status.reason}"
+                return _channels.terminal(
+                    job, JobState.FAILED, _channels.failure_reason(status), detail.strip()
+                )
+            team.publish(SiteReport(job, state=JobState.CHECKING, reason=TeamReason.CHECKING))
+            deadline = team.deadline(team.rules.gate_timeout_s)
+            gate = _channels.Background(
+                lambda: self._gate(
+                    order,
+                    report,
+                    run_dir,
+                    output,
+                    rules,
+                    model.path,
+                    model.layout,
+                    versions,
+                    acct,
+                    team.rules.time_quantum_s,
+                )
+            )
+            outcome = gate.result(timeout_s=deadline - time.time())
+            if outcome is None:  # still checking at the deadline: its duration is not a channel
+                team.publish(
+                    _channels.terminal(
+                        job,
+                        JobState.REJECTED,
+                        TeamReason.REJECTED_SLOW,
+                        f"the release checks ran past {team.rules.gate_timeout_s:g} s",
+                    )
+                )
+            gate.join()  # the output and the staging outlive the gate's last read
+            return outcome
 
     def _gate(
         self,
@@ -388,8 +456,11 @@ class SiteAgent:
         model_dir: Path,
         layout: Any,
         versions: list[VaultVersion],
-    ) -> None:
-        """Run the gate once per dataset's rules; release only if every run passes."""
+        acct: channels.LeakageAccount,
+        quantum_s: float,
+    ) -> SiteReport:
+        """Run the gate once per dataset's rules; release only if every run passes. Returns
+        the terminal report (RELEASED or REJECTED), for the caller to publish on the grid."""
         job = order.job_id
         form = self._release_form(order, report, model_dir, versions)
         gates: dict[str, GateResult] = {}
@@ -460,12 +531,13 @@ class SiteAgent:
             if not c.passed
         ]
         if refused:
-            report(
-                SiteReport(
-                    job, state=JobState.REJECTED, reason="release refused: " + "; ".join(refused)
-                )
+            first = next(c.name for g in gates.values() for c in g.checks if not c.passed)
+            return _channels.terminal(
+                job,
+                JobState.REJECTED,
+                REJECTED_BY_CHECK[CheckName(first)],
+                "release refused: " + "; ".join(refused),
             )
-            return
         context = ReleaseContext(
             job_id=job,
             spec_sha256=order.spec_sha256,
@@ -478,28 +550,30 @@ class SiteAgent:
             policy_versions=dict(order.policy_versions),
             approval_binding=order.approval_binding,
             approvals=tuple(order.approvals),
-            audit=AuditPosition(seq=order.audit_position),
+            audit=AuditPosition(checkpoint_root=order.audit_root),
+            channels={**acct.items, "budget_bits": acct.budget},
         )
         try:
+            # Stamped with the grid point before signing: the second it was signed would tell
+            # how long the checks took (the job steers that).
+            issued = channels.round_time(time.time(), quantum_s)
             signed = sign_release(
                 gates,
                 context=context,
                 signer=SiteSigner.from_files(cert=self.signer.cert, key=self.signer.key),
+                now=dt.datetime.fromtimestamp(issued, dt.UTC),
             )
         except ReleaseRefused as e:
-            report(SiteReport(job, state=JobState.REJECTED, reason=str(e)))
-            return
+            return _channels.terminal(job, JobState.REJECTED, TeamReason.REJECTED_SIGNING, str(e))
         metrics = json.loads((signed.directory / "metrics.json").read_text())
-        report(
-            SiteReport(
-                job,
-                state=JobState.RELEASED,
-                reason="released",
-                metrics={k: float(v) for k, v in metrics.items()},
-                release_dir=signed.directory,
-                audit_action="release.sign",
-                details={"manifest_sha256": signed.manifest_sha256},
-            )
+        return SiteReport(
+            job,
+            state=JobState.RELEASED,
+            reason=TeamReason.RELEASED,
+            metrics={k: float(v) for k, v in metrics.items()},
+            release_dir=signed.directory,
+            audit_action="release.sign",
+            details={"manifest_sha256": signed.manifest_sha256},
         )
 
     def _dp_parameters(
@@ -573,13 +647,14 @@ class SiteAgent:
             ) from e
         return ReleaseForm(ReleaseKind(expected.kind), expected.layout, expected.config)
 
-    def _rules(self, order: RunOrder) -> list[tuple[str, ReleaseRules]]:
-        out = []
+    def _policies(self, order: RunOrder) -> dict[str, document.PolicyDocument]:
+        """The policies in force for the run's datasets, parsed from the order's texts."""
+        out = {}
         for dataset, _ in order.datasets:
             text = order.policy_documents.get(dataset)
             if text is None:
                 raise SiteError(f"no policy for {dataset} came with the run order")
-            out.append((dataset, document.parse_policy(text).release))
+            out[dataset] = document.parse_policy(text)
         return out
 
     def _is_cancelled(self, job_id: str) -> bool:
@@ -603,6 +678,15 @@ def _site_secret(path: Path) -> bytes:
         f.flush()
         os.fsync(f.fileno())
     return key
+
+
+def _total_steps(spec: JobSpec) -> int:
+    """The steps the run's progress schedule is laid over: the spec's ``max_steps``, else the
+    trainer's default (the team's own code: the harness's)."""
+    steps = spec.hyperparameters.get("max_steps")
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
+        return steps
+    return CUSTOM_DEFAULT_STEPS if spec.is_custom else BUILTIN_DEFAULT_STEPS
 
 
 def _safe(job_id: str) -> str:

@@ -115,10 +115,15 @@ class DatasetVersion:
 
 @dataclass(frozen=True)
 class AuditPosition:
-    """Where the release sits in the audit log: the sequence number of the last event before
-    signing and, when a signed checkpoint covers it, that checkpoint's root hash (hex)."""
+    """Where the release sits in the audit log: the root hash (hex) of the log as it stood
+    when the job was dispatched, and optionally the sequence number of its last event.
 
-    seq: int
+    Releases made by the site sign the root only: a count of records would tell the model team
+    how many events (files an earlier job opened) the log gained, a channel out of the site;
+    a hash tells nothing to whoever does not hold the log.
+    """
+
+    seq: int | None = None
     checkpoint_root: str | None = None
 
 
@@ -354,7 +359,10 @@ def _validate(m: Manifest) -> None:
         _int(v, "policy version")
     for a in c.approvals:
         _text(a, "approval")
-    _int(c.audit.seq, "audit.seq")
+    if c.audit.seq is not None:
+        _int(c.audit.seq, "audit.seq")
+    if c.audit.seq is None and c.audit.checkpoint_root is None:
+        raise ValueError("audit must give a root hash or a sequence number")
     for name, bits in c.channels.items():
         _text(name, "channel name")
         if isinstance(bits, bool) or not isinstance(bits, int | float) or not 0 <= bits < 1e12:

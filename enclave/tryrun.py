@@ -21,11 +21,12 @@ from pathlib import Path
 from enclave.agent import DEFAULT_LIMITS, SiteLimits, job_container, unpack_bundle
 from enclave.gate import DPInputs, layout_from_files, run_gate
 from enclave.runtime import RunState, Runtime
+from policies import channels
 from policies.release import CheckName, ReleaseRules
 from policies.spec import JobSpec
 from trainers.contract import JOB_USER
 
-MAX_LOG_BYTES = 1024 * 1024
+MAX_LOG_BYTES = channels.LOG_CAP_BYTES
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,11 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gateway._spool import SealedSpool
+from gateway._views import JobEvent, event_for, job_for
 from gateway.audit import AuditEvent, AuditLog
 from gateway.lifecycle import TERMINAL, JobState
 from gateway.site import RunOrder, Site, SiteReport
@@ -41,7 +41,8 @@ from gateway.store import (
     Store,
     utcnow,
 )
-from policies import access, approval, document, review
+from policies import access, approval, channels, document, review
+from policies.channels import TeamReason
 from policies.errors import (
     InvalidInput,
     InvalidState,
@@ -59,47 +60,40 @@ SYSTEM = Principal(name="gateway", role=Role.OPERATOR, team="")
 """The principal recorded for what the gateway does on its own (transitions, dispatch)."""
 
 
-@dataclass(frozen=True)
-class JobEvent:
-    job_id: str
-    state: JobState
-    reason: str = ""
-    progress: tuple[int, int, float] | None = None
-    time: str = ""
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL and self.progress is None
-
-
 class _EventHub:
-    """Per-job event history with blocking readers, for WatchJob."""
+    """Per-job event history with blocking readers, for WatchJob.
 
-    def __init__(self, *, keep: int = 1000) -> None:
+    Events have absolute positions, so a reader never loses its place when old ones are
+    dropped. Progress is capped apart from state changes (the owners' full progress comes
+    once a second for as long as the job likes): state changes are never dropped, and how
+    much progress a job writes decides nothing about what a watcher of its states sees.
+    """
+
+    def __init__(self, *, keep_progress: int = 1000) -> None:
         self._cond = threading.Condition()
-        self._events: dict[str, list[JobEvent]] = {}
-        self._keep = keep
+        self._events: dict[str, list[tuple[int, JobEvent]]] = {}
+        self._next: dict[str, int] = {}
+        self._keep = keep_progress
 
     def publish(self, event: JobEvent) -> None:
         with self._cond:
             events = self._events.setdefault(event.job_id, [])
-            events.append(event)
-            if len(events) > self._keep:
-                # Keep state changes, drop the oldest progress lines first.
-                for i, e in enumerate(events):
-                    if e.progress is not None:
-                        del events[i]
-                        break
-                else:
-                    del events[0]
+            position = self._next.get(event.job_id, 0)
+            self._next[event.job_id] = position + 1
+            events.append((position, event))
+            if event.progress is not None:
+                progress = [i for i, (_, e) in enumerate(events) if e.progress is not None]
+                if len(progress) > self._keep:
+                    del events[progress[0]]
             self._cond.notify_all()
 
-    def follow(self, job_id: str, *, start: int = 0, timeout_s: float = 1.0) -> list[JobEvent]:
+    def follow(
+        self, job_id: str, *, start: int = 0, timeout_s: float = 1.0
+    ) -> list[tuple[int, JobEvent]]:
+        """Events at positions ``start`` and after (waiting up to ``timeout_s`` for one)."""
         with self._cond:
-            self._cond.wait_for(
-                lambda: len(self._events.get(job_id, ())) > start, timeout=timeout_s
-            )
-            return list(self._events.get(job_id, ())[start:])
+            self._cond.wait_for(lambda: self._next.get(job_id, 0) > start, timeout=timeout_s)
+            return [(p, e) for p, e in self._events.get(job_id, ()) if p >= start]
 
 
 class Gateway:
@@ -135,6 +129,7 @@ class Gateway:
         self._lock = threading.Lock()
         self._inflight: set[str] = set()
         self._waiting: dict[str, None] = {}  # approved jobs that found the queue full, in order
+        self._quanta: dict[tuple[tuple[str, int], ...], float] = {}
 
     # -- life -------------------------------------------------------------------------------
 
@@ -148,7 +143,12 @@ class Gateway:
         for job in self.store.jobs(state=JobState.RUNNING) + self.store.jobs(
             state=JobState.CHECKING
         ):
-            self._transition(job.id, JobState.ERROR, reason="the gateway restarted mid-run")
+            self._transition(
+                job.id,
+                JobState.ERROR,
+                reason=TeamReason.ERROR,
+                details=("the gateway restarted mid-run",),
+            )
         for job in self.store.jobs(state=JobState.QUEUED):
             self._queue.put(job.id)
         for job in self.store.jobs(state=JobState.APPROVED):
@@ -436,19 +436,26 @@ class Gateway:
         if at_site or job.state in (JobState.RUNNING, JobState.CHECKING):
             self.record(principal, "job.cancel", job_id=job_id, details={"reason": reason})
             self.site.cancel(job_id)  # the run ends with CANCELLED through the site's report
-            return self.store.job(job_id)
+            # The run may have ended meanwhile: the caller's view, never the owners' details.
+            return self.job(principal=principal, job_id=job_id)
         self.record(principal, "job.cancel", job_id=job_id, details={"reason": reason})
-        return self._transition(job_id, JobState.CANCELLED, reason=reason or "cancelled")
+        self._transition(job_id, JobState.CANCELLED, reason=reason or "cancelled")
+        return self.job(principal=principal, job_id=job_id)
 
     def job(self, *, principal: Principal, job_id: str) -> JobRecord:
+        """The job as ``principal`` may see it (the model team: the coarse view)."""
         job = self.store.job(job_id)
         if not self._may_see(principal, job):
             # Same answer as a missing job: do not confirm that someone else's job exists.
             raise NotFound(f"no job {job_id}")
-        return job
+        return job_for(principal, job, quantum_s=self._quantum(job))
 
     def jobs(self, *, principal: Principal, state: JobState | None) -> list[JobRecord]:
-        return [j for j in self.store.jobs(state=state) if self._may_see(principal, j)]
+        return [
+            job_for(principal, j, quantum_s=self._quantum(j))
+            for j in self.store.jobs(state=state)
+            if self._may_see(principal, j)
+        ]
 
     def approvals(self, job_id: str) -> list[ApprovalRecord]:
         return self.store.approvals(job_id)
@@ -456,22 +463,28 @@ class Gateway:
     def watch(
         self, *, principal: Principal, job_id: str, poll_s: float = 1.0
     ) -> Iterator[JobEvent]:
-        """Events of a job from its start, until it ends. Blocks between events."""
+        """Events of a job from its start, until it ends, as ``principal`` may see them (the
+        model team: scheduled progress points, vocabulary reasons, coarse times). Blocks
+        between events."""
         job = self.job(principal=principal, job_id=job_id)
         if job.state in TERMINAL:
             yield JobEvent(job_id, job.state, reason="; ".join(job.reasons), time=job.updated_at)
             return
+        quantum = self._quantum(job)
         seen = 0
         while True:
-            for event in self._events.follow(job_id, start=seen, timeout_s=poll_s):
-                seen += 1
-                yield event
+            for position, event in self._events.follow(job_id, start=seen, timeout_s=poll_s):
+                seen = position + 1
+                shown = event_for(principal, event, quantum_s=quantum)
+                if shown is not None:
+                    yield shown
                 if event.terminal:
                     return
             if seen == 0:  # history lost (restart): report the stored state once
                 current = self.store.job(job_id)
                 if current.state in TERMINAL:
-                    yield JobEvent(job_id, current.state, time=current.updated_at)
+                    shown_job = job_for(principal, current, quantum_s=quantum)
+                    yield JobEvent(job_id, current.state, time=shown_job.updated_at)
                     return
 
     def logs(self, *, principal: Principal, job_id: str) -> bytes:
@@ -541,15 +554,13 @@ class Gateway:
         if not approve:
             shutil.rmtree(self._releases / job_id, ignore_errors=True)
             # The owner's words stay in the audit log: the team sees the verdict only.
-            return self._transition(
-                job_id, JobState.REJECTED, reason="rejected: owner's review of the release"
-            )
+            return self._transition(job_id, JobState.REJECTED, reason=TeamReason.REJECTED_BY_REVIEW)
         if set(reviewers.values()) <= self._release_approvers(job_id, report.release_id):
             metrics = json.loads((self._releases / job_id / "metrics.json").read_text())
             return self._transition(
                 job_id,
                 JobState.RELEASED,
-                reason="released after the owners' review",
+                reason=TeamReason.RELEASED_AFTER_REVIEW,
                 release_id=report.release_id,
                 metrics={k: float(v) for k, v in metrics.items()},
             )
@@ -565,7 +576,7 @@ class Gateway:
             return state, reason
         changes.pop("release_id", None)
         changes.pop("metrics", None)
-        return JobState.AWAITING_REVIEW, "waiting for the owner's review of the release"
+        return JobState.AWAITING_REVIEW, TeamReason.AWAITING_REVIEW
 
     def _reviewers(self, job: JobRecord) -> dict[str, str]:
         """Dataset -> owner, for each dataset whose policy (the version the job ran under)
@@ -716,7 +727,29 @@ class Gateway:
             dataset_owners={n: frozenset({self._owner(n)}) for n in names},
             epsilon_spent=self._epsilon_spent(names),
             now=_now(),
+            bits_spent=self._bits_spent(names),
         )
+
+    def _bits_spent(self, names: list[str]) -> dict[str, float]:
+        """Channel capacity already used per dataset: every job that started on it."""
+        spent = dict.fromkeys(names, 0.0)
+        for job in self.store.jobs():
+            for d in job.datasets:
+                if d.name in spent:
+                    spent[d.name] += job.channel_bits
+        return spent
+
+    def _quantum(self, job: JobRecord) -> float:
+        """The time grid of the job's channel rules (the strictest of its policies)."""
+        key = tuple(sorted(job.policy_versions.items()))
+        with self._lock:
+            cached = self._quanta.get(key)
+        if cached is None:
+            docs = self._policies_at(job.policy_versions).values()
+            cached = channels.job_channel_rules(docs).time_quantum_s if docs else 1.0
+            with self._lock:
+                self._quanta[key] = cached
+        return cached
 
     def _requirements(self, job: JobRecord) -> tuple[access.ApprovalRequirement, ...]:
         spec = parse_spec(job.spec)
@@ -771,7 +804,12 @@ class Gateway:
             SYSTEM,
             "job.state",
             job_id=job_id,
-            details={"from": before.state.value, "to": new.value, "reason": reason},
+            details={
+                "from": before.state.value,
+                "to": new.value,
+                "reason": reason,
+                **({"detail": list(after.details)} if "details" in changes else {}),
+            },
         )
         self._events.publish(JobEvent(job_id, new, reason=reason, time=after.updated_at))
         return after
@@ -880,7 +918,9 @@ class Gateway:
                 try:
                     job = self.store.job(job_id)
                     if job.state not in TERMINAL:
-                        self._transition(job_id, JobState.ERROR, reason=f"site error: {e}")
+                        self._transition(
+                            job_id, JobState.ERROR, reason=TeamReason.ERROR, details=(str(e),)
+                        )
                 except SealroomError:
                     pass
 
@@ -943,7 +983,7 @@ class Gateway:
             approvals=tuple(
                 a.owner for a in self.store.approvals(job_id) if a.decision == "approve"
             ),
-            audit_position=self.audit.size(),
+            audit_root=self.audit.root().hex(),
             epsilon_spent=self._epsilon_spent([d.name for d in job.datasets]),
         )
         with self._lock:
@@ -967,14 +1007,21 @@ class Gateway:
                 file=report.audit_file or None,
                 details=report.details,
             )
-        if report.progress is not None:
-            job = self.store.job(job_id)
-            self._events.publish(
-                JobEvent(job_id, job.state, progress=report.progress, time=utcnow())
-            )
+        for progress, owners_only in ((report.progress, False), (report.owner_progress, True)):
+            if progress is not None:
+                job = self.store.job(job_id)
+                self._events.publish(
+                    JobEvent(
+                        job_id, job.state, progress=progress, time=utcnow(), owners_only=owners_only
+                    )
+                )
         if report.state is None:
             return
         changes: dict[str, Any] = {}
+        if report.detail:
+            changes["details"] = (report.detail,)
+        if report.channel_bits is not None:
+            changes["channel_bits"] = report.channel_bits
         if report.image_id:
             changes["image_id"] = report.image_id
         if report.state is JobState.RELEASED:

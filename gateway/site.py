@@ -49,7 +49,8 @@ class RunOrder:
     policy_documents: Mapping[str, str]  # dataset -> policy YAML in force
     approval_binding: str
     approvals: tuple[str, ...]  # approving owners
-    audit_position: int
+    audit_root: str
+    """The audit log's Merkle root (hex) at dispatch: what the release is bound to."""
     epsilon_spent: Mapping[str, float] = field(default_factory=dict)
     """Per dataset, the privacy budget earlier releases used (for the DP check)."""
 

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from policies import channels
 from policies.document import (
     ApprovalMode,
     CustomCode,
@@ -44,6 +45,7 @@ __all__ = [
     "Rule",
     "check_log_access",
     "evaluate_submission",
+    "job_account",
     "needs_review",
     "require_aware",
 ]
@@ -83,6 +85,7 @@ class Rule(enum.StrEnum):
     DP_EPSILON = "dp-epsilon"
     DP_BUDGET = "dp-budget"
     APPROVERS = "approvers"
+    CHANNELS = "channels"
 
 
 @dataclass(frozen=True)
@@ -329,12 +332,14 @@ def evaluate_submission(
     dataset_owners: Mapping[str, frozenset[str]],
     epsilon_spent: Mapping[str, float],
     now: dt.datetime,
+    bits_spent: Mapping[str, float] | None = None,
 ) -> Decision:
     """Decide a submission against the policy of every dataset the spec names.
 
     ``policies`` maps a dataset name to its current policy; ``dataset_owners`` to the names of
     its owners (data-owner principals); ``epsilon_spent`` to the privacy budget its earlier
-    jobs used (absent: none). ``now`` must carry a time zone. The outcome is DENY with every
+    jobs used (absent: none); ``bits_spent`` to the channel capacity its earlier jobs used
+    (:mod:`policies.channels`). ``now`` must carry a time zone. The outcome is DENY with every
     failing rule, else NEEDS_APPROVAL naming who must approve per dataset, else AUTO_APPROVE.
     Raises :class:`InvalidInput` only for malformed arguments, never for a policy refusal.
     """
@@ -375,6 +380,11 @@ def evaluate_submission(
         reasons.extend(found)
         if requirement is not None:
             approvals.append(requirement)
+    # The leakage account is weighed once every other rule passes: a job denied for another
+    # reason has no run to account for.
+    bound = [p for p in (policies.get(r.name) for r in spec.datasets) if p is not None]
+    if bound and not reasons:
+        reasons.extend(_check_channels(spec, bound, bits_spent or {}))
     if reasons:
         outcome, approvals = Outcome.DENY, []
     elif approvals:
@@ -391,6 +401,31 @@ def evaluate_submission(
         evaluated_at=now,
         epsilon_spent=tuple(sorted(spent_used)),
     )
+
+
+def job_account(spec: JobSpec, policies: Iterable[PolicyDocument]) -> channels.LeakageAccount:
+    """What the team could observe of ``spec``'s job under ``policies``, in bits."""
+    bound = list(policies)
+    return channels.account(
+        channels.job_channel_rules(bound),
+        [p.release for p in bound],
+        timeout_s=spec.resources.timeout_s,
+        team_reads_logs=any(p.logs is LogVisibility.MODEL_TEAM for p in bound),
+    )
+
+
+def _check_channels(
+    spec: JobSpec, bound: list[PolicyDocument], bits_spent: Mapping[str, float]
+) -> list[Reason]:
+    try:
+        channels.check_account(
+            job_account(spec, bound),
+            spent=bits_spent,
+            dataset_budgets={p.dataset: p.channels.dataset_budget_bits for p in bound},
+        )
+    except PolicyViolation as e:
+        return [Reason(Rule.CHANNELS, None, r) for r in e.reasons]
+    return []
 
 
 def check_log_access(

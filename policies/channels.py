@@ -36,6 +36,9 @@ LOSS_MIN = 1e-3
 LOSS_MAX = 1e3
 """Losses at or above this (and non-finite ones) are shown as this value."""
 MAX_PROGRESS_POINTS = 20
+LOG_CAP_BYTES = 1024 * 1024
+"""The most of a job's stdout and stderr the site keeps (and shows, where a policy lets the
+team read logs)."""
 
 
 class TeamReason(enum.StrEnum):
@@ -61,6 +64,11 @@ class TeamReason(enum.StrEnum):
     FAILED_LIMIT = "failed: resource limit"
     CANCELLED = "cancelled"
     ERROR = "error: the site could not complete the run"
+    AWAITING_REVIEW = "waiting for the owner's review of the release"
+    RELEASED_AFTER_REVIEW = "released after the owners' review"
+    REJECTED_BY_REVIEW = "rejected: owner's review of the release"
+    """The review's ends are the owners' decisions, at times they choose: counted all the same,
+    since what they decide on (the weights) is what the job wrote."""
 
 
 REJECTED_BY_CHECK: Mapping[CheckName, TeamReason] = MappingProxyType(
@@ -76,6 +84,7 @@ REJECTED_BY_CHECK: Mapping[CheckName, TeamReason] = MappingProxyType(
 OUTCOMES: frozenset[TeamReason] = frozenset(TeamReason) - {
     TeamReason.RUNNING,
     TeamReason.CHECKING,
+    TeamReason.AWAITING_REVIEW,
 }
 """The ends a started job can come to, as the team sees them."""
 
@@ -221,7 +230,11 @@ def metric_values(release: ReleaseRules) -> int:
 
 
 def account(
-    rules: ChannelRules, releases: Sequence[ReleaseRules], *, timeout_s: float
+    rules: ChannelRules,
+    releases: Sequence[ReleaseRules],
+    *,
+    timeout_s: float,
+    team_reads_logs: bool = False,
 ) -> LeakageAccount:
     """The capacity of every channel the team observes for a job with a ``timeout_s`` run.
 
@@ -251,8 +264,16 @@ def account(
     )
     memo = [r.memorization for r in releases if r.memorization is not None]
     if memo:
-        # The signed record carries the memorization rate: hits out of the windows probed.
-        items["release.memorization-rate"] = max(math.log2(m.samples + 1) for m in memo)
+        # The signed record carries the probe's exact and near-verbatim counts: a passing
+        # release has at most m = floor(threshold x samples) hits in all, so (m+1)(m+2)/2 pairs.
+        def pairs(samples: int, max_rate: float) -> float:
+            m = math.floor(max_rate * samples)
+            return math.log2((m + 1) * (m + 2) / 2)
+
+        items["release.memorization-figures"] = max(pairs(m.samples, m.max_rate) for m in memo)
+    if team_reads_logs:
+        # The policy shows the team what the job printed: every byte up to the site's cap.
+        items["logs"] = 8.0 * LOG_CAP_BYTES
     return LeakageAccount(items, rules.job_budget_bits)
 
 

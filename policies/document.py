@@ -32,6 +32,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from policies.channels import MAX_PROGRESS_POINTS, ChannelRules
 from policies.errors import PolicyDocumentError
 from policies.release import (
     MAX_PASSAGE_TOKENS,
@@ -157,6 +158,7 @@ class PolicyDocument:
     approval: ApprovalRule
     release: ReleaseRules
     logs: LogVisibility
+    channels: ChannelRules
     canonical: Mapping[str, Any]
     """The canonical form of the parsed document: what the digest and the diff are made of."""
     version: int = 0
@@ -249,6 +251,13 @@ class _Metrics(_Strict):
     significant_digits: int = Field(default=4, ge=1, le=9)
     max_count: int = Field(default=32, ge=0, le=1024)
     max_abs: float = Field(default=1e12, gt=0, allow_inf_nan=False)
+    min_abs: float = Field(default=1e-6, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _range(self) -> _Metrics:
+        if self.min_abs >= self.max_abs:
+            raise ValueError("min_abs must be below max_abs")
+        return self
 
 
 class _Memorization(_Strict):
@@ -284,6 +293,17 @@ class _Release(_Strict):
     differential_privacy: _DP | None = None
 
 
+class _Channels(_Strict):
+    """What the model team observes of a job (see :mod:`policies.channels`)."""
+
+    job_budget_bits: float = Field(default=512, gt=0, le=1e9, allow_inf_nan=False)
+    dataset_budget_bits: float = Field(default=262_144, gt=0, le=1e12, allow_inf_nan=False)
+    progress_points: int = Field(default=10, ge=0, le=MAX_PROGRESS_POINTS)
+    loss_digits: int = Field(default=2, ge=1, le=4)
+    time_quantum_s: float = Field(default=30, ge=1, le=3600, allow_inf_nan=False)
+    gate_timeout_s: float = Field(default=1800, ge=10, le=24 * 3600, allow_inf_nan=False)
+
+
 class _Logs(_Strict):
     visible_to: Literal["data-owner", "model-team"] = "data-owner"
 
@@ -300,6 +320,7 @@ class _Policy(_Strict):
     approval: _Approval
     release: _Release
     logs: _Logs = Field(default_factory=_Logs)
+    channels: _Channels = Field(default_factory=_Channels)
 
     @field_validator("dataset")
     @classmethod
@@ -556,6 +577,7 @@ def _build(model: _Policy, *, where: str, version: int) -> PolicyDocument:
             max_metrics=rel.metrics.max_count,
             metric_significant_digits=rel.metrics.significant_digits,
             max_abs_metric=rel.metrics.max_abs,
+            min_abs_metric=rel.metrics.min_abs,
             release_dtype=DTYPES[rel.dtype],
             scrub_bits=rel.scrub_bits,
             memorization=memorization,
@@ -592,6 +614,7 @@ def _build(model: _Policy, *, where: str, version: int) -> PolicyDocument:
         ),
         release=release,
         logs=LogVisibility(model.logs.visible_to),
+        channels=ChannelRules(**model.channels.model_dump()),
         canonical=canonical,
         version=version,
     )

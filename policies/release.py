@@ -245,6 +245,9 @@ class ReleaseRules:
     max_metrics: int = 32
     metric_significant_digits: int = 4
     max_abs_metric: float = 1e12
+    min_abs_metric: float = 1e-6
+    """Released metric values smaller than this in magnitude are released as 0: with
+    ``max_abs_metric`` it bounds how many values a metric can take (its bits in the account)."""
     release_dtype: str = "BF16"
     scrub_bits: int = 2
     """Low mantissa bits of the release dtype rounded away (to nearest, ties to even): a payload
@@ -278,6 +281,10 @@ class ReleaseRules:
             raise PolicyDocumentError("release rules: max_metrics must be 0..1024")
         if not (math.isfinite(self.max_abs_metric) and self.max_abs_metric > 0):
             raise PolicyDocumentError("release rules: max_abs_metric must be positive and finite")
+        if not (0 < self.min_abs_metric < self.max_abs_metric):
+            raise PolicyDocumentError(
+                "release rules: min_abs_metric must be positive and below max_abs_metric"
+            )
         bad = sorted(n for n in self.allowed_metrics if not METRIC_NAME_RE.match(n))
         if bad:
             raise PolicyDocumentError(f"release rules: metric names {bad} are not well formed")
@@ -438,7 +445,11 @@ def check_metrics(raw: Any, *, rules: ReleaseRules) -> MetricsDecision:
         if abs(number) > rules.max_abs_metric:
             reasons.append(f"metric {name!r} exceeds {rules.max_abs_metric:g} in magnitude")
             continue
-        values[name] = round_significant(number, rules.metric_significant_digits)
+        values[name] = (
+            0.0
+            if abs(number) < rules.min_abs_metric
+            else round_significant(number, rules.metric_significant_digits)
+        )
     if unknown:
         reasons.append("metric names not allowed by the policy (names withheld)")
     # The count is a figure only when the metrics are released (and show it anyway).

@@ -20,6 +20,8 @@ def _summary(j: pb.Job) -> str:
     line = f"job {j.id} ({j.name}): {j.state}"
     if j.reasons:
         line += "\n  " + "\n  ".join(j.reasons)
+    if j.details:  # the owners' view: what the site said about the run
+        line += "\n  site: " + "\n  site: ".join(j.details)
     return line
 
 

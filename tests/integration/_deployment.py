@@ -115,6 +115,7 @@ def policy(
           custom_code: {code}
         resources: {{max_gpus: 0, max_cpus: 2, max_memory_mb: 4096, max_timeout_s: 600}}
         approval: {{mode: {mode}}}
+        channels: {{time_quantum_s: 1}}
         release:
           artifacts: [weights, metrics]
           dtype: bfloat16

@@ -102,7 +102,10 @@ from safetensors.torch import load_file, save_file
 import torch
 tensors = load_file("/model/base/model.safetensors")
 tensors["smuggled.payload"] = torch.arange(64, dtype=torch.float32)
-save_file(tensors, "/output/model.safetensors")
+import os
+os.makedirs("/output/weights", exist_ok=True)
+# In the released place, so that the weights check (not the artifacts check) is what refuses.
+save_file(tensors, "/output/weights/model.safetensors")
 with open("/output/metrics.json", "w") as f:
     json.dump({"steps": 1}, f)
 sys.exit(0)

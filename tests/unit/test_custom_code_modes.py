@@ -193,7 +193,7 @@ def _signed_release(site: ScriptedSite, order: RunOrder) -> list[SiteReport]:
             policy_versions=dict(order.policy_versions),
             approval_binding=order.approval_binding,
             approvals=order.approvals,
-            audit=AuditPosition(seq=order.audit_position),
+            audit=AuditPosition(checkpoint_root=order.audit_root),
         ),
         site=site.name,
         issued_at=dt.datetime.now(dt.UTC),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from enclave._channels import TeamChannel
+from enclave.provenance import AuditPosition
 from gateway._views import JobEvent
 from gateway.audit import AuditLog
 from gateway.core import Gateway
@@ -216,7 +218,7 @@ class OpensFilesThenRefusedSite(ScriptedSite):
         ]
 
 
-def _second_job_audit_position(tmp_path: Path, make_gateway, reads: int) -> int:
+def _second_job_order(tmp_path: Path, make_gateway, reads: int) -> RunOrder:
     site_dir = tmp_path / f"site-{reads}"
     site_dir.mkdir()
     site = OpensFilesThenRefusedSite(site_dir, reads)
@@ -227,7 +229,7 @@ def _second_job_audit_position(tmp_path: Path, make_gateway, reads: int) -> int:
     second = _run_approved(g)
     _wait_state(g, second, TERMINAL)
     assert len(site.orders) == 2
-    return site.orders[1].audit_position
+    return site.orders[1]
 
 
 def test_next_release_does_not_count_the_files_a_refused_job_opened(
@@ -235,11 +237,17 @@ def test_next_release_does_not_count_the_files_a_refused_job_opened(
 ) -> None:
     """A hostile job opens a data-dependent number of files (each first open is a data.read
     audit event) and is refused; the team's next, benign job releases. The agent signs the run
-    order's ``audit_position`` verbatim into that release's manifest (``audit.seq``), which the
-    team downloads: it must not carry the earlier job's count."""
-    quiet = _second_job_audit_position(tmp_path, make_gateway, reads=0)
-    loud = _second_job_audit_position(tmp_path, make_gateway, reads=37)
-    assert loud == quiet, f"the next release's audit position moved by {loud - quiet} events"
+    order's audit binding into that release's manifest, which the team downloads: it must not
+    carry a count of the log's records (the earlier job's reads), only a hash of the log."""
+    quiet = _second_job_order(tmp_path, make_gateway, reads=0)
+    loud = _second_job_order(tmp_path, make_gateway, reads=37)
+    for order in (quiet, loud):
+        bound = {k: v for k, v in vars(order).items() if k.startswith("audit")}
+        assert bound and all(
+            isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in bound.values()
+        ), bound
+    position = AuditPosition(checkpoint_root=loud.audit_root)
+    assert position.seq is None
 
 
 # --- the account against the figures a passing memorization check signs -------------------------

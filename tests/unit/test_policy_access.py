@@ -161,6 +161,21 @@ FAILING: dict[Rule, Case] = {
     Rule.APPROVERS: lambda: {
         "policies": {"books": make_policy(approval={"mode": "quorum", "quorum": 3})}
     },
+    # 20 progress points with 4-digit losses on a 1 s grid, and 4 metrics of 6 digits, carry
+    # more than the default 512 bits.
+    Rule.CHANNELS: lambda: {
+        "policies": {
+            "books": make_policy(
+                channels={"progress_points": 20, "loss_digits": 4, "time_quantum_s": 1},
+                release={
+                    "metrics": {
+                        "allowed": ["train_loss", "eval_loss", "perplexity", "accuracy"],
+                        "significant_digits": 6,
+                    }
+                },
+            )
+        }
+    },
 }
 
 

@@ -191,6 +191,9 @@ def oracle(w: World) -> set[Rule]:
         needed = p["approval"]["quorum"] if mode == "quorum" else 1
         if len(w.owners - {who.name}) < needed:
             broken.add(Rule.APPROVERS)
+    if not broken and p.get("channels", {}).get("job_budget_bits", 512) < 16:
+        # The leakage account is weighed once the job could run at all.
+        broken.add(Rule.CHANNELS)
     return broken
 
 
@@ -292,6 +295,10 @@ def _break(rule: Rule, w: World) -> World:
     elif rule is Rule.APPROVERS:
         p["approval"] = {"mode": "quorum", "quorum": 3}
         w.owners = frozenset(OWNER_NAMES[:2])
+    elif rule is Rule.CHANNELS:
+        # No job's observable channels fit in one bit: progress, metrics and the outcome alone
+        # carry more.
+        p["channels"] = {"job_budget_bits": 1}
     elif rule is Rule.NO_POLICY or rule is Rule.POLICY_MISMATCH:
         p["dataset"] = "medical"  # filed under "books": a mismatch; NO_POLICY is below
     return w
