@@ -732,12 +732,8 @@ class Gateway:
 
     def _bits_spent(self, names: list[str]) -> dict[str, float]:
         """Channel capacity already used per dataset: every job that started on it."""
-        spent = dict.fromkeys(names, 0.0)
-        for job in self.store.jobs():
-            for d in job.datasets:
-                if d.name in spent:
-                    spent[d.name] += job.channel_bits
-        return spent
+        used = self.store.channel_bits_spent()
+        return {name: used.get(name, 0.0) for name in names}
 
     def _quantum(self, job: JobRecord) -> float:
         """The time grid of the job's channel rules (the strictest of its policies)."""

@@ -273,6 +273,20 @@ class Store:
                 ).fetchall()
         return [_job(r) for r in rows]
 
+    def channel_bits_spent(self) -> dict[str, float]:
+        """Per dataset, the channel bits of every job that started on it (one light query: the
+        decision asks for it at every submission)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT datasets, json_extract(owner_record, '$.channel_bits') FROM jobs "
+                "WHERE json_extract(owner_record, '$.channel_bits') > 0"
+            ).fetchall()
+        spent: dict[str, float] = {}
+        for datasets, bits in rows:
+            for name, _, _ in json.loads(datasets):
+                spent[name] = spent.get(name, 0.0) + float(bits)
+        return spent
+
     def transition(
         self,
         job_id: str,

@@ -67,7 +67,7 @@ if mode == "release":
             loss = 1.0 + coarse / 10 + (fine + 1) / 1e5
             f.write(json.dumps({"step": 10 * j, "total": 7 + take(4), "loss": loss}) + "\\n")
             f.flush()
-            time.sleep(1.6)
+            time.sleep(2.5)  # the site reads about once a second: one line a reading
     metrics = {name: 1 + take(13) / 1000 for name in ("train_loss", "eval_loss", "perplexity")}
     with open("/output/metrics.json", "w") as f:
         json.dump(metrics, f)
