@@ -246,11 +246,12 @@ class SiteAgent:
                     },
                 )
             )
-            # Our own errors say what went wrong, except the site's own failures (their text
-            # names the site's machinery); anything else only its kind (its text may carry
-            # what the job wrote).
+            # For the owners and operators only (the team gets the vocabulary's ERROR): our
+            # own errors say what went wrong, the site's own failures with the engine's words
+            # under them (its address and container ids are the site's business, not the
+            # job's data); anything else only its kind (its text may carry what the job wrote).
             if isinstance(e, SiteError):
-                said = "internal error"
+                said = str(e) + (f" ({e.__cause__})" if e.__cause__ is not None else "")
             elif isinstance(e, SealroomError):
                 said = str(e)
             else:

@@ -54,7 +54,10 @@ def test_a_runtime_the_engine_lacks_is_an_error_not_a_fallback(dep: Deployment) 
             pass
         done = team.job(job.id)
         assert done.state == "ERROR", done
-        assert "sealroom-no-such-runtime" in " ".join(done.reasons)
+        # The team gets the fixed reason; the owners get the engine's refusal, naming it.
+        assert list(done.reasons) == ["error: the site could not complete the run"]
+        assert "sealroom-no-such-runtime" not in str(done)
+        assert "sealroom-no-such-runtime" in " ".join(owner.job(job.id).details)
         actions = [r.action for r in compliance.audit_query(job_id=job.id)]
         assert "container.start" not in actions
         # The data was staged for it and destroyed again: nothing is left behind.
