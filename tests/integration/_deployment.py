@@ -11,7 +11,8 @@ from __future__ import annotations
 import io
 import tarfile
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,39 @@ def deploy(
         home, site=site, address="localhost:0", workers=workers, container_runtime=container_runtime
     )
     return Deployment(home, ca, identities, running, f"localhost:{running.port}")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A generated corpus to register, and the policy text its owner (olivia) puts on it."""
+
+    name: str
+    policy: str
+    documents: int = 4
+    seed: int = 7
+    description: str = ""
+
+
+DP_BUDGET = "  differential_privacy:\n    epsilon_per_job: 5\n    epsilon_budget: 12\n"
+"""Lines to append to :func:`policy` (its release section is last) for a DP budget."""
+
+
+@contextmanager
+def running(root: Path, datasets: Sequence[Dataset]) -> Iterator[Deployment]:
+    """A deployment in ``root`` with ``datasets`` registered by olivia, stopped on exit."""
+    from trainers.synthetic import write_corpus
+
+    d = deploy(root)
+    try:
+        with d.client("olivia") as owner:
+            for ds in datasets:
+                source = root / f"{ds.name}-source"
+                write_corpus(source, documents=ds.documents, seed=ds.seed)
+                owner.register_dataset(ds.name, source, description=ds.description)
+                owner.put_policy(ds.name, ds.policy)
+        yield d
+    finally:
+        d.stop()
 
 
 def bundle(dest: Path, files: Mapping[str, str]) -> Path:

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration._deployment import Deployment, bundle, deploy, policy
-from trainers.synthetic import write_corpus
+from tests.integration._deployment import DP_BUDGET, Dataset, Deployment, bundle, policy, running
 
 pytestmark = pytest.mark.docker
 
@@ -38,25 +37,23 @@ TARGET = 4.0
 
 @pytest.fixture(scope="module")
 def dep(tmp_path_factory: pytest.TempPathFactory, runtime_image: str) -> Iterator[Deployment]:
-    root = tmp_path_factory.mktemp("deployment")
-    d = deploy(root)
-    with d.client("olivia") as owner:
-        books = root / "books"
-        write_corpus(books, documents=8, seed=7)
-        owner.register_dataset("private-books", books, description="generated novels")
-        owner.put_policy(
+    datasets = [
+        Dataset(
             "private-books",
-            policy("private-books", memorization=False)
-            + "  differential_privacy:\n    epsilon_per_job: 5\n    epsilon_budget: 12\n",
-        )
-        scratch = root / "scratch"
-        write_corpus(scratch, documents=2, seed=8)
-        owner.register_dataset("scratch", scratch, description="custom code allowed, no DP")
-        owner.put_policy("scratch", policy("scratch", custom_code=True, memorization=False))
-    try:
+            policy("private-books", memorization=False) + DP_BUDGET,
+            documents=8,
+            description="generated novels",
+        ),
+        Dataset(
+            "scratch",
+            policy("scratch", custom_code=True, memorization=False),
+            documents=2,
+            seed=8,
+            description="custom code allowed, no DP",
+        ),
+    ]
+    with running(tmp_path_factory.mktemp("deployment"), datasets) as d:
         yield d
-    finally:
-        d.stop()
 
 
 def _run(dep: Deployment, spec: str, *, bundle_path: Path | None = None) -> object:

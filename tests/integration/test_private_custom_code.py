@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from policies.channels import TeamReason
-from tests.integration._deployment import Deployment, deploy, policy
+from tests.integration._deployment import DP_BUDGET, Dataset, Deployment, policy, running
 from tests.unit._private_graph import (
     TRAINABLE,
     AdapterLM,
@@ -32,7 +32,6 @@ from tests.unit._private_graph import (
     with_node_target,
     with_pickled_weight,
 )
-from trainers.synthetic import write_corpus
 from trainers.weights import tensor_layout
 
 pytestmark = pytest.mark.docker
@@ -52,21 +51,11 @@ resources: {{cpus: 1, memory_mb: 2048, timeout_s: 300}}
 
 @pytest.fixture(scope="module")
 def dep(tmp_path_factory: pytest.TempPathFactory, runtime_image: str) -> Iterator[Deployment]:
-    root = tmp_path_factory.mktemp("deployment")
-    d = deploy(root)
-    with d.client("olivia") as owner:
-        books = root / "books"
-        write_corpus(books, documents=4, seed=7)
-        owner.register_dataset("graph-books", books, description="graphs under DP only")
-        owner.put_policy(
-            "graph-books",
-            policy("graph-books", custom_code="private")  # with the memorization probe
-            + "  differential_privacy:\n    epsilon_per_job: 5\n    epsilon_budget: 12\n",
-        )
-    try:
+    # With the memorization probe: a graph passes it only as DP-bounded.
+    graphs = policy("graph-books", custom_code="private") + DP_BUDGET
+    datasets = [Dataset("graph-books", graphs, description="graphs under DP only")]
+    with running(tmp_path_factory.mktemp("deployment"), datasets) as d:
         yield d
-    finally:
-        d.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from gateway.lifecycle import JobState
 from gateway.site import RunOrder, SiteReport
 from gateway.store import Store
 from policies.channels import TeamReason
-from tests.unit.test_gateway_core import OLIVIA, THEO, ScriptedSite, _wait, spec
+from tests.unit.test_gateway_core import OLIVIA, THEO, ScriptedSite, _register, _wait, spec
 
 DETAIL = "release refused: books: weights: tensor 'model.secret' has shape [51, 7]"
 BITS = 300.0
@@ -53,26 +53,11 @@ def _policy(budget: float) -> str:
 
 @pytest.fixture
 def gw(tmp_path: Path) -> Iterator[Gateway]:
-    import io
-    import tarfile
-
-    from gateway._spool import SealedSpool
-
-    site = RefusingSite(tmp_path)
     home = tmp_path / "gw"
     home.mkdir()
     audit = AuditLog(home / "audit.db", signing_key=ed25519.Ed25519PrivateKey.generate())
-    g = Gateway(home=home, store=Store(home / "state.db"), audit=audit, site=site)
-    archive = io.BytesIO()
-    with tarfile.open(fileobj=archive, mode="w") as tar:
-        info = tarfile.TarInfo("a.txt")
-        info.size = 5
-        tar.addfile(info, io.BytesIO(b"hello"))
-    with SealedSpool(g.home) as spool:
-        spool.write(archive.getvalue())
-        g.register_dataset(
-            principal=OLIVIA, name="books", description="", archive=spool, archive_sha256=""
-        )
+    g = Gateway(home=home, store=Store(home / "state.db"), audit=audit, site=RefusingSite(tmp_path))
+    _register(g, tmp_path, mode="automatic")
     g.put_policy(principal=OLIVIA, dataset="books", text=_policy(budget=2 * BITS + 310))
     g.start()
     yield g
