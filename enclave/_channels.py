@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from enclave.runtime import ContainerStatus, RunState
-from enclave.vault._keys import write_atomic
+from enclave.secretfile import write_secret
 from gateway.lifecycle import JobState
 from gateway.site import Report, SiteReport
 from policies import channels
@@ -206,4 +206,4 @@ class BitsLedger:
             for name in names:
                 spent[name] = spent.get(name, 0.0) + account.total
             data = json.dumps(spent, sort_keys=True).encode()
-            write_atomic(self.path, data)
+            write_secret(self.path, data)

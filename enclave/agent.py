@@ -45,6 +45,7 @@ from enclave.models import ModelStore
 from enclave.provenance import AuditPosition, ReleaseContext, SiteSigner, sign_release
 from enclave.provenance import DatasetVersion as ProvenanceVersion
 from enclave.runtime import ContainerSpec, DockerRuntime, RunState, Runtime
+from enclave.secretfile import ensure_secret
 from enclave.vault import DatasetVersion as VaultVersion
 from enclave.vault import StagingEvent, Vault, iter_tar, wipe_leftovers
 from gateway.identity import CertificateAuthority, IdentityFiles
@@ -664,20 +665,12 @@ class SiteAgent:
 
 
 def _site_secret(path: Path) -> bytes:
-    """A 256-bit key kept in a file only the agent reads (created on first use)."""
+    """A 256-bit key kept in a file only the agent reads (created on first use, once: racing
+    agents get the same key)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        key = path.read_bytes()
-        if len(key) != 32:
-            raise SiteError(f"{path} is not a 256-bit key") from None
-        return key
-    key = AESGCM.generate_key(bit_length=256)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
-        f.flush()
-        os.fsync(f.fileno())
+    key = ensure_secret(path, lambda: AESGCM.generate_key(bit_length=256))
+    if len(key) != 32:
+        raise SiteError(f"{path} is not a 256-bit key")
     return key
 
 

@@ -6,7 +6,8 @@ subject O. The gateway's server identity carries ``localhost`` and ``127.0.0.1``
 alternative names. A site's release-signing identity is an Ed25519 key certified by the same CA
 with role ``site``, so anyone holding the CA certificate can verify a release offline.
 
-Key files are written with mode 0600 and never overwritten: issuing a name twice is an error.
+Key files are written with mode 0600 (certificates 0644) by :mod:`enclave.secretfile`'s durable,
+atomic writer, and never overwritten: issuing a name twice is an error.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from enclave.secretfile import SECRET_MODE, write_secret
 from policies.errors import AlreadyExists, InvalidInput, NotFound, PermissionDenied
 from policies.identity import Principal, Role
 from policies.spec import NAME_RE
@@ -31,6 +33,8 @@ CA_VALIDITY = dt.timedelta(days=3650)
 ISSUED_FILE = "issued.jsonl"
 """The CA's register of issued identities, one JSON line each."""
 LEAF_VALIDITY = dt.timedelta(days=365)
+PUBLIC_MODE = 0o644
+"""Certificates are public: readable by anyone who must trust or present them."""
 
 
 @dataclass(frozen=True)
@@ -46,10 +50,13 @@ class IdentityFiles:
         return self.cert.read_bytes(), self.key.read_bytes(), self.ca_cert.read_bytes()
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+def _write_new(path: Path, data: bytes, *, mode: int = SECRET_MODE) -> None:
+    """Create ``path`` once, durably and atomically (:mod:`enclave.secretfile`); nothing here
+    is ever overwritten. Raises :class:`AlreadyExists` when something is at ``path``."""
+    try:
+        write_secret(path, data, mode=mode, exclusive=True)
+    except FileExistsError as e:
+        raise AlreadyExists(f"{path} already exists: identities are never overwritten") from e
 
 
 def _now() -> dt.datetime:
@@ -102,7 +109,7 @@ class CertificateAuthority:
             )
             .sign(key, hashes.SHA256())
         )
-        _write_private(
+        _write_new(
             ca.key_path,
             key.private_bytes(
                 serialization.Encoding.PEM,
@@ -110,7 +117,7 @@ class CertificateAuthority:
                 serialization.NoEncryption(),
             ),
         )
-        ca.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_new(ca.cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=PUBLIC_MODE)
         return ca
 
     @classmethod
@@ -230,7 +237,7 @@ class CertificateAuthority:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
         out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _write_private(
+        _write_new(
             key_path,
             private_key.private_bytes(
                 serialization.Encoding.PEM,
@@ -238,7 +245,7 @@ class CertificateAuthority:
                 serialization.NoEncryption(),
             ),
         )
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=PUBLIC_MODE)
         self._record_issue(cert, name=name, role=role, team=team)
         return IdentityFiles(cert=cert_path, key=key_path, ca_cert=self.cert_path)
 

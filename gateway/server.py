@@ -24,11 +24,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from sealroom.v1 import gateway_pb2_grpc
 
+from enclave.secretfile import ensure_secret, write_secret
 from gateway._auth import AuthInterceptor
 from gateway._servicer import GatewayServicer
 from gateway.audit import AuditEvent, AuditLog
 from gateway.core import Gateway
-from gateway.identity import CertificateAuthority, IdentityFiles
+from gateway.identity import PUBLIC_MODE, CertificateAuthority, IdentityFiles
 from gateway.site import Site
 from gateway.store import Store
 from policies.identity import Principal, Role
@@ -41,27 +42,30 @@ def default_home() -> Path:
     return Path(os.environ.get("SEALROOM_HOME", Path.home() / ".sealroom"))
 
 
+def _new_signing_key() -> bytes:
+    return ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
 def _signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
-    if not path.exists():
-        key = ed25519.Ed25519PrivateKey.generate()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(
-                key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-            )
-        path.with_suffix(".pub").write_bytes(
-            key.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        )
-        return key
-    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    """The audit log's signing key (created once, mode 0600), its public half beside it."""
+    loaded = serialization.load_pem_private_key(
+        ensure_secret(path, _new_signing_key), password=None
+    )
     if not isinstance(loaded, ed25519.Ed25519PrivateKey):
         raise TypeError(f"{path} is not an Ed25519 key")
+    public = path.with_suffix(".pub")
+    if not public.exists():  # first start, or a crash between the two writes
+        write_secret(
+            public,
+            loaded.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
+            mode=PUBLIC_MODE,
+        )
     return loaded
 
 

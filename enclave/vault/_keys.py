@@ -9,9 +9,9 @@ not unwrap.
 A version's ``key.json`` holds one wrap per site key id. Rotation (see :class:`KeyRing`) writes
 the new site key to ``<site key>.next`` first, adds a wrap under it to every ``key.json``, then
 renames ``.next`` over the site key (the commit point) and finally drops the old wraps. Every
-write is a write-to-temp, fsync, rename, fsync-directory; at every instant each ``key.json``
-holds a wrap under a key that a freshly opened vault loads, so a crash anywhere leaves every
-dataset readable, and running the rotation again finishes it.
+write is a write-to-temp, fsync, rename, fsync-directory (:mod:`enclave.secretfile`); at every
+instant each ``key.json`` holds a wrap under a key that a freshly opened vault loads, so a crash
+anywhere leaves every dataset readable, and running the rotation again finishes it.
 
 Key files are created mode 0600 and refused, fail closed, when they are readable or writable by
 anyone but the agent's user.
@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import json
 import os
 import secrets
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from enclave.secretfile import read_secret, write_secret
 from policies.errors import IntegrityError, SiteError
 
 SITE_KEY_FORMAT = "sealroom-site-key-v1"
@@ -52,60 +51,6 @@ class SiteKey:
         return f"SiteKey(key_id={self.key_id!r})"
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` atomically and durably.
-
-    Temp file, fsync, rename, fsync of the directory: after a crash the old or the new content
-    is there, never a mix.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb", closefd=True) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_private(path: Path) -> bytes:
-    """Read a key file, refusing one that anyone but this process's user could read or write."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        raise SiteError(f"cannot open key file {path}: {e.strerror}") from e
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise SiteError(f"key file {path} is not a regular file")
-        if st.st_uid != os.geteuid():
-            raise SiteError(f"key file {path} is owned by uid {st.st_uid}, not the agent's user")
-        if st.st_mode & 0o077:
-            raise SiteError(
-                f"key file {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0600 "
-                "(readable by the agent alone)"
-            )
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read()
-    finally:
-        os.close(fd)
-
-
 def new_site_key() -> SiteKey:
     return SiteKey(key_id=secrets.token_hex(8), key=AESGCM.generate_key(bit_length=256))
 
@@ -116,11 +61,11 @@ def save_site_key(path: Path, key: SiteKey) -> None:
         "key_id": key.key_id,
         "key": base64.b64encode(key.key).decode("ascii"),
     }
-    write_atomic(path, json.dumps(body, sort_keys=True).encode("utf-8"))
+    write_secret(path, json.dumps(body, sort_keys=True).encode("utf-8"))
 
 
 def load_site_key(path: Path) -> SiteKey:
-    raw = read_private(path)
+    raw = read_secret(path)
     try:
         body = json.loads(raw)
         if body.get("format") != SITE_KEY_FORMAT:
@@ -222,7 +167,7 @@ class KeyRing:
         dek = self.unwrap(key_file, name=name, version=version, manifest=manifest)
         out = {kid: _encode_wrap(w) for kid, w in wraps.items()}
         out[new.key_id] = wrap(new, dek, name=name, version=version, manifest=manifest)
-        write_atomic(key_file, _dump_key_file(out))
+        write_secret(key_file, _dump_key_file(out))
 
     def keep_only(self, key_file: Path, key_id: str, *, ref: str) -> None:
         """Drop every wrap but the one under ``key_id``, atomically (no-op when already so)."""
@@ -231,7 +176,7 @@ class KeyRing:
             raise IntegrityError(f"dataset {ref}: no wrap under site key {key_id} to keep")
         if set(wraps) == {key_id}:
             return
-        write_atomic(key_file, _dump_key_file({key_id: _encode_wrap(wraps[key_id])}))
+        write_secret(key_file, _dump_key_file({key_id: _encode_wrap(wraps[key_id])}))
 
 
 def _encode_wrap(w: dict[str, bytes]) -> dict[str, str]:
@@ -244,7 +189,7 @@ def _dump_key_file(wraps: dict[str, dict[str, str]]) -> bytes:
 
 def _read_key_file(path: Path, *, ref: str) -> dict[str, dict[str, bytes]]:
     try:
-        raw = read_private(path)
+        raw = read_secret(path)
     except FileNotFoundError as e:
         raise IntegrityError(f"dataset {ref}: its key file is missing") from e
     try:

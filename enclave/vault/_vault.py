@@ -33,6 +33,7 @@ from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from enclave.secretfile import fsync_dir, write_secret
 from enclave.vault import _staging
 from enclave.vault._chunks import (
     DEFAULT_CHUNK_SIZE,
@@ -44,7 +45,7 @@ from enclave.vault._chunks import (
     ChunkWriter,
 )
 from enclave.vault._ingest import Readable, iter_directory, iter_tar
-from enclave.vault._keys import KeyRing, fsync_dir, new_site_key, save_site_key
+from enclave.vault._keys import KeyRing, new_site_key, save_site_key
 from enclave.vault._model import (
     DatasetVersion,
     FileEntry,
@@ -122,7 +123,7 @@ class Vault:
             self._keys = KeyRing(site_key_path)
             for leftover in self._tmp.iterdir():
                 shutil.rmtree(leftover, ignore_errors=True)
-            # Half-written key files from a crash (write_atomic's temp names).
+            # Half-written key files from a crash (write_secret's temp names).
             for leftover in site_key_path.parent.glob(f".{site_key_path.name}*.tmp"):
                 leftover.unlink()
 
@@ -311,9 +312,8 @@ class Vault:
             created = datetime.now(UTC).replace(microsecond=0)
             manifest = _dump_manifest(name, number, rh, entries, ids, created, self.chunk_size)
             key_file = self._keys.new_key_file(dek, name=name, version=number, manifest=manifest)
-            _write_new(work / "manifest.json", manifest)
-            _write_new(work / "key.json", key_file)
-            fsync_dir(work)
+            write_secret(work / "manifest.json", manifest, exclusive=True)
+            write_secret(work / "key.json", key_file, exclusive=True)
             parent = self._datasets / name
             parent.mkdir(mode=0o700, exist_ok=True)
             os.rename(work, parent / f"v{number}")
@@ -447,14 +447,6 @@ def _check_unique(path: str, files: set[str], dirs: set[str]) -> None:
     for k in range(1, len(parts)):
         dirs.add("/".join(parts[:k]))
     files.add(path)
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _dump_manifest(
