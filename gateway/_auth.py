@@ -4,16 +4,34 @@ Python server interceptors see no auth context, but the handler they return does
 interceptor replaces every handler with one that (1) takes the principal from the verified TLS
 client certificate (never from metadata), (2) checks the method's roles in :data:`ROLES`
 (a method missing from the table is refused: fail closed), (3) runs the servicer, and (4)
-appends an audit event, allowed or denied, before the answer goes out. Streaming responses
-are audited before their first message. Domain errors become status codes via
-:mod:`gateway._status`.
+appends exactly one audit event per call, whatever happens. Its outcome, and what the caller
+gets:
+
+- ``denied``: no certificate with a valid role (recorded as principal and role
+  ``unauthenticated``; the caller gets UNAUTHENTICATED) or a role the method does not allow
+  (PERMISSION_DENIED); both with the reason.
+- ``allowed``: the servicer answered; the answer.
+- ``error``: a :class:`SealroomError` (its type and text; the status from :mod:`gateway._status`
+  with the same text), or any other exception (its type name only, as in the server's log: its
+  text may carry anything; the caller gets INTERNAL with a generic message).
+- ``cancelled``: the client left (cancel, deadline) before a stream ended or a call failed.
+
+A unary answer goes out only after its record is durable. A stream's record is written when it
+ends (its last message, its error, or the client cancelling), so the record says how it ended;
+what a stream carries was recorded by the domain before it left (``job.logs``,
+``release.download``), and its OK status follows its record. If the append fails the call fails
+closed: INTERNAL, never a success without its record. Servicers raise; they never call
+``context.abort`` themselves.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
-from typing import Any
+import logging
+import threading
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Never
 
 import grpc
 
@@ -22,6 +40,7 @@ from gateway.identity import principal_from_certificate
 from policies.errors import PermissionDenied, SealroomError
 from policies.identity import USER_ROLES, Principal, Role
 
+_LOG = logging.getLogger(__name__)
 _ALL = USER_ROLES
 _GATEWAY = "/sealroom.v1.Gateway/"
 
@@ -53,6 +72,12 @@ ROLES: dict[str, frozenset[Role]] = {
 
 AuditFn = Callable[..., int]
 
+UNAUTHENTICATED = Principal("unauthenticated", Role.UNAUTHENTICATED)
+"""Who the audit log names when the caller presented no certificate with a valid role."""
+
+INTERNAL_MESSAGE = "internal error"
+AUDIT_FAILED_MESSAGE = "internal error: the call could not be audited"
+
 
 @functools.lru_cache(maxsize=1024)
 def _principal_from_pem(pem: bytes) -> Principal:
@@ -60,13 +85,52 @@ def _principal_from_pem(pem: bytes) -> Principal:
 
 
 def principal_of(context: grpc.ServicerContext) -> Principal:
-    """The caller, from the TLS handshake. Raises PermissionDenied without a certificate."""
+    """The caller, from the TLS handshake.
+
+    Raises PermissionDenied without a certificate, or with one whose role is not a known role
+    (``unauthenticated`` is never granted by a certificate)."""
     auth = context.auth_context()
     found = auth.get("x509_pem_cert")
     certs: list[bytes] = found if isinstance(found, list) else []  # gRPC: a list; else none
     if not certs:
         raise PermissionDenied("no verified client certificate")
-    return _principal_from_pem(bytes(certs[0]))
+    principal = _principal_from_pem(bytes(certs[0]))
+    if principal.role is Role.UNAUTHENTICATED:
+        raise PermissionDenied(
+            f"client certificate carries an unknown role {principal.role.value!r}"
+        )
+    return principal
+
+
+class _Record:
+    """The one audit record of one call: the first path to reach it writes it, later ones
+    find it written (a stream's end and gRPC's cancellation callback can race)."""
+
+    def __init__(self, audit: AuditFn, action: str) -> None:
+        self._audit = audit
+        self._action = action
+        self._lock = threading.Lock()
+        self._written = False
+
+    def write(
+        self, principal: Principal, outcome: str, details: Mapping[str, Any] | None = None
+    ) -> bool:
+        """Append the record unless it is written already. False when the append failed."""
+        with self._lock:
+            if self._written:
+                return True
+            self._written = True
+        try:
+            self._audit(principal, self._action, outcome=outcome, details=dict(details or {}))
+        except Exception as err:
+            _LOG.error("%s: the audit append failed (%s)", self._action, type(err).__name__)
+            return False
+        return True
+
+
+def _where(err: BaseException) -> str:
+    """Where an exception was raised (files, lines, code), without its text."""
+    return "".join(traceback.format_list(traceback.extract_tb(err.__traceback__)))
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
@@ -84,64 +148,81 @@ class AuthInterceptor(grpc.ServerInterceptor):
         roles = ROLES.get(name, frozenset())
         action = f"rpc.{name}"
 
-        def check(context: grpc.ServicerContext) -> Principal:
+        def refuse(
+            context: grpc.ServicerContext,
+            record: _Record,
+            principal: Principal,
+            code: grpc.StatusCode,
+            reason: str,
+        ) -> Never:
+            if not record.write(principal, "denied", {"reason": reason}):
+                context.abort(grpc.StatusCode.INTERNAL, AUDIT_FAILED_MESSAGE)
+            context.abort(code, reason)
+
+        def fail(
+            context: grpc.ServicerContext, record: _Record, principal: Principal, err: Exception
+        ) -> Never:
+            details: dict[str, str] = {"error": type(err).__name__}
+            outcome = "error" if context.is_active() else "cancelled"
+            if isinstance(err, SealroomError):
+                details["message"] = str(err)  # the caller gets this text too
+                code, message = status_for(err), str(err)
+            else:  # its text may carry anything: neither the record nor the caller sees it
+                code, message = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+                if outcome == "error":
+                    _LOG.error("%s raised %s at\n%s", action, type(err).__name__, _where(err))
+            if not record.write(principal, outcome, details):
+                code, message = grpc.StatusCode.INTERNAL, AUDIT_FAILED_MESSAGE
+            context.abort(code, message)
+
+        def check(context: grpc.ServicerContext, record: _Record) -> Principal:
             try:
                 principal = principal_of(context)
             except PermissionDenied as e:
-                self._audit(
-                    Principal("unknown", Role.SITE),
-                    action,
-                    outcome="denied",
-                    details={"reason": str(e)},
-                )
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
-                raise  # abort raises; this line keeps type checkers honest
+                refuse(context, record, UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED, str(e))
+            except Exception as e:  # a certificate the parser chokes on: still one record
+                fail(context, record, UNAUTHENTICATED, e)
             if principal.role not in roles:
                 reason = f"role {principal.role} may not call {name}" + (
                     f" (allowed: {', '.join(sorted(r.value for r in roles))})" if roles else ""
                 )
-                self._audit(principal, action, outcome="denied", details={"reason": reason})
-                context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+                refuse(context, record, principal, grpc.StatusCode.PERMISSION_DENIED, reason)
             return principal
-
-        def fail(context: grpc.ServicerContext, principal: Principal, err: SealroomError) -> None:
-            self._audit(
-                principal,
-                action,
-                outcome="error",
-                details={"error": type(err).__name__, "message": str(err)},
-            )
-            context.abort(status_for(err), str(err))
 
         def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
             def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-                principal = check(context)
+                record = _Record(self._audit, action)
+                principal = check(context, record)
                 try:
                     response = behavior(request, context)
-                except SealroomError as err:
-                    fail(context, principal, err)
-                self._audit(principal, action, outcome="allowed")
+                except Exception as err:
+                    fail(context, record, principal, err)
+                if not record.write(principal, "allowed"):
+                    context.abort(grpc.StatusCode.INTERNAL, AUDIT_FAILED_MESSAGE)
                 return response
 
             return wrapped
 
         def streaming(behavior: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
             def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                principal = check(context)
+                record = _Record(self._audit, action)
+                principal = check(context, record)
+
+                def gone() -> None:  # gRPC calls it when the call ends, however it ends
+                    record.write(principal, "cancelled")
+
+                if not context.add_callback(gone):
+                    gone()  # the call has ended already
                 try:
-                    it = iter(behavior(request, context))
-                    first = next(it, None)
-                except SealroomError as err:
-                    fail(context, principal, err)
-                    return
-                self._audit(principal, action, outcome="allowed")
-                if first is None:
-                    return
-                yield first
-                try:
-                    yield from it
-                except SealroomError as err:
-                    context.abort(status_for(err), str(err))
+                    yield from behavior(request, context)
+                except GeneratorExit:  # gRPC dropped the stream: the client left
+                    gone()
+                    raise
+                except Exception as err:
+                    fail(context, record, principal, err)
+                outcome = "allowed" if context.is_active() else "cancelled"
+                if not record.write(principal, outcome):
+                    context.abort(grpc.StatusCode.INTERNAL, AUDIT_FAILED_MESSAGE)
 
             return wrapped
 

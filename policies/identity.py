@@ -3,6 +3,8 @@
 The gateway builds a :class:`Principal` from the verified TLS client certificate only (subject
 CN = name, OU = role, O = team); nothing a client types can change it. Sites hold certificates
 with the role ``site``: a site may serve the gateway and sign releases, never call user RPCs.
+``unauthenticated`` names, in the audit log only, a caller that presented no certificate with a
+valid role; the gateway refuses a certificate that claims it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ class Role(enum.StrEnum):
     COMPLIANCE = "compliance"
     OPERATOR = "operator"
     SITE = "site"
+    # Only the audit record of a caller without a valid certificate: never granted by one.
+    UNAUTHENTICATED = "unauthenticated"
 
 
 USER_ROLES: frozenset[Role] = frozenset(
