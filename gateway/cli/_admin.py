@@ -12,7 +12,7 @@ import typer
 from gateway.cli._common import STATE, JsonOpt, emit, errors
 from gateway.identity import CertificateAuthority
 from policies.errors import InvalidInput
-from policies.identity import Role
+from policies.identity import USER_ROLES, Role
 
 ca_app = typer.Typer(
     help="The deployment's certificate authority and identities.", no_args_is_help=True
@@ -46,6 +46,11 @@ def ca_issue(
             ) from None
         if r is Role.SITE:
             raise InvalidInput("site identities are issued by the site agent, not by hand")
+        if r not in USER_ROLES:
+            raise InvalidInput(
+                f"role {role!r} is never carried by a certificate: use model-team, data-owner, "
+                "compliance or operator"
+            )
         ca = CertificateAuthority.load(STATE.home / "ca")
         files = ca.issue(name, role=r, team=team, out_dir=STATE.home / "identities")
         emit(

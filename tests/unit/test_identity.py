@@ -73,6 +73,14 @@ def test_unknown_role_in_a_certificate_is_refused(tmp_path: Path) -> None:
         principal_from_certificate(cert.public_bytes(Encoding.PEM))
 
 
+def test_no_certificate_carries_the_unauthenticated_role(tmp_path: Path) -> None:
+    """The audit's word for a caller without a valid role can never be granted by the CA."""
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    files = ca.issue("eve", role=Role.UNAUTHENTICATED, out_dir=tmp_path / "ids")
+    with pytest.raises(PermissionDenied, match="no certificate may carry"):
+        principal_from_certificate(files.cert.read_bytes())
+
+
 def test_site_signer_is_ed25519_with_site_role(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
