@@ -4,13 +4,11 @@ A data owner writes one policy per dataset: who may use it and for what, which b
 trainers, resource caps, when the policy expires, how jobs are approved, what may be released
 (:class:`policies.release.ReleaseRules`) and who may read a job's logs. This is the edge where
 the owner's text becomes a domain value, so every error names the LINE and the FIELD at fault:
-the YAML is composed into its node tree first (which keeps each node's position), converted to
-plain values with a path -> line map, and validated by a strict schema whose error locations are
-looked up in that map.
-
-The parser refuses what YAML would otherwise accept silently and a reader would misread:
-duplicate keys (the last one would win), anchors and aliases (shared nodes, and the "billion
-laughs" expansion), merge keys, and tags other than YAML's plain types.
+the hardened loader (:mod:`policies._loader`, shared with job specs) reads the YAML into plain
+values with a path -> line map, and a strict schema validates them; its error locations are
+looked up in that map. The loader refuses what YAML would otherwise accept silently and a
+reader would misread: duplicate keys (the last one would win), anchors and aliases (shared
+nodes, and the "billion laughs" expansion), merge keys, and tags other than YAML's plain types.
 
 The canonical hash (:meth:`PolicyDocument.digest`) is the SHA-256 of the canonical JSON of the
 parsed document, so comments and layout do not change it; :func:`diff_policies` says, field by
@@ -29,9 +27,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from policies._loader import Path, field_name, line_for, load_document
 from policies.channels import MAX_PROGRESS_POINTS, ChannelRules
 from policies.errors import PolicyDocumentError
 from policies.release import (
@@ -365,119 +363,10 @@ def _parse_instant(text: str) -> dt.datetime:
     return instant.astimezone(dt.UTC)
 
 
-# --- YAML nodes -> plain values, keeping each field's line --------------------------------------
-
-Path = tuple[str | int, ...]
-_FLOAT_RE = re.compile(r"^[-+]?([0-9][0-9_]*(\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
-"""YAML 1.1 reads ``1e-5`` (no dot) as a string; owners mean a number."""
-
-
-class _Converter:
-    def __init__(self) -> None:
-        self.lines: dict[Path, int] = {}
-        self._seen: set[int] = set()
-        self._scalars = yaml.SafeLoader("")
-
-    def convert(self, node: yaml.Node, path: Path) -> Any:
-        line = node.start_mark.line + 1
-        self.lines.setdefault(path, line)
-        if id(node) in self._seen:
-            raise PolicyDocumentError(
-                f"line {line}: {_field(path)}: anchors and aliases are not allowed"
-            )
-        self._seen.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            if node.tag != "tag:yaml.org,2002:map":
-                raise PolicyDocumentError(f"line {line}: {_field(path)}: tags are not allowed")
-            out: dict[str, Any] = {}
-            for key_node, value_node in node.value:
-                key_line = key_node.start_mark.line + 1
-                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag in (
-                    "tag:yaml.org,2002:merge",
-                ):
-                    raise PolicyDocumentError(
-                        f"line {key_line}: {_field(path)}: keys must be plain names"
-                    )
-                key = str(key_node.value)
-                if key in out:
-                    raise PolicyDocumentError(
-                        f"line {key_line}: {_field((*path, key))}: duplicate key"
-                    )
-                self.lines[(*path, key)] = key_line
-                out[key] = self.convert(value_node, (*path, key))
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            if node.tag != "tag:yaml.org,2002:seq":
-                raise PolicyDocumentError(f"line {line}: {_field(path)}: tags are not allowed")
-            return [self.convert(item, (*path, i)) for i, item in enumerate(node.value)]
-        assert isinstance(node, yaml.ScalarNode)
-        return self._scalar(node, path, line)
-
-    def _scalar(self, node: yaml.ScalarNode, path: Path, line: int) -> Any:
-        tag = node.tag
-        if tag == "tag:yaml.org,2002:str":
-            if node.style is None and _FLOAT_RE.match(node.value):
-                return float(node.value.replace("_", ""))
-            return str(node.value)
-        if tag == "tag:yaml.org,2002:timestamp":
-            # Dates stay text: the schema parses them and names a bad one.
-            return str(node.value)
-        if tag in (
-            "tag:yaml.org,2002:int",
-            "tag:yaml.org,2002:float",
-            "tag:yaml.org,2002:bool",
-            "tag:yaml.org,2002:null",
-        ):
-            try:
-                return self._scalars.construct_object(node, deep=True)
-            except (ValueError, yaml.YAMLError) as e:
-                raise PolicyDocumentError(f"line {line}: {_field(path)}: {e}") from None
-        raise PolicyDocumentError(f"line {line}: {_field(path)}: tag {tag!r} is not allowed")
-
-
-def _field(path: Path) -> str:
-    if not path:
-        return "(document)"
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-    return out
-
-
-def _line_for(lines: Mapping[Path, int], path: Path) -> int:
-    """The line of ``path``, or of its nearest ancestor (a missing field: its parent's line)."""
-    while path not in lines and path:
-        path = path[:-1]
-    return lines.get(path, 1)
-
-
 _MESSAGES = {
     "missing": "missing field (required)",
     "extra_forbidden": "unknown field",
 }
-
-
-def _compose(text: str) -> tuple[Any, dict[Path, int]]:
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise PolicyDocumentError(f"{where}policy is not valid YAML: {e.problem}") from None
-    except yaml.YAMLError as e:
-        raise PolicyDocumentError(f"policy is not valid YAML: {e}") from None
-    except RecursionError:
-        raise PolicyDocumentError("policy is nested too deeply") from None
-    if node is None:
-        raise PolicyDocumentError("line 1: (document): the policy is empty")
-    converter = _Converter()
-    try:
-        raw = converter.convert(node, ())
-    except RecursionError:
-        raise PolicyDocumentError("policy is nested too deeply") from None
-    if not isinstance(raw, dict):
-        raise PolicyDocumentError("line 1: (document): the policy must be a mapping of fields")
-    return raw, converter.lines
 
 
 # --- parsing ------------------------------------------------------------------------------------
@@ -490,22 +379,16 @@ def parse_policy(text: str | bytes, *, version: int = 0) -> PolicyDocument:
     :class:`PolicyDocumentError` whose message gives ``line N: field.path: problem`` for every
     problem found.
     """
-    if isinstance(text, bytes):
-        if len(text) > MAX_POLICY_BYTES:
-            raise PolicyDocumentError(
-                f"policy is {len(text)} bytes; the limit is {MAX_POLICY_BYTES}"
-            )
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise PolicyDocumentError(f"policy is not UTF-8: {e}") from None
-    if len(text) > MAX_POLICY_BYTES:
-        raise PolicyDocumentError(
-            f"policy is {len(text)} characters; the limit is {MAX_POLICY_BYTES}"
-        )
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
         raise PolicyDocumentError(f"policy version must be a non-negative integer, not {version!r}")
-    raw, lines = _compose(text)
+    raw, lines = load_document(
+        text,
+        what="policy",
+        max_bytes=MAX_POLICY_BYTES,
+        error=PolicyDocumentError,
+        exponent_floats=True,  # owners mean 1e-5 as a number
+        dates_as_text=True,  # the schema parses ``expires`` and names a bad one
+    )
     return _validate(raw, lines=lines, version=version)
 
 
@@ -525,7 +408,7 @@ def _validate(
     raw: dict[str, Any], *, lines: Mapping[Path, int] | None, version: int
 ) -> PolicyDocument:
     def where(loc: Path) -> str:
-        return "" if lines is None else f"line {_line_for(lines, loc)}: "
+        return "" if lines is None else f"line {line_for(lines, loc)}: "
 
     try:
         model = _Policy.model_validate(raw)
@@ -536,7 +419,7 @@ def _validate(
             message = _MESSAGES.get(err["type"], err["msg"])
             if message.startswith("Value error, "):
                 message = message[len("Value error, ") :]
-            problems.append(f"{where(loc)}{_field(loc)}: {message}")
+            problems.append(f"{where(loc)}{field_name(loc)}: {message}")
         raise PolicyDocumentError("policy is invalid: " + "; ".join(problems)) from None
     return _build(model, where=where(("release",)), version=version)
 

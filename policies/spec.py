@@ -2,7 +2,10 @@
 
 A model team writes a spec (YAML or JSON) naming the datasets, the base model, the trainer and
 its hyperparameters, and the resources it wants. This is the edge where untrusted text becomes a
-domain value, so it is the only place pydantic appears; every error names the field at fault.
+domain value, so it is the only place pydantic appears; every error names the field at fault,
+and the line too when the spec is text: it is read by the same hardened loader as policies
+(:mod:`policies._loader`), which refuses duplicate keys (a second ``purpose:`` does not
+silently win), anchors, aliases, merge keys, tags, several documents and oversized text.
 
 A spec cannot ask for anything that would weaken the container: privileged mode, host
 namespaces, devices, capabilities, extra mounts, or environment variables outside the ``JOB_``
@@ -22,9 +25,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from policies._loader import Path, line_for, load_document
 from policies.errors import SpecError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -207,48 +210,55 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
 
 
 def parse_spec(text: str | bytes) -> JobSpec:
-    """Parse a YAML or JSON job spec. Raises :class:`SpecError` naming the field at fault."""
-    if isinstance(text, bytes):
-        if len(text) > MAX_SPEC_BYTES:
-            raise SpecError(f"job spec is {len(text)} bytes; the limit is {MAX_SPEC_BYTES}")
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise SpecError(f"job spec is not UTF-8: {e}") from e
-    if len(text) > MAX_SPEC_BYTES:
-        raise SpecError(f"job spec is {len(text)} characters; the limit is {MAX_SPEC_BYTES}")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise SpecError(f"job spec is not valid YAML or JSON: {e}") from e
-    return spec_from_mapping(raw)
+    """Parse a YAML or JSON job spec. Raises :class:`SpecError` naming the line and field."""
+    raw, lines = load_document(text, what="job spec", max_bytes=MAX_SPEC_BYTES, error=SpecError)
+    return _validate(raw, lines=lines)
 
 
 def spec_from_mapping(raw: object) -> JobSpec:
-    """Validate an already-decoded spec mapping. Raises :class:`SpecError`."""
+    """Validate an already-decoded spec mapping (errors name the field, not a line).
+
+    Raises :class:`SpecError`.
+    """
     if not isinstance(raw, dict):
         raise SpecError("job spec must be a mapping of fields")
+    return _validate(raw, lines=None)
+
+
+def _validate(raw: dict[Any, Any], *, lines: Mapping[Path, int] | None) -> JobSpec:
+    def where(*loc: int | str) -> str:
+        return "" if lines is None else f"line {line_for(lines, loc)}: "
+
     for key in raw:
         reason = FORBIDDEN_FIELDS.get(str(key))
         if reason is not None:
-            raise SpecError(f"job spec field {key!r} is not allowed: {reason}")
+            raise SpecError(f"{where(key)}job spec field {key!r} is not allowed: {reason}")
     resources = raw.get("resources")
     if isinstance(resources, dict):
         for key in resources:
             reason = FORBIDDEN_FIELDS.get(str(key))
             if reason is not None:
-                raise SpecError(f"job spec field 'resources.{key}' is not allowed: {reason}")
+                raise SpecError(
+                    f"{where('resources', key)}job spec field 'resources.{key}' is not allowed: "
+                    f"{reason}"
+                )
     try:
         model = _Spec.model_validate(raw)
     except ValidationError as e:
         problems = "; ".join(
-            f"{_field_path(err['loc'])}: {err['msg']}" for err in e.errors(include_url=False)
+            f"{where(*err['loc'])}{_field_path(err['loc'])}: {err['msg']}"
+            for err in e.errors(include_url=False)
         )
         raise SpecError(f"job spec is invalid: {problems}") from None
     if model.trainer == "custom" and model.entrypoint is None:
-        raise SpecError("job spec is invalid: entrypoint: required when trainer is 'custom'")
+        raise SpecError(
+            f"job spec is invalid: {where('trainer')}entrypoint: required when trainer is 'custom'"
+        )
     if model.trainer != "custom" and model.entrypoint is not None:
-        raise SpecError("job spec is invalid: entrypoint: only allowed when trainer is 'custom'")
+        raise SpecError(
+            f"job spec is invalid: {where('entrypoint')}entrypoint: only allowed when trainer is "
+            "'custom'"
+        )
     refs = []
     for ref in model.datasets:
         m = DATASET_REF_RE.match(ref)
