@@ -51,6 +51,7 @@ lint: venv
 	$(VPY) -m ruff check .
 	$(VPY) -m ruff format --check .
 	$(VPY) -m mypy enclave gateway policies trainers
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .image build *.egg-info

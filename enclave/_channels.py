@@ -20,13 +20,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+from enclave.contract import Report, SiteReport
 from enclave.runtime import ContainerStatus, RunState
 from enclave.secretfile import write_secret
-from gateway.lifecycle import JobState
-from gateway.site import Report, SiteReport
 from policies import channels
 from policies.channels import ChannelRules, TeamReason
 from policies.errors import SiteError
+from policies.lifecycle import JobState
 
 Progress = tuple[int, int, float]
 

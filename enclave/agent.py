@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from enclave import _channels, _dp, _mounts, _progress
+from enclave.contract import Report, RunOrder, SiteReport, StoredDataset
 from enclave.gate import (
     DPInputs,
     GateResult,
@@ -40,6 +41,7 @@ from enclave.gate import (
     ReleaseKind,
     run_gate,
 )
+from enclave.identity import IdentityFiles
 from enclave.ledger import AccessLedger, AccessRecord
 from enclave.models import ModelStore
 from enclave.provenance import AuditPosition, ReleaseContext, SiteSigner, sign_release
@@ -48,12 +50,10 @@ from enclave.runtime import ContainerSpec, DockerRuntime, RunState, Runtime
 from enclave.secretfile import ensure_secret
 from enclave.vault import DatasetVersion as VaultVersion
 from enclave.vault import StagingEvent, Vault, iter_tar, wipe_leftovers
-from gateway.identity import CertificateAuthority, IdentityFiles
-from gateway.lifecycle import JobState
-from gateway.site import Report, RunOrder, SiteReport, StoredDataset
 from policies import access, channels, document
 from policies.channels import REJECTED_BY_CHECK, TeamReason
 from policies.errors import InvalidInput, ReleaseRefused, SealroomError, SiteError
+from policies.lifecycle import JobState
 from policies.release import CheckName, ReleaseRules
 from policies.spec import JobSpec
 from trainers import privacy
@@ -90,12 +90,19 @@ class SiteLimits:
 
 
 DEFAULT_LIMITS = SiteLimits()
+
+
+def signer_dir(root: Path) -> Path:
+    """Where the composition root keeps the release-signing identity of the site at ``root``."""
+    return root / "identity"
+
+
 SITE_LABEL = "org.sealroom.site"
 SITE_INSTANCE_LABEL = "org.sealroom.site-instance"
 
 
 class SiteAgent:
-    """One enclave site. Implements :class:`gateway.site.Site` in-process."""
+    """One enclave site. Implements :class:`enclave.contract.Site` in-process."""
 
     def __init__(
         self,
@@ -142,21 +149,16 @@ class SiteAgent:
         cls,
         root: Path,
         *,
-        ca: CertificateAuthority,
+        signer: IdentityFiles,
         name: str = "local-site",
         image: str = "sealroom-runtime:latest",
         runtime: Runtime | None = None,
         limits: SiteLimits = DEFAULT_LIMITS,
     ) -> SiteAgent:
+        """Open (or create) the site at ``root``. ``signer`` is the site's release-signing
+        identity, issued by the deployment's CA (:meth:`gateway.identity.CertificateAuthority.
+        site_signer`, conventionally into ``signer_dir(root)``): the site never holds the CA."""
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        ident = root / "identity"
-        signer = IdentityFiles(
-            cert=ident / f"{name}-signer.pem",
-            key=ident / f"{name}-signer.key",
-            ca_cert=ca.cert_path,
-        )
-        if not signer.cert.exists():
-            signer = ca.issue_site_signer(name, out_dir=ident)
         runtime = runtime or DockerRuntime()
         (root / "keys").mkdir(exist_ok=True, mode=0o700)
         vault = Vault(root / "vault", site_key_path=root / "keys" / "site.key")

@@ -20,9 +20,9 @@ from gateway._auth import principal_of
 from gateway._spool import SealedSpool
 from gateway._views import JobEvent
 from gateway.core import Gateway, sha256_file
-from gateway.lifecycle import JobState
 from gateway.store import DatasetRecord, JobRecord, PolicyRecord
 from policies.errors import InvalidInput, ResourceExhausted
+from policies.lifecycle import JobState
 
 CHUNK = 1 << 20
 

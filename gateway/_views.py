@@ -12,10 +12,10 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, replace
 
-from gateway.lifecycle import TERMINAL, JobState
 from gateway.store import JobRecord
 from policies.channels import round_time
 from policies.identity import Principal, Role
+from policies.lifecycle import TERMINAL, JobState
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ import grpc
 from sealroom.v1 import gateway_pb2 as pb
 from sealroom.v1 import gateway_pb2_grpc as pb_grpc
 
+from enclave.identity import IdentityFiles
 from gateway._status import error_for
-from gateway.identity import IdentityFiles
 from policies.errors import IntegrityError, InvalidInput
 
 CHUNK = 1 << 20

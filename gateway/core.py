@@ -5,7 +5,7 @@ and checks ownership itself (the RPC layer has already checked the role). Every 
 persisted, then recorded in the audit log, before the method returns or acts on it. Methods
 raise only :mod:`policies.errors` classes; the RPC layer maps them to status codes.
 
-Jobs move through :mod:`gateway.lifecycle`. Approved jobs wait in a bounded queue; worker
+Jobs move through :mod:`policies.lifecycle`. Approved jobs wait in a bounded queue; worker
 threads hand them to the site one at a time each, after checking that the approval still binds
 the job as it is now (spec, bundle, dataset versions, policy versions).
 """
@@ -26,11 +26,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from enclave.contract import RunOrder, Site, SiteReport
 from gateway._spool import SealedSpool
 from gateway._views import JobEvent, event_for, job_for
 from gateway.audit import AuditEvent, AuditLog
-from gateway.lifecycle import TERMINAL, JobState
-from gateway.site import RunOrder, Site, SiteReport
 from gateway.store import (
     ApprovalRecord,
     DatasetFileRecord,
@@ -54,6 +53,7 @@ from policies.errors import (
     SpecError,
 )
 from policies.identity import Principal, Role
+from policies.lifecycle import TERMINAL, JobState
 from policies.spec import NAME_RE, JobSpec, parse_spec
 
 SYSTEM = Principal(name="gateway", role=Role.OPERATOR, team="")

@@ -23,9 +23,16 @@ from typing import Any
 
 from rich.console import Console
 
+from enclave.identity import IdentityFiles
+from enclave.models import ModelStore
+from enclave.provenance import verify_release
+from gateway.audit import verify_export
 from gateway.client import Client
-from gateway.identity import CertificateAuthority, IdentityFiles
+from gateway.identity import CertificateAuthority
+from gateway.server import build
 from policies.identity import Role
+from trainers.basemodel import create_base_model
+from trainers.synthetic import corpus, write_corpus
 
 SPEC = """\
 name: books-finetune
@@ -52,12 +59,6 @@ def policy_text() -> str:
 
 def run_demo(*, workdir: Path | None, keep: bool, as_json: bool, steps: int = 40) -> int:
     """Run the demo; returns a process exit code (0: every step held)."""
-    from enclave.models import ModelStore
-    from gateway.audit import verify_export
-    from gateway.server import build
-    from trainers.basemodel import create_base_model
-    from trainers.synthetic import corpus, write_corpus
-
     console = Console(stderr=as_json, highlight=False)
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="sealroom-demo-")) if workdir is None else workdir
@@ -117,10 +118,10 @@ def run_demo(*, workdir: Path | None, keep: bool, as_json: bool, steps: int = 40
             step(4, "model team", "watches the job train in the enclave")
             last_state = ""
             for event in team.watch(job.id, timeout=1800):
-                if event.HasField("progress"):
-                    p = event.progress
-                    if p.step == p.total or p.step % 10 == 0:
-                        console.print(f"   step {p.step}/{p.total} loss {p.loss:.3f}")
+                if event.progress is not None:
+                    at, total, loss = event.progress
+                    if at == total or at % 10 == 0:
+                        console.print(f"   step {at}/{total} loss {loss:.3f}")
                 elif event.state != last_state:
                     last_state = event.state
                     console.print(
@@ -139,8 +140,6 @@ def run_demo(*, workdir: Path | None, keep: bool, as_json: bool, steps: int = 40
             console.print(f"   released metrics: {dict(job.metrics)}")
 
             step(5, "model team", "downloads the release and verifies it offline")
-            from enclave.provenance import verify_release
-
             release = tmp / "release"
             team.download_release(job.id, release)
             verify_release(release, ca_cert_pem=ca.cert_pem)
@@ -161,7 +160,7 @@ def run_demo(*, workdir: Path | None, keep: bool, as_json: bool, steps: int = 40
             reads = compliance.audit_query(job_id=job.id, action="data.read")
             console.print(
                 f"   {verified.size} records verify; the job read "
-                f"{len({r.file for r in reads})} files of books"
+                f"{len({r.event.file for r in reads})} files of books"
             )
             summary["audit"] = {"records": verified.size, "files_read": len(reads)}
             for c in (owner, team, compliance):

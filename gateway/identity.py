@@ -16,7 +16,6 @@ import datetime as dt
 import ipaddress
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from enclave.identity import IdentityFiles
 from enclave.secretfile import SECRET_MODE, write_secret
 from policies.errors import AlreadyExists, InvalidInput, NotFound, PermissionDenied
 from policies.identity import Principal, Role
@@ -35,19 +35,6 @@ ISSUED_FILE = "issued.jsonl"
 LEAF_VALIDITY = dt.timedelta(days=365)
 PUBLIC_MODE = 0o644
 """Certificates are public: readable by anyone who must trust or present them."""
-
-
-@dataclass(frozen=True)
-class IdentityFiles:
-    """Where an identity's certificate and key live, with the CA certificate to trust."""
-
-    cert: Path
-    key: Path
-    ca_cert: Path
-
-    def read(self) -> tuple[bytes, bytes, bytes]:
-        """(certificate PEM, key PEM, CA certificate PEM)."""
-        return self.cert.read_bytes(), self.key.read_bytes(), self.ca_cert.read_bytes()
 
 
 def _write_new(path: Path, data: bytes, *, mode: int = SECRET_MODE) -> None:
@@ -169,6 +156,18 @@ class CertificateAuthority:
             usages=usages,
             server_names=server_names,
         )
+
+    def site_signer(self, name: str, *, out_dir: Path) -> IdentityFiles:
+        """The release-signing identity of site ``name`` in ``out_dir``: issued on the first
+        call (:meth:`issue_site_signer`), the same files on every later one."""
+        signer = IdentityFiles(
+            cert=out_dir / f"{name}-signer.pem",
+            key=out_dir / f"{name}-signer.key",
+            ca_cert=self.cert_path,
+        )
+        if signer.cert.exists():
+            return signer
+        return self.issue_site_signer(name, out_dir=out_dir)
 
     def issue_site_signer(self, name: str, *, out_dir: Path) -> IdentityFiles:
         """Issue a site's release-signing identity: an Ed25519 key, role ``site``."""

@@ -24,13 +24,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from sealroom.v1 import gateway_pb2_grpc
 
+from enclave.contract import Site
+from enclave.identity import IdentityFiles
 from enclave.secretfile import ensure_secret, write_secret
 from gateway._auth import AuthInterceptor
 from gateway._servicer import GatewayServicer
 from gateway.audit import AuditEvent, AuditLog
 from gateway.core import Gateway
-from gateway.identity import PUBLIC_MODE, CertificateAuthority, IdentityFiles
-from gateway.site import Site
+from gateway.identity import PUBLIC_MODE, CertificateAuthority
 from gateway.store import Store
 from policies.identity import Principal, Role
 
@@ -113,12 +114,16 @@ def build(
     audit = AuditLog(gw_dir / "audit.db", signing_key=_signing_key(gw_dir / "audit-signing.key"))
     store = Store(gw_dir / "state.db")
     if site is None:
-        from enclave.agent import DEFAULT_LIMITS, SiteAgent
+        # Not for a cycle: enclave.agent pulls in torch (~1.5 s), which a gateway built around
+        # another site (the tests, a remote site) must not pay for.
+        from enclave.agent import DEFAULT_LIMITS, SiteAgent, signer_dir
 
         limits = dataclasses.replace(DEFAULT_LIMITS, gpus=gpus, runtime=container_runtime)
-        site = SiteAgent.open(
-            home / "site", ca=CertificateAuthority.load(home / "ca"), limits=limits
-        )
+        ca = CertificateAuthority.load(home / "ca")
+        site_root = home / "site"
+        name = "local-site"
+        signer = ca.site_signer(name, out_dir=signer_dir(site_root))
+        site = SiteAgent.open(site_root, name=name, signer=signer, limits=limits)
     gateway = Gateway(
         home=gw_dir, store=store, audit=audit, site=site, workers=workers, max_queued=max_queued
     )

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gateway.lifecycle import JobState, check_transition
 from policies.errors import AlreadyExists, InvalidState, NotFound
+from policies.lifecycle import JobState, check_transition
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS datasets (

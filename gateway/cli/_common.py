@@ -21,8 +21,8 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from rich.console import Console
 
+from enclave.identity import IdentityFiles
 from gateway.client import Client
-from gateway.identity import IdentityFiles
 from gateway.server import DEFAULT_ADDRESS, default_home
 from policies.errors import NotFound, SealroomError
 

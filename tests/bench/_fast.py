@@ -1,7 +1,7 @@
 """A site whose runs end at once, and a home of identities: what the gateway benches and the load
 run put the gateway against when the site itself is not what they measure.
 
-:class:`FastSite` implements the :class:`gateway.site.Site` contract with no container: each run
+:class:`FastSite` implements the :class:`enclave.contract.Site` contract with no container: each run
 reports RUNNING, CHECKING and RELEASED (with a release directory holding a manifest, metrics and,
 when asked, one payload file of ``release_bytes``), counting the runs of every job id so that a
 job run twice is seen. :func:`make_home` lays out a deployment home (CA and people) the way
@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from enclave.contract import Report, RunOrder, SiteReport, StoredDataset
+from enclave.identity import IdentityFiles
 from gateway.client import Client
-from gateway.identity import CertificateAuthority, IdentityFiles
-from gateway.lifecycle import JobState
-from gateway.site import Report, RunOrder, SiteReport, StoredDataset
+from gateway.identity import CertificateAuthority
 from policies.identity import Role
+from policies.lifecycle import JobState
 from tests.integration._deployment import policy
 
 PEOPLE: dict[str, tuple[Role, str]] = {

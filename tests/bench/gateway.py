@@ -32,8 +32,8 @@ from typing import Any
 
 import grpc
 
+from enclave.identity import IdentityFiles
 from gateway.client import Client
-from gateway.identity import IdentityFiles
 from tests.bench._fast import (
     CUSTOM_SPEC,
     FAST_SPEC,

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from enclave.identity import IdentityFiles
 from gateway.client import Client
-from gateway.identity import CertificateAuthority, IdentityFiles
+from gateway.identity import CertificateAuthority
 from policies.identity import Role
 
 PEOPLE: dict[str, tuple[Role, str]] = {

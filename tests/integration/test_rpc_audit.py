@@ -23,12 +23,13 @@ import pytest
 from sealroom.v1 import gateway_pb2 as pb
 from sealroom.v1 import gateway_pb2_grpc as pb_grpc
 
+from enclave.contract import Report, RunOrder, StoredDataset
+from enclave.identity import IdentityFiles
 from gateway._views import JobEvent
-from gateway.identity import CertificateAuthority, IdentityFiles
-from gateway.lifecycle import JobState
-from gateway.site import Report, RunOrder, StoredDataset
+from gateway.identity import CertificateAuthority
 from policies.errors import NotFound
 from policies.identity import Role
+from policies.lifecycle import JobState
 
 SECRET = "row 17 of the patients table: alice, 1970-01-01"
 """The text of every injected exception: it must reach neither the caller nor the log."""

@@ -58,7 +58,7 @@ def test_a_runtime_the_engine_lacks_is_an_error_not_a_fallback(dep: Deployment) 
         assert list(done.reasons) == ["error: the site could not complete the run"]
         assert "sealroom-no-such-runtime" not in str(done)
         assert "sealroom-no-such-runtime" in " ".join(owner.job(job.id).details)
-        actions = [r.action for r in compliance.audit_query(job_id=job.id)]
+        actions = [r.event.action for r in compliance.audit_query(job_id=job.id)]
         assert "container.start" not in actions
         # The data was staged for it and destroyed again: nothing is left behind.
         assert "data.destroyed" in actions
@@ -70,13 +70,17 @@ def test_a_site_starting_leaves_another_sites_running_jobs_alone(
     """Two sites on one engine, with the same name: the second's start-up clean-up (which ends
     what a crashed agent of *its own* left running) must not end the first one's jobs; the first
     one's own restart does."""
-    from enclave.agent import SiteAgent
+    from enclave.agent import SiteAgent, signer_dir
     from enclave.runtime import ContainerSpec, DockerRuntime, RunState
     from gateway.identity import CertificateAuthority
     from tests.conftest import TEST_RUN_ID, TEST_RUN_LABEL
 
     ca = CertificateAuthority.init(tmp_path / "ca")
-    first = SiteAgent.open(tmp_path / "a", ca=ca)
+
+    def open_site(root: Path) -> SiteAgent:
+        return SiteAgent.open(root, signer=ca.site_signer("local-site", out_dir=signer_dir(root)))
+
+    first = open_site(tmp_path / "a")
     out = tmp_path / "out"
     out.mkdir()
     out.chmod(0o777)
@@ -98,10 +102,10 @@ def test_a_site_starting_leaves_another_sites_running_jobs_alone(
     rt.start(handle)
     try:
         assert rt.status(handle).state is RunState.RUNNING
-        other = SiteAgent.open(tmp_path / "b", ca=ca)  # same name, another site
+        other = open_site(tmp_path / "b")  # same name, another site
         assert other.instance != first.instance
         assert rt.status(handle).state is RunState.RUNNING
-        SiteAgent.open(tmp_path / "a", ca=ca)  # the first site's agent, restarted
+        open_site(tmp_path / "a")  # the first site's agent, restarted
         assert rt.status(handle).state is RunState.REMOVED
     finally:
         rt.cleanup(handle)

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from enclave.contract import RunOrder, SiteReport
 from gateway.audit import AuditLog
 from gateway.core import Gateway
-from gateway.lifecycle import JobState
-from gateway.site import RunOrder, SiteReport
 from gateway.store import Store
 from policies.channels import TeamReason
+from policies.lifecycle import JobState
 from tests.unit.test_gateway_core import OLIVIA, THEO, ScriptedSite, _register, _wait, spec
 
 DETAIL = "release refused: books: weights: tensor 'model.secret' has shape [51, 7]"

@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from enclave.contract import RunOrder, SiteReport
 from enclave.provenance import (
     ArtifactDigest,
     AuditPosition,
@@ -29,11 +30,10 @@ from enclave.provenance import (
 )
 from enclave.provenance import DatasetVersion as ProvenanceVersion
 from gateway.core import Gateway
-from gateway.lifecycle import TERMINAL, JobState, check_transition
-from gateway.site import RunOrder, SiteReport
 from policies.access import Outcome, Rule
 from policies.document import CustomCode, parse_policy
 from policies.errors import InvalidInput, InvalidState, NotFound, PermissionDenied
+from policies.lifecycle import TERMINAL, JobState, check_transition
 from policies.review import surviving_bits, weights_capacity
 from tests.integration._deployment import policy
 from tests.unit._policy_factory import make_policy

@@ -1,6 +1,6 @@
 """The gateway's control plane against an in-process site: decisions, bindings, queueing.
 
-No network and no Docker: :class:`ScriptedSite` implements the :class:`gateway.site.Site`
+No network and no Docker: :class:`ScriptedSite` implements the :class:`enclave.contract.Site`
 contract with reports a test scripts, so each test sees exactly what the gateway did with a
 submission, an approval, a changed bundle or a full queue, and what it wrote to the audit log.
 """
@@ -19,11 +19,10 @@ from typing import BinaryIO
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from enclave.contract import Report, RunOrder, SiteReport, StoredDataset
 from gateway._spool import SealedSpool
 from gateway.audit import AuditLog
 from gateway.core import Gateway
-from gateway.lifecycle import JobState
-from gateway.site import Report, RunOrder, SiteReport, StoredDataset
 from gateway.store import Store
 from policies.errors import (
     InvalidState,
@@ -34,6 +33,7 @@ from policies.errors import (
     SpecError,
 )
 from policies.identity import Principal, Role
+from policies.lifecycle import JobState
 from tests.integration._deployment import policy
 
 OLIVIA = Principal("olivia", Role.DATA_OWNER, "library")

@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from enclave import _dp
+from enclave.contract import RunOrder, SiteReport
 from enclave.gate import RELEASED_METRICS, DPInputs, layout_from_files, run_gate
 from gateway.core import Gateway
-from gateway.lifecycle import JobState
-from gateway.site import RunOrder, SiteReport
 from policies.errors import InvalidInput
+from policies.lifecycle import JobState
 from policies.release import CheckName, DPRules, decide_dp
 from policies.spec import parse_spec
 from tests.integration._deployment import policy

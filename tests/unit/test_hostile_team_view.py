@@ -19,16 +19,16 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from enclave._channels import TeamChannel
+from enclave.contract import Report, RunOrder, SiteReport
 from enclave.provenance import AuditPosition
 from gateway._views import JobEvent
 from gateway.audit import AuditLog
 from gateway.core import Gateway
-from gateway.lifecycle import TERMINAL, JobState
-from gateway.site import Report, RunOrder, SiteReport
 from gateway.store import Store
 from policies import access, channels, document
 from policies.channels import ChannelRules, TeamReason
 from policies.errors import PolicyDocumentError
+from policies.lifecycle import TERMINAL, JobState
 from policies.release import MemorizationFigures, decide_memorization
 from policies.spec import parse_spec
 from tests.integration._deployment import policy

@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from gateway.lifecycle import TERMINAL, TRANSITIONS, JobState, check_transition
 from policies.errors import InvalidState
+from policies.lifecycle import TERMINAL, TRANSITIONS, JobState, check_transition
 
 HAPPY = [
     JobState.SUBMITTED,

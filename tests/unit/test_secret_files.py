@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from enclave.agent import SiteAgent, _site_secret
+from enclave.agent import SiteAgent, _site_secret, signer_dir
 from enclave.runtime import FakeRuntime
 from enclave.secretfile import ensure_secret, read_secret, write_secret
 from gateway.identity import CertificateAuthority
@@ -50,7 +50,8 @@ def test_every_secret_of_a_fresh_deployment_is_0600_in_a_private_directory(
     alice = ca.issue("alice", role=Role.DATA_OWNER, team="h", out_dir=home / "identities")
     gateway = server_identity(home)
     _signing_key(home / "gateway" / "audit-signing.key")
-    site = SiteAgent.open(home / "site", ca=ca, runtime=FakeRuntime(lambda job: 0))
+    signer = ca.site_signer("local-site", out_dir=signer_dir(home / "site"))
+    site = SiteAgent.open(home / "site", signer=signer, runtime=FakeRuntime(lambda job: 0))
     site.store_dataset("books", archive=_archive())
     site._bits.charge(
         LeakageAccount({"metrics": 1.0}, 10.0), datasets=["books"], budgets={"books": 1e9}

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from enclave._channels import Background, BitsLedger, TeamChannel, failure_reason
+from enclave.contract import SiteReport
 from enclave.runtime import ContainerStatus, RunState
-from gateway.lifecycle import JobState
-from gateway.site import SiteReport
 from policies.channels import ChannelRules, LeakageAccount, TeamReason
 from policies.errors import PolicyViolation, SiteError
+from policies.lifecycle import JobState
 
 
 class Clock:

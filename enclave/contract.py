@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from gateway.lifecycle import JobState
+from policies.lifecycle import JobState
 from policies.spec import JobSpec
 
 
