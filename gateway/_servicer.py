@@ -1,12 +1,10 @@
 """The Gateway gRPC servicer: messages in, one call into :class:`gateway.core.Gateway`, messages
-out. Authorisation, audit and error mapping happen around it (:mod:`gateway._auth`); protobuf
-types stop here."""
+out (built by :mod:`gateway._convert`, whose inverse the client uses). Authorisation, audit and
+error mapping happen around it (:mod:`gateway._auth`); protobuf types stop here."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -16,11 +14,11 @@ import grpc
 from sealroom.v1 import gateway_pb2 as pb
 from sealroom.v1 import gateway_pb2_grpc as pb_grpc
 
+from gateway import _convert as convert
 from gateway._auth import principal_of
 from gateway._spool import SealedSpool
-from gateway._views import JobEvent
 from gateway.core import Gateway, sha256_file
-from gateway.store import DatasetRecord, JobRecord, PolicyRecord
+from gateway.store import JobRecord
 from policies.errors import InvalidInput, ResourceExhausted
 from policies.lifecycle import JobState
 
@@ -67,90 +65,23 @@ class _HashingFile:
         self._f.write(data)
 
 
-def _dataset(d: DatasetRecord) -> pb.Dataset:
-    return pb.Dataset(
-        name=d.name,
-        version=d.version,
-        owner=d.owner,
-        root_hash=d.root_hash,
-        size=d.size,
-        files=[pb.DatasetFile(path=f.path, size=f.size, sha256=f.sha256) for f in d.files],
-        created_at=d.created_at,
-        description=d.description,
-    )
-
-
-def _policy(p: PolicyRecord) -> pb.Policy:
-    return pb.Policy(
-        dataset=p.dataset,
-        version=p.version,
-        document=p.document,
-        sha256=p.sha256,
-        author=p.author,
-        created_at=p.created_at,
-    )
-
-
-def _event(e: JobEvent) -> pb.JobEvent:
-    msg = pb.JobEvent(
-        job_id=e.job_id, state=e.state.value, reason=e.reason, time=e.time, terminal=e.terminal
-    )
-    if e.progress is not None:
-        step, total, loss = e.progress
-        msg.progress.CopyFrom(pb.Progress(step=step, total=total, loss=loss))
-    return msg
-
-
 class GatewayServicer(pb_grpc.GatewayServicer):
     def __init__(self, gateway: Gateway) -> None:
         self.g = gateway
 
     def _job(self, j: JobRecord) -> pb.Job:
-        return pb.Job(
-            id=j.id,
-            name=j.name,
-            state=j.state.value,
-            submitter=j.submitter,
-            team=j.team,
-            spec=j.spec,
-            spec_sha256=j.spec_sha256,
-            bundle_sha256=j.bundle_sha256,
-            datasets=[
-                pb.DatasetVersionRef(name=d.name, version=d.version, root_hash=d.root_hash)
-                for d in j.datasets
-            ],
-            policy_versions=dict(j.policy_versions),
-            reasons=list(j.reasons),
-            approvals=[
-                pb.Approval(
-                    owner=a.owner,
-                    decision=a.decision,
-                    reason=a.reason,
-                    binding=a.binding,
-                    created_at=a.created_at,
-                )
-                for a in self.g.approvals(j.id)
-            ],
-            image_id=j.image_id,
-            created_at=j.created_at,
-            updated_at=j.updated_at,
-            metrics=dict(j.metrics),
-            release_id=j.release_id,
-            details=list(j.details),
-            channel_bits=j.channel_bits,
-        )
+        return convert.job_message(j, self.g.approvals(j.id))
 
     def RotateSiteKey(
         self, request: pb.RotateSiteKeyRequest, context: grpc.ServicerContext
     ) -> pb.RotateSiteKeyResponse:
         key_id, count = self.g.rotate_site_key(principal=principal_of(context))
-        return pb.RotateSiteKeyResponse(
-            site=self.g.site.name, key_id=key_id, dataset_versions=count
+        return convert.rotation_message(
+            convert.SiteKeyRotation(site=self.g.site.name, key_id=key_id, dataset_versions=count)
         )
 
     def WhoAmI(self, request: pb.WhoAmIRequest, context: grpc.ServicerContext) -> pb.Principal:
-        p = principal_of(context)
-        return pb.Principal(name=p.name, role=p.role.value, team=p.team)
+        return convert.principal_message(principal_of(context))
 
     def RegisterDataset(
         self, request_iterator: Iterator[pb.RegisterDatasetChunk], context: grpc.ServicerContext
@@ -173,24 +104,26 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 archive=spool,
                 archive_sha256=header.archive_sha256,
             )
-        return _dataset(record)
+        return convert.dataset_message(record)
 
     def ListDatasets(
         self, request: pb.ListDatasetsRequest, context: grpc.ServicerContext
     ) -> pb.ListDatasetsResponse:
         return pb.ListDatasetsResponse(
-            datasets=[_dataset(d) for d in self.g.datasets(principal=principal_of(context))]
+            datasets=[
+                convert.dataset_message(d) for d in self.g.datasets(principal=principal_of(context))
+            ]
         )
 
     def PutPolicy(self, request: pb.PutPolicyRequest, context: grpc.ServicerContext) -> pb.Policy:
-        return _policy(
+        return convert.policy_message(
             self.g.put_policy(
                 principal=principal_of(context), dataset=request.dataset, text=request.document
             )
         )
 
     def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.ServicerContext) -> pb.Policy:
-        return _policy(
+        return convert.policy_message(
             self.g.policy(
                 principal=principal_of(context),
                 dataset=request.dataset,
@@ -202,7 +135,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         self, request: pb.GetPolicyRequest, context: grpc.ServicerContext
     ) -> pb.ListPolicyVersionsResponse:
         versions = self.g.policy_versions(principal=principal_of(context), dataset=request.dataset)
-        return pb.ListPolicyVersionsResponse(versions=[_policy(p) for p in versions])
+        return pb.ListPolicyVersionsResponse(versions=[convert.policy_message(p) for p in versions])
 
     def SubmitJob(
         self, request_iterator: Iterator[pb.SubmitJobChunk], context: grpc.ServicerContext
@@ -265,25 +198,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def ReviewRelease(
         self, request: pb.ReviewReleaseRequest, context: grpc.ServicerContext
     ) -> pb.ReleaseReview:
-        r = self.g.release_review(principal=principal_of(context), job_id=request.job_id)
-        return pb.ReleaseReview(
-            job_id=r.job_id,
-            release_id=r.release_id,
-            weights_capacity_bits=r.capacity.bits,
-            released_elements=r.capacity.elements,
-            bits_per_element=dict(r.capacity.bits_per_element),
-            scrub_bits=r.capacity.scrub_bits,
-            checks=[
-                pb.ReleaseCheck(
-                    dataset=c.dataset,
-                    check=c.check,
-                    passed=c.passed,
-                    figures_json=json.dumps(dict(c.figures), sort_keys=True),
-                )
-                for c in r.checks
-            ],
-            reviewers=sorted(r.reviewers),
-            approved_by=sorted(r.approved_by),
+        return convert.review_message(
+            self.g.release_review(principal=principal_of(context), job_id=request.job_id)
         )
 
     def DecideRelease(
@@ -304,7 +220,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         for event in self.g.watch(principal=principal_of(context), job_id=request.job_id):
             if not context.is_active():
                 return
-            yield _event(event)
+            yield convert.event_message(event)
 
     def GetJobLogs(
         self, request: pb.GetJobLogsRequest, context: grpc.ServicerContext
@@ -344,24 +260,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             until=request.until or None,
             limit=request.limit or 1000,
         )
-        return pb.QueryAuditResponse(
-            records=[
-                pb.AuditRecord(
-                    seq=r.seq,
-                    time=r.time,
-                    principal=r.event.principal,
-                    role=r.event.role,
-                    action=r.event.action,
-                    outcome=r.event.outcome,
-                    job_id=r.event.job_id or "",
-                    dataset=r.event.dataset or "",
-                    file=r.event.file or "",
-                    details_json=json.dumps(dict(r.event.details), sort_keys=True),
-                    leaf_hash=r.leaf_hash.hex() if isinstance(r.leaf_hash, bytes) else r.leaf_hash,
-                )
-                for r in records
-            ]
-        )
+        return pb.QueryAuditResponse(records=[convert.audit_record_message(r) for r in records])
 
     def ExportAudit(
         self, request: pb.ExportAuditRequest, context: grpc.ServicerContext
@@ -378,13 +277,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     ) -> pb.Checkpoint:
         cps = self.g.audit.checkpoints()
         cp = self.g.audit.checkpoint() if request.fresh or not cps else cps[-1]
-        return pb.Checkpoint(
-            size=cp.size,
-            root_hash=cp.root.hex(),
-            time=cp.time,
-            signature=base64.b64encode(cp.signature).decode(),
-            encoded=cp.note().decode(),
-        )
+        return convert.checkpoint_message(cp)
 
     def GetInclusionProof(
         self, request: pb.InclusionProofRequest, context: grpc.ServicerContext
@@ -394,8 +287,10 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             raise InvalidInput(f"seq {request.seq} is not in a tree of size {size}")
         proof = self.g.audit.inclusion_proof(request.seq, size)
         leaf = self.g.audit.record(request.seq).leaf_hash
-        return pb.Proof(
-            hashes=[h.hex() for h in proof], leaf_hash=leaf.hex(), index=request.seq, tree_size=size
+        return convert.proof_message(
+            convert.AuditProof(
+                hashes=tuple(proof), tree_size=size, leaf_hash=leaf, index=request.seq
+            )
         )
 
     def GetConsistencyProof(
@@ -403,29 +298,11 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     ) -> pb.Proof:
         new = request.new_size or self.g.audit.size()
         proof = self.g.audit.consistency_proof(request.old_size, new)
-        return pb.Proof(hashes=[h.hex() for h in proof], old_size=request.old_size, tree_size=new)
+        return convert.proof_message(
+            convert.AuditProof(hashes=tuple(proof), tree_size=new, old_size=request.old_size)
+        )
 
     def AuditReport(
         self, request: pb.AuditReportRequest, context: grpc.ServicerContext
     ) -> pb.AuditReportResponse:
-        r = self.g.audit.report(request.dataset)
-        return pb.AuditReportResponse(
-            dataset=r.dataset,
-            accesses=[
-                pb.DatasetAccess(
-                    principal=a.principal,
-                    role=a.role,
-                    action=a.action,
-                    outcome=a.outcome,
-                    count=a.count,
-                    first=a.first,
-                    last=a.last,
-                )
-                for a in r.accesses
-            ],
-            reads=[pb.JobReads(job_id=j, files=list(f)) for j, f in r.reads.items()],
-            releases=[
-                pb.DerivedRelease(job_id=d.job_id, manifest_sha256=d.manifest_sha256, time=d.time)
-                for d in r.releases
-            ],
-        )
+        return convert.report_message(self.g.audit.report(request.dataset))

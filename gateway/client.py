@@ -1,7 +1,10 @@
 """The Python SDK: a typed client for the gateway over mTLS.
 
-Every method raises :mod:`policies.errors` classes (gRPC errors are mapped back through the
-same table the server uses), so SDK users catch ``SealroomError`` and nothing from grpc.
+Every method returns domain values (the gateway's records, :class:`JobEvent`, the audit
+package's values, :class:`ReviewReport`; :mod:`gateway._convert` turns each response into one),
+never a protobuf message. Every method raises :mod:`policies.errors` classes (gRPC errors are
+mapped back through the same table the server uses, a malformed response is an
+:class:`IntegrityError`), so SDK users catch ``SealroomError`` and nothing from grpc.
 Uploads stream in 1 MiB chunks with their SHA-256 in the header; downloads are written into a
 fresh directory, refusing any path that would land outside it.
 """
@@ -22,11 +25,31 @@ from sealroom.v1 import gateway_pb2 as pb
 from sealroom.v1 import gateway_pb2_grpc as pb_grpc
 
 from enclave.identity import IdentityFiles
+from gateway import _convert as convert
+from gateway._convert import AuditProof, JobView, SiteKeyRotation
 from gateway._status import error_for
+from gateway._views import JobEvent
+from gateway.audit import AuditRecord, DatasetReport, SignedCheckpoint
+from gateway.store import DatasetRecord, PolicyRecord
 from policies.errors import IntegrityError, InvalidInput
+from policies.identity import Principal
+from policies.review import ReviewReport
+
+__all__ = ["AuditProof", "Client", "JobView", "SiteKeyRotation", "pack_directory"]
 
 CHUNK = 1 << 20
 T = TypeVar("T")
+M = TypeVar("M")
+V = TypeVar("V")
+
+
+def _value(convert_fn: Callable[[M], V], msg: M) -> V:
+    """``msg`` as its domain value; a response that makes no valid value is an
+    :class:`IntegrityError` (the gateway, or something between, sent it wrong)."""
+    try:
+        return convert_fn(msg)
+    except (ValueError, InvalidInput) as e:
+        raise IntegrityError(f"the gateway sent a malformed {type(msg).__name__}: {e}") from e
 
 
 def _sha256_file(path: Path) -> str:
@@ -108,13 +131,14 @@ class Client:
 
     # -- identity and datasets ----------------------------------------------------------------
 
-    def rotate_site_key(self) -> pb.RotateSiteKeyResponse:
-        return self._call(self._stub.RotateSiteKey, pb.RotateSiteKeyRequest())
+    def rotate_site_key(self) -> SiteKeyRotation:
+        r = self._call(self._stub.RotateSiteKey, pb.RotateSiteKeyRequest())
+        return _value(convert.rotation_value, r)
 
-    def whoami(self) -> pb.Principal:
-        return self._call(self._stub.WhoAmI, pb.WhoAmIRequest())
+    def whoami(self) -> Principal:
+        return _value(convert.principal_value, self._call(self._stub.WhoAmI, pb.WhoAmIRequest()))
 
-    def register_dataset(self, name: str, source: Path, *, description: str = "") -> pb.Dataset:
+    def register_dataset(self, name: str, source: Path, *, description: str = "") -> DatasetRecord:
         """Register a directory (packed as tar) or a tar archive as the next version."""
         with tempfile.TemporaryDirectory() as tmp:
             archive = (
@@ -130,29 +154,30 @@ class Client:
                 yield pb.RegisterDatasetChunk(header=header)
                 yield from self._chunks(archive, lambda d: pb.RegisterDatasetChunk(data=d))
 
-            return self._call(self._stub.RegisterDataset, messages(), timeout=None)
+            d = self._call(self._stub.RegisterDataset, messages(), timeout=None)
+            return _value(convert.dataset_value, d)
 
-    def datasets(self) -> list[pb.Dataset]:
-        return list(self._call(self._stub.ListDatasets, pb.ListDatasetsRequest()).datasets)
+    def datasets(self) -> list[DatasetRecord]:
+        r = self._call(self._stub.ListDatasets, pb.ListDatasetsRequest())
+        return [_value(convert.dataset_value, d) for d in r.datasets]
 
-    def put_policy(self, dataset: str, document: str) -> pb.Policy:
-        return self._call(
+    def put_policy(self, dataset: str, document: str) -> PolicyRecord:
+        p = self._call(
             self._stub.PutPolicy, pb.PutPolicyRequest(dataset=dataset, document=document)
         )
+        return _value(convert.policy_value, p)
 
-    def policy(self, dataset: str, version: int = 0) -> pb.Policy:
-        return self._call(
-            self._stub.GetPolicy, pb.GetPolicyRequest(dataset=dataset, version=version)
-        )
+    def policy(self, dataset: str, version: int = 0) -> PolicyRecord:
+        p = self._call(self._stub.GetPolicy, pb.GetPolicyRequest(dataset=dataset, version=version))
+        return _value(convert.policy_value, p)
 
-    def policy_versions(self, dataset: str) -> list[pb.Policy]:
-        return list(
-            self._call(self._stub.ListPolicyVersions, pb.GetPolicyRequest(dataset=dataset)).versions
-        )
+    def policy_versions(self, dataset: str) -> list[PolicyRecord]:
+        r = self._call(self._stub.ListPolicyVersions, pb.GetPolicyRequest(dataset=dataset))
+        return [_value(convert.policy_value, p) for p in r.versions]
 
     # -- jobs -------------------------------------------------------------------------------
 
-    def submit(self, spec_text: str, *, bundle: Path | None = None) -> pb.Job:
+    def submit(self, spec_text: str, *, bundle: Path | None = None) -> JobView:
         """Submit a spec, with a code bundle (a directory, packed as tar.gz, or an archive)."""
         with tempfile.TemporaryDirectory() as tmp:
             archive = None
@@ -173,7 +198,9 @@ class Client:
                     sent.update(d)
                     yield pb.SubmitJobChunk(bundle=d)
 
-            job: pb.Job = self._call(self._stub.SubmitJob, messages(), timeout=None)
+            job = _value(
+                convert.job_value, self._call(self._stub.SubmitJob, messages(), timeout=None)
+            )
             if archive is not None and job.bundle_sha256 != sent.hexdigest():
                 raise IntegrityError(
                     f"the gateway recorded bundle {job.bundle_sha256} for job "
@@ -181,31 +208,39 @@ class Client:
                 )
             return job
 
-    def job(self, job_id: str) -> pb.Job:
-        return self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))
+    def job(self, job_id: str) -> JobView:
+        j = self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id))
+        return _value(convert.job_value, j)
 
-    def jobs(self, state: str = "") -> list[pb.Job]:
-        return list(self._call(self._stub.ListJobs, pb.ListJobsRequest(state=state)).jobs)
+    def jobs(self, state: str = "") -> list[JobView]:
+        r = self._call(self._stub.ListJobs, pb.ListJobsRequest(state=state))
+        return [_value(convert.job_value, j) for j in r.jobs]
 
-    def decide(self, job_id: str, *, approve: bool, reason: str = "") -> pb.Job:
-        return self._call(
+    def decide(self, job_id: str, *, approve: bool, reason: str = "") -> JobView:
+        j = self._call(
             self._stub.DecideJob, pb.DecideJobRequest(job_id=job_id, approve=approve, reason=reason)
         )
+        return _value(convert.job_value, j)
 
-    def review_release(self, job_id: str) -> pb.ReleaseReview:
-        return self._call(self._stub.ReviewRelease, pb.ReviewReleaseRequest(job_id=job_id))
+    def review_release(self, job_id: str) -> ReviewReport:
+        r = self._call(self._stub.ReviewRelease, pb.ReviewReleaseRequest(job_id=job_id))
+        return _value(convert.review_value, r)
 
-    def decide_release(self, job_id: str, *, approve: bool, reason: str = "") -> pb.Job:
-        return self._call(
+    def decide_release(self, job_id: str, *, approve: bool, reason: str = "") -> JobView:
+        j = self._call(
             self._stub.DecideRelease,
             pb.DecideReleaseRequest(job_id=job_id, approve=approve, reason=reason),
         )
+        return _value(convert.job_value, j)
 
-    def cancel(self, job_id: str, reason: str = "") -> pb.Job:
-        return self._call(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id, reason=reason))
+    def cancel(self, job_id: str, reason: str = "") -> JobView:
+        j = self._call(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id, reason=reason))
+        return _value(convert.job_value, j)
 
-    def watch(self, job_id: str, *, timeout: float | None = None) -> Iterator[pb.JobEvent]:
-        return self._stream(self._stub.WatchJob, pb.WatchJobRequest(job_id=job_id), timeout)
+    def watch(self, job_id: str, *, timeout: float | None = None) -> Iterator[JobEvent]:
+        """The job's events until it ends (or ``timeout`` seconds pass)."""
+        for e in self._stream(self._stub.WatchJob, pb.WatchJobRequest(job_id=job_id), timeout):
+            yield _value(convert.event_value, e)
 
     def logs(self, job_id: str) -> bytes:
         buf = io.BytesIO()
@@ -250,8 +285,9 @@ class Client:
 
     # -- audit ------------------------------------------------------------------------------
 
-    def audit_query(self, **filters: Any) -> list[pb.AuditRecord]:
-        return list(self._call(self._stub.QueryAudit, pb.QueryAuditRequest(**filters)).records)
+    def audit_query(self, **filters: Any) -> list[AuditRecord]:
+        r = self._call(self._stub.QueryAudit, pb.QueryAuditRequest(**filters))
+        return [_value(convert.audit_record_value, rec) for rec in r.records]
 
     def audit_export(self, dest: Path) -> Path:
         with dest.open("wb") as f:
@@ -259,19 +295,25 @@ class Client:
                 f.write(chunk.data)
         return dest
 
-    def audit_checkpoint(self, *, fresh: bool = False) -> pb.Checkpoint:
-        return self._call(self._stub.GetCheckpoint, pb.GetCheckpointRequest(fresh=fresh))
+    def audit_checkpoint(self, *, fresh: bool = False) -> SignedCheckpoint:
+        """The latest signed checkpoint (a new one with ``fresh``), its signature not yet
+        checked: call :meth:`SignedCheckpoint.verify` with the gateway's public key."""
+        cp = self._call(self._stub.GetCheckpoint, pb.GetCheckpointRequest(fresh=fresh))
+        return _value(convert.checkpoint_value, cp)
 
-    def audit_inclusion_proof(self, seq: int, tree_size: int = 0) -> pb.Proof:
-        return self._call(
+    def audit_inclusion_proof(self, seq: int, tree_size: int = 0) -> AuditProof:
+        p = self._call(
             self._stub.GetInclusionProof, pb.InclusionProofRequest(seq=seq, tree_size=tree_size)
         )
+        return _value(convert.proof_value, p)
 
-    def audit_consistency_proof(self, old_size: int, new_size: int = 0) -> pb.Proof:
-        return self._call(
+    def audit_consistency_proof(self, old_size: int, new_size: int = 0) -> AuditProof:
+        p = self._call(
             self._stub.GetConsistencyProof,
             pb.ConsistencyProofRequest(old_size=old_size, new_size=new_size),
         )
+        return _value(convert.proof_value, p)
 
-    def audit_report(self, dataset: str) -> pb.AuditReportResponse:
-        return self._call(self._stub.AuditReport, pb.AuditReportRequest(dataset=dataset))
+    def audit_report(self, dataset: str) -> DatasetReport:
+        r = self._call(self._stub.AuditReport, pb.AuditReportRequest(dataset=dataset))
+        return _value(convert.report_value, r)

@@ -139,12 +139,12 @@ def model_create_tiny(name: str, corpus: Path, as_json: bool = JsonOpt) -> None:
 @site_app.command("rotate-key")
 def site_rotate_key(as_json: bool = JsonOpt) -> None:
     """Re-wrap every data key under a new site key (no data is re-encrypted; audited)."""
-    from gateway.cli._common import client, to_dict
+    from gateway.cli._common import client, to_json
 
     with errors(as_json), client() as c:
         r = c.rotate_site_key()
         emit(
             as_json,
-            to_dict(r),
+            to_json(r),
             f"site {r.site}: new key {r.key_id}, {r.dataset_versions} data keys re-wrapped",
         )

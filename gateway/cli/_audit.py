@@ -10,11 +10,9 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.table import Table
 
-from gateway.cli._common import STATE, JsonOpt, client, console, emit, errors, to_dict
+from gateway.cli._common import STATE, JsonOpt, client, console, emit, errors, to_json
 
 if TYPE_CHECKING:
-    from sealroom.v1 import gateway_pb2 as pb
-
     from gateway.audit import SignedCheckpoint
 
 audit_app = typer.Typer(help="The audit log (compliance).", no_args_is_help=True)
@@ -53,19 +51,20 @@ def audit_query(
         def text() -> None:
             t = Table("seq", "time", "principal", "action", "outcome", "job", "dataset", "file")
             for r in records:
+                e = r.event
                 t.add_row(
                     str(r.seq),
                     r.time,
-                    f"{r.principal} ({r.role})",
-                    r.action,
-                    r.outcome,
-                    r.job_id,
-                    r.dataset,
-                    r.file,
+                    f"{e.principal} ({e.role})",
+                    e.action,
+                    e.outcome,
+                    e.job_id or "",
+                    e.dataset or "",
+                    e.file or "",
                 )
             console.print(t)
 
-        emit(as_json, [to_dict(r) for r in records], text)
+        emit(as_json, to_json(records), text)
 
 
 @audit_app.command("export")
@@ -179,23 +178,13 @@ def _extends(log: Any, earlier: Any, key: Any) -> None:
     )
 
 
-def _checkpoint(cp: pb.Checkpoint, public_key: Path | None) -> SignedCheckpoint:
-    """A checkpoint message as a verified :class:`SignedCheckpoint`."""
-    import base64
-
+def _checkpoint(cp: SignedCheckpoint, public_key: Path | None) -> SignedCheckpoint:
+    """``cp`` once its signature verifies under the gateway's key (raises CheckpointError)."""
     from cryptography.hazmat.primitives import serialization
 
-    from gateway.audit import SignedCheckpoint
-
-    signed = SignedCheckpoint(
-        size=cp.size,
-        root=bytes.fromhex(cp.root_hash),
-        time=cp.time,
-        signature=base64.b64decode(cp.signature),
-    )
     key_path = public_key or STATE.home / "gateway" / "audit-signing.pub"
-    signed.verify(serialization.load_pem_public_key(key_path.read_bytes()))  # type: ignore[arg-type]
-    return signed
+    cp.verify(serialization.load_pem_public_key(key_path.read_bytes()))  # type: ignore[arg-type]
+    return cp
 
 
 @audit_app.command("checkpoint")
@@ -210,8 +199,8 @@ def audit_checkpoint(
         _checkpoint(cp, public_key)
         emit(
             as_json,
-            to_dict(cp),
-            f"checkpoint: {cp.size} records, root {cp.root_hash}, {cp.time} (signature verifies)",
+            to_json(cp),
+            f"checkpoint: {cp.size} records, root {cp.root.hex()}, {cp.time} (signature verifies)",
         )
 
 
@@ -231,8 +220,8 @@ def audit_prove(
         verify_inclusion(
             index=seq,
             size=cp.size,
-            leaf=bytes.fromhex(proof.leaf_hash),
-            proof=[bytes.fromhex(h) for h in proof.hashes],
+            leaf=proof.leaf_hash,
+            proof=list(proof.hashes),
             expected_root=signed.root,
         )
         emit(
@@ -240,11 +229,11 @@ def audit_prove(
             {
                 "seq": seq,
                 "tree_size": cp.size,
-                "root": cp.root_hash,
-                "proof": list(proof.hashes),
+                "root": cp.root.hex(),
+                "proof": [h.hex() for h in proof.hashes],
                 "verified": True,
             },
-            f"record {seq} is in the log of {cp.size} records (root {cp.root_hash[:16]}…): "
+            f"record {seq} is in the log of {cp.size} records (root {cp.root.hex()[:16]}…): "
             f"proof of {len(proof.hashes)} hashes verifies",
         )
 
@@ -268,7 +257,7 @@ def audit_consistency(
             new_size=cp.size,
             old_root=bytes.fromhex(old_root),
             new_root=signed.root,
-            proof=[bytes.fromhex(h) for h in proof.hashes],
+            proof=list(proof.hashes),
         )
         emit(
             as_json,
@@ -297,11 +286,11 @@ def audit_report(dataset: str, as_json: bool = JsonOpt) -> None:
             for a in r.accesses:
                 t.add_row(a.principal, a.role, a.action, a.outcome, str(a.count), a.first, a.last)
             console.print(t)
-            for j in r.reads:
+            for job_id, files in r.reads.items():
                 console.print(
-                    f"{j.job_id} read {len(j.files)} files: "
-                    + ", ".join(j.files[:8])
-                    + (" …" if len(j.files) > 8 else "")
+                    f"{job_id} read {len(files)} files: "
+                    + ", ".join(files[:8])
+                    + (" …" if len(files) > 8 else "")
                 )
             for d in r.releases:
                 console.print(
@@ -309,7 +298,7 @@ def audit_report(dataset: str, as_json: bool = JsonOpt) -> None:
                     f"{d.time} derives from {dataset}"
                 )
 
-        emit(as_json, to_dict(r), text)
+        emit(as_json, to_json(r), text)
 
 
 @release_app.command("download")
@@ -354,29 +343,31 @@ def release_review(job_id: str, as_json: bool = JsonOpt) -> None:
         r = c.review_release(job_id)
 
         def text() -> None:
+            cap = r.capacity
             console.print(
                 f"job {r.job_id}, release {r.release_id[:16]}…: the weights can carry up to "
-                f"[bold]{r.weights_capacity_bits:,} bits[/] "
-                f"({r.released_elements:,} elements x "
-                + ", ".join(f"{b} bits ({d})" for d, b in sorted(r.bits_per_element.items()))
-                + f" after the gate's re-quantisation and a scrub of {r.scrub_bits} bits)"
+                f"[bold]{cap.bits:,} bits[/] "
+                f"({cap.elements:,} elements x "
+                + ", ".join(f"{b} bits ({d})" for d, b in sorted(cap.bits_per_element.items()))
+                + f" after the gate's re-quantisation and a scrub of {cap.scrub_bits} bits)"
             )
             table = Table("dataset", "check", "passed", "figures")
             for k in r.checks:
-                table.add_row(k.dataset, k.check, "yes" if k.passed else "NO", k.figures_json)
+                figures = json.dumps(dict(k.figures), sort_keys=True)
+                table.add_row(k.dataset, k.check, "yes" if k.passed else "NO", figures)
             console.print(table)
             console.print(
-                f"reviewers: {', '.join(r.reviewers)}; approved by: "
-                f"{', '.join(r.approved_by) or 'nobody yet'}"
+                f"reviewers: {', '.join(sorted(r.reviewers))}; approved by: "
+                f"{', '.join(sorted(r.approved_by)) or 'nobody yet'}"
             )
 
-        emit(as_json, to_dict(r), text)
+        emit(as_json, to_json(r), text)
 
 
 def _decide_release(job_id: str, *, approve: bool, reason: str, as_json: bool) -> None:
     with errors(as_json), client() as c:
         j = c.decide_release(job_id, approve=approve, reason=reason)
-        emit(as_json, to_dict(j), f"job {j.id}: {j.state}")
+        emit(as_json, to_json(j), f"job {j.id}: {j.state}")
 
 
 @release_app.command("approve")

@@ -1,30 +1,34 @@
 """What every CLI verb shares: where the deployment lives, who is calling, and output.
 
 Every verb takes ``--json``: then it prints exactly one JSON document on stdout (errors too,
-as ``{"error": ..., "message": ...}`` with a non-zero exit), and nothing else.
+as ``{"error": ..., "message": ...}`` with a non-zero exit), and nothing else. The document is
+made from the domain values the client returns (:func:`to_json`), never from wire messages.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import functools
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.protobuf.json_format import MessageToDict
-from google.protobuf.message import Message
 from rich.console import Console
 
 from enclave.identity import IdentityFiles
-from gateway.client import Client
+from gateway._views import JobEvent
+from gateway.audit import AuditRecord, DatasetReport, SignedCheckpoint
+from gateway.client import Client, JobView
 from gateway.server import DEFAULT_ADDRESS, default_home
 from policies.errors import NotFound, SealroomError
+from policies.review import ReviewReport
 
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -62,37 +66,91 @@ def client() -> Iterator[Client]:
         yield c
 
 
-def to_dict(msg: Message) -> dict[str, Any]:
-    """``msg`` as JSON for scripts: proto3's mapping, except that 64-bit integers stay numbers
-    (the mapping writes them as strings, which no script expects of a version or a size)."""
-    d = MessageToDict(
-        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    _numbers(msg.DESCRIPTOR, d)  # type: ignore[arg-type]
+@functools.singledispatch
+def to_json(value: object) -> Any:
+    """``value`` as JSON for scripts: a dataclass as the object of its fields, an enum as its
+    value, bytes as hex, a set sorted. The few values whose printed form differs from their
+    fields (kept as the CLI has always printed them) are registered below."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, frozenset | set):
+        return sorted(to_json(v) for v in value)
+    if isinstance(value, list | tuple):
+        return [to_json(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+@to_json.register
+def _(job: JobView) -> Any:
+    d = to_json.dispatch(object)(job)
+    del d["binding"]  # not sent to clients
     return d
 
 
-_INT64 = frozenset({FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64})
+@to_json.register
+def _(event: JobEvent) -> Any:
+    d: dict[str, Any] = {
+        "job_id": event.job_id,
+        "state": event.state.value,
+        "reason": event.reason,
+        "time": event.time,
+        "terminal": event.terminal,
+    }
+    if event.progress is not None:
+        step, total, loss = event.progress
+        d["progress"] = {"step": step, "total": total, "loss": loss}
+    return d
 
 
-def _numbers(desc: Descriptor, d: dict[str, Any]) -> None:
-    for f in desc.fields:
-        if f.name not in d:
-            continue
-        value = d[f.name]
-        entry = f.message_type
-        if entry is not None and entry.GetOptions().map_entry:
-            vf = entry.fields_by_name["value"]
-            for k, v in value.items():
-                if vf.message_type is not None:
-                    _numbers(vf.message_type, v)
-                elif vf.cpp_type in _INT64:
-                    value[k] = int(v)
-        elif entry is not None:
-            for v in value if isinstance(value, list) else [value]:
-                _numbers(entry, v)
-        elif f.cpp_type in _INT64:
-            d[f.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+@to_json.register
+def _(record: AuditRecord) -> Any:
+    e = record.event
+    return {
+        "seq": record.seq,
+        "time": record.time,
+        "principal": e.principal,
+        "role": e.role,
+        "action": e.action,
+        "outcome": e.outcome,
+        "job_id": e.job_id or "",
+        "dataset": e.dataset or "",
+        "file": e.file or "",
+        "details_json": json.dumps(dict(e.details), sort_keys=True),
+        "leaf_hash": record.leaf_hash.hex(),
+    }
+
+
+@to_json.register
+def _(report: DatasetReport) -> Any:
+    return {
+        "dataset": report.dataset,
+        "accesses": to_json(report.accesses),
+        "reads": [{"job_id": j, "files": list(f)} for j, f in report.reads.items()],
+        "releases": to_json(report.releases),
+    }
+
+
+@to_json.register
+def _(report: ReviewReport) -> Any:
+    return report.to_dict()
+
+
+@to_json.register
+def _(cp: SignedCheckpoint) -> Any:
+    # The form `audit verify --previous` reads back (with the exact signed text).
+    return {
+        "size": cp.size,
+        "root_hash": cp.root.hex(),
+        "time": cp.time,
+        "signature": cp.to_dict()["signature"],
+        "encoded": cp.note().decode(),
+    }
 
 
 def emit(as_json: bool, data: Any, text: Callable[[], None] | str | None = None) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from gateway.cli._common import JsonOpt, client, console, emit, errors, to_dict
+from gateway.cli._common import JsonOpt, client, console, emit, errors, to_json
 from policies import document
 
 dataset_app = typer.Typer(help="Datasets (data owner).", no_args_is_help=True)
@@ -26,7 +26,7 @@ def dataset_register(
         d = c.register_dataset(name, source, description=description)
         emit(
             as_json,
-            to_dict(d),
+            to_json(d),
             f"dataset {d.name} v{d.version}: {len(d.files)} files, {d.size} bytes, "
             f"root {d.root_hash[:16]}",
         )
@@ -51,7 +51,7 @@ def dataset_list(as_json: bool = JsonOpt) -> None:
                 )
             console.print(t)
 
-        emit(as_json, [to_dict(d) for d in ds], text)
+        emit(as_json, to_json(ds), text)
 
 
 @policy_app.command("put")
@@ -59,7 +59,7 @@ def policy_put(dataset: str, path: Path, as_json: bool = JsonOpt) -> None:
     """Write a new version of DATASET's policy from a YAML file."""
     with errors(as_json), client() as c:
         p = c.put_policy(dataset, path.read_text())
-        emit(as_json, to_dict(p), f"policy of {p.dataset} is now v{p.version} ({p.sha256[:16]})")
+        emit(as_json, to_json(p), f"policy of {p.dataset} is now v{p.version} ({p.sha256[:16]})")
 
 
 @policy_app.command("check")
@@ -77,7 +77,7 @@ def policy_get(
     """Print a version of DATASET's policy."""
     with errors(as_json), client() as c:
         p = c.policy(dataset, version)
-        emit(as_json, to_dict(p), lambda: console.print(p.document, markup=False))
+        emit(as_json, to_json(p), lambda: console.print(p.document, markup=False))
 
 
 @policy_app.command("versions")
@@ -90,7 +90,7 @@ def policy_versions(dataset: str, as_json: bool = JsonOpt) -> None:
             for p in vs:
                 console.print(f"v{p.version}  {p.created_at}  {p.author}  {p.sha256[:16]}")
 
-        emit(as_json, [to_dict(p) for p in vs], text)
+        emit(as_json, to_json(vs), text)
 
 
 @policy_app.command("diff")

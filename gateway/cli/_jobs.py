@@ -9,14 +9,14 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
-from sealroom.v1 import gateway_pb2 as pb
 
-from gateway.cli._common import JsonOpt, client, console, emit, errors, to_dict
+from gateway.cli._common import JsonOpt, client, console, emit, errors, to_json
+from gateway.client import JobView
 
 job_app = typer.Typer(help="Training jobs.", no_args_is_help=True)
 
 
-def _summary(j: pb.Job) -> str:
+def _summary(j: JobView) -> str:
     line = f"job {j.id} ({j.name}): {j.state}"
     if j.reasons:
         line += "\n  " + "\n  ".join(j.reasons)
@@ -34,7 +34,7 @@ def job_submit(
     """Submit a job spec (and a code bundle for custom trainers)."""
     with errors(as_json), client() as c:
         j = c.submit(spec.read_text(), bundle=bundle)
-        emit(as_json, to_dict(j), _summary(j))
+        emit(as_json, to_json(j), _summary(j))
 
 
 @job_app.command("get")
@@ -42,7 +42,7 @@ def job_get(job_id: str, as_json: bool = JsonOpt) -> None:
     """Show a job."""
     with errors(as_json), client() as c:
         j = c.job(job_id)
-        emit(as_json, to_dict(j), _summary(j))
+        emit(as_json, to_json(j), _summary(j))
 
 
 @job_app.command("list")
@@ -66,7 +66,7 @@ def job_list(
                 )
             console.print(t)
 
-        emit(as_json, [to_dict(j) for j in jobs], text)
+        emit(as_json, to_json(jobs), text)
 
 
 @job_app.command("approve")
@@ -76,7 +76,7 @@ def job_approve(
     """Approve a job naming your dataset (binds its spec, bundle, data and policy versions)."""
     with errors(as_json), client() as c:
         j = c.decide(job_id, approve=True, reason=reason)
-        emit(as_json, to_dict(j), _summary(j))
+        emit(as_json, to_json(j), _summary(j))
 
 
 @job_app.command("deny")
@@ -86,7 +86,7 @@ def job_deny(
     """Deny a job naming your dataset."""
     with errors(as_json), client() as c:
         j = c.decide(job_id, approve=False, reason=reason)
-        emit(as_json, to_dict(j), _summary(j))
+        emit(as_json, to_json(j), _summary(j))
 
 
 @job_app.command("cancel")
@@ -96,7 +96,7 @@ def job_cancel(
     """Cancel a job that has not ended."""
     with errors(as_json), client() as c:
         j = c.cancel(job_id, reason)
-        emit(as_json, to_dict(j), _summary(j))
+        emit(as_json, to_json(j), _summary(j))
 
 
 @job_app.command("watch")
@@ -106,7 +106,7 @@ def job_watch(job_id: str, as_json: bool = JsonOpt) -> None:
         final = None
         if as_json:
             for e in c.watch(job_id):
-                sys.stdout.write(json.dumps(to_dict(e), sort_keys=True) + "\n")
+                sys.stdout.write(json.dumps(to_json(e), sort_keys=True) + "\n")
                 sys.stdout.flush()
                 final = e
         else:
@@ -120,13 +120,9 @@ def job_watch(job_id: str, as_json: bool = JsonOpt) -> None:
                 task = bar.add_task(job_id, total=None, loss="-")
                 for e in c.watch(job_id):
                     final = e
-                    if e.HasField("progress"):
-                        bar.update(
-                            task,
-                            completed=e.progress.step,
-                            total=e.progress.total,
-                            loss=f"{e.progress.loss:.4f}",
-                        )
+                    if e.progress is not None:
+                        step, total, loss = e.progress
+                        bar.update(task, completed=step, total=total, loss=f"{loss:.4f}")
                     else:
                         bar.console.print(
                             f"{e.time}  {e.state}" + (f"  {e.reason}" if e.reason else "")

@@ -120,7 +120,9 @@ def bench_rpc(tmp: Path, *, quick: bool) -> dict[str, Any]:
             size_after = carol.audit_checkpoint(fresh=True).size
             calls = size_after - size_before
             recent = carol.audit_query(action="rpc.WhoAmI", limit=5)
-        if not recent or any(r.principal != "theo" or r.outcome != "allowed" for r in recent):
+        if not recent or any(
+            r.event.principal != "theo" or r.event.outcome != "allowed" for r in recent
+        ):
             raise RuntimeError(f"the WhoAmI calls were not audited as expected: {recent}")
     finally:
         for c in clients:

@@ -158,9 +158,9 @@ def _audit_checks(phase: str, carol: Client, out: Outcome) -> list[Check]:
     missing: dict[str, list[str]] = {}
     for job_id in out.accepted:
         records = carol.audit_query(job_id=job_id, limit=1000)
-        actions = {r.action for r in records}
+        actions = {r.event.action for r in records}
         lacking = sorted(REQUIRED_ACTIONS - actions)
-        to = [json.loads(r.details_json).get("to") for r in records if r.action == "job.state"]
+        to = [r.event.details.get("to") for r in records if r.event.action == "job.state"]
         if tuple(s for s in to if s in RELEASED_PATH) != RELEASED_PATH:
             lacking.append(f"state events {to}")
         if lacking:
@@ -297,7 +297,7 @@ def fast_phase(
             refused_audit = [
                 r
                 for r in carol.audit_query(action="rpc.SubmitJob", outcome="error", limit=100_000)
-                if "ResourceExhausted" in r.details_json
+                if "ResourceExhausted" in json.dumps(dict(r.event.details))
             ]
     finally:
         gw.stop()
@@ -377,7 +377,7 @@ def container_phase(
             checks += _listing_checks(phase, carol, out)
             checks += _audit_checks(phase, carol, out)
             runs: Counter[str] = Counter(
-                r.job_id for r in carol.audit_query(action="container.start", limit=100_000)
+                r.event.job_id for r in carol.audit_query(action="container.start", limit=100_000)
             )
     finally:
         gw.stop()

@@ -21,6 +21,7 @@ import pytest
 from sealroom.v1 import gateway_pb2 as pb
 from sealroom.v1 import gateway_pb2_grpc as pb_grpc
 
+from gateway.client import JobView
 from gateway.identity import CertificateAuthority
 from policies.errors import InvalidInput, NotFound, PermissionDenied
 from policies.identity import Role
@@ -177,7 +178,7 @@ def dep(tmp_path_factory: pytest.TempPathFactory, runtime_image: str) -> Iterato
 
 def _run_to_end(
     dep: Deployment, spec: str, *, bundle_path: Path | None = None, approver: str = "olivia"
-) -> pb.Job:
+) -> JobView:
     with dep.client("theo") as team, dep.client(approver) as owner:
         job = team.submit(spec, bundle=bundle_path)
         assert job.state == "PENDING_APPROVAL", job
@@ -229,9 +230,9 @@ def test_wrong_roles_are_refused_with_the_reason_and_audited(dep: Deployment) ->
         with pytest.raises(PermissionDenied, match="role compliance may not call SubmitJob"):
             compliance.submit(TRAIN_SPEC.format(name="x", dataset="books", steps=1))
         denied = compliance.audit_query(action="rpc.PutPolicy", outcome="denied")
-        assert any(r.principal == "theo" for r in denied)
+        assert any(r.event.principal == "theo" for r in denied)
         assert any(
-            r.principal == "carol"
+            r.event.principal == "carol"
             for r in compliance.audit_query(action="rpc.SubmitJob", outcome="denied")
         )
     # The policy is unchanged: custom code is still refused on books.
@@ -302,14 +303,16 @@ def test_a_training_job_is_released_signed_and_verifiable(dep: Deployment, tmp_p
     assert "manifest.json" in files and "metrics.json" in files
     assert any(f.endswith(".safetensors") for f in files)
     with dep.client("carol") as compliance:
-        actions = {r.action for r in compliance.audit_query(job_id=job.id)}
+        actions = {r.event.action for r in compliance.audit_query(job_id=job.id)}
         assert {"container.start", "container.stop", "data.read", "release.sign"} <= actions
         # The data key's release, the staging and its destruction, each naming the version.
         for action in ("data.key_released", "data.staged", "data.destroyed"):
             recs = compliance.audit_query(job_id=job.id, action=action)
-            assert [r.dataset for r in recs] == ["books@v1"], action
+            assert [r.event.dataset for r in recs] == ["books@v1"], action
         reads = compliance.audit_query(job_id=job.id, action="data.read")
-        assert reads and all(r.dataset.startswith("books") and r.file for r in reads)
+        assert reads and all(
+            (r.event.dataset or "").startswith("books") and r.event.file for r in reads
+        )
 
 
 # -- hostile jobs through the whole system ---------------------------------------------------
@@ -387,8 +390,6 @@ def test_an_edited_audit_record_is_detected_and_named(dep: Deployment, tmp_path:
 
 
 def test_proofs_and_the_takedown_report_over_the_wire(dep: Deployment, tmp_path: Path) -> None:
-    import base64
-
     from cryptography.hazmat.primitives import serialization
 
     from gateway.audit import SignedCheckpoint, verify_consistency, verify_inclusion
@@ -405,9 +406,7 @@ def test_proofs_and_the_takedown_report_over_the_wire(dep: Deployment, tmp_path:
         read = compliance.audit_query(job_id=job.id, action="data.read")[0]
         compliance.audit_query(job_id=job.id)  # one more audited RPC: the log grows
         new = compliance.audit_checkpoint(fresh=True)
-        signed = SignedCheckpoint(
-            new.size, bytes.fromhex(new.root_hash), new.time, base64.b64decode(new.signature)
-        )
+        signed = SignedCheckpoint(new.size, new.root, new.time, new.signature)
         signed.verify(pub)
         assert new.size > old.size
         proof = compliance.audit_inclusion_proof(read.seq, new.size)
@@ -415,21 +414,21 @@ def test_proofs_and_the_takedown_report_over_the_wire(dep: Deployment, tmp_path:
         verify_inclusion(
             index=read.seq,
             size=new.size,
-            leaf=bytes.fromhex(proof.leaf_hash),
-            proof=[bytes.fromhex(h) for h in proof.hashes],
+            leaf=proof.leaf_hash,
+            proof=list(proof.hashes),
             expected_root=signed.root,
         )
         cons = compliance.audit_consistency_proof(old.size, new.size)
         verify_consistency(
             old_size=old.size,
             new_size=new.size,
-            old_root=bytes.fromhex(old.root_hash),
+            old_root=old.root,
             new_root=signed.root,
-            proof=[bytes.fromhex(h) for h in cons.hashes],
+            proof=list(cons.hashes),
         )
         report = compliance.audit_report("books")
-    reads = {r.job_id: set(r.files) for r in report.reads}
-    assert job.id in reads and read.file in reads[job.id]
+    reads = {job_id: set(files) for job_id, files in report.reads.items()}
+    assert job.id in reads and read.event.file in reads[job.id]
     assert job.id in {r.job_id for r in report.releases}
     assert any(a.principal == "olivia" and a.action == "dataset.register" for a in report.accesses)
 
@@ -437,5 +436,5 @@ def test_proofs_and_the_takedown_report_over_the_wire(dep: Deployment, tmp_path:
 def test_identity_issuance_is_audited(dep: Deployment) -> None:
     with dep.client("carol") as compliance:
         issued = compliance.audit_query(action="identity.issue")
-    names = {json.loads(r.details_json)["name"] for r in issued}
+    names = {r.event.details["name"] for r in issued}
     assert {"olivia", "theo", "carol", "oscar", "gateway"} <= names

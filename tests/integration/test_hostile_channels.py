@@ -164,16 +164,17 @@ def test_progress_and_metrics_carry_no_more_than_the_account(
     job, events = run(dep, tmp_path, "release")
     assert job.state == "RELEASED", (job.state, list(job.reasons))
     got = Recovered(bits_of(dep.secret))  # type: ignore[attr-defined]
-    points = {e.progress.step: e for e in events if e.HasField("progress")}
+    # A progress point is (step, total, loss).
+    points = {e.progress[0]: e for e in events if e.progress is not None}
     for j in range(1, 11):
         event = points.get(10 * j)
-        loss = event.progress.loss if event is not None else None
+        loss = event.progress[2] if event is not None else None
         coarse = None if loss is None else round((loss - 1.0) * 10)
         got.claim(6, coarse)
         # The fine digits: recoverable only where the site lets more than 2 digits through.
         fine = None if loss is None else round((loss - 1.0 - (coarse or 0) / 10) * 1e5) - 1
         got.claim(10, fine)
-        total = None if event is None else event.progress.total - 7
+        total = None if event is None else event.progress[1] - 7
         got.claim(4, total)
     for name in ("train_loss", "eval_loss", "perplexity"):
         value = job.metrics.get(name)
@@ -181,8 +182,9 @@ def test_progress_and_metrics_carry_no_more_than_the_account(
     # What the team saw is the site's schedule and two-digit losses only.
     assert sorted(points) == [10 * j for j in range(1, 11)]
     for e in points.values():
-        assert e.progress.total == 100
-        assert float(f"{e.progress.loss:.2g}") == e.progress.loss
+        _, total, loss = e.progress
+        assert total == 100
+        assert float(f"{loss:.2g}") == loss
     # Times come on the job's grid (1 s here): nothing finer than the account counts.
     for stamp in [job.updated_at, *(e.time for e in events)]:
         assert dt.datetime.fromisoformat(stamp).microsecond == 0, stamp
