@@ -1,18 +1,15 @@
-"""What the gateway needs from an enclave site, as a contract.
+"""What the gateway needs from an enclave site: the contract every site implements.
 
 A site keeps the data: it stores dataset versions in its vault, runs approved jobs next to the
 data, runs the release gate there, and signs what may leave. The gateway only ever sees dataset
 metadata, run states, numeric progress, and signed releases.
 
-The default deployment runs one site in the gateway's process (:class:`enclave.agent.SiteAgent`
-implements this protocol directly); a remote site serves ``sealroom.v1.SiteAgent`` over mTLS.
-
-Contract:
-- ``run(order, report)`` blocks until the run has ended, however it ends, and has then cleaned
-  up after itself (no container, no staged data). It reports through ``report``: state changes
-  (RUNNING, CHECKING, then exactly one terminal state), numeric progress, and audit events, in
-  order. It raises only for the system's faults (:class:`policies.errors.SiteError`).
-- ``cancel(job_id)`` is idempotent and makes a running ``run`` end with CANCELLED.
+Three implementations keep it: :class:`enclave.agent.SiteAgent` (the default deployment runs
+one in the gateway's process), :class:`enclave.fake.FakeSite` (in-process, no vault and no
+container, for fast tests), and a remote site serving ``sealroom.v1.SiteAgent``
+(``proto/sealroom/v1/site.proto``, the wire form of :class:`Site`). ``tests/unit/
+test_site_contract.py`` runs the same tests against each. The contract is :class:`Site`'s
+docstring.
 """
 
 from __future__ import annotations
@@ -84,6 +81,31 @@ Report = Callable[[SiteReport], None]
 
 
 class Site(Protocol):
+    """One enclave site, as the gateway sees it.
+
+    Runs. ``run(order, report)`` blocks until the run has ended, however it ends, and has then
+    cleaned up after itself (no container, no staged data). Each report carries the order's
+    ``job_id``. State reports come in lifecycle order: ``RUNNING``, ``CHECKING``, then exactly
+    one terminal state, always the last state reported: ``RELEASED`` or ``AWAITING_REVIEW`` (the
+    gate passed; ``release_dir`` holds the signed release), ``REJECTED`` (a release check
+    refused), ``FAILED`` (the job's fault), ``CANCELLED`` (``cancel``), or ``ERROR`` (the
+    site's fault: a dataset version it does not hold, a policy missing from the order, a job
+    id it has run before). A run can end before it starts: then the terminal state is the only
+    state reported. Between states come numeric progress, the capacity charged with
+    ``RUNNING``, and audit events; never the job's words (its logs stay in the site, ``logs``).
+    A job id runs at most once: a second ``run`` of it ends ``ERROR`` and starts nothing.
+    ``run`` reports what a run meets, the site's own faults included, as states; it does not
+    raise for them. An exception out of ``run`` (from ``report`` itself, or a
+    :class:`policies.errors.SiteError` where the site cannot report at all) is the caller's to
+    record as the run's ERROR.
+
+    Idempotency. ``cancel`` may be called any number of times, for any job id, before, during
+    or after its run; a run in progress then ends ``CANCELLED``, one that has ended keeps its
+    end. ``store_dataset`` of an archive identical to the latest version returns that version.
+    ``rotate_key`` called again after a crash finishes the rotation. ``image_id`` and ``logs``
+    only read.
+    """
+
     name: str
 
     def store_dataset(self, name: str, *, archive: BinaryIO) -> StoredDataset:
@@ -91,13 +113,14 @@ class Site(Protocol):
         ``name`` (or the identical existing one). Raises InvalidInput; stores nothing then."""
 
     def run(self, order: RunOrder, report: Report) -> None:
-        """Run an approved job to its end; see the module docstring."""
+        """Run an approved job to its end, reporting through ``report`` (see the class)."""
 
     def cancel(self, job_id: str) -> None:
         """Stop a run (idempotent)."""
 
     def logs(self, job_id: str) -> bytes:
-        """The run's stdout and stderr, size-capped. They stay in the site's trust zone."""
+        """The run's stdout and stderr, size-capped (empty for a job id the site never ran).
+        They stay in the site's trust zone."""
 
     def image_id(self) -> str:
         """The runtime image the site runs jobs in (pinned by ID)."""

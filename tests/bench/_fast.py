@@ -1,29 +1,27 @@
 """A site whose runs end at once, and a home of identities: what the gateway benches and the load
 run put the gateway against when the site itself is not what they measure.
 
-:class:`FastSite` implements the :class:`enclave.contract.Site` contract with no container: each run
+:class:`FastSite` is the shipped :class:`enclave.fake.FakeSite` with a script: each run
 reports RUNNING, CHECKING and RELEASED (with a release directory holding a manifest, metrics and,
-when asked, one payload file of ``release_bytes``), counting the runs of every job id so that a
-job run twice is seen. :func:`make_home` lays out a deployment home (CA and people) the way
+when asked, one payload file of ``release_bytes``); the fake counts the runs of every job id, so
+that a job run twice is seen. :func:`make_home` lays out a deployment home (CA and people) the way
 ``sealroom ca init`` and ``ca issue`` do; :func:`prepare` registers a small dataset and a policy.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import shutil
 import tarfile
-import threading
 import time
-from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
-from enclave.contract import Report, RunOrder, SiteReport, StoredDataset
+from enclave.contract import RunOrder, SiteReport
+from enclave.fake import FakeSite
 from enclave.identity import IdentityFiles
 from gateway.client import Client
 from gateway.identity import CertificateAuthority
@@ -82,56 +80,30 @@ def write_payload(path: Path, size: int) -> Path:
     return path
 
 
-class FastSite:
-    """The Site contract, minus the container: every run is released at once."""
-
-    name = "fast-site"
+class FastSite(FakeSite):
+    """The shipped fake site, its runs released at once with a payload of ``release_bytes``
+    (held ``hold_s`` first); the release directory goes once the gateway has taken it."""
 
     def __init__(self, root: Path, *, release_bytes: int = 0, hold_s: float = 0.0) -> None:
-        self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
+        super().__init__(root, name="fast-site", script=self._release)
         self.hold_s = hold_s
-        self.runs: Counter[str] = Counter()
-        self._lock = threading.Lock()
-        self._versions: Counter[str] = Counter()
         self._payload = None
         if release_bytes:
             self._payload = write_payload(root / "payload.bin", release_bytes)
 
-    def image_id(self) -> str:
-        return "sha256:" + "0" * 64
-
-    def rotate_key(self) -> tuple[str, int]:
-        return "k-fast", sum(self._versions.values())
-
-    def store_dataset(self, name: str, *, archive: BinaryIO) -> StoredDataset:
-        h = hashlib.sha256()
-        size = 0
-        while data := archive.read(BLOCK):
-            h.update(data)
-            size += len(data)
-        with self._lock:
-            self._versions[name] += 1
-            version = self._versions[name]
-        digest = h.hexdigest()
-        return StoredDataset(name, version, digest, size, (("archive.tar", size, digest),))
-
-    def run(self, order: RunOrder, report: Report) -> None:
+    def _release(self, order: RunOrder) -> Iterator[SiteReport]:
         job = order.job_id
-        with self._lock:
-            self.runs[job] += 1
-        report(
-            SiteReport(
-                job,
-                state=JobState.RUNNING,
-                image_id=self.image_id(),
-                reason="running (fast site)",
-                audit_action="container.start",
-            )
+        yield SiteReport(
+            job,
+            state=JobState.RUNNING,
+            image_id=self.image_id(),
+            reason="running (fast site)",
+            audit_action="container.start",
         )
         if self.hold_s:
             time.sleep(self.hold_s)
-        report(SiteReport(job, state=JobState.CHECKING, reason="release gate"))
+        yield SiteReport(job, state=JobState.CHECKING, reason="release gate")
         out = self.root / "releases" / job
         out.mkdir(parents=True)
         try:
@@ -140,29 +112,20 @@ class FastSite:
                 (out / "weights").mkdir()
                 os.link(self._payload, out / "weights" / "model.safetensors")
             (out / "manifest.json").write_text(json.dumps({"job": job}))
-            report(
-                SiteReport(
-                    job,
-                    state=JobState.RELEASED,
-                    reason="released",
-                    metrics={"train_loss": 1.5},
-                    release_dir=out,
-                    audit_action="release.sign",
-                )
+            yield SiteReport(
+                job,
+                state=JobState.RELEASED,
+                reason="released",
+                metrics={"train_loss": 1.5},
+                release_dir=out,
+                audit_action="release.sign",
             )
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
-    def cancel(self, job_id: str) -> None:
-        pass
-
-    def logs(self, job_id: str) -> bytes:
-        return b""
-
     def write_runs(self, path: Path) -> None:
         """The per-job run counts, as JSON (read by the load run after the gateway stops)."""
-        with self._lock:
-            path.write_text(json.dumps(dict(self.runs)))
+        path.write_text(json.dumps(dict(self.runs)))
 
 
 @dataclass(frozen=True)

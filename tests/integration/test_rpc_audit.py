@@ -16,14 +16,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import grpc
 import pytest
 from sealroom.v1 import gateway_pb2 as pb
 from sealroom.v1 import gateway_pb2_grpc as pb_grpc
 
-from enclave.contract import Report, RunOrder, StoredDataset
+from enclave.fake import FakeSite
 from enclave.identity import IdentityFiles
 from gateway._views import JobEvent
 from gateway.identity import CertificateAuthority
@@ -37,30 +37,6 @@ SECRET = "row 17 of the patients table: alice, 1970-01-01"
 
 class _Janitor(enum.StrEnum):
     JANITOR = "janitor"  # a role no deployment knows
-
-
-class StubSite:
-    """A site nothing in these tests reaches: the gateway only needs one to start."""
-
-    name = "stub"
-
-    def image_id(self) -> str:
-        return "sha256:" + "0" * 64
-
-    def store_dataset(self, name: str, *, archive: BinaryIO) -> StoredDataset:
-        raise NotImplementedError
-
-    def run(self, order: RunOrder, report: Report) -> None:
-        raise NotImplementedError
-
-    def cancel(self, job_id: str) -> None:
-        pass
-
-    def logs(self, job_id: str) -> bytes:
-        return b""
-
-    def rotate_key(self) -> tuple[str, int]:
-        return "k", 0
 
 
 class Server:
@@ -104,7 +80,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
         "janitor": ca.issue("jan", role=_Janitor.JANITOR, out_dir=out),  # type: ignore[arg-type]
         "claimer": ca.issue("eve", role=Role.UNAUTHENTICATED, out_dir=out),
     }
-    running = build(home, site=StubSite(), address="localhost:0")
+    running = build(home, site=FakeSite(tmp_path / "site"), address="localhost:0")
     try:
         yield Server(running, ids)
     finally:

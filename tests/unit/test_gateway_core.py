@@ -1,7 +1,7 @@
 """The gateway's control plane against an in-process site: decisions, bindings, queueing.
 
-No network and no Docker: :class:`ScriptedSite` implements the :class:`enclave.contract.Site`
-contract with reports a test scripts, so each test sees exactly what the gateway did with a
+No network and no Docker: the site is the shipped :class:`enclave.fake.FakeSite`, its runs
+reporting what a test scripts, so each test sees exactly what the gateway did with a
 submission, an approval, a changed bundle or a full queue, and what it wrote to the audit log.
 """
 
@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import tarfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from enclave.contract import Report, RunOrder, SiteReport, StoredDataset
+from enclave.contract import SiteReport, StoredDataset
+from enclave.fake import FakeSite
 from gateway._spool import SealedSpool
 from gateway.audit import AuditLog
 from gateway.core import Gateway
@@ -56,69 +56,19 @@ def spec(trainer: str = "causal-lm") -> str:
     return SPEC.format(trainer=trainer, entry=entry)
 
 
-class ScriptedSite:
-    """A site whose runs follow ``script`` (a function of the order returning reports)."""
-
-    name = "scripted"
+class ScriptedSite(FakeSite):
+    """The shipped fake site, noting what the gateway's home held while a dataset streamed in."""
 
     def __init__(self, tmp: Path) -> None:
+        super().__init__(tmp, name="scripted")
         self.tmp = tmp
-        self.orders: list[RunOrder] = []
-        self.gate = threading.Event()
-        self.gate.set()
-        self.cancelled: set[str] = set()
-        self.archives: list[bytes] = []
         self.home_files_during_store: dict[Path, bytes] = {}
-        self.script: Callable[[RunOrder], list[SiteReport]] = self._release
-
-    def image_id(self) -> str:
-        return "sha256:" + "0" * 64
 
     def store_dataset(self, name: str, *, archive: BinaryIO) -> StoredDataset:
-        self.archives.append(archive.read())
         self.home_files_during_store = {
             p: p.read_bytes() for p in self.tmp.rglob("*") if p.is_file()
         }
-        digest = hashlib.sha256(self.archives[-1]).hexdigest()
-        return StoredDataset(name, 1, digest, 10, (("a.txt", 10, digest),))
-
-    def run(self, order: RunOrder, report: Report) -> None:
-        self.orders.append(order)
-        self.gate.wait(10)
-        for r in self.script(order):
-            report(r)
-
-    def cancel(self, job_id: str) -> None:
-        self.cancelled.add(job_id)
-
-    def rotate_key(self) -> tuple[str, int]:
-        return "k-scripted", len(self.archives)
-
-    def logs(self, job_id: str) -> bytes:
-        return b"stdout of " + job_id.encode()
-
-    def _release(self, order: RunOrder) -> list[SiteReport]:
-        out = self.tmp / f"release-{order.job_id}"
-        out.mkdir()
-        (out / "manifest.json").write_text(json.dumps({"job": order.job_id}))
-        (out / "metrics.json").write_text('{"train_loss": 1.5}')
-        return [
-            SiteReport(
-                order.job_id,
-                state=JobState.RUNNING,
-                image_id=self.image_id(),
-                audit_action="container.start",
-            ),
-            SiteReport(order.job_id, progress=(1, 2, 1.5)),
-            SiteReport(order.job_id, state=JobState.CHECKING),
-            SiteReport(
-                order.job_id,
-                state=JobState.RELEASED,
-                metrics={"train_loss": 1.5},
-                release_dir=out,
-                audit_action="release.sign",
-            ),
-        ]
+        return super().store_dataset(name, archive=archive)
 
 
 @pytest.fixture
@@ -552,8 +502,9 @@ def test_cancel_reaches_a_running_job(gw: Gateway, site: ScriptedSite) -> None:
     assert _wait(gw, job.id) is JobState.CANCELLED
 
 
-def test_logs_stay_with_the_owner(gw: Gateway) -> None:
+def test_logs_stay_with_the_owner(gw: Gateway, site: ScriptedSite) -> None:
     job = gw.submit(principal=THEO, spec_text=spec(), bundle=None, bundle_sha256="")
+    site.job_logs[job.id] = b"stdout of " + job.id.encode()
     assert gw.logs(principal=OLIVIA, job_id=job.id).startswith(b"stdout")
     with pytest.raises(PermissionDenied, match="log"):
         gw.logs(principal=THEO, job_id=job.id)

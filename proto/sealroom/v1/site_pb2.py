@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sealroom/v1/site.proto\x12\x0bsealroom.v1\":\n\x12StoreDatasetHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61rchive_sha256\x18\x02 \x01(\t\"^\n\x11StoreDatasetChunk\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32\x1f.sealroom.v1.StoreDatasetHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"8\n\nStoredFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"i\n\rStoredDataset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\troot_hash\x18\x03 \x01(\t\x12&\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x17.sealroom.v1.StoredFile\"I\n\x0fStartRunRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0erun_order_json\x18\x02 \x01(\t\x12\x0e\n\x06\x62undle\x18\x03 \x01(\x0c\"\x1f\n\rGetRunRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"w\n\tRunStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\r\n\x05total\x18\x05 \x01(\x03\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x10\n\x08image_id\x18\x07 \x01(\t\":\n\x10SiteReleaseChunk\x12\x0e\n\x04path\x18\x01 \x01(\tH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part2\xe7\x02\n\tSiteAgent\x12L\n\x0cStoreDataset\x12\x1e.sealroom.v1.StoreDatasetChunk\x1a\x1a.sealroom.v1.StoredDataset(\x01\x12@\n\x08StartRun\x12\x1c.sealroom.v1.StartRunRequest\x1a\x16.sealroom.v1.RunStatus\x12<\n\x06GetRun\x12\x1a.sealroom.v1.GetRunRequest\x1a\x16.sealroom.v1.RunStatus\x12?\n\tCancelRun\x12\x1a.sealroom.v1.GetRunRequest\x1a\x16.sealroom.v1.RunStatus\x12K\n\x0c\x46\x65tchRelease\x12\x1a.sealroom.v1.GetRunRequest\x1a\x1d.sealroom.v1.SiteReleaseChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sealroom/v1/site.proto\x12\x0bsealroom.v1\":\n\x12StoreDatasetHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61rchive_sha256\x18\x02 \x01(\t\"^\n\x11StoreDatasetChunk\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32\x1f.sealroom.v1.StoreDatasetHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"8\n\nStoredFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"w\n\rStoredDataset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\troot_hash\x18\x03 \x01(\t\x12&\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x17.sealroom.v1.StoredFile\x12\x0c\n\x04size\x18\x05 \x01(\x03\"8\n\x0eRunOrderHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0erun_order_json\x18\x02 \x01(\t\"R\n\x08RunChunk\x12,\n\x05order\x18\x01 \x01(\x0b\x32\x1b.sealroom.v1.RunOrderHeaderH\x00\x12\x10\n\x06\x62undle\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"8\n\x0bRunProgress\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05total\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\"\xd1\x03\n\nSiteReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12*\n\x08progress\x18\x05 \x01(\x0b\x32\x18.sealroom.v1.RunProgress\x12\x30\n\x0eowner_progress\x18\x06 \x01(\x0b\x32\x18.sealroom.v1.RunProgress\x12\x19\n\x0c\x63hannel_bits\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x0c\x61udit_action\x18\x08 \x01(\t\x12\x15\n\raudit_outcome\x18\t \x01(\t\x12\x15\n\raudit_dataset\x18\n \x01(\t\x12\x12\n\naudit_file\x18\x0b \x01(\t\x12\x14\n\x0c\x64\x65tails_json\x18\x0c \x01(\t\x12\x10\n\x08image_id\x18\r \x01(\t\x12\x35\n\x07metrics\x18\x0e \x03(\x0b\x32$.sealroom.v1.SiteReport.MetricsEntry\x12\x13\n\x0bhas_release\x18\x0f \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0f\n\r_channel_bits\"\"\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x13\n\x11\x43\x61ncelRunResponse\"#\n\x11GetRunLogsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x17\n\x07RunLogs\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x13\n\x11GetImageIdRequest\"\x1b\n\x07ImageId\x12\x10\n\x08image_id\x18\x01 \x01(\t\"\x12\n\x10RotateKeyRequest\"6\n\x11RotateKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\trewrapped\x18\x02 \x01(\x03\"%\n\x13\x46\x65tchReleaseRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\":\n\x10SiteReleaseChunk\x12\x0e\n\x04path\x18\x01 \x01(\tH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part2\x87\x04\n\tSiteAgent\x12L\n\x0cStoreDataset\x12\x1e.sealroom.v1.StoreDatasetChunk\x1a\x1a.sealroom.v1.StoredDataset(\x01\x12\x39\n\x03Run\x12\x15.sealroom.v1.RunChunk\x1a\x17.sealroom.v1.SiteReport(\x01\x30\x01\x12J\n\tCancelRun\x12\x1d.sealroom.v1.CancelRunRequest\x1a\x1e.sealroom.v1.CancelRunResponse\x12\x42\n\nGetRunLogs\x12\x1e.sealroom.v1.GetRunLogsRequest\x1a\x14.sealroom.v1.RunLogs\x12\x42\n\nGetImageId\x12\x1e.sealroom.v1.GetImageIdRequest\x1a\x14.sealroom.v1.ImageId\x12J\n\tRotateKey\x12\x1d.sealroom.v1.RotateKeyRequest\x1a\x1e.sealroom.v1.RotateKeyResponse\x12Q\n\x0c\x46\x65tchRelease\x12 .sealroom.v1.FetchReleaseRequest\x1a\x1d.sealroom.v1.SiteReleaseChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sealroom.v1.site_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SITEREPORT_METRICSENTRY']._loaded_options = None
+  _globals['_SITEREPORT_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_STOREDATASETHEADER']._serialized_start=39
   _globals['_STOREDATASETHEADER']._serialized_end=97
   _globals['_STOREDATASETCHUNK']._serialized_start=99
@@ -38,15 +40,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOREDFILE']._serialized_start=195
   _globals['_STOREDFILE']._serialized_end=251
   _globals['_STOREDDATASET']._serialized_start=253
-  _globals['_STOREDDATASET']._serialized_end=358
-  _globals['_STARTRUNREQUEST']._serialized_start=360
-  _globals['_STARTRUNREQUEST']._serialized_end=433
-  _globals['_GETRUNREQUEST']._serialized_start=435
-  _globals['_GETRUNREQUEST']._serialized_end=466
-  _globals['_RUNSTATUS']._serialized_start=468
-  _globals['_RUNSTATUS']._serialized_end=587
-  _globals['_SITERELEASECHUNK']._serialized_start=589
-  _globals['_SITERELEASECHUNK']._serialized_end=647
-  _globals['_SITEAGENT']._serialized_start=650
-  _globals['_SITEAGENT']._serialized_end=1009
+  _globals['_STOREDDATASET']._serialized_end=372
+  _globals['_RUNORDERHEADER']._serialized_start=374
+  _globals['_RUNORDERHEADER']._serialized_end=430
+  _globals['_RUNCHUNK']._serialized_start=432
+  _globals['_RUNCHUNK']._serialized_end=514
+  _globals['_RUNPROGRESS']._serialized_start=516
+  _globals['_RUNPROGRESS']._serialized_end=572
+  _globals['_SITEREPORT']._serialized_start=575
+  _globals['_SITEREPORT']._serialized_end=1040
+  _globals['_SITEREPORT_METRICSENTRY']._serialized_start=977
+  _globals['_SITEREPORT_METRICSENTRY']._serialized_end=1023
+  _globals['_CANCELRUNREQUEST']._serialized_start=1042
+  _globals['_CANCELRUNREQUEST']._serialized_end=1076
+  _globals['_CANCELRUNRESPONSE']._serialized_start=1078
+  _globals['_CANCELRUNRESPONSE']._serialized_end=1097
+  _globals['_GETRUNLOGSREQUEST']._serialized_start=1099
+  _globals['_GETRUNLOGSREQUEST']._serialized_end=1134
+  _globals['_RUNLOGS']._serialized_start=1136
+  _globals['_RUNLOGS']._serialized_end=1159
+  _globals['_GETIMAGEIDREQUEST']._serialized_start=1161
+  _globals['_GETIMAGEIDREQUEST']._serialized_end=1180
+  _globals['_IMAGEID']._serialized_start=1182
+  _globals['_IMAGEID']._serialized_end=1209
+  _globals['_ROTATEKEYREQUEST']._serialized_start=1211
+  _globals['_ROTATEKEYREQUEST']._serialized_end=1229
+  _globals['_ROTATEKEYRESPONSE']._serialized_start=1231
+  _globals['_ROTATEKEYRESPONSE']._serialized_end=1285
+  _globals['_FETCHRELEASEREQUEST']._serialized_start=1287
+  _globals['_FETCHRELEASEREQUEST']._serialized_end=1324
+  _globals['_SITERELEASECHUNK']._serialized_start=1326
+  _globals['_SITERELEASECHUNK']._serialized_end=1384
+  _globals['_SITEAGENT']._serialized_start=1387
+  _globals['_SITEAGENT']._serialized_end=1906
 # @@protoc_insertion_point(module_scope)

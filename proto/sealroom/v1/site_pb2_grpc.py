@@ -39,24 +39,34 @@ class SiteAgentStub:
                 request_serializer=sealroom_dot_v1_dot_site__pb2.StoreDatasetChunk.SerializeToString,
                 response_deserializer=sealroom_dot_v1_dot_site__pb2.StoredDataset.FromString,
                 _registered_method=True)
-        self.StartRun = channel.unary_unary(
-                '/sealroom.v1.SiteAgent/StartRun',
-                request_serializer=sealroom_dot_v1_dot_site__pb2.StartRunRequest.SerializeToString,
-                response_deserializer=sealroom_dot_v1_dot_site__pb2.RunStatus.FromString,
-                _registered_method=True)
-        self.GetRun = channel.unary_unary(
-                '/sealroom.v1.SiteAgent/GetRun',
-                request_serializer=sealroom_dot_v1_dot_site__pb2.GetRunRequest.SerializeToString,
-                response_deserializer=sealroom_dot_v1_dot_site__pb2.RunStatus.FromString,
+        self.Run = channel.stream_stream(
+                '/sealroom.v1.SiteAgent/Run',
+                request_serializer=sealroom_dot_v1_dot_site__pb2.RunChunk.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_site__pb2.SiteReport.FromString,
                 _registered_method=True)
         self.CancelRun = channel.unary_unary(
                 '/sealroom.v1.SiteAgent/CancelRun',
-                request_serializer=sealroom_dot_v1_dot_site__pb2.GetRunRequest.SerializeToString,
-                response_deserializer=sealroom_dot_v1_dot_site__pb2.RunStatus.FromString,
+                request_serializer=sealroom_dot_v1_dot_site__pb2.CancelRunRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_site__pb2.CancelRunResponse.FromString,
+                _registered_method=True)
+        self.GetRunLogs = channel.unary_unary(
+                '/sealroom.v1.SiteAgent/GetRunLogs',
+                request_serializer=sealroom_dot_v1_dot_site__pb2.GetRunLogsRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_site__pb2.RunLogs.FromString,
+                _registered_method=True)
+        self.GetImageId = channel.unary_unary(
+                '/sealroom.v1.SiteAgent/GetImageId',
+                request_serializer=sealroom_dot_v1_dot_site__pb2.GetImageIdRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_site__pb2.ImageId.FromString,
+                _registered_method=True)
+        self.RotateKey = channel.unary_unary(
+                '/sealroom.v1.SiteAgent/RotateKey',
+                request_serializer=sealroom_dot_v1_dot_site__pb2.RotateKeyRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_site__pb2.RotateKeyResponse.FromString,
                 _registered_method=True)
         self.FetchRelease = channel.unary_stream(
                 '/sealroom.v1.SiteAgent/FetchRelease',
-                request_serializer=sealroom_dot_v1_dot_site__pb2.GetRunRequest.SerializeToString,
+                request_serializer=sealroom_dot_v1_dot_site__pb2.FetchReleaseRequest.SerializeToString,
                 response_deserializer=sealroom_dot_v1_dot_site__pb2.SiteReleaseChunk.FromString,
                 _registered_method=True)
 
@@ -65,33 +75,55 @@ class SiteAgentServicer:
     """Missing associated documentation comment in .proto file."""
 
     def StoreDataset(self, request_iterator, context):
-        """Store a dataset version in the site's vault. First message: the header; then archive bytes.
+        """Site.store_dataset: store a tar archive as the next version of a dataset (or return the
+        identical existing one). First message: the header; then the archive's bytes.
+        INVALID_ARGUMENT for a refused archive (nothing is stored then).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def StartRun(self, request, context):
-        """Run an approved job: stage data, start the container, collect, run the release gate.
+    def Run(self, request_iterator, context):
+        """Site.run: run an approved job to its end. First message: the order; then the code bundle's
+        bytes, if any. The answer streams the run's reports, in order, and ends after the one
+        report with a terminal state, once the site has cleaned up after the run. The site's own
+        faults come as that terminal ERROR report, not as a status.
         """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def GetRun(self, request, context):
-        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CancelRun(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Site.cancel: idempotent; a run in progress then ends CANCELLED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRunLogs(self, request, context):
+        """Site.logs: the run's stdout and stderr, size-capped (empty for a run the site never had).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetImageId(self, request, context):
+        """Site.image_id: the runtime image the site runs jobs in, pinned by ID.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateKey(self, request, context):
+        """Site.rotate_key: re-wrap every data key under a new site key; crash-safe when repeated.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def FetchRelease(self, request, context):
-        """The released artifacts of a finished run (signed manifest first).
+        """The files of a RELEASED report's release directory (SiteReport.release_dir in process):
+        the signed manifest first. Only for a report that said has_release.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,24 +137,34 @@ def add_SiteAgentServicer_to_server(servicer, server):
                     request_deserializer=sealroom_dot_v1_dot_site__pb2.StoreDatasetChunk.FromString,
                     response_serializer=sealroom_dot_v1_dot_site__pb2.StoredDataset.SerializeToString,
             ),
-            'StartRun': grpc.unary_unary_rpc_method_handler(
-                    servicer.StartRun,
-                    request_deserializer=sealroom_dot_v1_dot_site__pb2.StartRunRequest.FromString,
-                    response_serializer=sealroom_dot_v1_dot_site__pb2.RunStatus.SerializeToString,
-            ),
-            'GetRun': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetRun,
-                    request_deserializer=sealroom_dot_v1_dot_site__pb2.GetRunRequest.FromString,
-                    response_serializer=sealroom_dot_v1_dot_site__pb2.RunStatus.SerializeToString,
+            'Run': grpc.stream_stream_rpc_method_handler(
+                    servicer.Run,
+                    request_deserializer=sealroom_dot_v1_dot_site__pb2.RunChunk.FromString,
+                    response_serializer=sealroom_dot_v1_dot_site__pb2.SiteReport.SerializeToString,
             ),
             'CancelRun': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelRun,
-                    request_deserializer=sealroom_dot_v1_dot_site__pb2.GetRunRequest.FromString,
-                    response_serializer=sealroom_dot_v1_dot_site__pb2.RunStatus.SerializeToString,
+                    request_deserializer=sealroom_dot_v1_dot_site__pb2.CancelRunRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_site__pb2.CancelRunResponse.SerializeToString,
+            ),
+            'GetRunLogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunLogs,
+                    request_deserializer=sealroom_dot_v1_dot_site__pb2.GetRunLogsRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_site__pb2.RunLogs.SerializeToString,
+            ),
+            'GetImageId': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetImageId,
+                    request_deserializer=sealroom_dot_v1_dot_site__pb2.GetImageIdRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_site__pb2.ImageId.SerializeToString,
+            ),
+            'RotateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKey,
+                    request_deserializer=sealroom_dot_v1_dot_site__pb2.RotateKeyRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_site__pb2.RotateKeyResponse.SerializeToString,
             ),
             'FetchRelease': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchRelease,
-                    request_deserializer=sealroom_dot_v1_dot_site__pb2.GetRunRequest.FromString,
+                    request_deserializer=sealroom_dot_v1_dot_site__pb2.FetchReleaseRequest.FromString,
                     response_serializer=sealroom_dot_v1_dot_site__pb2.SiteReleaseChunk.SerializeToString,
             ),
     }
@@ -164,7 +206,7 @@ class SiteAgent:
             _registered_method=True)
 
     @staticmethod
-    def StartRun(request,
+    def Run(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -174,39 +216,12 @@ class SiteAgent:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
-            '/sealroom.v1.SiteAgent/StartRun',
-            sealroom_dot_v1_dot_site__pb2.StartRunRequest.SerializeToString,
-            sealroom_dot_v1_dot_site__pb2.RunStatus.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def GetRun(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/sealroom.v1.SiteAgent/GetRun',
-            sealroom_dot_v1_dot_site__pb2.GetRunRequest.SerializeToString,
-            sealroom_dot_v1_dot_site__pb2.RunStatus.FromString,
+            '/sealroom.v1.SiteAgent/Run',
+            sealroom_dot_v1_dot_site__pb2.RunChunk.SerializeToString,
+            sealroom_dot_v1_dot_site__pb2.SiteReport.FromString,
             options,
             channel_credentials,
             insecure,
@@ -232,8 +247,89 @@ class SiteAgent:
             request,
             target,
             '/sealroom.v1.SiteAgent/CancelRun',
-            sealroom_dot_v1_dot_site__pb2.GetRunRequest.SerializeToString,
-            sealroom_dot_v1_dot_site__pb2.RunStatus.FromString,
+            sealroom_dot_v1_dot_site__pb2.CancelRunRequest.SerializeToString,
+            sealroom_dot_v1_dot_site__pb2.CancelRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.SiteAgent/GetRunLogs',
+            sealroom_dot_v1_dot_site__pb2.GetRunLogsRequest.SerializeToString,
+            sealroom_dot_v1_dot_site__pb2.RunLogs.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetImageId(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.SiteAgent/GetImageId',
+            sealroom_dot_v1_dot_site__pb2.GetImageIdRequest.SerializeToString,
+            sealroom_dot_v1_dot_site__pb2.ImageId.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.SiteAgent/RotateKey',
+            sealroom_dot_v1_dot_site__pb2.RotateKeyRequest.SerializeToString,
+            sealroom_dot_v1_dot_site__pb2.RotateKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -259,7 +355,7 @@ class SiteAgent:
             request,
             target,
             '/sealroom.v1.SiteAgent/FetchRelease',
-            sealroom_dot_v1_dot_site__pb2.GetRunRequest.SerializeToString,
+            sealroom_dot_v1_dot_site__pb2.FetchReleaseRequest.SerializeToString,
             sealroom_dot_v1_dot_site__pb2.SiteReleaseChunk.FromString,
             options,
             channel_credentials,
