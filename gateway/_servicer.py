@@ -176,7 +176,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         except ValueError:
             raise InvalidInput(f"unknown job state {request.state!r}") from None
         jobs = self.g.jobs(principal=principal_of(context), state=state)
-        return pb.ListJobsResponse(jobs=[self._job(j) for j in jobs])
+        approvals = self.g.approvals_of(j.id for j in jobs)  # one store query for the list
+        return pb.ListJobsResponse(jobs=[convert.job_message(j, approvals[j.id]) for j in jobs])
 
     def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
         return self._job(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, replace
+from typing import Any
 
 from gateway.store import JobRecord
 from policies.channels import round_time
@@ -70,3 +71,23 @@ def event_for(principal: Principal, event: JobEvent, *, quantum_s: float) -> Job
     if event.owners_only:
         return None
     return replace(event, time=coarse_time(event.time, quantum_s))
+
+
+def job_summary(job: JobRecord) -> dict[str, Any]:
+    """A JSON-able view of a job (for the CLI's --json and for logs)."""
+    return {
+        "id": job.id,
+        "name": job.name,
+        "state": job.state.value,
+        "submitter": job.submitter,
+        "spec_sha256": job.spec_sha256,
+        "bundle_sha256": job.bundle_sha256,
+        "datasets": [f"{d.name}@v{d.version}" for d in job.datasets],
+        "policy_versions": dict(job.policy_versions),
+        "reasons": list(job.reasons),
+        "image_id": job.image_id,
+        "metrics": dict(job.metrics),
+        "release_id": job.release_id,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+    }

@@ -12,7 +12,7 @@ import datetime as dt
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -357,6 +357,19 @@ class Store:
                 "SELECT * FROM approvals WHERE job_id = ? ORDER BY created_at", (job_id,)
             ).fetchall()
         return [ApprovalRecord(*r) for r in rows]
+
+    def approvals_of(self, job_ids: Iterable[str]) -> dict[str, list[ApprovalRecord]]:
+        """The approvals of each job (every id a key, oldest first), in one query."""
+        out: dict[str, list[ApprovalRecord]] = {job_id: [] for job_id in job_ids}
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT * FROM approvals WHERE job_id IN (SELECT value FROM json_each(?)) "
+                "ORDER BY created_at",
+                (json.dumps(list(out)),),
+            ).fetchall()
+        for r in rows:
+            out[r[0]].append(ApprovalRecord(*r))
+        return out
 
 
 def _dataset(row: tuple[Any, ...]) -> DatasetRecord:
