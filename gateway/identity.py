@@ -300,6 +300,6 @@ def principal_from_certificate(pem: bytes) -> Principal:
             f"client certificate carries an unknown role {ous[0].value!r}"
         ) from None
     if role is Role.UNAUTHENTICATED:  # only ever the audit's word for a caller without one
-        raise PermissionDenied("client certificate carries a role no certificate may carry")
+        raise PermissionDenied(f"client certificate carries an unknown role {role.value!r}")
     team = str(orgs[0].value) if orgs else ""
     return Principal(name=str(cns[0].value), role=role, team=team)
