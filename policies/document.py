@@ -5,14 +5,16 @@ trainers, resource caps, when the policy expires, how jobs are approved, what ma
 (:class:`policies.release.ReleaseRules`) and who may read a job's logs. This is the edge where
 the owner's text becomes a domain value, so every error names the LINE and the FIELD at fault:
 the hardened loader (:mod:`policies._loader`, shared with job specs) reads the YAML into plain
-values with a path -> line map, and a strict schema validates them; its error locations are
-looked up in that map. The loader refuses what YAML would otherwise accept silently and a
-reader would misread: duplicate keys (the last one would win), anchors and aliases (shared
-nodes, and the "billion laughs" expansion), merge keys, and tags other than YAML's plain types.
+values with a path -> line map, and the strict schema (:mod:`policies._policy_schema`) validates
+them; its error locations are looked up in that map. The loader refuses what YAML would
+otherwise accept silently and a reader would misread: duplicate keys (the last one would win),
+anchors and aliases (shared nodes, and the "billion laughs" expansion), merge keys, and tags
+other than YAML's plain types.
 
 The canonical hash (:meth:`PolicyDocument.digest`) is the SHA-256 of the canonical JSON of the
-parsed document, so comments and layout do not change it; :func:`diff_policies` says, field by
-field, what one version changes from another. Storing and listing versions is the gateway's.
+parsed document (:mod:`policies._policy_canonical`), so comments and layout do not change it;
+:func:`diff_policies` says, field by field, what one version changes from another. Storing and
+listing versions is the gateway's.
 """
 
 from __future__ import annotations
@@ -20,32 +22,47 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import hashlib
-import json
-import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
 from policies._loader import Path, field_name, line_for, load_document
-from policies.channels import MAX_PROGRESS_POINTS, ChannelRules
+from policies._policy_canonical import canonical_bytes, canonicalize, diff_canonical
+from policies._policy_schema import MESSAGES, PRINCIPAL_RE, PolicySchema, parse_instant
+from policies.channels import ChannelRules
 from policies.errors import PolicyDocumentError
 from policies.release import (
-    MAX_PASSAGE_TOKENS,
     ArtifactKind,
     CheckName,
     DPRules,
     MemorizationRules,
     ReleaseRules,
 )
-from policies.spec import NAME_RE
+
+__all__ = [
+    "DTYPES",
+    "MAX_POLICY_BYTES",
+    "PRINCIPAL_RE",
+    "SCHEMA",
+    "AccessRules",
+    "ApprovalMode",
+    "ApprovalRule",
+    "CustomCode",
+    "LogVisibility",
+    "PolicyDocument",
+    "PolicyRef",
+    "ResourceCaps",
+    "TrainerRules",
+    "diff_policies",
+    "parse_policy",
+    "policy_digest",
+    "policy_from_mapping",
+]
 
 SCHEMA = "sealroom.policy/v1"
 MAX_POLICY_BYTES = 64 * 1024
-PRINCIPAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._@-]{0,127}$")
-"""Team and principal names as they appear in client certificates (subject O and CN)."""
 
 DTYPES: Mapping[str, str] = {"bfloat16": "BF16", "float16": "F16"}
 """Release dtype as the owner writes it -> safetensors dtype name used by the release gate."""
@@ -162,7 +179,7 @@ class PolicyDocument:
     version: int = 0
 
     def canonical_json(self) -> bytes:
-        return _canonical_bytes(self.canonical)
+        return canonical_bytes(self.canonical)
 
     def digest(self) -> str:
         """SHA-256 (hex) of the canonical JSON: the content's identity, independent of layout."""
@@ -173,200 +190,6 @@ class PolicyDocument:
 
     def is_expired(self, *, now: dt.datetime) -> bool:
         return now >= self.expires
-
-
-# --- schema (pydantic, strict; only at this edge) ---------------------------------------------
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class _Access(_Strict):
-    teams: list[str] = Field(default_factory=list, max_length=256)
-    principals: list[str] = Field(default_factory=list, max_length=256)
-    purposes: list[str] | None = Field(default=None, min_length=1, max_length=64)
-
-    @field_validator("teams", "principals")
-    @classmethod
-    def _names(cls, v: list[str]) -> list[str]:
-        for name in v:
-            if not PRINCIPAL_RE.match(name):
-                raise ValueError(f"{name!r} is not a team or principal name")
-        return v
-
-    @field_validator("purposes")
-    @classmethod
-    def _purposes(cls, v: list[str] | None) -> list[str] | None:
-        for purpose in v or ():
-            if not purpose.strip() or len(purpose) > 500:
-                raise ValueError("a purpose is a non-empty text of at most 500 characters")
-        return v
-
-
-class _Trainers(_Strict):
-    builtin: list[str] = Field(default_factory=list, max_length=64)
-    # ``true`` is kept as written (not rewritten to "reviewed") so the digest of a policy stored
-    # before the modes existed does not change, and neither do approvals bound to it.
-    custom_code: bool | Literal["reviewed", "private"] = False
-
-    @field_validator("builtin")
-    @classmethod
-    def _builtin(cls, v: list[str]) -> list[str]:
-        for name in v:
-            if name in ("custom", "private"):
-                raise ValueError(
-                    f"{name!r} is not a built-in trainer: use custom_code: reviewed or private"
-                )
-            if not NAME_RE.match(name):
-                raise ValueError(f"{name!r} is not a trainer name")
-        return v
-
-
-class _Resources(_Strict):
-    max_gpus: int = Field(ge=0, le=64)
-    max_cpus: float = Field(gt=0, le=1024)
-    max_memory_mb: int = Field(ge=256, le=16 * 1024 * 1024)
-    max_timeout_s: int = Field(ge=10, le=30 * 24 * 3600)
-
-
-class _Approval(_Strict):
-    mode: Literal["automatic", "manual", "quorum"]
-    quorum: int | None = Field(default=None, ge=2, le=64)
-    valid_for_hours: int = Field(default=168, ge=1, le=24 * 366)
-
-    @model_validator(mode="after")
-    def _quorum(self) -> _Approval:
-        if self.mode == "quorum" and self.quorum is None:
-            raise ValueError("mode 'quorum' needs 'quorum: N' (N >= 2)")
-        if self.mode != "quorum" and self.quorum is not None:
-            raise ValueError(f"'quorum' only goes with mode 'quorum', not {self.mode!r}")
-        return self
-
-
-class _Metrics(_Strict):
-    allowed: list[str] = Field(max_length=1024)
-    significant_digits: int = Field(default=4, ge=1, le=9)
-    max_count: int = Field(default=32, ge=0, le=1024)
-    max_abs: float = Field(default=1e12, gt=0, allow_inf_nan=False)
-    min_abs: float = Field(default=1e-6, gt=0, allow_inf_nan=False)
-
-    @model_validator(mode="after")
-    def _range(self) -> _Metrics:
-        if self.min_abs >= self.max_abs:
-            raise ValueError("min_abs must be below max_abs")
-        return self
-
-
-class _Memorization(_Strict):
-    samples: int = Field(ge=1, le=100_000)
-    prefix_tokens: int = Field(ge=1, le=4096)
-    suffix_tokens: int = Field(ge=1, le=4096)
-    threshold: float = Field(ge=0, lt=1)
-    near_verbatim_ratio: float = Field(default=0.1, ge=0, lt=1)
-    seed: int = Field(default=0, ge=0, le=2**32 - 1)
-    passage_tokens: int = Field(default=50, ge=2, le=MAX_PASSAGE_TOKENS)
-    """The whole-data scan refuses a release that recites any passage this long."""
-
-
-class _DP(_Strict):
-    epsilon_per_job: float = Field(gt=0, allow_inf_nan=False)
-    epsilon_budget: float = Field(gt=0, allow_inf_nan=False)
-    delta: float = Field(default=1e-5, gt=0, lt=1)
-
-    @model_validator(mode="after")
-    def _budgets(self) -> _DP:
-        if self.epsilon_per_job > self.epsilon_budget:
-            raise ValueError("epsilon_per_job exceeds epsilon_budget: no job could run")
-        return self
-
-
-class _Release(_Strict):
-    artifacts: list[Literal["weights", "metrics"]] = Field(min_length=1)
-    adapter_only: bool = False
-    dtype: Literal["bfloat16", "float16"] = "bfloat16"
-    scrub_bits: int = Field(default=2, ge=0, le=4)
-    metrics: _Metrics
-    memorization: _Memorization | None = None
-    differential_privacy: _DP | None = None
-
-
-class _Channels(_Strict):
-    """What the model team observes of a job (see :mod:`policies.channels`)."""
-
-    job_budget_bits: float = Field(default=512, gt=0, le=1e9, allow_inf_nan=False)
-    dataset_budget_bits: float = Field(default=262_144, gt=0, le=1e12, allow_inf_nan=False)
-    progress_points: int = Field(default=10, ge=0, le=MAX_PROGRESS_POINTS)
-    loss_digits: int = Field(default=2, ge=1, le=4)
-    time_quantum_s: float = Field(default=30, ge=1, le=3600, allow_inf_nan=False)
-    gate_timeout_s: float = Field(default=1800, ge=10, le=24 * 3600, allow_inf_nan=False)
-
-
-class _Logs(_Strict):
-    visible_to: Literal["data-owner", "model-team"] = "data-owner"
-
-
-class _Policy(_Strict):
-    schema_: Literal["sealroom.policy/v1"] = Field(alias="schema")
-    dataset: str
-    description: str = Field(default="", max_length=2000)
-    expires: str
-    access: _Access
-    base_models: list[str] = Field(max_length=256)
-    trainers: _Trainers
-    resources: _Resources
-    approval: _Approval
-    release: _Release
-    logs: _Logs = Field(default_factory=_Logs)
-    channels: _Channels = Field(default_factory=_Channels)
-
-    @field_validator("dataset")
-    @classmethod
-    def _dataset(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError("must be a dataset name: lowercase letters, digits, '.', '_', '-'")
-        return v
-
-    @field_validator("base_models")
-    @classmethod
-    def _models(cls, v: list[str]) -> list[str]:
-        for name in v:
-            if not NAME_RE.match(name):
-                raise ValueError(f"{name!r} is not a model name")
-        return v
-
-    @field_validator("expires", mode="before")
-    @classmethod
-    def _expires(cls, v: object) -> str:
-        if not isinstance(v, str):
-            raise ValueError(_DATE_HELP)
-        _parse_instant(v)  # raises ValueError naming the problem
-        return v
-
-
-_DATE_HELP = "must be a date (YYYY-MM-DD) or an ISO 8601 timestamp with a time zone"
-_DATE_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
-
-
-def _parse_instant(text: str) -> dt.datetime:
-    """A date means "expires at 00:00 UTC that day"; a timestamp must carry its time zone."""
-    text = text.strip()
-    try:
-        if _DATE_RE.match(text):
-            day = dt.date.fromisoformat(text)
-            return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
-        instant = dt.datetime.fromisoformat(text)
-    except ValueError as e:
-        raise ValueError(f"{text!r} is not a valid date ({e}); {_DATE_HELP}") from None
-    if instant.tzinfo is None:
-        raise ValueError(f"{text!r} has no time zone; {_DATE_HELP}")
-    return instant.astimezone(dt.UTC)
-
-
-_MESSAGES = {
-    "missing": "missing field (required)",
-    "extra_forbidden": "unknown field",
-}
 
 
 # --- parsing ------------------------------------------------------------------------------------
@@ -411,12 +234,12 @@ def _validate(
         return "" if lines is None else f"line {line_for(lines, loc)}: "
 
     try:
-        model = _Policy.model_validate(raw)
+        model = PolicySchema.model_validate(raw)
     except ValidationError as e:
         problems = []
         for err in e.errors(include_url=False):
             loc = tuple(err["loc"])
-            message = _MESSAGES.get(err["type"], err["msg"])
+            message = MESSAGES.get(err["type"], err["msg"])
             if message.startswith("Value error, "):
                 message = message[len("Value error, ") :]
             problems.append(f"{where(loc)}{field_name(loc)}: {message}")
@@ -424,10 +247,10 @@ def _validate(
     return _build(model, where=where(("release",)), version=version)
 
 
-def _build(model: _Policy, *, where: str, version: int) -> PolicyDocument:
+def _build(model: PolicySchema, *, where: str, version: int) -> PolicyDocument:
     """The domain value; ``where`` is the release section's "line N: " prefix (or "")."""
-    canonical = _canonicalize(model)
-    digest = hashlib.sha256(_canonical_bytes(canonical)).hexdigest()
+    canonical = canonicalize(model)
+    digest = hashlib.sha256(canonical_bytes(canonical)).hexdigest()
     rel = model.release
     checks = {CheckName.ARTIFACTS, CheckName.WEIGHTS, CheckName.METRICS}
     memorization = dp = None
@@ -473,7 +296,7 @@ def _build(model: _Policy, *, where: str, version: int) -> PolicyDocument:
     return PolicyDocument(
         dataset=model.dataset,
         description=model.description,
-        expires=_parse_instant(model.expires),
+        expires=parse_instant(model.expires),
         access=AccessRules(
             teams=frozenset(model.access.teams),
             principals=frozenset(model.access.principals),
@@ -513,73 +336,9 @@ def _custom_code(value: bool | str) -> CustomCode:
     return CustomCode(value)
 
 
-# Lists whose order means nothing: canonically sorted and de-duplicated.
-_SET_FIELDS: frozenset[Path] = frozenset(
-    {
-        ("access", "teams"),
-        ("access", "principals"),
-        ("access", "purposes"),
-        ("base_models",),
-        ("trainers", "builtin"),
-        ("release", "artifacts"),
-        ("release", "metrics", "allowed"),
-    }
-)
-
-
-def _canonicalize(model: _Policy) -> Mapping[str, Any]:
-    raw = model.model_dump(by_alias=True, mode="python")
-    for path in _SET_FIELDS:
-        holder: Any = raw
-        for part in path[:-1]:
-            holder = holder[part]
-        if holder[path[-1]] is not None:
-            holder[path[-1]] = sorted(set(holder[path[-1]]))
-    raw["expires"] = _parse_instant(model.expires).isoformat()
-    frozen: Mapping[str, Any] = _freeze(raw)
-    return frozen
-
-
-def _freeze(value: Any) -> Any:
-    if isinstance(value, dict):
-        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
-    if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
-def _thaw(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _thaw(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return [_thaw(v) for v in value]
-    return value
-
-
-def _canonical_bytes(canonical: Mapping[str, Any]) -> bytes:
-    return json.dumps(
-        _thaw(canonical), sort_keys=True, separators=(",", ":"), allow_nan=False
-    ).encode()
-
-
 def policy_digest(text: str | bytes) -> str:
     """The canonical hash of a policy text (parses it; raises :class:`PolicyDocumentError`)."""
     return parse_policy(text).digest()
-
-
-# --- diff ---------------------------------------------------------------------------------------
-
-
-def _leaves(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(value, Mapping):
-        for key in sorted(value):
-            yield from _leaves(value[key], f"{path}.{key}" if path else str(key))
-    else:
-        yield path, value
-
-
-def _show(value: Any) -> str:
-    return json.dumps(_thaw(value), sort_keys=True)
 
 
 def diff_policies(old_text: str | bytes, new_text: str | bytes) -> str:
@@ -589,19 +348,4 @@ def diff_policies(old_text: str | bytes, new_text: str | bytes) -> str:
     ``- field: value`` for an added or removed set member or field. Comments and layout are not
     differences. Raises :class:`PolicyDocumentError` if either text does not validate.
     """
-    old = dict(_leaves(parse_policy(old_text).canonical))
-    new = dict(_leaves(parse_policy(new_text).canonical))
-    lines: list[str] = []
-    for path in sorted(old.keys() | new.keys()):
-        if path not in new:
-            lines.append(f"- {path}: {_show(old[path])}")
-        elif path not in old:
-            lines.append(f"+ {path}: {_show(new[path])}")
-        elif old[path] != new[path]:
-            a, b = old[path], new[path]
-            if isinstance(a, tuple) and isinstance(b, tuple):
-                lines.extend(f"- {path}: {_show(x)}" for x in a if x not in b)
-                lines.extend(f"+ {path}: {_show(x)}" for x in b if x not in a)
-            else:
-                lines.append(f"~ {path}: {_show(a)} -> {_show(b)}")
-    return "\n".join(lines) + ("\n" if lines else "")
+    return diff_canonical(parse_policy(old_text).canonical, parse_policy(new_text).canonical)
