@@ -420,11 +420,11 @@ def test_scanning_the_data_a_chunk_at_a_time_finds_the_same_passages(
     library: list[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from enclave.gate import _memorization
+    from enclave.gate import _memorization, _probe_scan
 
     job = _overfit(wide_base, _regions(library, word_tokenizer, edits=0), 150)
     base = _memorization._load_base(wide_base)
     docs = _memorization._tokenize(word_tokenizer, library)
     whole = _memorization.scan_passages(job, base, docs, rules=WHOLE)
-    monkeypatch.setattr(_memorization, "CHUNK_TOKENS", 700)  # two files a chunk
+    monkeypatch.setattr(_probe_scan, "CHUNK_TOKENS", 700)  # two files a chunk
     assert _memorization.scan_passages(job, base, docs, rules=WHOLE) == whole >= 3
