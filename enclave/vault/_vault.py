@@ -12,7 +12,9 @@ A registration streams every file through SHA-256 and AES-256-GCM into a tempora
 and renames it into place only when everything passed, so a refused or interrupted registration
 leaves nothing behind (a crash leaves ciphertext under ``tmp/``, removed on the next open).
 Versions are immutable; registering content whose root hash an existing version already has
-returns that version.
+returns that version. The reading of sources and the encrypting is :mod:`enclave.vault._register`,
+the manifest format and decryption :mod:`enclave.vault._manifest`; this class holds the lock,
+numbers versions, commits them, stages them and rotates the site key.
 """
 
 from __future__ import annotations
@@ -20,71 +22,36 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
 import re
 import secrets
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from enclave.secretfile import fsync_dir, write_secret
 from enclave.vault import _staging
-from enclave.vault._chunks import (
-    DEFAULT_CHUNK_SIZE,
-    FILE_ID_SIZE,
-    MAX_CHUNK_SIZE,
-    MIN_CHUNK_SIZE,
-    BlobReader,
-    ChunkError,
-    ChunkWriter,
-)
-from enclave.vault._ingest import Readable, iter_directory, iter_tar
+from enclave.vault._chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from enclave.vault._keys import KeyRing, new_site_key, save_site_key
-from enclave.vault._model import (
-    DatasetVersion,
-    FileEntry,
-    check_name,
-    check_relpath,
-    root_hash,
-    sort_files,
+from enclave.vault._manifest import (
+    Stored,
+    decrypt,
+    decrypt_to_bytes,
+    dump_manifest,
+    hash_into,
+    parse_manifest,
+    read_manifest_bytes,
 )
+from enclave.vault._model import DatasetVersion, FileEntry, check_name, root_hash, sort_files
+from enclave.vault._register import RegisterSource, ingest, open_source
 from enclave.vault._staging import OnEvent, StageItem, Staging
-from policies.errors import (
-    IntegrityError,
-    InvalidInput,
-    NotFound,
-    ResourceExhausted,
-    SiteError,
-)
+from policies.errors import IntegrityError, InvalidInput, NotFound, SiteError
 
-MANIFEST_FORMAT = "sealroom-vault-manifest-v1"
 _VERSION_DIR = re.compile(r"v([1-9][0-9]{0,8})")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-_HEX32 = re.compile(r"[0-9a-f]{32}")
-
-RegisterSource = Path | Iterable[tuple[str, Readable]] | Iterable[tuple[str, BinaryIO]]
-
-
-class _Stored:
-    """A loaded, authenticated version with what is needed to decrypt it."""
-
-    def __init__(
-        self,
-        version: DatasetVersion,
-        blobs: tuple[tuple[FileEntry, bytes, Path], ...],
-        chunk_size: int,
-        dek: bytes,
-    ) -> None:
-        self.version = version
-        self.blobs = blobs
-        self.chunk_size = chunk_size
-        self.dek = dek
 
 
 class Vault:
@@ -169,7 +136,7 @@ class Vault:
         stored = self._load_matching(version)
         for entry, file_id, blob in stored.blobs:
             if entry.path == path:
-                return _decrypt_to_bytes(stored, entry, file_id, blob)
+                return decrypt_to_bytes(stored, entry, file_id, blob)
         raise NotFound(f"dataset {version.ref} has no file {path!r}")
 
     def iter_plaintext(self, version: DatasetVersion) -> Iterator[tuple[FileEntry, bytes]]:
@@ -180,7 +147,7 @@ class Vault:
         """
         stored = self._load_matching(version)
         for entry, file_id, blob in stored.blobs:
-            yield entry, _decrypt_to_bytes(stored, entry, file_id, blob)
+            yield entry, decrypt_to_bytes(stored, entry, file_id, blob)
 
     def verify(self, version: DatasetVersion) -> None:
         """Decrypt every chunk of every file and check each SHA-256 and the root hash.
@@ -191,7 +158,7 @@ class Vault:
         stored = self._load_matching(version)
         for entry, file_id, blob in stored.blobs:
             h = hashlib.sha256()
-            _decrypt(stored, entry, file_id, blob, sink=_hash_into(h))
+            decrypt(stored, entry, file_id, blob, sink=hash_into(h))
             if h.hexdigest() != entry.sha256:
                 raise IntegrityError(
                     f"dataset {version.ref}, file {entry.path!r}: SHA-256 is {h.hexdigest()}, "
@@ -224,77 +191,19 @@ class Vault:
         work.mkdir(mode=0o700)
         try:
             dek = AESGCM.generate_key(bit_length=256)
-            files = self._ingest(
-                name, _open_source(source), work, AESGCM(dek), max_bytes, max_files
+            files = ingest(
+                name,
+                open_source(source),
+                work,
+                AESGCM(dek),
+                max_bytes=max_bytes,
+                max_files=max_files,
+                chunk_size=self.chunk_size,
             )
             return self._commit(name, files, work, dek)
         finally:
             if work.exists():
                 shutil.rmtree(work)
-
-    def _ingest(
-        self,
-        name: str,
-        source: Iterable[tuple[str, Readable]],
-        work: Path,
-        aead: AESGCM,
-        max_bytes: int,
-        max_files: int,
-    ) -> list[tuple[FileEntry, bytes]]:
-        blobs = work / "blobs"
-        blobs.mkdir(mode=0o700)
-        out: list[tuple[FileEntry, bytes]] = []
-        seen_files: set[str] = set()
-        seen_dirs: set[str] = set()
-        total = 0
-        cs = self.chunk_size
-        for item in source:
-            try:
-                path, stream = item
-            except (TypeError, ValueError) as e:
-                raise InvalidInput(
-                    f"dataset {name!r}: source items must be (relative path, binary stream) pairs"
-                ) from e
-            path = check_relpath(path)
-            _check_unique(path, seen_files, seen_dirs)
-            if len(out) >= max_files:
-                raise ResourceExhausted(
-                    f"dataset {name!r}: file {path!r} is one more than max_files={max_files}"
-                )
-            declared = getattr(stream, "declared_size", None)
-            if isinstance(declared, int) and total + declared > max_bytes:
-                raise ResourceExhausted(
-                    f"dataset {name!r}: file {path!r} ({declared} bytes) takes the dataset past "
-                    f"max_bytes={max_bytes}"
-                )
-            file_id = os.urandom(FILE_ID_SIZE)
-            h = hashlib.sha256()
-            size = 0
-            with open(blobs / file_id.hex(), "xb") as f:
-                writer = ChunkWriter(aead, file_id, cs, f)
-                while True:
-                    data = stream.read(cs)
-                    if not isinstance(data, bytes | bytearray):
-                        raise InvalidInput(f"dataset {name!r}: stream of {path!r} is not binary")
-                    if not data:
-                        break
-                    size += len(data)
-                    if total + size > max_bytes:
-                        raise ResourceExhausted(
-                            f"dataset {name!r}: file {path!r} takes the dataset past "
-                            f"max_bytes={max_bytes}"
-                        )
-                    h.update(data)
-                    writer.write(data)
-                writer.finish()
-                f.flush()
-                os.fsync(f.fileno())
-            total += size
-            out.append((FileEntry(path=path, size=size, sha256=h.hexdigest()), file_id))
-        if not out:
-            raise InvalidInput(f"dataset {name!r}: the source holds no files")
-        fsync_dir(blobs)
-        return out
 
     def _commit(
         self, name: str, files: list[tuple[FileEntry, bytes]], work: Path, dek: bytes
@@ -310,7 +219,7 @@ class Vault:
                     return existing
             number = (nums[-1] + 1) if nums else 1
             created = datetime.now(UTC).replace(microsecond=0)
-            manifest = _dump_manifest(name, number, rh, entries, ids, created, self.chunk_size)
+            manifest = dump_manifest(name, number, rh, entries, ids, created, self.chunk_size)
             key_file = self._keys.new_key_file(dek, name=name, version=number, manifest=manifest)
             write_secret(work / "manifest.json", manifest, exclusive=True)
             write_secret(work / "key.json", key_file, exclusive=True)
@@ -371,7 +280,7 @@ class Vault:
             everything = [(n, v) for n in self.datasets() for v in self._version_numbers(n)]
             for n, v in everything:
                 d = self._datasets / n / f"v{v}"
-                manifest = _read_manifest_bytes(d, f"{n}@v{v}")
+                manifest = read_manifest_bytes(d, f"{n}@v{v}")
                 self._keys.add_wrap(d / "key.json", new, name=n, version=v, manifest=manifest)
             os.rename(self._keys.next_path, self._keys.path)  # the commit point
             fsync_dir(self._keys.path.parent)
@@ -392,18 +301,18 @@ class Vault:
         nums = [int(m[1]) for p in d.iterdir() if (m := _VERSION_DIR.fullmatch(p.name))]
         return sorted(nums)
 
-    def _load(self, name: str, number: int) -> _Stored:
+    def _load(self, name: str, number: int) -> Stored:
         ref = f"{name}@v{number}"
         d = self._datasets / name / f"v{number}"
         if not isinstance(number, int) or number < 1 or not d.is_dir():
             raise NotFound(f"dataset {ref} is not registered")
-        manifest = _read_manifest_bytes(d, ref)
+        manifest = read_manifest_bytes(d, ref)
         # Unwrapping authenticates the manifest bytes (they are bound into the wrap).
         dek = self._keys.unwrap(d / "key.json", name=name, version=number, manifest=manifest)
-        version, blobs, chunk_size = _parse_manifest(manifest, name, number, d / "blobs")
-        return _Stored(version, blobs, chunk_size, dek)
+        version, blobs, chunk_size = parse_manifest(manifest, name, number, d / "blobs")
+        return Stored(version, blobs, chunk_size, dek)
 
-    def _load_matching(self, version: DatasetVersion) -> _Stored:
+    def _load_matching(self, version: DatasetVersion) -> Stored:
         stored = self._load(check_name(version.name), version.version)
         if stored.version.root_hash != version.root_hash:
             raise IntegrityError(
@@ -419,139 +328,3 @@ def _is_name(s: str) -> bool:
     except InvalidInput:
         return False
     return True
-
-
-def _open_source(source: RegisterSource) -> Iterable[tuple[str, Readable]]:
-    if isinstance(source, str | bytes):
-        raise InvalidInput("dataset source must be a Path or an iterable of (path, stream) pairs")
-    if isinstance(source, os.PathLike):
-        p = Path(source)
-        if p.is_dir():
-            return iter_directory(p)
-        if p.is_file():
-            return iter_tar(p)
-        raise InvalidInput(f"dataset source {str(p)!r} is neither a directory nor a tar archive")
-    return source
-
-
-def _check_unique(path: str, files: set[str], dirs: set[str]) -> None:
-    if path in files:
-        raise InvalidInput(f"dataset file {path!r} appears twice")
-    if path in dirs:
-        raise InvalidInput(f"dataset file {path!r} is also a directory of other files")
-    parts = path.split("/")
-    for k in range(1, len(parts)):
-        parent = "/".join(parts[:k])
-        if parent in files:
-            raise InvalidInput(f"dataset file {path!r} lies under {parent!r}, which is a file")
-    for k in range(1, len(parts)):
-        dirs.add("/".join(parts[:k]))
-    files.add(path)
-
-
-def _dump_manifest(
-    name: str,
-    version: int,
-    rh: str,
-    entries: tuple[FileEntry, ...],
-    ids: dict[str, bytes],
-    created: datetime,
-    chunk_size: int,
-) -> bytes:
-    body = {
-        "format": MANIFEST_FORMAT,
-        "name": name,
-        "version": version,
-        "root_hash": rh,
-        "created_at": created.isoformat(),
-        "chunk_size": chunk_size,
-        "files": [
-            {"path": e.path, "size": e.size, "sha256": e.sha256, "blob": ids[e.path].hex()}
-            for e in entries
-        ],
-    }
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _read_manifest_bytes(d: Path, ref: str) -> bytes:
-    try:
-        return (d / "manifest.json").read_bytes()
-    except FileNotFoundError as e:
-        raise IntegrityError(f"dataset {ref}: manifest is missing") from e
-
-
-def _parse_manifest(
-    raw: bytes, name: str, number: int, blobs_dir: Path
-) -> tuple[DatasetVersion, tuple[tuple[FileEntry, bytes, Path], ...], int]:
-    ref = f"{name}@v{number}"
-    try:
-        body: Any = json.loads(raw)
-        if body["format"] != MANIFEST_FORMAT or body["name"] != name or body["version"] != number:
-            raise ValueError("format, name or version does not match its place in the vault")
-        chunk_size = body["chunk_size"]
-        if not isinstance(chunk_size, int) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
-            raise ValueError(f"chunk_size {chunk_size!r}")
-        blobs = []
-        for f in body["files"]:
-            entry = FileEntry(path=check_relpath(f["path"]), size=f["size"], sha256=f["sha256"])
-            if not isinstance(entry.size, int) or entry.size < 0:
-                raise ValueError(f"size of {entry.path!r}")
-            if not isinstance(entry.sha256, str) or not _HEX64.fullmatch(entry.sha256):
-                raise ValueError(f"sha256 of {entry.path!r}")
-            if not isinstance(f["blob"], str) or not _HEX32.fullmatch(f["blob"]):
-                raise ValueError(f"blob id of {entry.path!r}")
-            blobs.append((entry, bytes.fromhex(f["blob"]), blobs_dir / f["blob"]))
-        entries = sort_files(e for e, _, _ in blobs)
-        rh = root_hash(entries)
-        if rh != body["root_hash"]:
-            raise ValueError(f"root hash {body['root_hash']!r} does not match its files ({rh})")
-        created = datetime.fromisoformat(body["created_at"])
-    except (ValueError, KeyError, TypeError, InvalidInput) as e:
-        raise IntegrityError(f"dataset {ref}: manifest is malformed: {e}") from e
-    version = DatasetVersion(
-        name=name, version=number, root_hash=rh, files=entries, created_at=created
-    )
-    blobs.sort(key=lambda b: b[0].path.encode("utf-8"))
-    return version, tuple(blobs), chunk_size
-
-
-def _decrypt(
-    stored: _Stored,
-    entry: FileEntry,
-    file_id: bytes,
-    blob: Path,
-    *,
-    sink: Callable[[int, memoryview], None] | None = None,
-    dest: memoryview | None = None,
-) -> None:
-    ref = stored.version.ref
-    try:
-        fd = os.open(blob, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError as e:
-        raise IntegrityError(f"dataset {ref}, file {entry.path!r}: its blob is missing") from e
-    try:
-        aead = AESGCM(stored.dek)
-        with BlobReader(fd, file_id=file_id, size=entry.size, chunk_size=stored.chunk_size) as r:
-            if dest is not None:
-                r.decrypt_range(aead, 0, r.chunks, dest)
-            elif sink is not None:
-                r.decrypt_each(aead, sink)
-    except ChunkError as e:
-        where = f"chunk {e.chunk}" if e.chunk is not None else "blob"
-        raise IntegrityError(f"dataset {ref}, file {entry.path!r}, {where}: {e}") from None
-    finally:
-        os.close(fd)
-
-
-def _hash_into(h: Any) -> Callable[[int, memoryview], None]:
-    def feed(_offset: int, view: memoryview) -> None:
-        h.update(view)
-
-    return feed
-
-
-def _decrypt_to_bytes(stored: _Stored, entry: FileEntry, file_id: bytes, blob: Path) -> bytes:
-    out = bytearray(entry.size)
-    with memoryview(out) as dest:
-        _decrypt(stored, entry, file_id, blob, dest=dest)
-    return bytes(out)
