@@ -13,83 +13,74 @@ One run, in order (every step reported to the gateway, which audits it):
 5. whatever happens, stop the container, destroy the staging and the output mount.
 
 Stdout and stderr are kept in the site (size-capped); they can carry data.
+
+The steps live here (:class:`SiteAgent`); the container and the bundle in
+:mod:`enclave._jobcontainer`, what is audited once the container stopped in
+:mod:`enclave._run_audit`, the gate and signing in :mod:`enclave._release_steps`, the site's
+secrets and sealed logs in :mod:`enclave._sitekeys`.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-import os
-import tarfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-from enclave import _channels, _dp, _mounts, _progress
-from enclave.contract import Report, RunOrder, SiteReport, StoredDataset
-from enclave.gate import (
-    DPInputs,
-    GateResult,
-    MemorizationInputs,
-    ReleaseForm,
-    ReleaseKind,
-    run_gate,
+from enclave import _channels, _mounts, _progress
+from enclave._jobcontainer import (
+    DEFAULT_LIMITS,
+    MAX_BUNDLE_BYTES,
+    MAX_BUNDLE_FILES,
+    SiteLimits,
+    job_container,
+    unpack_bundle,
 )
+from enclave._release_steps import check_and_sign, dp_parameters
+from enclave._run_audit import failure_phrase, report_stop
+from enclave._sitekeys import LOG_FILE, open_logs, seal_logs, site_secret
+from enclave.contract import Report, RunOrder, SiteReport, StoredDataset
 from enclave.identity import IdentityFiles
 from enclave.ledger import AccessLedger, AccessRecord
 from enclave.models import ModelStore
-from enclave.provenance import AuditPosition, ReleaseContext, SiteSigner, sign_release
-from enclave.provenance import DatasetVersion as ProvenanceVersion
-from enclave.runtime import ContainerSpec, DockerRuntime, RunState, Runtime
-from enclave.secretfile import ensure_secret
-from enclave.vault import DatasetVersion as VaultVersion
+from enclave.runtime import DockerRuntime, RunState, Runtime
 from enclave.vault import StagingEvent, Vault, iter_tar, wipe_leftovers
 from policies import access, channels, document
-from policies.channels import REJECTED_BY_CHECK, TeamReason
-from policies.errors import InvalidInput, ReleaseRefused, SealroomError, SiteError
+from policies.channels import TeamReason
+from policies.errors import InvalidInput, SealroomError, SiteError
 from policies.lifecycle import JobState
-from policies.release import CheckName, ReleaseRules
 from policies.spec import JobSpec
-from trainers import privacy
-from trainers.contract import CODE_DIR, DATA_DIR, JOB_ENV, MODEL_DIR, DPParameters, JobConfig
-from trainers.errors import TrainerError
-from trainers.labelled import labelled_file
-from trainers.release import expected_release
+from trainers.contract import DPParameters
 
-MAX_BUNDLE_FILES = 10_000
-MAX_BUNDLE_BYTES = 512 * 1024 * 1024
+__all__ = [
+    "BUILTIN_DEFAULT_STEPS",
+    "CUSTOM_DEFAULT_STEPS",
+    "DEFAULT_LIMITS",
+    "LOG_FILE",
+    "MAX_BUNDLE_BYTES",
+    "MAX_BUNDLE_FILES",
+    "MAX_LOG_BYTES",
+    "PROGRESS_INTERVAL_S",
+    "SITE_INSTANCE_LABEL",
+    "SITE_LABEL",
+    "SiteAgent",
+    "SiteLimits",
+    "job_container",
+    "signer_dir",
+    "unpack_bundle",
+]
+
+_site_secret = site_secret  # the names tests used before the split
+_failure = failure_phrase
+
 MAX_LOG_BYTES = channels.LOG_CAP_BYTES
-LOG_FILE = "logs.sealed"
 PROGRESS_INTERVAL_S = 1.0
 BUILTIN_DEFAULT_STEPS = 30
 """``max_steps`` of a built-in trainer when the spec leaves it out (:mod:`trainers.hparams`)."""
 CUSTOM_DEFAULT_STEPS = 100
 """``max_steps`` of the team's own module when the spec leaves it out (:mod:`trainers.custom`)."""
-
-
-@dataclass(frozen=True)
-class SiteLimits:
-    """What this site grants at most, whatever a spec asks."""
-
-    output_bytes: int = 2 * 1024**3
-    tmp_bytes: int = 1024**3
-    memory_mb: int = 16 * 1024
-    cpus: float = 2.0
-    pids: int = 512
-    gpus: int = 0
-    dataset_bytes: int = 64 * 1024**3
-    dataset_files: int = 1_000_000
-    runtime: str = "runc"
-    """The OCI runtime jobs run under: runc, or runsc (gVisor) or kata where installed."""
-
-
-DEFAULT_LIMITS = SiteLimits()
 
 
 def signer_dir(root: Path) -> Path:
@@ -128,11 +119,11 @@ class SiteAgent:
         self._staging = root / "staging"
         self._runs.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._staging.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._log_key = _site_secret(root / "keys" / "logs.key")
+        self._log_key = site_secret(root / "keys" / "logs.key")
         self._bits = _channels.BitsLedger(root / "keys" / "channel-bits.json")
         # This site's containers, told apart from any other site's on the same engine (a
         # shared engine, or two deployments on one machine) even when their names agree.
-        self.instance = _site_secret(root / "keys" / "instance.id")[:8].hex()
+        self.instance = site_secret(root / "keys" / "instance.id")[:8].hex()
         self.labels = {SITE_LABEL: name, SITE_INSTANCE_LABEL: self.instance}
         self._cancelled: set[str] = set()
         self._handles: dict[str, Any] = {}
@@ -205,19 +196,7 @@ class SiteAgent:
             self.runtime.stop(handle)
 
     def logs(self, job_id: str) -> bytes:
-        path = self._runs / _safe(job_id) / LOG_FILE
-        if not path.exists():
-            return b""
-        blob = path.read_bytes()
-        return AESGCM(self._log_key).decrypt(blob[:12], blob[12:], job_id.encode())
-
-    def _keep_logs(self, job_id: str, run_dir: Path, data: bytes) -> None:
-        """Stdout and stderr can carry data: sealed (AES-GCM, a site key) like the vault's."""
-        nonce = os.urandom(12)
-        sealed = nonce + AESGCM(self._log_key).encrypt(nonce, data, job_id.encode())
-        fd = os.open(run_dir / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(sealed)
+        return open_logs(self._log_key, job_id, self._runs / _safe(job_id))
 
     def run(self, order: RunOrder, report: Report) -> None:
         job = order.job_id
@@ -337,7 +316,7 @@ class SiteAgent:
             )
             if self._is_cancelled(job):
                 return SiteReport(job, state=JobState.CANCELLED, reason=TeamReason.CANCELLED)
-            dp = self._dp[job] = self._dp_parameters(order, report, model.path, versions)
+            dp = self._dp[job] = dp_parameters(order, report, self.vault, model.path, versions)
             cspec = job_container(
                 spec,
                 dp=dp,
@@ -379,62 +358,36 @@ class SiteAgent:
             team.started = True
             with _progress.follow(output, team.on_progress, interval_s=PROGRESS_INTERVAL_S):
                 status = self.runtime.wait(handle, timeout_s=spec.resources.timeout_s)
-            self._keep_logs(job, run_dir, self.runtime.logs(handle, max_bytes=MAX_LOG_BYTES))
-            summary = ledger.stop()
-            for record in reads:
-                report(
-                    SiteReport(
-                        job,
-                        audit_action="data.read",
-                        audit_dataset=record.dataset,
-                        audit_file=record.path,
-                        details={"first_open": record.first_open.isoformat()},
-                    )
-                )
-            if not summary.complete:
-                report(
-                    SiteReport(
-                        job,
-                        audit_action="data.read",
-                        audit_outcome="error",
-                        details={
-                            "reason": "the access ledger lost events (queue "
-                            "overflow): reads may be missing"
-                        },
-                    )
-                )
-            report(
-                SiteReport(
-                    job,
-                    audit_action="container.stop",
-                    details={
-                        "state": status.state.value,
-                        "exit_code": status.exit_code,
-                        "reason": status.reason,
-                    },
-                )
+            seal_logs(
+                self._log_key, job, run_dir, self.runtime.logs(handle, max_bytes=MAX_LOG_BYTES)
             )
+            summary = ledger.stop()
+            report_stop(job, report, reads, summary, status)
             if self._is_cancelled(job):
                 return SiteReport(job, state=JobState.CANCELLED, reason=TeamReason.CANCELLED)
             if status.state is not RunState.EXITED or status.exit_code != 0:
-                detail = f"{_failure(status)} (exit code {status.exit_code}) {status.reason}"
+                detail = f"{failure_phrase(status)} (exit code {status.exit_code}) {status.reason}"
                 return _channels.terminal(
                     job, JobState.FAILED, _channels.failure_reason(status), detail.strip()
                 )
             team.publish(SiteReport(job, state=JobState.CHECKING, reason=TeamReason.CHECKING))
             deadline = team.deadline(team.rules.gate_timeout_s)
             gate = _channels.Background(
-                lambda: self._gate(
+                lambda: check_and_sign(
                     order,
                     report,
-                    run_dir,
-                    output,
-                    rules,
-                    model.path,
-                    model.layout,
-                    versions,
-                    acct,
-                    team.rules.time_quantum_s,
+                    vault=self.vault,
+                    image=self.image,
+                    signer=self.signer,
+                    dp_set=self._dp.get(job),
+                    run_dir=run_dir,
+                    output=output,
+                    rules=rules,
+                    model_dir=model.path,
+                    layout=model.layout,
+                    versions=versions,
+                    acct=acct,
+                    quantum_s=team.rules.time_quantum_s,
                 )
             )
             outcome = gate.result(timeout_s=deadline - time.time())
@@ -449,207 +402,6 @@ class SiteAgent:
                 )
             gate.join()  # the output and the staging outlive the gate's last read
             return outcome
-
-    def _gate(
-        self,
-        order: RunOrder,
-        report: Report,
-        run_dir: Path,
-        output: Path,
-        rules: list[tuple[str, ReleaseRules]],
-        model_dir: Path,
-        layout: Any,
-        versions: list[VaultVersion],
-        acct: channels.LeakageAccount,
-        quantum_s: float,
-    ) -> SiteReport:
-        """Run the gate once per dataset's rules; release only if every run passes. Returns
-        the terminal report (RELEASED or REJECTED), for the caller to publish on the grid."""
-        job = order.job_id
-        form = self._release_form(order, report, model_dir, versions)
-        gates: dict[str, GateResult] = {}
-        for dataset, r in rules:
-            memo = None
-            if CheckName.MEMORIZATION in r.checks:
-                from transformers import AutoTokenizer
-                from transformers.utils import logging as hf_logging
-
-                # The probe tokenises whole documents, longer than the model's context on
-                # purpose (it samples windows from them): that warning is noise here.
-                hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-                tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-                texts = [
-                    data.decode("utf-8", "replace")
-                    for v in versions
-                    if v.name == dataset
-                    for _, data in self.vault.iter_plaintext(v)
-                ]
-                report(
-                    SiteReport(
-                        job,
-                        audit_action="data.gate-read",
-                        audit_dataset=dataset,
-                        details={"purpose": "memorization check", "files": len(texts)},
-                    )
-                )
-                memo = MemorizationInputs(model_dir=model_dir, tokenizer=tokenizer, texts=texts)
-            dp = (
-                DPInputs(
-                    spent=order.epsilon_spent.get(dataset, 0.0),
-                    # The site's accountant over the DP-SGD it set (+inf where it set none),
-                    # at this policy's delta: never what the job wrote.
-                    epsilon=_dp.charged_epsilon(self._dp.get(job), delta=r.dp.delta),
-                )
-                if CheckName.DP in r.checks and r.dp is not None
-                else None
-            )
-            result = run_gate(
-                output,
-                rules=r,
-                base_layout=layout,
-                form=form,
-                dest_dir=run_dir / f"gate-{dataset}",
-                memorization=memo,
-                dp=dp,
-            )
-            for check in result.checks:
-                report(
-                    SiteReport(
-                        job,
-                        audit_action="release.check",
-                        audit_dataset=dataset,
-                        audit_outcome="ok" if check.passed else "denied",
-                        details={
-                            "check": str(check.name),
-                            "outcome": str(check.outcome),
-                            "reasons": list(check.reasons),
-                            "figures": _jsonable(check.figures),
-                        },
-                    )
-                )
-            gates[dataset] = result
-        refused = [
-            f"{d}: {c.name}: {', '.join(c.reasons) or c.outcome}"
-            for d, g in gates.items()
-            for c in g.checks
-            if not c.passed
-        ]
-        if refused:
-            first = next(c.name for g in gates.values() for c in g.checks if not c.passed)
-            return _channels.terminal(
-                job,
-                JobState.REJECTED,
-                REJECTED_BY_CHECK[CheckName(first)],
-                "release refused: " + "; ".join(refused),
-            )
-        context = ReleaseContext(
-            job_id=job,
-            spec_sha256=order.spec_sha256,
-            bundle_sha256=order.bundle_sha256 or None,
-            image_id=self.image,
-            datasets={
-                v.name: ProvenanceVersion(version=v.version, root_hash=v.root_hash)
-                for v in versions
-            },
-            policy_versions=dict(order.policy_versions),
-            approval_binding=order.approval_binding,
-            approvals=tuple(order.approvals),
-            audit=AuditPosition(checkpoint_root=order.audit_root),
-            channels={**acct.items, "budget_bits": acct.budget},
-        )
-        try:
-            # Stamped with the grid point before signing: the second it was signed would tell
-            # how long the checks took (the job steers that).
-            issued = channels.round_time(time.time(), quantum_s)
-            signed = sign_release(
-                gates,
-                context=context,
-                signer=SiteSigner.from_files(cert=self.signer.cert, key=self.signer.key),
-                now=dt.datetime.fromtimestamp(issued, dt.UTC),
-            )
-        except ReleaseRefused as e:
-            return _channels.terminal(job, JobState.REJECTED, TeamReason.REJECTED_SIGNING, str(e))
-        metrics = json.loads((signed.directory / "metrics.json").read_text())
-        return SiteReport(
-            job,
-            state=JobState.RELEASED,
-            reason=TeamReason.RELEASED,
-            metrics={k: float(v) for k, v in metrics.items()},
-            release_dir=signed.directory,
-            audit_action="release.sign",
-            details={"manifest_sha256": signed.manifest_sha256},
-        )
-
-    def _dp_parameters(
-        self, order: RunOrder, report: Report, model_dir: Path, versions: list[VaultVersion]
-    ) -> DPParameters | None:
-        """The DP-SGD this site grants the job (None: none), its sample rate from the training
-        samples counted in the site's own plaintext with the trainer's own rules."""
-
-        def dataset_files() -> Iterator[tuple[str, bytes]]:
-            for v in versions:
-                files = [(e.path, d) for e, d in self.vault.iter_plaintext(v)]
-                report(
-                    SiteReport(
-                        order.job_id,
-                        audit_action="data.gate-read",
-                        audit_dataset=v.name,
-                        details={"purpose": "DP-SGD sample rate", "files": len(files)},
-                    )
-                )
-                yield from files
-
-        return _dp.decide(
-            order.spec,
-            training_rows=lambda: privacy.training_rows(
-                order.spec.trainer,
-                dict(order.spec.hyperparameters),
-                model_dir=model_dir,
-                dataset_files=dataset_files,
-            ),
-        )
-
-    def _release_form(
-        self, order: RunOrder, report: Report, model_dir: Path, versions: list[VaultVersion]
-    ) -> ReleaseForm | None:
-        """What a built-in trainer's release is, from the approved spec and the site's own
-        copy of the base model (and, for a classifier without given labels, the data; for a
-        private graph, the program in the bundle the site unpacked, which the job could not
-        write): never from the job's output. None for custom code, whose release is the base
-        layout."""
-        spec = order.spec
-        if spec.is_custom:
-            return None
-        code_dir = self._runs / _safe(order.job_id) / "code" if order.bundle is not None else None
-
-        def dataset_files() -> Iterator[tuple[str, bytes]]:
-            for v in versions:
-                files = [(e, d) for e, d in self.vault.iter_plaintext(v) if labelled_file(e.path)]
-                report(
-                    SiteReport(
-                        order.job_id,
-                        audit_action="data.gate-read",
-                        audit_dataset=v.name,
-                        details={"purpose": "classifier labels", "files": len(files)},
-                    )
-                )
-                yield from ((e.path, d) for e, d in files)
-
-        try:
-            expected = expected_release(
-                spec.trainer,
-                dict(spec.hyperparameters),
-                model_dir=model_dir,
-                dataset_files=dataset_files,
-                code_dir=code_dir,
-            )
-        except TrainerError as e:
-            # The job ran to completion under these very hyperparameters and data: the site
-            # and the trainer disagree, which is the system's fault, not the job's.
-            raise SiteError(
-                f"the release of trainer {spec.trainer!r} cannot be computed: {type(e).__name__}"
-            ) from e
-        return ReleaseForm(ReleaseKind(expected.kind), expected.layout, expected.config)
 
     def _policies(self, order: RunOrder) -> dict[str, document.PolicyDocument]:
         """The policies in force for the run's datasets, parsed from the order's texts."""
@@ -666,16 +418,6 @@ class SiteAgent:
             return job_id in self._cancelled
 
 
-def _site_secret(path: Path) -> bytes:
-    """A 256-bit key kept in a file only the agent reads (created on first use, once: racing
-    agents get the same key)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = ensure_secret(path, lambda: AESGCM.generate_key(bit_length=256))
-    if len(key) != 32:
-        raise SiteError(f"{path} is not a 256-bit key")
-    return key
-
-
 def _total_steps(spec: JobSpec) -> int:
     """The steps the run's progress schedule is laid over: the spec's ``max_steps``, else the
     trainer's default (the team's own code: the harness's)."""
@@ -689,84 +431,3 @@ def _safe(job_id: str) -> str:
     if not job_id.replace("-", "").isalnum():
         raise InvalidInput(f"bad job id {job_id!r}")
     return job_id
-
-
-def _jsonable(figures: Any) -> Any:
-    return json.loads(json.dumps(dict(figures or {}), default=str))
-
-
-def _failure(status: Any) -> str:
-    """The team's reason for a job that did not exit cleanly: a fixed phrase, never a number
-    (exit code, forks refused) nor the runtime's words; those go to the container.stop audit."""
-    if status.state is RunState.KILLED_OOM or status.oom_killed:
-        return "failed: out of memory"
-    if getattr(status, "at_pids_limit", False):
-        return "failed: resource limit"
-    if status.state is RunState.KILLED_TIMEOUT:
-        return "failed: timeout"
-    if status.state is RunState.EXITED:
-        return "failed: non-zero exit"
-    return "failed: stopped"
-
-
-def job_container(
-    spec: JobSpec,
-    *,
-    dp: DPParameters | None = None,
-    job_id: str,
-    image: str,
-    limits: SiteLimits,
-    data: Mapping[str, Path],
-    model_dir: Path,
-    code_dir: Path,
-    output: Path,
-    labels: Mapping[str, str],
-) -> ContainerSpec:
-    """The container one job runs in: the spec's resources within the site's limits, the data,
-    model and code read-only at the contract's paths, the job's configuration in its env."""
-    config = JobConfig(
-        job_id=job_id,
-        trainer=spec.trainer,
-        datasets=tuple(data),
-        hyperparameters=dict(spec.hyperparameters),
-        entrypoint=spec.entrypoint,
-        dp=dp,
-    )
-    return ContainerSpec(
-        image=image,
-        job_id=job_id,
-        env={**spec.env, JOB_ENV: config.to_json()},
-        read_only_mounts={
-            **{path: str(DATA_DIR / name) for name, path in data.items()},
-            model_dir: str(MODEL_DIR),
-            code_dir: str(CODE_DIR),
-        },
-        output_dir=output,
-        memory_bytes=min(spec.resources.memory_mb, limits.memory_mb) * 1024**2,
-        cpus=min(spec.resources.cpus, limits.cpus),
-        pids=limits.pids,
-        tmp_bytes=limits.tmp_bytes,
-        timeout_s=spec.resources.timeout_s,
-        gpus=spec.resources.gpus,
-        runtime=limits.runtime,
-        labels={"org.sealroom.job": job_id, **labels},
-    )
-
-
-def unpack_bundle(bundle: Path, dest: Path) -> None:
-    """Unpack a code bundle with the tar ``data`` filter, capped in files and bytes."""
-    try:
-        with tarfile.open(bundle, "r:*") as tar:
-            members = tar.getmembers()
-            if len(members) > MAX_BUNDLE_FILES:
-                raise InvalidInput(f"code bundle has over {MAX_BUNDLE_FILES} entries")
-            if sum(m.size for m in members) > MAX_BUNDLE_BYTES:
-                raise InvalidInput(f"code bundle unpacks to over {MAX_BUNDLE_BYTES} bytes")
-            tar.extractall(dest, filter="data")
-    except (tarfile.TarError, OSError) as e:
-        raise InvalidInput(f"code bundle refused: {e}") from e
-    for p in [dest, *dest.rglob("*")]:
-        if p.is_dir():
-            p.chmod(0o755)
-        elif p.is_file():
-            p.chmod(0o644)

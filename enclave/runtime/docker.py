@@ -1,39 +1,31 @@
 """The Docker backend of :class:`~enclave.runtime.Runtime`, through the docker SDK.
 
-:func:`container_options` turns a :class:`ContainerSpec` into the engine's create arguments (pure,
-unit-tested); :class:`DockerRuntime` drives the container's life and maps the SDK's errors to
-:class:`~policies.errors.RuntimeBackendError` at the edge, in words of its own: the SDK's text
-names the engine's URL and the container's ID, which are the site's business (they stay on the
-exception's ``__cause__``, for the site's audit). What the engine reports is read back on every
-``status``: the backend remembers only what the engine cannot know (that *it* killed the
-container, and why).
+:func:`container_options` (:mod:`._docker_options`) turns a :class:`ContainerSpec` into the
+engine's create arguments (pure, unit-tested); :class:`DockerRuntime` drives the container's life
+and maps the SDK's errors to :class:`~policies.errors.RuntimeBackendError` at the edge, in words
+of its own: the SDK's text names the engine's URL and the container's ID, which are the site's
+business (they stay on the exception's ``__cause__``, for the site's audit). What the engine
+reports is read back on every ``status``: the backend remembers only what the engine cannot know
+(that *it* killed the container, and why).
 
 Killing is bounded. A container the engine cannot kill (it answers "did not receive an exit
 event" for a job holding its process limit) is killed harder: SIGKILL to every process of its
 cgroup, from the host, then forced removal, each step given ``kill_grace_s``; its logs are taken
-before the removal, so the owner keeps them.
+before the removal, so the owner keeps them. The cgroup kill is :mod:`._cgroup`; the engine's
+status mapping :mod:`._docker_state`; the error edge and bounded calls :mod:`._docker_engine`.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import secrets
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from datetime import datetime
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
-
-import requests
 
 from enclave import _mounts
 from enclave.runtime._base import (
     IMAGE_ID_RE,
-    JOB_LABEL,
     MANAGED_LABEL,
     ContainerSpec,
     ContainerStatus,
@@ -43,110 +35,26 @@ from enclave.runtime._base import (
     cap_tail,
     check_mount_sources,
 )
+from enclave.runtime._cgroup import kill_cgroup, pids_refused
+from enclave.runtime._docker_engine import (
+    TIMEOUT_EXCEPTIONS,
+    bounded,
+    edge,
+    feed_logs,
+    raise_backend,
+)
+from enclave.runtime._docker_options import container_options
+from enclave.runtime._docker_state import Record, engine_status
 from policies.errors import InvalidInput, InvalidState, NotFound, RuntimeBackendError
-from trainers.contract import JOB_USER
+
+__all__ = ["BACKEND", "DockerRuntime", "container_options"]
+
+_edge = edge  # the name tests and callers used before the split
 
 BACKEND = "docker"
 _KILL_GRACE_S = 5.0
 """How long each step of a kill (the engine's kill, the cgroup's SIGKILL, forced removal) may
 take before the next, harder one."""
-_CONTAINER_ID_RE = re.compile(r"^[0-9a-f]{64}$")
-_CGROUP_ROOT = "/sys/fs/cgroup"
-_TIMEOUT_EXCEPTIONS = (requests.exceptions.ConnectionError, requests.exceptions.ReadTimeout)
-
-
-def container_options(
-    spec: ContainerSpec, *, mounts: tuple[tuple[Any, str], ...]
-) -> dict[str, Any]:
-    """The keyword arguments of ``client.containers.create`` that keep the isolation promises.
-
-    ``mounts`` are the checked sources from :func:`check_mount_sources`, the last one
-    ``/output``.
-    """
-    from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
-
-    *read_only, (output_src, output_target) = mounts
-    opts: dict[str, Any] = {
-        "image": spec.image,
-        "name": f"sealroom-{spec.job_id}-{secrets.token_hex(4)}",
-        "hostname": "sealroom-job",
-        "user": JOB_USER,
-        "environment": dict(spec.env),
-        "labels": {**spec.labels, JOB_LABEL: spec.job_id, MANAGED_LABEL: "true"},
-        # Network: a namespace of its own with only `lo`. The resolver is pointed at the
-        # container's own loopback, where nothing answers, so no lookup targets any server.
-        "network_mode": "none",
-        "dns": ["127.0.0.1"],
-        "read_only": True,
-        "mounts": [
-            *(Mount(target, str(src), type="bind", read_only=True) for src, target in read_only),
-            Mount(output_target, str(output_src), type="bind", read_only=False),
-        ],
-        # The container's own /tmp, in its memory cgroup; not the host's /tmp.
-        "tmpfs": {
-            "/tmp": f"rw,noexec,nosuid,nodev,size={spec.tmp_bytes},mode=1777",  # noqa: S108
-            # The engine mounts a writable POSIX message-queue filesystem here by default; jobs
-            # need none, and every writable place is one more to account for.
-            "/dev/mqueue": "ro,noexec,nosuid,nodev,size=4k,mode=0555",
-        },
-        "ipc_mode": "private",
-        "shm_size": spec.shm_bytes,
-        "cap_drop": ["ALL"],
-        "security_opt": ["no-new-privileges:true"],
-        "privileged": False,
-        "pids_limit": spec.pids,
-        "mem_limit": spec.memory_bytes,
-        # Equal to the memory limit: no swap, so the limit is real and nothing is paged to disk.
-        "memswap_limit": spec.memory_bytes,
-        "nano_cpus": int(spec.cpus * 1e9),
-        # A crashing job must not dump its memory (the data) through the host's core_pattern.
-        "ulimits": [Ulimit(name="core", soft=0, hard=0)],
-        # The host's OOM killer takes the job before the agent.
-        "oom_score_adj": 1000,
-        "cgroupns": "private",
-        "runtime": spec.runtime,
-        # Stdout and stderr can carry data: the engine keeps at most log_bytes of them, on the
-        # site's disk, and nothing more however much the job prints.
-        "log_config": LogConfig(
-            type=LogConfig.types.JSON,
-            config={"max-size": str(spec.log_bytes), "max-file": "1"},
-        ),
-        "stdin_open": False,
-        "tty": False,
-    }
-    if spec.command is not None:
-        opts["entrypoint"] = [spec.command[0]]
-        opts["command"] = list(spec.command[1:])
-    if spec.gpus > 0:
-        opts["device_requests"] = [DeviceRequest(count=spec.gpus, capabilities=[["gpu"]])]
-    return opts
-
-
-@dataclass(frozen=True)
-class _Record:
-    spec: ContainerSpec
-    container_id: str
-    started_mono: float | None = None
-    killed: RunState | None = None
-    """STOPPED or KILLED_TIMEOUT when this backend killed the container, else None."""
-    kill_note: str = ""
-    """What the job was doing when it was killed (at its process limit), for the reason."""
-    removed: ContainerStatus | None = None
-    forced: ContainerStatus | None = None
-    """The final status of a container this backend had to remove by force to end it."""
-    logs: bytes | None = None
-    """Its logs, taken just before that forced removal."""
-
-
-def _parse_time(text: str | None) -> datetime | None:
-    if not text or text.startswith("0001-01-01"):
-        return None
-    # The engine writes nanoseconds; datetime keeps microseconds.
-    head, _, frac = text.rstrip("Z").partition(".")
-    try:
-        return datetime.fromisoformat(f"{head}.{(frac + '000000')[:6]}+00:00")
-    except ValueError:
-        return None
 
 
 class DockerRuntime:
@@ -156,7 +64,7 @@ class DockerRuntime:
         self._client_arg = client
         self._client_obj: Any | None = client
         self._kill_grace_s = kill_grace_s
-        self._records: dict[str, _Record] = {}
+        self._records: dict[str, Record] = {}
         self._by_job: dict[str, Handle] = {}
         self._lock = threading.RLock()
 
@@ -165,7 +73,7 @@ class DockerRuntime:
         if self._client_obj is None:
             import docker
 
-            with _edge("connect to the Docker engine"):
+            with edge("connect to the Docker engine"):
                 self._client_obj = docker.from_env()
         return self._client_obj
 
@@ -211,10 +119,10 @@ class DockerRuntime:
                 raise NotFound(f"image {spec.image} is not on this site's engine") from e
             except docker.errors.DockerException as e:
                 raise RuntimeBackendError("the container engine could not look up the image") from e
-            with _edge(f"create the container of job {spec.job_id}"):
+            with edge(f"create the container of job {spec.job_id}"):
                 container = self._client.containers.create(**container_options(spec, mounts=mounts))
             handle = Handle(backend=BACKEND, id=str(container.id), job_id=spec.job_id)
-            self._records[handle.id] = _Record(spec=spec, container_id=str(container.id))
+            self._records[handle.id] = Record(spec=spec, container_id=str(container.id))
             self._by_job[spec.job_id] = handle
             return handle
 
@@ -225,7 +133,7 @@ class DockerRuntime:
                 raise InvalidState(f"the container of job {handle.job_id} was cleaned up")
             if rec.started_mono is not None or rec.killed is not None:
                 return  # started once already, or stopped before it ran: never run twice
-            with _edge(f"start the container of job {handle.job_id}"):
+            with edge(f"start the container of job {handle.job_id}"):
                 self._container(rec).start()
             self._records[handle.id] = replace(rec, started_mono=time.monotonic())
 
@@ -258,10 +166,10 @@ class DockerRuntime:
             budget = max(0.05, min(deadline, call_end) - now)
             try:
                 self._container(rec).wait(timeout=budget)
-            except _TIMEOUT_EXCEPTIONS:
+            except TIMEOUT_EXCEPTIONS:
                 pass  # the budget ran out; the loop reads the state and enforces the deadline
             except Exception as e:
-                _raise_backend(f"wait for the container of job {handle.job_id}", e)
+                raise_backend(f"wait for the container of job {handle.job_id}", e)
 
     def stop(self, handle: Handle) -> None:
         with self._lock:
@@ -283,7 +191,7 @@ class DockerRuntime:
         if rec.logs is not None:  # taken before a forced removal: the engine has none now
             return cap_tail(rec.logs, max_bytes)
         # Streamed so that the agent holds at most twice max_bytes, however much was printed.
-        with _edge(f"read the logs of job {handle.job_id}"):
+        with edge(f"read the logs of job {handle.job_id}"):
             stream = self._container(rec).logs(stdout=True, stderr=True, stream=True, follow=False)
             try:
                 for chunk in stream:
@@ -334,7 +242,7 @@ class DockerRuntime:
         if not labels:
             raise InvalidInput("labels: name the site's containers; refusing to remove all")
         filters = [f"{MANAGED_LABEL}=true", *(f"{k}={v}" for k, v in labels.items())]
-        with _edge("list stale containers"):
+        with edge("list stale containers"):
             found = self._client.containers.list(all=True, filters={"label": filters})
         for c in found:
             try:
@@ -358,13 +266,13 @@ class DockerRuntime:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _record(self, handle: Handle) -> _Record:
+    def _record(self, handle: Handle) -> Record:
         rec = self._records.get(handle.id) if handle.backend == BACKEND else None
         if rec is None:
             raise NotFound(f"no container of this backend for job {handle.job_id}")
         return rec
 
-    def _container(self, rec: _Record) -> Any:
+    def _container(self, rec: Record) -> Any:
         import docker
 
         try:
@@ -378,13 +286,13 @@ class DockerRuntime:
                 f"the container engine could not reach the container of job {rec.spec.job_id}"
             ) from e
 
-    def _past_deadline(self, rec: _Record) -> bool:
+    def _past_deadline(self, rec: Record) -> bool:
         return (
             rec.started_mono is not None
             and time.monotonic() >= rec.started_mono + rec.spec.timeout_s
         )
 
-    def _read(self, rec: _Record) -> ContainerStatus:
+    def _read(self, rec: Record) -> ContainerStatus:
         """The container's state as the engine reports it, with what only this backend knows."""
         import docker
 
@@ -398,56 +306,16 @@ class DockerRuntime:
             raise RuntimeBackendError(
                 f"the container engine could not inspect the container of job {rec.spec.job_id}"
             ) from e
-        s = attrs.get("State") or {}
-        started = _parse_time(s.get("StartedAt"))
-        finished = _parse_time(s.get("FinishedAt"))
-        oom = bool(s.get("OOMKilled"))
-        status = s.get("Status")
-        if status == "created":
-            if rec.killed is RunState.STOPPED:
-                return ContainerStatus(RunState.STOPPED, reason="stopped before it started")
-            return ContainerStatus(RunState.PREPARED)
-        if status in ("running", "paused", "restarting"):
-            return ContainerStatus(RunState.RUNNING, started_at=started)
-        code = s.get("ExitCode")
-        code = int(code) if isinstance(code, int) else None
-        if rec.killed is RunState.KILLED_TIMEOUT:
-            return ContainerStatus(
-                RunState.KILLED_TIMEOUT,
-                code,
-                f"ran past its timeout of {rec.spec.timeout_s:g} s and was killed{rec.kill_note}",
-                oom,
-                started,
-                finished,
-                at_pids_limit=bool(rec.kill_note),
-            )
-        if rec.killed is RunState.STOPPED:
-            return ContainerStatus(
-                RunState.STOPPED, code, "stopped on request", oom, started, finished
-            )
-        if oom:
-            # Fail closed: a job that hit its memory limit is reported so even if it then exited.
-            return ContainerStatus(
-                RunState.KILLED_OOM,
-                code,
-                f"hit its memory limit of {rec.spec.memory_bytes} bytes and was killed",
-                True,
-                started,
-                finished,
-            )
-        reason = "" if code == 0 else f"exited with code {code}"
-        if s.get("Error"):
-            reason = f"{reason}; engine: {s['Error']}".lstrip("; ")
-        return ContainerStatus(RunState.EXITED, code, reason, False, started, finished)
+        return engine_status(rec, attrs.get("State") or {})
 
-    def _pids_note(self, rec: _Record) -> str:
+    def _pids_note(self, rec: Record) -> str:
         """``"; it had reached its limit of N processes ..."`` when the kernel refused the job
         forks (a fork bomb), else ``""``. Best effort: from the host's cgroup files, if visible."""
         try:
             pid = int(self._client.api.inspect_container(rec.container_id)["State"]["Pid"])
         except Exception:  # a note only: never let it stand in the way of the kill
             return ""
-        refused = _pids_refused(pid) if pid > 0 else None
+        refused = pids_refused(pid) if pid > 0 else None
         if not refused:
             return ""
         return f"; it had reached its limit of {rec.spec.pids} processes ({refused} forks refused)"
@@ -463,7 +331,7 @@ class DockerRuntime:
             if rec.killed is not None:
                 return
             self._records[handle.id] = replace(rec, killed=why, kill_note=note)
-        done, error = _bounded(lambda: self._client.api.kill(rec.container_id), self._kill_grace_s)
+        done, error = bounded(lambda: self._client.api.kill(rec.container_id), self._kill_grace_s)
         if done and isinstance(error, docker.errors.APIError) and error.status_code == 409:
             # Not running: never started (the stop stands, so start stays a no-op) or it ended
             # by itself just now (its own ending is the truth, not ours).
@@ -486,7 +354,7 @@ class DockerRuntime:
         st = self._await_end(rec, self._kill_grace_s)
         if st is not None:
             return st
-        _kill_cgroup(self._host_pid(rec), rec.container_id)
+        kill_cgroup(self._host_pid(rec), rec.container_id)
         st = self._await_end(rec, self._kill_grace_s)
         if st is not None:
             return st
@@ -506,7 +374,7 @@ class DockerRuntime:
             rec = cur = self._records[handle_id]
         if cur.logs is None:
             buf = TailBuffer(rec.spec.log_bytes)
-            _bounded(lambda: _feed_logs(self._client, rec.container_id, buf), self._kill_grace_s)
+            bounded(lambda: feed_logs(self._client, rec.container_id, buf), self._kill_grace_s)
             cur = replace(cur, logs=buf.value())
         killed = cur.killed or RunState.STOPPED
         why = (
@@ -522,8 +390,8 @@ class DockerRuntime:
         )
         with self._lock:
             self._records[handle_id] = replace(cur, forced=forced)
-        _kill_cgroup(self._host_pid(rec), rec.container_id)
-        _bounded(
+        kill_cgroup(self._host_pid(rec), rec.container_id)
+        bounded(
             lambda: self._client.api.remove_container(rec.container_id, force=True, v=True),
             self._kill_grace_s,
         )
@@ -539,7 +407,7 @@ class DockerRuntime:
                 return False
             time.sleep(0.2)
 
-    def _await_end(self, rec: _Record, grace_s: float) -> ContainerStatus | None:
+    def _await_end(self, rec: Record, grace_s: float) -> ContainerStatus | None:
         """The container's status once it no longer runs, or None after ``grace_s``."""
         end = time.monotonic() + grace_s
         while True:
@@ -553,190 +421,15 @@ class DockerRuntime:
             if left <= 0:
                 return None
             step = max(0.1, min(1.0, left))
-            _bounded(
+            bounded(
                 lambda: self._client.api.wait(rec.container_id, timeout=step),  # noqa: B023
                 step + 1.0,
             )
 
-    def _host_pid(self, rec: _Record) -> int:
+    def _host_pid(self, rec: Record) -> int:
         """The host PID of the container's first process, or 0 when the engine names none."""
         try:
             pid = self._client.api.inspect_container(rec.container_id)["State"]["Pid"]
         except Exception:  # the cgroup kill is best effort; forced removal follows it
             return 0
         return pid if isinstance(pid, int) and pid > 0 else 0
-
-
-def _bounded(fn: Callable[[], object], timeout_s: float) -> tuple[bool, BaseException | None]:
-    """Run ``fn`` in a daemon thread for at most ``timeout_s``: (finished, what it raised).
-    An engine call that hangs (a kill the engine waits on) must not hold the agent past its
-    bound; the thread is left to finish or fail on its own."""
-    result: list[BaseException | None] = []
-
-    def call() -> None:
-        try:
-            fn()
-        except BaseException as e:  # reported to the caller, never raised in the thread
-            result.append(e)
-        else:
-            result.append(None)
-
-    t = threading.Thread(target=call, name="docker-bounded", daemon=True)
-    t.start()
-    t.join(timeout_s)
-    return (True, result[0]) if result else (False, None)
-
-
-def _feed_logs(client: Any, container_id: str, buf: TailBuffer) -> None:
-    stream = client.api.logs(container_id, stdout=True, stderr=True, stream=True, follow=False)
-    try:
-        for chunk in stream:
-            buf.feed(chunk)
-    finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
-
-
-def _cgroup_dirs(pid: int, container_id: str) -> list[str]:
-    """The cgroup directories of host process ``pid`` (the v2 one, or the v1 freezer and pids
-    ones), kept only where the path names ``container_id``: this never touches a cgroup that is
-    not the container's own (the host's root, the agent's)."""
-    if pid <= 0 or not _CONTAINER_ID_RE.match(container_id):
-        return []
-    try:
-        with open(f"/proc/{pid}/cgroup", encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3 or container_id not in parts[2] or ".." in parts[2].split("/"):
-            continue
-        _, controllers, path = parts
-        names = controllers.split(",")
-        if controllers == "":
-            out.append(f"{_CGROUP_ROOT}{path}")
-        elif "freezer" in names:
-            out.insert(0, f"{_CGROUP_ROOT}/freezer{path}")  # freeze first: no new forks
-        elif "pids" in names:
-            out.append(f"{_CGROUP_ROOT}/pids{path}")
-    return [d for d in out if os.path.isdir(d)]
-
-
-def _write(path: str, text: str) -> bool:
-    try:
-        with open(path, "w", encoding="ascii") as f:
-            f.write(text)
-    except OSError:
-        return False
-    return True
-
-
-def _kill_cgroup(pid: int, container_id: str) -> None:
-    """SIGKILL every process of the container's cgroup, from the host (best effort).
-
-    cgroup v2 with ``cgroup.kill`` does it in one write. Otherwise the cgroup is frozen (v2
-    ``cgroup.freeze`` or the v1 freezer) so that a fork bomb cannot add processes while they
-    are killed one by one from ``cgroup.procs``, and thawed after, when the kills land."""
-    dirs = _cgroup_dirs(pid, container_id)
-    for d in dirs:
-        if _write(f"{d}/cgroup.kill", "1"):
-            return
-    frozen = []
-    for d in dirs:
-        if _write(f"{d}/cgroup.freeze", "1") or _write(f"{d}/freezer.state", "FROZEN"):
-            frozen.append(d)
-    _await_frozen(frozen)
-    for _ in range(50):  # a frozen cgroup forks no more; unfrozen, each pass finds fewer
-        killed = 0
-        for d in dirs:
-            try:
-                with open(f"{d}/cgroup.procs", encoding="ascii") as f:
-                    pids = [int(x) for x in f.read().split()]
-            except (OSError, ValueError):
-                continue
-            for p in pids:
-                try:
-                    os.kill(p, signal.SIGKILL)
-                    killed += 1
-                except OSError:
-                    pass
-        if not killed or frozen:
-            break
-    for d in frozen:
-        if not _write(f"{d}/cgroup.freeze", "0"):
-            _write(f"{d}/freezer.state", "THAWED")
-
-
-def _await_frozen(dirs: list[str], *, within_s: float = 2.0) -> None:
-    """Wait (briefly) until the freezer says FROZEN (v1) or ``frozen 1`` (v2 cgroup.events)."""
-    end = time.monotonic() + within_s
-    for d in dirs:
-        while time.monotonic() < end:
-            try:
-                with open(f"{d}/freezer.state", encoding="ascii") as f:
-                    if f.read().strip() == "FROZEN":
-                        break
-            except FileNotFoundError:
-                try:
-                    with open(f"{d}/cgroup.events", encoding="ascii") as f:
-                        if "frozen 1" in f.read():
-                            break
-                except OSError:
-                    break
-            except OSError:
-                break
-            time.sleep(0.01)
-
-
-def _pids_refused(pid: int) -> int | None:
-    """How many forks the PIDs cgroup of host process ``pid`` has refused (``pids.events``
-    ``max``), or None where that cannot be read (cgroup v1 or v2)."""
-    try:
-        with open(f"/proc/{pid}/cgroup", encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    v1 = v2 = None
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, path = parts
-        if "pids" in controllers.split(","):
-            v1 = f"/sys/fs/cgroup/pids{path}/pids.events"
-        elif controllers == "":
-            v2 = f"/sys/fs/cgroup{path}/pids.events"
-    for events in (v1, v2):
-        if events is None:
-            continue
-        try:
-            with open(events, encoding="utf-8") as f:
-                for line in f:
-                    key, _, value = line.partition(" ")
-                    if key == "max":
-                        return int(value)
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-@contextmanager
-def _edge(what: str) -> Iterator[None]:
-    """Map the SDK's (and its HTTP library's) errors to :class:`RuntimeBackendError`."""
-    try:
-        yield
-    except Exception as e:
-        _raise_backend(what, e)
-
-
-def _raise_backend(what: str, e: Exception) -> None:
-    """Raise ``e`` as :class:`RuntimeBackendError` in the project's words: the SDK's text (the
-    engine's URL, the container's ID) stays on ``__cause__``, for the site's audit only."""
-    import docker
-
-    if isinstance(e, docker.errors.DockerException | requests.exceptions.RequestException):
-        raise RuntimeBackendError(f"the container engine could not {what}") from e
-    raise e
