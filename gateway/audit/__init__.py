@@ -5,7 +5,8 @@
 gateway's Ed25519 key, answers compliance queries, takedown reports and inclusion and
 consistency proofs, and exports JSON lines that :func:`verify_export` checks offline with the
 public key alone. The tree maths is in :mod:`gateway.audit._merkle` (pure, no I/O); the values
-and the leaf encoding in ``_model``; the one-pass verifier and the export format in ``_verify``.
+and the leaf encoding in ``_model``; the one-pass verifier and the export format in ``_verify``
+(its numpy batch path in ``_verify_fast``, held to the reference path by a property test).
 :class:`AuditLog` itself is split by concern: the database, schema and tree in ``_store``, the
 writer (batching durable appender) in ``_log``, checkpoints, export and verify in
 ``_checkpoints``, proofs and queries in ``_query``.
