@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,17 +188,7 @@ def dp_parameters(
     samples counted in the site's own plaintext with the trainer's own rules."""
 
     def dataset_files() -> Iterator[tuple[str, bytes]]:
-        for v in versions:
-            files = [(e.path, d) for e, d in vault.iter_plaintext(v)]
-            report(
-                SiteReport(
-                    order.job_id,
-                    audit_action="data.gate-read",
-                    audit_dataset=v.name,
-                    details={"purpose": "DP-SGD sample rate", "files": len(files)},
-                )
-            )
-            yield from files
+        return _audited_files(order, report, vault, versions, purpose="DP-SGD sample rate")
 
     return _dp.decide(
         order.spec,
@@ -230,17 +220,9 @@ def release_form(
         return None
 
     def dataset_files() -> Iterator[tuple[str, bytes]]:
-        for v in versions:
-            files = [(e, d) for e, d in vault.iter_plaintext(v) if labelled_file(e.path)]
-            report(
-                SiteReport(
-                    order.job_id,
-                    audit_action="data.gate-read",
-                    audit_dataset=v.name,
-                    details={"purpose": "classifier labels", "files": len(files)},
-                )
-            )
-            yield from ((e.path, d) for e, d in files)
+        return _audited_files(
+            order, report, vault, versions, purpose="classifier labels", keep=labelled_file
+        )
 
     try:
         expected = expected_release(
@@ -257,6 +239,30 @@ def release_form(
             f"the release of trainer {spec.trainer!r} cannot be computed: {type(e).__name__}"
         ) from e
     return ReleaseForm(ReleaseKind(expected.kind), expected.layout, expected.config)
+
+
+def _audited_files(
+    order: RunOrder,
+    report: Report,
+    vault: Vault,
+    versions: list[VaultVersion],
+    *,
+    purpose: str,
+    keep: Callable[[str], bool] = lambda _: True,
+) -> Iterator[tuple[str, bytes]]:
+    """The plaintext files (path, bytes) of each version that ``keep`` accepts, each version's
+    read audited (``data.gate-read`` with its purpose and file count) before its files go."""
+    for v in versions:
+        files = [(e.path, d) for e, d in vault.iter_plaintext(v) if keep(e.path)]
+        report(
+            SiteReport(
+                order.job_id,
+                audit_action="data.gate-read",
+                audit_dataset=v.name,
+                details={"purpose": purpose, "files": len(files)},
+            )
+        )
+        yield from files
 
 
 def jsonable(figures: Any) -> Any:

@@ -43,7 +43,11 @@ def bounded(fn: Callable[[], object], timeout_s: float) -> tuple[bool, BaseExcep
 
 
 def feed_logs(client: Any, container_id: str, buf: TailBuffer) -> None:
-    stream = client.api.logs(container_id, stdout=True, stderr=True, stream=True, follow=False)
+    drain(client.api.logs(container_id, stdout=True, stderr=True, stream=True, follow=False), buf)
+
+
+def drain(stream: Any, buf: TailBuffer) -> None:
+    """Feed an engine's log stream into ``buf`` (holding at most its cap), closing it after."""
     try:
         for chunk in stream:
             buf.feed(chunk)

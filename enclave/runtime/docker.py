@@ -39,6 +39,7 @@ from enclave.runtime._cgroup import kill_cgroup, pids_refused
 from enclave.runtime._docker_engine import (
     TIMEOUT_EXCEPTIONS,
     bounded,
+    drain,
     edge,
     feed_logs,
     raise_backend,
@@ -192,14 +193,9 @@ class DockerRuntime:
             return cap_tail(rec.logs, max_bytes)
         # Streamed so that the agent holds at most twice max_bytes, however much was printed.
         with edge(f"read the logs of job {handle.job_id}"):
-            stream = self._container(rec).logs(stdout=True, stderr=True, stream=True, follow=False)
-            try:
-                for chunk in stream:
-                    buf.feed(chunk)
-            finally:
-                close = getattr(stream, "close", None)
-                if close is not None:
-                    close()
+            drain(
+                self._container(rec).logs(stdout=True, stderr=True, stream=True, follow=False), buf
+            )
         return buf.value()
 
     def cleanup(self, handle: Handle) -> None:
