@@ -12,6 +12,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,45 @@ from gateway.audit import AuditLog
 from gateway.store import JobRecord, Store
 from policies import access, review
 from policies.channels import TeamReason
-from policies.errors import InvalidState, NotFound, PermissionDenied
+from policies.errors import InvalidState, NotFound, PermissionDenied, SealroomError
 from policies.identity import Principal, Role
 from policies.lifecycle import JobState
 from policies.spec import parse_spec
+
+
+@dataclass(frozen=True)
+class ReleaseFile:
+    """One file of a release as it is sent: its path in the release, where it lies, its size
+    and its SHA-256."""
+
+    rel: str
+    path: Path
+    size: int
+    sha256: str
+
+
+def release_files(root: Path) -> list[ReleaseFile]:
+    """Every file of the release under ``root``, in path order. The artifacts' sizes and hashes
+    are the signed manifest's: the client checks the bytes it gets against the value the site
+    signed, so a copy damaged on the gateway's disk is caught, and a gigabyte release is not
+    read twice to be sent once. The other files (the manifest, its signature, the site's
+    certificate: small) are hashed here, as is every file when the manifest does not parse
+    (the team's verification then refuses the release; the download still shows what it is)."""
+    raw = (root / MANIFEST).read_bytes()
+    try:
+        listed = {a.path: a for a in Manifest.from_bytes(raw).artifacts}
+    except SealroomError:
+        listed = {}
+    files = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
+        rel = path.relative_to(root).as_posix()
+        if (a := listed.get(rel)) is not None:
+            files.append(ReleaseFile(rel, path, a.size, a.sha256))
+        else:
+            with path.open("rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            files.append(ReleaseFile(rel, path, path.stat().st_size, digest))
+    return files
 
 
 class ReleaseStore:

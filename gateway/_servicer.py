@@ -14,10 +14,12 @@ import grpc
 from sealroom.v1 import gateway_pb2 as pb
 from sealroom.v1 import gateway_pb2_grpc as pb_grpc
 
+from enclave.writebehind import WriteBehind
 from gateway import _convert as convert
 from gateway._auth import principal_of
+from gateway._releases import release_files
 from gateway._spool import SealedSpool
-from gateway.core import Gateway, sha256_file
+from gateway.core import Gateway
 from gateway.store import JobRecord
 from policies.errors import InvalidInput, ResourceExhausted
 from policies.lifecycle import JobState
@@ -56,7 +58,7 @@ def _receive(
 class _HashingFile:
     """A file being written, hashed on the way (one pass over an upload, not three)."""
 
-    def __init__(self, f: Any) -> None:
+    def __init__(self, f: _Sink) -> None:
         self._f = f
         self.hash = hashlib.sha256()
 
@@ -142,7 +144,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     ) -> pb.Job:
         with tempfile.TemporaryDirectory(dir=self.g.home) as tmp:
             dest = Path(tmp) / "bundle.tar.gz"
-            with dest.open("wb") as f:
+            with WriteBehind.create(dest) as f:
                 sink = _HashingFile(f)
                 header, size = _receive(
                     request_iterator,
@@ -234,14 +236,12 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         self, request: pb.DownloadReleaseRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ReleaseChunk]:
         root = self.g.release_dir(principal=principal_of(context), job_id=request.job_id)
-        for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
-            rel = path.relative_to(root).as_posix()
-            digest = sha256_file(path)
+        for f in release_files(root):
             yield pb.ReleaseChunk(
-                file=pb.ReleaseFileHeader(path=rel, size=path.stat().st_size, sha256=digest)
+                file=pb.ReleaseFileHeader(path=f.rel, size=f.size, sha256=f.sha256)
             )
-            with path.open("rb") as f:
-                while data := f.read(CHUNK):
+            with f.path.open("rb") as src:
+                while data := src.read(CHUNK):
                     yield pb.ReleaseChunk(data=data)
 
     # -- audit ------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from sealroom.v1 import gateway_pb2 as pb
 from sealroom.v1 import gateway_pb2_grpc as pb_grpc
 
 from enclave.identity import IdentityFiles
+from enclave.writebehind import WriteBehind
 from gateway import _convert as convert
 from gateway._convert import AuditProof, JobView, SiteKeyRotation
 from gateway._status import error_for
@@ -273,8 +273,8 @@ class Client:
                     raise IntegrityError(f"release sent an unsafe path {chunk.file.path!r}")
                 path = dest.joinpath(*rel.parts)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-                current = (path, chunk.file.sha256, os.fdopen(fd, "wb"), hashlib.sha256())
+                out = WriteBehind.create(path, mode=0o644)
+                current = (path, chunk.file.sha256, out, hashlib.sha256())
             else:
                 if current is None:
                     raise IntegrityError("release sent data before a file header")
