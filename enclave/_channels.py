@@ -31,12 +31,26 @@ from policies.lifecycle import JobState
 Progress = tuple[int, int, float]
 
 
+READ_LEAD_S = 0.05
+"""How long before each grid point the site reads the job's progress (see :meth:`TeamChannel.
+on_progress`): enough for a reading and the owners' report, so that the points it finds go out
+at that grid point."""
+MAX_READING_INTERVAL_S = 1.0
+"""The owners' full progress is read at least this often."""
+
+
 class TeamChannel:
     """One run's publications to the model team.
 
     ``clock`` and ``sleep`` are the wall clock and a sleep (tests pass their own). A state is
     published at the first grid point at or after the moment it is known; the team sees times
     rounded down to the grid, so the moment within the grid never shows.
+
+    The site's follower reads the progress file at :attr:`reading_interval_s` steps that divide
+    the quantum, :attr:`read_lead_s` before each (:func:`enclave._progress.follow`), so one
+    reading falls just before every grid point: the points it finds are published at that grid
+    point. A point therefore reaches the team at the first grid point after the job wrote it
+    (give or take the lead), never later; nothing about when it goes out depends on the job.
     """
 
     def __init__(
@@ -64,25 +78,47 @@ class TeamChannel:
 
     # -- progress ---------------------------------------------------------------------------
 
+    @property
+    def reading_interval_s(self) -> float:
+        """How often the follower reads: the quantum divided into steps of at most
+        :data:`MAX_READING_INTERVAL_S`, so every grid point is a reading instant."""
+        q = self.rules.time_quantum_s
+        return q / math.ceil(q / MAX_READING_INTERVAL_S)
+
+    @property
+    def read_lead_s(self) -> float:
+        """How long before each reading instant the follower reads."""
+        return min(READ_LEAD_S, self.reading_interval_s / 4)
+
     def on_progress(self, progress: Progress) -> None:
         """One reading of the job's progress: the owners get it whole; the team gets each
-        scheduled point the job has passed, with the loss rounded, at the next grid point."""
+        scheduled point the job has passed, with the loss rounded, at the next grid point.
+
+        Points go out at a grid instant, never at the moment of a reading: the job can shift
+        when the site reads its file (a slow read), not when the team hears of it. A reading
+        within the lead of a grid point waits for it and publishes what is pending; a reading
+        that finds points pending since an earlier grid interval (a reading slowed past its
+        grid point) publishes them at the next grid point."""
         self._report(SiteReport(self.job_id, owner_progress=progress))
         step, _, loss = progress
         with self._lock:
             due = bool(self._pending) and self._tick(self._clock()) > self._pending_tick
         if due:
-            # Sent at a grid instant, never at the moment of this reading: the job can shift
-            # when the site reads its file, not when the team hears of it.
             self.wait_for_grid()
             self.flush()
-        tick = self._tick(self._clock())
+        now = self._clock()
+        tick = self._tick(now)
         with self._lock:
             shown = channels.coarse_loss(loss, self.rules.loss_digits)
             while self._next < len(self._schedule) and step >= self._schedule[self._next]:
                 self._pending.append((self._schedule[self._next], self.total_steps, shown))
                 self._pending_tick = tick
                 self._next += 1
+            near = channels.next_tick(now, self.rules.time_quantum_s) - now <= 2 * self.read_lead_s
+            flush_now = bool(self._pending) and self.started and near
+        if flush_now:  # the reading just before a grid point: publish at that grid point
+            self.wait_for_grid()
+            self.flush()
 
     def flush(self) -> None:
         """Publish the points still waiting (called on a grid point, as the run ends)."""

@@ -3,7 +3,10 @@ a link.
 
 The job appends JSON lines (``step``, ``total``, ``loss``, ...) to ``/output/metrics.jsonl``;
 :func:`follow` reads what is new once per interval while the job runs and hands each interval's
-latest ``(step, total, loss)`` to a callback (the agent reports it). The file is the job's: it
+latest ``(step, total, loss)`` to a callback (the agent reports it). The readings are at fixed
+instants of the wall clock, ``lead_s`` before each multiple of the interval: the agent makes every
+grid point of the team's time grid such an instant, so what the job reached just before a grid
+point is published at that grid point, not one or two quanta later. The file is the job's: it
 may be a link to a host file, a FIFO, a device or a sparse giant, or be swapped while it is read,
 so every read goes through :func:`enclave._beneath.read_new` and any refusal simply yields no
 event. Only the three numbers leave this module, parsed and range-checked; nothing the job wrote
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,19 +76,32 @@ def parse_line(line: bytes) -> Progress | None:
     return None
 
 
+def next_reading(now: float, interval_s: float, lead_s: float = 0.0) -> float:
+    """The first reading instant after ``now``: ``lead_s`` before a multiple of ``interval_s``."""
+    return (math.floor((now + lead_s) / interval_s) + 1) * interval_s - lead_s
+
+
 @contextmanager
 def follow(
-    output_dir: Path, on_event: Callable[[Progress], None], *, interval_s: float = 1.0
+    output_dir: Path,
+    on_event: Callable[[Progress], None],
+    *,
+    interval_s: float = 1.0,
+    lead_s: float = 0.0,
+    clock: Callable[[], float] = time.time,
 ) -> Iterator[None]:
     """While the ``with`` body runs, call ``on_event((step, total, loss))`` once per
     ``interval_s`` with the newest progress in ``output_dir``'s progress file (once there is
-    one), and once more at the end when the final one differs."""
+    one), and once more at the end when the final one differs. Readings are at ``lead_s``
+    before each multiple of ``interval_s`` on ``clock`` (seconds since the epoch)."""
+    if not (interval_s > 0 and 0 <= lead_s < interval_s):
+        raise ValueError(f"need interval_s > 0 and 0 <= lead_s < interval_s: {interval_s, lead_s}")
     stop = threading.Event()
 
     def run() -> None:
         offset = 0
         last: Progress | None = None
-        while not stop.wait(interval_s):
+        while not stop.wait(max(0.0, next_reading(clock(), interval_s, lead_s) - clock())):
             last, offset = read_progress(output_dir, offset, last)
             if last is not None:
                 on_event(last)

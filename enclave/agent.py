@@ -76,7 +76,9 @@ _site_secret = site_secret  # the names tests used before the split
 _failure = failure_phrase
 
 MAX_LOG_BYTES = channels.LOG_CAP_BYTES
-PROGRESS_INTERVAL_S = 1.0
+PROGRESS_INTERVAL_S = _channels.MAX_READING_INTERVAL_S
+"""The longest interval between two readings of a job's progress (owners see each reading); the
+readings fall just before every point of the team's time grid (:class:`_channels.TeamChannel`)."""
 BUILTIN_DEFAULT_STEPS = 30
 """``max_steps`` of a built-in trainer when the spec leaves it out (:mod:`trainers.hparams`)."""
 CUSTOM_DEFAULT_STEPS = 100
@@ -356,7 +358,12 @@ class SiteAgent:
                 )
             )
             team.started = True
-            with _progress.follow(output, team.on_progress, interval_s=PROGRESS_INTERVAL_S):
+            with _progress.follow(
+                output,
+                team.on_progress,
+                interval_s=team.reading_interval_s,
+                lead_s=team.read_lead_s,
+            ):
                 status = self.runtime.wait(handle, timeout_s=spec.resources.timeout_s)
             seal_logs(
                 self._log_key, job, run_dir, self.runtime.logs(handle, max_bytes=MAX_LOG_BYTES)
