@@ -25,15 +25,15 @@ Current = Mapping[str, tuple[PolicyRecord, document.PolicyDocument]]
 
 
 class Evaluator:
-    """Decisions over ``store``; ``releases`` holds the signed manifests the ε tally reads;
-    ``clock`` is the time decisions and approval expiry are judged at."""
+    """Decisions over ``store`` (whose ledger holds the ε and bit tallies); ``clock`` is the
+    time decisions and approval expiry are judged at."""
 
-    def __init__(self, store: Store, *, releases: Path, clock: Callable[[], dt.datetime]) -> None:
+    def __init__(self, store: Store, *, clock: Callable[[], dt.datetime]) -> None:
         self.store = store
-        self._releases = releases
         self._clock = clock
         self._lock = threading.Lock()
         self._quanta: dict[tuple[tuple[str, int], ...], float] = {}
+        self._docs: dict[tuple[str, int, str], document.PolicyDocument] = {}
 
     # -- who ---------------------------------------------------------------------------------
 
@@ -70,14 +70,23 @@ class Evaluator:
                 rec = self.store.policy(name)
             except NotFound:
                 continue  # the evaluator denies a dataset without a policy (fail closed)
-            out[name] = (rec, document.parse_policy(rec.document, version=rec.version))
+            out[name] = (rec, self._parsed(rec))
         return out
 
     def policies_at(self, versions: Mapping[str, int]) -> dict[str, document.PolicyDocument]:
-        return {
-            name: document.parse_policy(self.store.policy(name, v).document, version=v)
-            for name, v in versions.items()
-        }
+        return {name: self._parsed(self.store.policy(name, v)) for name, v in versions.items()}
+
+    def _parsed(self, rec: PolicyRecord) -> document.PolicyDocument:
+        """The stored policy version parsed, once: a version's text never changes (the store
+        only adds versions), and the parsed document is immutable. One entry per version."""
+        key = (rec.dataset, rec.version, rec.document)
+        with self._lock:
+            doc = self._docs.get(key)
+        if doc is None:
+            doc = document.parse_policy(rec.document, version=rec.version)
+            with self._lock:
+                self._docs[key] = doc
+        return doc
 
     def quantum(self, job: JobRecord) -> float:
         """The time grid of the job's channel rules (the strictest of its policies)."""
@@ -94,7 +103,7 @@ class Evaluator:
     # -- decisions ---------------------------------------------------------------------------
 
     def epsilon_spent(self, names: list[str]) -> dict[str, float]:
-        return epsilon_spent(self.store, self._releases, names)
+        return epsilon_spent(self.store, names)
 
     def decide(
         self,

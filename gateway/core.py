@@ -29,6 +29,7 @@ from gateway._dispatch import Dispatcher
 from gateway._evaluate import Evaluator, binding, check_trainer
 from gateway._events import EventHub
 from gateway._facade import SYSTEM
+from gateway._leakage import release_charges
 from gateway._releases import ReleaseStore
 from gateway._spool import SealedSpool
 from gateway._views import JobEvent, job_for, job_summary
@@ -70,8 +71,11 @@ class Gateway:
         self.site = site
         self.max_bundle_bytes = max_bundle_bytes
         self._events = EventHub()
+        # Each release's ε is charged from its signed manifest as the job becomes RELEASED (the
+        # first time, every release already in the store is charged so: the migration).
+        store.keep_ledger(release_charges(home / "releases"))
         # The clock is looked up in this module at each call, so a test can move it.
-        self._evaluator = Evaluator(store, releases=home / "releases", clock=lambda: _now())
+        self._evaluator = Evaluator(store, clock=lambda: _now())
         self._bundles = BundleStore(home / "bundles")
         self._releases = ReleaseStore(
             self, home / "releases", store=store, audit=audit, evaluator=self._evaluator
@@ -325,9 +329,15 @@ class Gateway:
         return job_for(principal, job, quantum_s=self._evaluator.quantum(job))
 
     def jobs(self, *, principal: Principal, state: JobState | None) -> list[JobRecord]:
+        if principal.role is Role.MODEL_TEAM:  # its own and its team's, by index
+            candidates = self.store.jobs_of_team(
+                submitter=principal.name, team=principal.team, state=state
+            )
+        else:
+            candidates = self.store.jobs(state=state)
         return [
             job_for(principal, j, quantum_s=self._evaluator.quantum(j))
-            for j in self.store.jobs(state=state)
+            for j in candidates
             if self._evaluator.may_see(principal, j)
         ]
 
