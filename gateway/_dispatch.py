@@ -79,8 +79,8 @@ class Dispatcher:
         if self._started:
             return
         self._started = True
-        for t in self._workers:
-            t.start()
+        # Runs left mid-way by a previous gateway end in ERROR before any worker starts: a
+        # worker started first could take a job queued before start() and be seen RUNNING here.
         for job in self.store.jobs(state=JobState.RUNNING) + self.store.jobs(
             state=JobState.CHECKING
         ):
@@ -90,6 +90,8 @@ class Dispatcher:
                 reason=TeamReason.ERROR,
                 details=("the gateway restarted mid-run",),
             )
+        for t in self._workers:
+            t.start()
         for job in self.store.jobs(state=JobState.QUEUED):
             self._queue.put(job.id)
         for job in self.store.jobs(state=JobState.APPROVED):
