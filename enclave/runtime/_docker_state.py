@@ -48,6 +48,10 @@ def engine_status(rec: Record, s: dict[str, Any]) -> ContainerStatus:
     the backend knows (that it killed the container, and why)."""
     started = parse_time(s.get("StartedAt"))
     finished = parse_time(s.get("FinishedAt"))
+    if started is not None and finished is not None and finished < started:
+        # The engine stamps a process that exits as it starts with its exit before its start
+        # (the exit is handled before the start's bookkeeping); an end is never before a start.
+        finished = started
     oom = bool(s.get("OOMKilled"))
     status = s.get("Status")
     if status == "created":
