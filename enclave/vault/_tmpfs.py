@@ -4,7 +4,9 @@ staging's choices.
 Decrypted data lives only on these mounts, so they are mounted ``noswap`` (Linux 6.4+) where
 the kernel supports it, and where it does not, only if no swap device is active (fail closed: a
 swapped-out page would put plaintext on the host's disk). Huge pages are asked for because
-staging writes through memory maps, where 4 KiB page faults would cost more than decryption.
+staging writes through memory maps, where 4 KiB page faults would cost more than decryption; each
+map is also advised ``MADV_HUGEPAGE`` so that on fragmented memory a fault compacts rather than
+falls back to small pages (see ``_staging._ask_huge_pages``).
 """
 
 from __future__ import annotations
