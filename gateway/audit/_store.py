@@ -17,6 +17,17 @@ reads the indexed part through the lookup table and the short tail from the reco
 themselves, in one read transaction, so it never misses a record (:mod:`gateway.audit._query`).
 Verification checks the lookup table too.
 
+Checkpoints of the WAL (folding it into the database file, not the signed checkpoints) are
+kept off the durable path too. SQLite by default runs one inside the commit that takes the WAL
+past 1000 pages: it copies ~4 MB into the database file and fsyncs it while every appender
+waits. On a fresh machine that commit also grows the database file (new blocks, new page cache
+pages), and it took 30-250 ms, a tenth or more of the append bench's time. The writer connection
+turns that off; a thread of the writer's (:mod:`gateway.audit._log`) checkpoints on its own
+connection once the writer has written about :data:`WAL_BYTES` (PASSIVE: beside the commits),
+then once more for the tail written meanwhile with the writer held off, so that the next
+commit starts the WAL over instead of growing it. Durability does not depend on it: a commit is
+fsynced in the WAL, and SQLite checkpoints again on close and recovers the WAL on open.
+
 The Merkle tree is kept in memory as a :class:`~gateway.audit._merkle.Tree` (rebuilt from the
 leaf hashes on open), so roots and proofs cost O(log² n).
 """
@@ -34,6 +45,9 @@ from gateway.audit import _merkle
 from gateway.audit._model import RecordError
 from gateway.audit._verify import GENESIS
 from policies.errors import AuditLogError
+
+# About this many bytes written to the WAL call for a checkpoint (SQLite's default is 1000 pages).
+WAL_BYTES = 4 << 20
 
 # The query columns the lookup table indexes (the rest are filtered on the records found).
 INDEXED = ("principal", "action", "job_id", "dataset")
@@ -83,6 +97,9 @@ class Store:
             if not readonly:
                 self._wdb.execute("PRAGMA journal_mode=WAL")
                 self._wdb.execute("PRAGMA synchronous=FULL")
+                # No checkpoint on commit: the writer's own would copy ~4 MB into the database
+                # and fsync it inside an append's wait (see "Checkpoints of the WAL" above).
+                self._wdb.execute("PRAGMA wal_autocheckpoint=0")
                 self._wdb.executescript(SCHEMA)
             # Readers get their own connection: WAL lets them run beside the writer's commits.
             self._rdb = self._connect() if not readonly else self._wdb
