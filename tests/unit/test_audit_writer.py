@@ -196,3 +196,56 @@ def test_an_idle_log_folds_its_wal(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert _db_pages(path) > before
     finally:
         log.close()
+
+
+def test_the_writer_waits_for_a_batch_as_large_as_the_last_and_no_longer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.audit import _log
+
+    sizes: list[int] = []
+    hold = threading.Event()
+    commit = _log.AuditLog._commit
+
+    def spy(self: AuditLog, batch: _log._Batch) -> None:
+        sizes.append(len(batch.events))
+        if len(sizes) == 1:
+            hold.wait(30)  # the first commit holds the writer while three appends queue
+        commit(self, batch)
+
+    monkeypatch.setattr(_log.AuditLog, "_commit", spy)
+    monkeypatch.setattr(_log, "_GATHER_MAX_S", 30.0)
+    log = AuditLog(tmp_path / "a.db", signing_key=KEY, checkpoint_interval_s=0)
+
+    def append_in_thread(i: int) -> threading.Thread:
+        t = threading.Thread(target=log.append, args=(ev(i),))
+        t.start()
+        return t
+
+    try:
+        threads = [append_in_thread(0)]
+        while not sizes:
+            time.sleep(0.001)
+        threads += [append_in_thread(i) for i in (1, 2, 3)]
+        while len(log._open.events) < 3:
+            time.sleep(0.001)
+        hold.set()
+        for t in threads:
+            t.join(30)
+        assert sizes == [1, 3]
+        # The next batch is awaited until it holds three events, however slowly they come.
+        log._commit_s = 30.0
+        threads = [append_in_thread(4)]
+        time.sleep(0.2)
+        threads += [append_in_thread(i) for i in (5, 6)]
+        for t in threads:
+            t.join(30)
+        assert sizes == [1, 3, 3]
+        # But no longer than the last commit took: a lone append is not held for company.
+        log._commit_s = 0.05
+        log.append(ev(7))
+        assert sizes == [1, 3, 3, 1]
+        assert log.verify().size == 8
+    finally:
+        hold.set()
+        log.close()
