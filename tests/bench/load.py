@@ -1,7 +1,7 @@
 """The load run (``python -m tests.bench.load``): many clients, many jobs, and what must hold.
 
-Three phases, each against the real gateway in its own process (:mod:`tests.bench._serve`), its
-resident memory sampled throughout:
+Three phases (the standard form), each against the real gateway in its own process
+(:mod:`tests.bench._serve`), its resident memory sampled throughout:
 
 1. **fast**: C clients submit and watch N jobs in all against a site whose runs end at once
    (:class:`tests.bench._fast.FastSite`), so that the gateway is what is loaded;
@@ -16,11 +16,21 @@ site counts runs, the Docker site reports one ``container.start`` per run), ever
 (its submission, its policy decision and each state change, by job id), the gateway's memory
 flat (resident size after the first tenth of the jobs against the end). Results go to a JSON
 file and the exit status is non-zero when any check fails.
+
+The 10,000-job form (``--form 10k``, :func:`run_scale`) asks whether the gateway's work grows with
+what it has done: C clients run 10,000 jobs through one gateway on the fast site (jobs/s, p50,
+p95 and p99 of submit-to-release, its memory and its store on disk at the end, and every check
+above), then the cost of a submission is probed while that store holds ~10,000 jobs against a
+second gateway whose store holds ~1,000: rounds of sequential submissions (each one timed, then
+waited for until released, so that the gateway does nothing else meanwhile), one round against
+each in turn (:mod:`tests.bench._stats`), the figure being the median over the pairs of the
+ratio of their p95s (goal: at most 1.2, submission cost flat from 1,000 to 10,000 jobs).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import random
@@ -39,6 +49,7 @@ from gateway.client import Client
 from policies.errors import ResourceExhausted, SealroomError
 from tests.bench._fast import FAST_SPEC, ONE_STEP_SPEC, Home, make_home, prepare
 from tests.bench._proc import RssSampler, Served
+from tests.bench._stats import interleave
 
 MB = 1 << 20
 REQUIRED_ACTIONS = frozenset(
@@ -96,7 +107,7 @@ def _client_loop(
             for _ in client.watch(job.id, timeout=900):
                 pass
             final = client.job(job.id)
-            state = final.state
+            state = str(final.state)
             if state != "RELEASED":  # say why, so that a failed check can be read
                 state += ": " + "; ".join(final.reasons)[:300]
         except SealroomError as e:
@@ -240,6 +251,12 @@ def _memory(
     )
 
 
+def _quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (the nearest rank below), 0 for none."""
+    ordered = sorted(values) or [0.0]
+    return ordered[int(q * (len(ordered) - 1))]
+
+
 def _summary(took: float, out: Outcome) -> dict[str, Any]:
     lat = sorted(out.latency_s) or [0.0]
     return {
@@ -247,7 +264,8 @@ def _summary(took: float, out: Outcome) -> dict[str, Any]:
         "jobs": len(out.accepted),
         "jobs_per_s": round(len(out.accepted) / took, 1),
         "latency_p50_s": round(statistics.median(lat), 3),
-        "latency_p95_s": round(lat[int(0.95 * (len(lat) - 1))], 3),
+        "latency_p95_s": round(_quantile(lat, 0.95), 3),
+        "latency_p99_s": round(_quantile(lat, 0.99), 3),
         "refusals": len(out.refusals),
     }
 
@@ -377,7 +395,8 @@ def container_phase(
             checks += _listing_checks(phase, carol, out)
             checks += _audit_checks(phase, carol, out)
             runs: Counter[str] = Counter(
-                r.event.job_id for r in carol.audit_query(action="container.start", limit=100_000)
+                r.event.job_id or ""
+                for r in carol.audit_query(action="container.start", limit=100_000)
             )
     finally:
         gw.stop()
@@ -407,6 +426,166 @@ def container_phase(
         "workers": workers,
         **memory,
     }, checks
+
+
+def _store_size(home: Path) -> dict[str, float]:
+    """The gateway's state and audit databases on disk (with their write-ahead logs), in MB."""
+    gw = home / "gateway"
+
+    def size(name: str) -> int:
+        return sum(p.stat().st_size for p in gw.glob(f"{name}*") if p.is_file())
+
+    state, audit = size("state.db"), size("audit.db")
+    return {
+        "state_db_mb": round(state / MB, 1),
+        "audit_db_mb": round(audit / MB, 1),
+        "store_mb": round((state + audit) / MB, 1),
+    }
+
+
+def _probe(client: Client, n: int, tag: str, out: Outcome, times: list[float]) -> float:
+    """``n`` submissions one after another, each timed (the SubmitJob call) and then watched
+    until it ends (not timed), so that the gateway is doing nothing else during the next one.
+    Returns the p95 of the round; every submission goes to ``times``, every job to ``out``."""
+    lat = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        job = client.submit(FAST_SPEC.format(name=f"{tag}-{i}", dataset="books"))
+        lat.append(time.perf_counter() - t0)
+        for _ in client.watch(job.id, timeout=300):
+            pass
+        final = client.job(job.id)
+        state = str(final.state)
+        if state != "RELEASED":
+            state += ": " + "; ".join(final.reasons)[:300]
+        with out.lock:
+            out.accepted[job.id] = state
+    times.extend(lat)
+    return _quantile(lat, 0.95)
+
+
+class _Scaled:
+    """One gateway on the fast site, its dataset prepared, grown by ``jobs`` jobs of C clients."""
+
+    def __init__(self, root: Path, *, phase: str) -> None:
+        root.mkdir(parents=True)
+        self.root = root
+        self.phase = phase
+        self.h = make_home(root)
+        self.runs_file = root / "runs.json"
+        self.gw = Served(
+            "gateway", self.h.home, "--runs-out", str(self.runs_file), log=root / "gateway.log"
+        )
+        with self.h.client(self.gw.address, "olivia") as owner:
+            prepare(owner, "books", tmp=root, mode="automatic")
+        self.out = Outcome()
+
+    def grow(self, *, clients: int, jobs: int) -> tuple[float, list[tuple[int, int]], RssSampler]:
+        with RssSampler(self.gw.pid, every_s=0.2) as sampler:
+            out, took, marks = _drive(
+                self.h,
+                self.gw.address,
+                clients=clients,
+                jobs=jobs,
+                spec=lambda i: FAST_SPEC.format(name=f"load-{i}", dataset="books"),
+                retry=True,
+                gw=self.gw,
+            )
+        self.out = out
+        return took, marks, sampler
+
+    def checks(self) -> list[Check]:
+        """Every check of the load run over every job this gateway ran (the probes' too); the
+        gateway is stopped afterwards."""
+        checks: list[Check] = []
+        try:
+            with self.h.client(self.gw.address, "carol", timeout_s=600) as carol:
+                checks += _listing_checks(self.phase, carol, self.out)
+                checks += _audit_checks(self.phase, carol, self.out)
+        finally:
+            self.gw.stop()
+        runs: Counter[str] = Counter(json.loads(self.runs_file.read_text()))
+        return checks + _run_count_checks(self.phase, runs, self.out)
+
+
+def run_scale(
+    root: Path,
+    *,
+    clients: int,
+    jobs: int = 10_000,
+    small: int = 1_000,
+    rounds: int = 10,
+    per_round: int = 40,
+    memory_slack: int = 32 * MB,
+) -> dict[str, Any]:
+    """The 10,000-job form (see the module docstring): ``jobs`` jobs of ``clients`` clients
+    through one gateway, a second grown to ``small`` jobs, then ``rounds`` rounds of
+    ``per_round`` sequential submissions against each in turn."""
+    t_start = time.monotonic()
+    large = _Scaled(root / "large", phase=f"fast-{jobs}")
+    small_gw: _Scaled | None = None
+    checks: list[Check] = []
+    try:
+        took, marks, sampler = large.grow(clients=clients, jobs=jobs)
+        figures = {**_summary(took, large.out), "clients": clients}
+        memory, mem_check = _memory(large.phase, sampler, marks, slack=memory_slack)
+        figures.update(memory)
+        figures["rss_growth_mb"] = round((marks[-1][1] - marks[0][1]) / MB if marks else 0.0, 1)
+        checks.append(mem_check)
+        small_gw = _Scaled(root / "small", phase=f"fast-{small}")
+        small_gw.grow(clients=clients, jobs=small)
+
+        times: dict[str, list[float]] = {"small": [], "large": [], "warm-up": []}
+        counter = iter(range(1 << 30))
+        with (
+            large.h.client(large.gw.address, "theo") as on_large,
+            small_gw.h.client(small_gw.gw.address, "theo") as on_small,
+        ):
+
+            def probe(client: Client, g: _Scaled, side: str) -> float:
+                return _probe(client, per_round, f"probe-{next(counter)}", g.out, times[side])
+
+            # One submission each first, not counted: the connection and its TLS handshake.
+            _probe(on_large, 1, "warm-up-large", large.out, times["warm-up"])
+            _probe(on_small, 1, "warm-up-small", small_gw.out, times["warm-up"])
+            paired = interleave(
+                lambda: probe(on_large, large, "large"),
+                lambda: probe(on_small, small_gw, "small"),
+                runs=rounds,
+                higher_is_better=False,
+            )
+        del times["warm-up"]
+        cost = paired.result(
+            f"SubmitJob p95, store at ~{jobs} jobs vs ~{small}",
+            unit="s",
+            goal=1.2,
+            digits=4,
+            per_round=per_round,
+            p50_s={k: round(statistics.median(v), 4) for k, v in times.items()},
+            p95_s={k: round(_quantile(v, 0.95), 4) for k, v in times.items()},
+            p99_s={k: round(_quantile(v, 0.99), 4) for k, v in times.items()},
+            jobs_in_store={"small": len(small_gw.out.accepted), "large": len(large.out.accepted)},
+        )
+        cost["met"] = cost["ratio"] <= cost["goal"]
+        checks += large.checks()
+        figures.update(_store_size(large.h.home))
+        checks += small_gw.checks()
+    finally:
+        for g in (large, small_gw):
+            if g is not None and g.gw.proc.poll() is None:
+                with contextlib.suppress(RuntimeError):
+                    g.gw.stop()
+    return {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "form": "10k",
+        "seconds": round(time.monotonic() - t_start, 1),
+        "phases": {large.phase: figures},
+        "submission_cost": cost,
+        "checks": [asdict(c) for c in checks],
+        "ok": all(c.ok for c in checks),
+        "goals_met": bool(cost["met"]),
+    }
 
 
 def run_load(
@@ -439,25 +618,55 @@ def run_load(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.bench.load", description=__doc__)
+    p.add_argument(
+        "--form",
+        choices=["standard", "10k"],
+        default="standard",
+        help="standard: fast, back-pressure and container phases; 10k: the 10,000-job form",
+    )
     p.add_argument("--clients", type=int, default=50)
-    p.add_argument("--jobs", type=int, default=1000, help="fast-site jobs")
+    p.add_argument(
+        "--jobs", type=int, default=None, help="fast-site jobs (standard 1,000; 10k form 10,000)"
+    )
     p.add_argument("--containers", type=int, default=50, help="real container jobs (0: none)")
+    p.add_argument("--small", type=int, default=1000, help="10k form: jobs in the smaller store")
+    p.add_argument("--rounds", type=int, default=10, help="10k form: probe rounds per store")
+    p.add_argument("--per-round", type=int, default=40, help="10k form: submissions per round")
     p.add_argument("--out", type=Path, default=Path("load-results.json"))
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="sealroom-load-") as tmp:
-        report = run_load(
-            Path(tmp), clients=args.clients, jobs=args.jobs, containers=args.containers
-        )
+        if args.form == "10k":
+            report = run_scale(
+                Path(tmp),
+                clients=args.clients,
+                jobs=args.jobs or 10_000,
+                small=args.small,
+                rounds=args.rounds,
+                per_round=args.per_round,
+            )
+        else:
+            report = run_load(
+                Path(tmp), clients=args.clients, jobs=args.jobs or 1000, containers=args.containers
+            )
     args.out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     for name, figures in report["phases"].items():
         print(
             f"{name}: "
             + ", ".join(f"{k}={v}" for k, v in figures.items() if not isinstance(v, list))
         )
+    cost = report.get("submission_cost")
+    if cost is not None:
+        print(
+            f"{cost['name']}: {cost['value']} s vs {cost['limit']} s, median ratio "
+            f"{cost['ratio']} (spread {cost['ratio_spread']}, {cost['runs']} pairs of "
+            f"{cost['per_round']}), goal <= {cost['goal']}: {'met' if cost['met'] else 'NOT met'}"
+        )
     for c in report["checks"]:
         print(f"  [{'ok' if c['ok'] else 'FAIL'}] {c['phase']}: {c['name']}: {c['detail']}")
+    if "seconds" in report:
+        print(f"took {report['seconds']} s")
     print(f"written to {args.out}", file=sys.stderr)
-    return 0 if report["ok"] else 1
+    return 0 if report["ok"] and report.get("goals_met", True) else 1
 
 
 if __name__ == "__main__":
