@@ -4,15 +4,21 @@
 :mod:`._store`; signed checkpoints, export and verification in :mod:`._checkpoints`; roots,
 proofs, records and queries in :mod:`._query`; and here the writer, the one thread that appends.
 
-:meth:`AuditLog.append` hands its event to the writer thread and returns only after the batch
-holding it has committed (group commit: every appender waiting meanwhile shares one fsync, so
-the rate grows with the number of concurrent callers instead of being one fsync per event).
+:meth:`AuditLog.append` adds its event to the open batch and returns only after the writer
+thread has committed that batch (group commit: every appender waiting meanwhile shares one
+fsync, so the rate grows with the number of concurrent callers instead of being one fsync per
+event). The appenders of a batch wait at one gate the writer opens once (:class:`_Batch`), and
+the writer waits, no longer than a commit takes, for a batch as large as the one before
+(:meth:`AuditLog._write_loop`): with many threads the rate is set by thread hand-offs (each
+append wakes its thread and waits for the GIL) and by fsyncs, and both are paid per batch as
+far as they can be.
+
 The writer indexes the query columns of the records it wrote once ``_INDEX_ROWS`` wait, when
 the log is idle for ``_INDEX_IDLE_S``, and on close (see :mod:`._store`). A second thread folds
 the WAL into the database once the writer has written about ``WAL_BYTES`` to it, and when the
 log goes idle, off the appenders' path (see :mod:`._store`); a third signs a checkpoint on an
-interval. A failed commit leaves the log refusing every later append (fail
-closed: the gateway must not act unaudited) unless the database is provably unchanged.
+interval. A failed commit leaves the log refusing every later append (fail closed: the gateway
+must not act unaudited) unless the database is provably unchanged.
 """
 
 from __future__ import annotations
