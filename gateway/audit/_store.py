@@ -21,7 +21,7 @@ Checkpoints of the WAL (folding it into the database file, not the signed checkp
 kept off the durable path too. SQLite by default runs one inside the commit that takes the WAL
 past 1000 pages: it copies ~4 MB into the database file and fsyncs it while every appender
 waits. On a fresh machine that commit also grows the database file (new blocks, new page cache
-pages), and it took 30-250 ms, a tenth or more of the append bench's time. The writer connection
+pages): such commits took 30-250 ms, with every appender waiting. The writer connection
 turns that off; a thread of the writer's (:mod:`gateway.audit._log`) checkpoints on its own
 connection once the writer has written about :data:`WAL_BYTES` (PASSIVE: beside the commits),
 then once more for the tail written meanwhile with the writer held off, so that the next
