@@ -3,12 +3,12 @@
 Every entry returns one or more results ``{"name", "value", "unit", "limit", "ratio", "goal",
 "higher_is_better", ...}``: ``limit`` is the best the machine does without Sealroom in the way
 (raw AES-GCM, bare ``docker run``, raw TLS, a bare gRPC echo, SHA-256, the same training script
-on the host), measured here and now, so the ratio means the same on any machine. Each entry takes its figure and its limit in turns and reports the median of
-the per-pair ratios and their spread (:mod:`tests.bench._stats`), so that one busy minute cannot
-decide a figure; "met" is judged on the median. The table goes
-to the terminal and everything to a JSON file. ``--quick`` runs every entry in a reduced form
-(CI runs it so that the benchmarks cannot rot); an entry that fails is reported and makes the
-run exit non-zero — a missing figure is never shown as a pass.
+on the host), measured here and now, so the ratio means the same on any machine. Each entry
+takes its figure and its limit in turns and reports the median of the per-pair ratios and their
+spread (:mod:`tests.bench._stats`), so that one busy minute cannot decide a figure; "met" is
+judged on the median. The table goes to the terminal and everything to a JSON file. ``--quick``
+runs every entry in a reduced form (CI runs it so that the benchmarks cannot rot); an entry that
+fails is reported and makes the run exit non-zero — a missing figure is never shown as a pass.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def show(report: dict[str, Any], console: Console) -> None:
         if r.get("max_overhead") is not None:
             goal_s = f"≤ limit + {_fmt(r['max_overhead'])}"
             spread = r.get("overhead_spread", spread)
-        spread_s = "" if spread is None else f"{_fmt(spread[0])}–{_fmt(spread[1])}"
+        spread_s = "" if spread is None else f"{_fmt(spread[0])} to {_fmt(spread[1])}"
         ratio = r.get("overhead") if r.get("max_overhead") is not None else r.get("ratio")
         met = {True: "[green]yes[/]", False: "[red]no[/]", None: ""}[r["met"]]
         t.add_row(

@@ -101,9 +101,7 @@ def interleave(
     return paired
 
 
-def fixed_limit(
-    values: list[float], limit: float, *, higher_is_better: bool = True
-) -> Paired:
+def fixed_limit(values: list[float], limit: float, *, higher_is_better: bool = True) -> Paired:
     """Runs judged against a fixed target (the audit's 20k events/s): each run is a pair."""
     paired = Paired(higher_is_better=higher_is_better)
     for v in values:
