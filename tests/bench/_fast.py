@@ -10,6 +10,8 @@ that a job run twice is seen. :func:`make_home` lays out a deployment home (CA a
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import io
 import json
 import os
@@ -23,6 +25,15 @@ from pathlib import Path
 from enclave.contract import Report, RunOrder, SiteReport
 from enclave.fake import FakeSite
 from enclave.identity import IdentityFiles
+from enclave.provenance import (
+    ArtifactDigest,
+    AuditPosition,
+    CheckRecord,
+    DatasetVersion,
+    GateRecord,
+    Manifest,
+    ReleaseContext,
+)
 from gateway.client import Client
 from gateway.identity import CertificateAuthority
 from policies.identity import Role
@@ -80,6 +91,30 @@ def write_payload(path: Path, size: int) -> Path:
     return path
 
 
+def _manifest(order: RunOrder, site: str, artifacts: list[ArtifactDigest]) -> bytes:
+    context = ReleaseContext(
+        job_id=order.job_id,
+        spec_sha256=order.spec_sha256,
+        bundle_sha256=order.bundle_sha256 or None,
+        image_id="sha256:" + "0" * 64,
+        datasets={n: DatasetVersion(v, "0" * 64) for n, v in order.datasets},
+        policy_versions=dict(order.policy_versions),
+        approval_binding=order.approval_binding,
+        approvals=tuple(order.approvals),
+        audit=AuditPosition(checkpoint_root=order.audit_root or None),
+    )
+    gates = tuple(
+        GateRecord(n, "fast", (CheckRecord("artifacts", True),)) for n, _ in order.datasets
+    )
+    return Manifest(
+        context=context,
+        site=site,
+        issued_at=dt.datetime.now(dt.UTC).replace(microsecond=0),
+        gates=gates,
+        artifacts=tuple(artifacts),
+    ).to_bytes()
+
+
 class FastSite(FakeSite):
     """The shipped fake site, its runs released at once with a payload of ``release_bytes``
     (held ``hold_s`` first); the release directory goes once the gateway has taken it."""
@@ -89,8 +124,11 @@ class FastSite(FakeSite):
         super().__init__(root, name="fast-site", script=self._release)
         self.hold_s = hold_s
         self._payload = None
+        self._payload_sha256 = ""
         if release_bytes:
             self._payload = write_payload(root / "payload.bin", release_bytes)
+            with self._payload.open("rb") as f:
+                self._payload_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
 
     def run(self, order: RunOrder, report: Report) -> None:
         """The fake's run, keeping no order once it is over (the fake keeps every order for the
@@ -117,11 +155,21 @@ class FastSite(FakeSite):
         out = self.root / "releases" / job
         out.mkdir(parents=True)
         try:
-            (out / "metrics.json").write_text('{"train_loss": 1.5}')
+            metrics = b'{"train_loss": 1.5}'
+            (out / "metrics.json").write_bytes(metrics)
+            artifacts = [
+                ArtifactDigest("metrics.json", hashlib.sha256(metrics).hexdigest(), len(metrics))
+            ]
             if self._payload is not None:
                 (out / "weights").mkdir()
                 os.link(self._payload, out / "weights" / "model.safetensors")
-            (out / "manifest.json").write_text(json.dumps({"job": job}))
+                size = self._payload.stat().st_size
+                artifacts.append(
+                    ArtifactDigest("weights/model.safetensors", self._payload_sha256, size)
+                )
+            # A well-formed manifest (unsigned: the gateway does not check the site's signature,
+            # the team does), so that a download sends its digests as it would a real release's.
+            (out / "manifest.json").write_bytes(_manifest(order, self.name, artifacts))
             yield SiteReport(
                 job,
                 state=JobState.RELEASED,
