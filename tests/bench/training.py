@@ -133,7 +133,7 @@ def _enclave(root: Path, steps: int, runs: Runs) -> float:
 
 
 def bench_training(tmp: Path, *, quick: bool) -> dict[str, Any]:
-    steps, pairs = (30, 2) if quick else (200, 3)
+    steps, pairs = (30, 2) if quick else (200, 5)
     paths = Paths.under(tmp)
     create_base_model(paths.model, texts=corpus(documents=20, seed=1), seed=0, size="small")
     write_corpus(paths.data / "books", documents=60, seed=2)
