@@ -38,6 +38,10 @@ class SiteLimits:
     dataset_files: int = 1_000_000
     runtime: str = "runc"
     """The OCI runtime jobs run under: runc, or runsc (gVisor) or kata where installed."""
+    warm_containers: int = 0
+    """Containers kept started ahead of any job, their imports done, each given to one job
+    of a built-in trainer without a code bundle and destroyed after it (:mod:`enclave._warm`);
+    0: every job starts its container cold."""
 
 
 DEFAULT_LIMITS = SiteLimits()

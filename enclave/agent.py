@@ -7,7 +7,10 @@ One run, in order (every step reported to the gateway, which audits it):
 2. release the data keys and decrypt only the approved dataset versions into a memory-backed
    staging directory; watch it from the host for file opens (the access ledger);
 3. start the container (:mod:`enclave.runtime`): no network, read-only root, data/model/code
-   read-only, a size-capped memory-backed ``/output``; forward numeric progress only;
+   read-only, a size-capped memory-backed ``/output``; or, for a built-in trainer without a
+   code bundle on a site that keeps warm containers, give it one started ahead of any job
+   (:mod:`enclave._warm`: the job's limits first, then its data and model, then its
+   assignment); forward numeric progress only;
 4. on a clean exit run the release gate (:mod:`enclave.gate`) for every dataset's rules, then
    sign the provenance manifest (:mod:`enclave.provenance`) with the site's Ed25519 identity;
 5. whatever happens, stop the container, destroy the staging and the output mount.
@@ -22,6 +25,7 @@ secrets and sealed logs in :mod:`enclave._sitekeys`.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Mapping
@@ -29,7 +33,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from enclave import _channels, _mounts, _progress
+from enclave import _channels, _mounts, _progress, _warm
 from enclave._jobcontainer import (
     DEFAULT_LIMITS,
     MAX_BUNDLE_BYTES,
@@ -45,7 +49,7 @@ from enclave.contract import Report, RunOrder, SiteReport, StoredDataset
 from enclave.identity import IdentityFiles
 from enclave.ledger import AccessLedger, AccessRecord
 from enclave.models import ModelStore
-from enclave.runtime import DockerRuntime, RunState, Runtime
+from enclave.runtime import ContainerSpec, DockerRuntime, RunState, Runtime
 from enclave.vault import StagingEvent, Vault, iter_tar, wipe_leftovers
 from policies import access, channels, document
 from policies.channels import TeamReason
@@ -134,8 +138,12 @@ class SiteAgent:
         # After a crash: no decrypted byte and no output mount may outlive the run. Containers
         # first: a job a crashed agent left running would keep its mounts (the data) alive.
         self.runtime.remove_stale(labels={SITE_INSTANCE_LABEL: self.instance})
+        # Warm slots before the staging: a slot's read-only bind keeps a staging tmpfs alive.
+        _warm.WarmPool.wipe_leftovers(root / "warm")
         wipe_leftovers(self._staging)
         _mounts.wipe_leftovers(self._runs)
+        self._warm = self._warm_pool()
+        self._warm.fill()
 
     @classmethod
     def open(
@@ -164,6 +172,47 @@ class SiteAgent:
             image=runtime.resolve_image(image),
             signer=signer,
             limits=limits,
+        )
+
+    # -- warm containers --------------------------------------------------------------------
+
+    def warm_ready(self, *, timeout_s: float) -> bool:
+        """Whether every warm container this site keeps (``limits.warm_containers``) is
+        started and done warming, waiting up to ``timeout_s``. True when it keeps none."""
+        return not self._warm.available() or self._warm.ready(timeout_s=timeout_s)
+
+    def keep_warm(self, count: int) -> None:
+        """Keep ``count`` warm containers from now on (``SiteLimits.warm_containers``); the
+        ones waiting are destroyed and the new count warmed in the background."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise InvalidInput(f"count: must be a non-negative integer, got {count!r}")
+        self.limits = dataclasses.replace(self.limits, warm_containers=count)
+        old, self._warm = self._warm, self._warm_pool()
+        old.close()
+        self._warm.fill()
+
+    def _warm_pool(self) -> _warm.WarmPool:
+        return _warm.WarmPool(
+            self.root / "warm",
+            runtime=self.runtime,
+            image=self.image,
+            limits=self.limits,
+            labels=self.labels,
+        )
+
+    def close(self) -> None:
+        """Destroy the warm containers waiting for a job (runs in progress are not touched)."""
+        self._warm.close()
+
+    def _warm_eligible(self, order: RunOrder) -> bool:
+        """A warm container runs only the image's harness for a built-in trainer, without a
+        code bundle or a GPU: what it can be given without changing what it is."""
+        spec = order.spec
+        return (
+            self._warm.available()
+            and not spec.is_custom
+            and order.bundle is None
+            and spec.resources.gpus == 0
         )
 
     # -- Site protocol ----------------------------------------------------------------------
@@ -251,6 +300,7 @@ class SiteAgent:
                 self._cancelled.discard(job)
                 self._handles.pop(job, None)
                 self._dp.pop(job, None)
+            self._warm.fill()  # after the run: warming never runs beside a job's start
 
     # -- one run ----------------------------------------------------------------------------
 
@@ -311,28 +361,59 @@ class SiteAgent:
             ledger = stack.enter_context(
                 AccessLedger.for_staging(staging, on_first_open=reads.append)
             )
-            output = stack.enter_context(
-                _mounts.tmpfs(
-                    run_dir / "output", size_bytes=self.limits.output_bytes, owner=(10001, 10001)
+
+            def cold_output() -> Path:
+                return stack.enter_context(
+                    _mounts.tmpfs(
+                        run_dir / "output",
+                        size_bytes=self.limits.output_bytes,
+                        owner=(10001, 10001),
+                    )
                 )
-            )
+
+            slot = self._warm.take() if self._warm_eligible(order) else None
+            if slot is not None:  # destroyed with the run, given or not
+                stack.callback(slot.destroy, self.runtime)
+            output = slot.output if slot is not None else cold_output()
             if self._is_cancelled(job):
                 return SiteReport(job, state=JobState.CANCELLED, reason=TeamReason.CANCELLED)
             dp = self._dp[job] = dp_parameters(order, report, self.vault, model.path, versions)
-            cspec = job_container(
-                spec,
-                dp=dp,
-                job_id=job,
-                image=self.image,
-                limits=self.limits,
-                data={n: staging.path(n) for n, _ in order.datasets},
-                model_dir=model.path,
-                code_dir=code_dir,
-                output=output,
-                labels=self.labels,
-            )
-            handle = self.runtime.prepare(cspec)
-            stack.callback(self.runtime.cleanup, handle)
+
+            def container(output: Path, code: Path) -> ContainerSpec:
+                return job_container(
+                    spec,
+                    dp=dp,
+                    job_id=job,
+                    image=self.image,
+                    limits=self.limits,
+                    data={n: staging.path(n) for n, _ in order.datasets},
+                    model_dir=model.path,
+                    code_dir=code,
+                    output=output,
+                    labels=self.labels,
+                )
+
+            handle = None
+            if slot is not None:
+                cspec = container(slot.output, slot.code)
+                try:
+                    # The job's limits, then its data and model, then its assignment: the job
+                    # runs from here (its deadline counts from the limits).
+                    handle = self._warm.give(slot, cspec, stack)
+                except _warm.NotUsable as e:  # nothing of the job reached it: start cold
+                    report(
+                        SiteReport(
+                            job,
+                            audit_action="container.warm_refused",
+                            audit_outcome="error",
+                            details={"reason": str(e)},
+                        )
+                    )
+                    output = cold_output()
+            if handle is None:
+                cspec = container(output, code_dir)
+                handle = self.runtime.prepare(cspec)
+                stack.callback(self.runtime.cleanup, handle)
             with self._lock:
                 self._handles[job] = handle
                 cancelled = job in self._cancelled  # a cancel since the check above
@@ -353,6 +434,7 @@ class SiteAgent:
                         "image": self.image,
                         "gpus": cspec.gpus,
                         "memory_bytes": cspec.memory_bytes,
+                        "warm_container": slot is not None and output == slot.output,
                         "channels": acct.to_dict(),
                     },
                 )

@@ -41,6 +41,16 @@ CHECKPOINT_DIR = OUTPUT_DIR / "checkpoints"
 JOB_ENV = "SEALROOM_JOB"
 """Environment variable that carries :class:`JobConfig` as JSON."""
 
+WARM_FLAG = "--warm"
+"""``python -m trainers.harness --warm``: a warm container's harness (see the site's
+``enclave._warm``): it imports the libraries every built-in trainer needs, says
+:data:`WARM_READY` on stdout and waits for :data:`WARM_ASSIGN_FILE`, which the site writes
+(read-only to the job) once it has given the container a job: ``{"env": {...}}``, the job's
+environment (:data:`JOB_ENV` and the spec's ``JOB_*`` variables). Nothing of the job is in the
+container before that file."""
+WARM_READY = "sealroom-harness: warm"
+WARM_ASSIGN_FILE = CODE_DIR / ".sealroom-job.json"
+
 JOB_USER = "10001:10001"
 """The unprivileged uid:gid the job runs as (created in the runtime image)."""
 

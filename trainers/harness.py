@@ -21,11 +21,12 @@ import math
 import os
 import sys
 import tempfile
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
 from trainers import contract
@@ -197,6 +198,53 @@ def run_job(job: JobConfig, *, paths: Paths, stderr: TextIO | None = None) -> in
     return contract.EXIT_OK
 
 
+def warm_environment(text: str) -> dict[str, str]:
+    """The job's environment from a warm container's assignment file: :data:`~trainers.contract.
+    JOB_ENV` and ``JOB_*`` names only, string values. Raises ``ValueError``."""
+    obj = json.loads(text)
+    env = obj.get("env") if isinstance(obj, dict) else None
+    if not isinstance(env, dict) or contract.JOB_ENV not in env:
+        raise ValueError("the assignment carries no job")
+    for k, v in env.items():
+        if not isinstance(k, str) or not (k == contract.JOB_ENV or k.startswith("JOB_")):
+            raise ValueError(f"the assignment names a variable outside the job's: {k!r}")
+        if not isinstance(v, str) or "\0" in v:
+            raise ValueError(f"the assignment's {k} is not a string")
+    return dict(env)
+
+
+def warm(
+    assign_file: Path | None = None, *, poll_s: float = 0.005, stderr: TextIO | None = None
+) -> int:
+    """A warm container's harness: import what the built-in trainers need, then wait for the
+    site's assignment and run that job (see :data:`~trainers.contract.WARM_FLAG`). Writes
+    nothing before the job runs."""
+    err = stderr if stderr is not None else sys.stderr
+    path = assign_file or _contract_path(contract.WARM_ASSIGN_FILE)
+    importlib.import_module("trainers.causal_lm")  # torch, pytorch_lightning
+    transformers = importlib.import_module("transformers")
+    _ = (transformers.AutoModelForCausalLM, transformers.AutoTokenizer)  # resolve the lazy names
+    print(contract.WARM_READY, flush=True)
+    while True:
+        try:
+            text = path.read_text(encoding="utf-8")
+            break
+        except FileNotFoundError:
+            time.sleep(poll_s)
+    try:
+        env = warm_environment(text)
+    except ValueError as e:
+        print(f"sealroom-harness: bad config: {e}", file=err)
+        return contract.EXIT_BAD_CONFIG
+    os.environ.update(env)
+    return main(stderr=err)
+
+
+def _contract_path(path: PurePosixPath) -> Path:
+    root = os.environ.get("SEALROOM_ROOT")
+    return Path(root) / path.relative_to("/") if root else Path(str(path))
+
+
 def main(environ: Mapping[str, str] | None = None, *, stderr: TextIO | None = None) -> int:
     """Read the job from ``environ`` (default: the process environment) and run it."""
     env = os.environ if environ is None else environ
@@ -216,4 +264,4 @@ def main(environ: Mapping[str, str] | None = None, *, stderr: TextIO | None = No
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(warm() if sys.argv[1:] == [contract.WARM_FLAG] else main())

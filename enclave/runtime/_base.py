@@ -89,6 +89,11 @@ def _allowed_target(target: PurePosixPath) -> bool:
     )
 
 
+RECEIVE_TARGETS = frozenset({DATA_DIR, MODEL_DIR.parent})
+"""Where a warm container may receive mounts later: the parents of ``/data/<name>`` and
+``/model/base``."""
+
+
 def _overlaps(a: PurePosixPath, b: PurePosixPath) -> bool:
     return a == b or a in b.parents or b in a.parents
 
@@ -103,6 +108,12 @@ class ContainerSpec:
     the private ``shm_bytes`` ``/dev/shm``). ``command`` overrides the image's entrypoint and
     command (``None`` runs the image's harness). ``log_bytes`` caps what the engine keeps of
     stdout and stderr. Raises :class:`InvalidInput` naming the field at fault.
+
+    ``receive_mounts`` is for a warm container only (:mod:`enclave._warm`): host directories
+    bound read-only at the *parents* of the contract's paths (``/data``, ``/model``) with slave
+    propagation, so that read-only mounts the site makes below them once it gives the
+    container a job (``/data/<name>``, ``/model/base``) appear in it; nothing is below them
+    before. A spec has either these or data and model in ``read_only_mounts``, never both.
     """
 
     image: str
@@ -121,6 +132,7 @@ class ContainerSpec:
     command: tuple[str, ...] | None = None
     shm_bytes: int = DEFAULT_SHM_BYTES
     log_bytes: int = DEFAULT_LOG_BYTES
+    receive_mounts: Mapping[Path, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not IMAGE_ID_RE.match(self.image):
@@ -169,6 +181,23 @@ class ContainerSpec:
                 )
             targets.add(tp)
             mounts[hp] = target
+        receive: dict[Path, str] = {}
+        for host, target in self.receive_mounts.items():
+            hp = Path(host)
+            tp = PurePosixPath(target)
+            if not hp.is_absolute() or ".." in hp.parts:
+                raise InvalidInput(f"receive_mounts: host path {str(hp)!r} must be absolute")
+            if str(tp) != target or tp not in RECEIVE_TARGETS:
+                raise InvalidInput(
+                    f"receive_mounts: {target!r} is not {DATA_DIR} or {MODEL_DIR.parent}"
+                )
+            if target in receive.values() or any(_overlaps(tp, t) for t in targets):
+                raise InvalidInput(f"receive_mounts: {target!r} is mounted twice")
+            if _overlaps(PurePosixPath(hp), PurePosixPath(out)):
+                raise InvalidInput(
+                    f"receive_mounts: {str(hp)!r} overlaps the writable output directory"
+                )
+            receive[hp] = target
         env = dict(self.env)
         for k, v in env.items():
             if not isinstance(k, str) or not _ENV_NAME_RE.match(k):
@@ -186,6 +215,7 @@ class ContainerSpec:
         # Frozen all the way down: a spec is what was checked, so nobody may change it after.
         object.__setattr__(self, "output_dir", out)
         object.__setattr__(self, "read_only_mounts", MappingProxyType(mounts))
+        object.__setattr__(self, "receive_mounts", MappingProxyType(receive))
         object.__setattr__(self, "env", MappingProxyType(env))
         object.__setattr__(self, "labels", MappingProxyType(labels))
         if self.command is not None:
@@ -200,7 +230,12 @@ def check_mount_sources(spec: ContainerSpec) -> tuple[tuple[Path, str], ...]:
     Raises :class:`InvalidInput`.
     """
     out: list[tuple[Path, str]] = []
-    for host, target in [*spec.read_only_mounts.items(), (spec.output_dir, str(OUTPUT_DIR))]:
+    every = [
+        *spec.read_only_mounts.items(),
+        *spec.receive_mounts.items(),
+        (spec.output_dir, str(OUTPUT_DIR)),
+    ]
+    for host, target in every:
         try:
             st = os.stat(host)
         except OSError as e:

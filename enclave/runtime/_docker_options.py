@@ -27,6 +27,7 @@ def container_options(
     from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
     *read_only, (output_src, output_target) = mounts
+    receiving = set(spec.receive_mounts.values())
     opts: dict[str, Any] = {
         "image": spec.image,
         "name": f"sealroom-{spec.job_id}-{secrets.token_hex(4)}",
@@ -40,7 +41,18 @@ def container_options(
         "dns": ["127.0.0.1"],
         "read_only": True,
         "mounts": [
-            *(Mount(target, str(src), type="bind", read_only=True) for src, target in read_only),
+            *(
+                Mount(
+                    target,
+                    str(src),
+                    type="bind",
+                    read_only=True,
+                    # A warm container's /data and /model: the site's read-only mounts below
+                    # them on the host reach it (slave: never the other way).
+                    propagation="rslave" if target in receiving else None,
+                )
+                for src, target in read_only
+            ),
             Mount(output_target, str(output_src), type="bind", read_only=False),
         ],
         # The container's own /tmp, in its memory cgroup; not the host's /tmp.

@@ -8,6 +8,10 @@ business (they stay on the exception's ``__cause__``, for the site's audit). Wha
 reports is read back on every ``status``: the backend remembers only what the engine cannot know
 (that *it* killed the container, and why).
 
+:meth:`DockerRuntime.assign` gives a running warm container (a spec with ``receive_mounts``,
+:mod:`enclave._warm`) to one job: its limits set to the job's through the engine's update call
+and read back, its deadline counted from then; never to a second job.
+
 Killing is bounded. A container the engine cannot kill (it answers "did not receive an exit
 event" for a job holding its process limit) is killed harder: SIGKILL to every process of its
 cgroup, from the host, then forced removal, each step given ``kill_grace_s``; its logs are taken
@@ -21,12 +25,14 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import PurePosixPath
 from typing import Any
 
 from enclave import _mounts
 from enclave.runtime._base import (
     IMAGE_ID_RE,
     MANAGED_LABEL,
+    RECEIVE_TARGETS,
     ContainerSpec,
     ContainerStatus,
     Handle,
@@ -47,6 +53,7 @@ from enclave.runtime._docker_engine import (
 from enclave.runtime._docker_options import container_options
 from enclave.runtime._docker_state import Record, engine_status
 from policies.errors import InvalidInput, InvalidState, NotFound, RuntimeBackendError
+from trainers.contract import CODE_DIR, DATA_DIR, MODEL_DIR
 
 __all__ = ["BACKEND", "DockerRuntime", "container_options"]
 
@@ -137,6 +144,67 @@ class DockerRuntime:
             with edge(f"start the container of job {handle.job_id}"):
                 self._container(rec).start()
             self._records[handle.id] = replace(rec, started_mono=time.monotonic())
+
+    def assign(self, warm: Handle, spec: ContainerSpec) -> Handle:
+        """Give the running warm container ``warm`` (prepared and started from a spec with
+        ``receive_mounts``) to the job of ``spec``, and return the job's handle.
+
+        The container's memory (no swap beyond it), CPU and process limits become the spec's,
+        read back from the engine before this returns; the job's deadline counts from now. The
+        spec must be the one the warm container can keep every promise of: the same image,
+        OCI runtime, ``/tmp``, ``/dev/shm`` and log caps, output directory and ``/code``, no
+        GPU, the image's own command, and data and model only at ``/data/<name>`` and
+        ``/model/base`` (which the site mounts below the warm container's receiving mounts).
+        A warm container is given to one job only, ever: ``warm`` is no longer valid after.
+        Raises :class:`InvalidInput` for a spec it cannot keep, :class:`InvalidState` for a
+        container that is not a running warm one (or was given away), and
+        :class:`RuntimeBackendError` when the engine does not take or keep the limits (the
+        caller then removes the container: it must never run a job under other limits).
+        """
+        with self._lock:
+            rec = self._record(warm)
+            if (
+                not rec.spec.receive_mounts
+                or rec.spec.job_id != warm.job_id
+                or self._by_job.get(warm.job_id) != warm
+            ):
+                raise InvalidState(f"{warm.job_id} is not a warm container to give a job")
+            if rec.removed is not None or rec.killed is not None or rec.started_mono is None:
+                raise InvalidState(f"the warm container {warm.job_id} is not running")
+            if spec.job_id in self._by_job:
+                raise InvalidState(f"job {spec.job_id} already has a container")
+            _check_assignable(rec.spec, spec)
+            # Taken out of the pool before anything else: whatever happens next, it is never
+            # given to a second job.
+            self._records[warm.id] = replace(rec, spec=replace(rec.spec, job_id=spec.job_id))
+            del self._by_job[warm.job_id]
+        st = self._read(rec)
+        if st.state is not RunState.RUNNING:
+            raise InvalidState(f"the warm container {warm.job_id} is {st.state.value}")
+        limits = {
+            "Memory": spec.memory_bytes,
+            "MemorySwap": spec.memory_bytes,
+            "NanoCpus": int(spec.cpus * 1e9),
+            "PidsLimit": spec.pids,
+        }
+        with edge(f"set the limits of job {spec.job_id}"):
+            api = self._client.api
+            api._raise_for_status(
+                api._post_json(api._url("/containers/{0}/update", rec.container_id), data=limits)
+            )
+            host = api.inspect_container(rec.container_id).get("HostConfig") or {}
+        got = {k: host.get(k) for k in limits}
+        if got != limits:
+            raise RuntimeBackendError(
+                f"the engine did not keep the limits of job {spec.job_id}: {got} != {limits}"
+            )
+        handle = Handle(backend=BACKEND, id=warm.id, job_id=spec.job_id)
+        with self._lock:
+            self._records[handle.id] = Record(
+                spec=spec, container_id=rec.container_id, started_mono=time.monotonic()
+            )
+            self._by_job[spec.job_id] = handle
+        return handle
 
     def status(self, handle: Handle) -> ContainerStatus:
         with self._lock:
@@ -429,3 +497,23 @@ class DockerRuntime:
         except Exception:  # the cgroup kill is best effort; forced removal follows it
             return 0
         return pid if isinstance(pid, int) and pid > 0 else 0
+
+
+def _check_assignable(warm: ContainerSpec, job: ContainerSpec) -> None:
+    """Raise :class:`InvalidInput` unless the warm container of ``warm`` keeps every promise of
+    ``job``: what cannot change once a container runs must already be the job's."""
+    same = ("image", "runtime", "gpus", "tmp_bytes", "shm_bytes", "log_bytes", "output_dir")
+    for name in same:
+        if getattr(job, name) != getattr(warm, name):
+            raise InvalidInput(f"{name}: the warm container's is not the job's")
+    if job.gpus or job.command is not None or job.receive_mounts:
+        raise InvalidInput("a warm container runs only the image's harness, without GPUs")
+    code = {h: t for h, t in warm.read_only_mounts.items() if t == str(CODE_DIR)}
+    for host, target in job.read_only_mounts.items():
+        if target == str(CODE_DIR):
+            if code.get(host) != target:
+                raise InvalidInput("/code: the warm container's is not the job's")
+        elif PurePosixPath(target).parent != DATA_DIR and PurePosixPath(target) != MODEL_DIR:
+            raise InvalidInput(f"{target}: a warm container receives only data and the model")
+    if set(warm.receive_mounts.values()) != {str(t) for t in RECEIVE_TARGETS}:
+        raise InvalidInput("the warm container does not receive both /data and /model")
