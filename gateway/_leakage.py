@@ -14,7 +14,8 @@ import json
 import math
 from pathlib import Path
 
-from gateway.store import BITS, EPSILON, WORST, JobRecord, ReleaseCharges, Store
+from gateway._ledger import BITS, EPSILON, WORST, ReleaseCharges
+from gateway.store import JobRecord, Store
 
 
 def release_charges(releases: Path) -> ReleaseCharges:

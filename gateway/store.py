@@ -5,27 +5,24 @@ go through :meth:`Store.transition`, which checks the lifecycle edge under the s
 and persists the new state before the caller acts on it. Rows come back as frozen values; the
 store hands out no cursors or connections.
 
-The leakage ledger: what each job has charged each dataset (``charges``: the ε of its release,
-the channel bits of its run) and, per dataset, the running exact sum (``tallies``), both written
-in the transaction of the change that incurs the charge, so that no state change is ever
-persisted without its charge and a policy decision reads a tally in one indexed lookup however
-many jobs the store holds (rather than every released job's manifest, or every job row).
+The leakage ledger (:mod:`gateway._ledger`) is written in the transaction of the change that
+incurs each charge.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import sqlite3
-import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from gateway import _ledger
+from gateway._ledger import ReleaseCharges
 from policies.errors import AlreadyExists, InvalidState, NotFound
 from policies.lifecycle import JobState, check_transition
 
@@ -52,28 +49,7 @@ CREATE INDEX IF NOT EXISTS jobs_team ON jobs (team);
 CREATE TABLE IF NOT EXISTS approvals (
     job_id TEXT NOT NULL, owner TEXT NOT NULL, decision TEXT NOT NULL, reason TEXT NOT NULL,
     binding TEXT NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (job_id, owner));
-CREATE TABLE IF NOT EXISTS charges (
-    job_id TEXT NOT NULL, dataset TEXT NOT NULL, kind TEXT NOT NULL, amount REAL NOT NULL,
-    PRIMARY KEY (job_id, dataset, kind));
-CREATE INDEX IF NOT EXISTS charges_by_dataset ON charges (dataset, kind);
-CREATE TABLE IF NOT EXISTS tallies (
-    dataset TEXT NOT NULL, kind TEXT NOT NULL, units TEXT NOT NULL,
-    PRIMARY KEY (dataset, kind));
-CREATE TABLE IF NOT EXISTS ledger (kind TEXT PRIMARY KEY, built_at TEXT NOT NULL);
 """
-
-EPSILON = "epsilon"
-"""Ledger kind: the privacy budget a released job's signed manifest charged a dataset."""
-BITS = "bits"
-"""Ledger kind: the channel capacity of a started job, charged to each of its datasets."""
-WORST = sys.float_info.max
-"""What an unreadable or non-finite charge counts as (fail closed), and the cap of a tally."""
-
-_SCALE = 1 << 1074  # every finite double is a whole number of 2**-1074
-_WORST_UNITS = WORST.as_integer_ratio()[0] * (_SCALE // WORST.as_integer_ratio()[1])
-
-ReleaseCharges = Callable[["JobRecord"], Mapping[str, float]]
-"""The ε a released job charged each of its datasets, read from its signed release."""
 
 
 def utcnow() -> str:
@@ -161,7 +137,7 @@ class Store:
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(_SCHEMA)
+        self._conn.executescript(_SCHEMA + _ledger.SCHEMA)
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(jobs)")}
         if "owner_record" not in columns:  # a store from before the leakage account
             self._conn.execute(
@@ -169,9 +145,8 @@ class Store:
             )
         self._lock = threading.RLock()
         self._release_charges: ReleaseCharges | None = None
-        with self._tx() as c:  # a store from before the ledger: its bits, once
-            if not _built(c, BITS):
-                _rebuild(c, BITS, self._scan_bits(c))
+        with self._tx() as c:
+            _ledger.build_bits(c, utcnow())
 
     def keep_ledger(self, release_charges: ReleaseCharges) -> None:
         """Charge each job's ε, on its transition to RELEASED, as ``release_charges`` reads it
@@ -179,19 +154,8 @@ class Store:
         every job already released is charged the same way, in one transaction."""
         with self._tx() as c:
             self._release_charges = release_charges
-            if not _built(c, EPSILON):
-                rows = c.execute("SELECT * FROM jobs WHERE state = ?", (JobState.RELEASED.value,))
-                released = [_job(r) for r in rows]
-                _rebuild(c, EPSILON, [(j.id, release_charges(j)) for j in released])
-
-    @staticmethod
-    def _scan_bits(c: sqlite3.Connection) -> list[tuple[str, dict[str, float]]]:
-        rows = c.execute("SELECT id, datasets, owner_record FROM jobs").fetchall()
-        out = []
-        for job_id, datasets, owner_record in rows:
-            bits = float(json.loads(owner_record).get("channel_bits", 0.0))
-            out.append((job_id, _bits_charges(json.loads(datasets), bits)))
-        return out
+            rows = c.execute("SELECT * FROM jobs WHERE state = ?", (JobState.RELEASED.value,))
+            _ledger.build_epsilon(c, (_job(r) for r in rows), release_charges, utcnow())
 
     def close(self) -> None:
         with self._lock:
@@ -305,11 +269,7 @@ class Store:
         now = utcnow()
         job = replace(job, created_at=now, updated_at=now)
         with self._tx() as c:
-            c.execute(
-                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                _job_row(job),
-            )
-            self._charge(c, None, job)
+            self._write_job(c, None, job)
         return job
 
     def job(self, job_id: str) -> JobRecord:
@@ -345,40 +305,25 @@ class Store:
     # -- the leakage ledger -----------------------------------------------------------------
 
     def spent(self, kind: str, names: Iterable[str]) -> dict[str, float]:
-        """Per dataset of ``names``, the sum of its ``kind`` charges (the exact sum rounded
-        once to the nearest float, at most :data:`WORST`): one indexed lookup per dataset."""
-        out = dict.fromkeys(names, 0.0)
+        """Per dataset of ``names``, its tally of ``kind`` (:func:`gateway._ledger.spent`)."""
         with self._lock:
-            rows = self._conn.execute(
-                "SELECT dataset, units FROM tallies WHERE kind = ? "
-                "AND dataset IN (SELECT value FROM json_each(?))",
-                (kind, json.dumps(list(out))),
-            ).fetchall()
-        for name, units in rows:
-            out[name] = _float(int(units))
-        return out
+            return _ledger.spent(self._conn, kind, names)
 
     def charges(self, job_id: str) -> dict[tuple[str, str], float]:
         """What ``job_id`` has charged: (dataset, kind) -> amount."""
         with self._lock:
-            rows = self._conn.execute(
-                "SELECT dataset, kind, amount FROM charges WHERE job_id = ?", (job_id,)
-            ).fetchall()
-        return {(d, k): float(a) for d, k, a in rows}
+            return _ledger.charges(self._conn, job_id)
 
-    def _charge(self, c: sqlite3.Connection, before: JobRecord | None, after: JobRecord) -> None:
-        """Within the transaction that wrote ``after``: charge what the change incurred."""
-        if before is None or before.channel_bits != after.channel_bits:
-            if before is not None:
-                _uncharge(c, after.id, BITS)
-            names = [[d.name] for d in after.datasets]
-            _add(c, after.id, BITS, _bits_charges(names, after.channel_bits))
-        if after.state is JobState.RELEASED and (before is None or before.state != after.state):
-            if self._release_charges is None:
-                raise InvalidState(
-                    f"job {after.id}: no ledger to charge its release to (keep_ledger first)"
-                )
-            _add(c, after.id, EPSILON, self._release_charges(after))
+    def _write_job(self, c: sqlite3.Connection, before: JobRecord | None, after: JobRecord) -> None:
+        """Write ``after`` (in place of ``before``, if any) and charge what the change incurred,
+        in the caller's transaction: no change without its charge."""
+        if before is not None:
+            c.execute("DELETE FROM jobs WHERE id = ?", (before.id,))
+        c.execute(
+            "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            _job_row(after),
+        )
+        _ledger.charge(c, before, after, self._release_charges)
 
     def transition(
         self,
@@ -405,12 +350,7 @@ class Store:
                 )
             check_transition(before.state, new)
             after = replace(before, state=new, updated_at=utcnow(), **changes)
-            c.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-            c.execute(
-                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                _job_row(after),
-            )
-            self._charge(c, before, after)  # in this transaction: no change without its charge
+            self._write_job(c, before, after)
         return before, after
 
     def update_job(self, job_id: str, **changes: Any) -> JobRecord:
@@ -423,12 +363,7 @@ class Store:
                 raise NotFound(f"no job {job_id}")
             before = _job(row)
             after = replace(before, updated_at=utcnow(), **changes)
-            c.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-            c.execute(
-                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                _job_row(after),
-            )
-            self._charge(c, before, after)
+            self._write_job(c, before, after)
         return after
 
     # -- approvals ----------------------------------------------------------------------------
@@ -466,78 +401,6 @@ class Store:
         for r in rows:
             out[r[0]].append(ApprovalRecord(*r))
         return out
-
-
-# -- the ledger's arithmetic ----------------------------------------------------------------------
-
-
-def _units(amount: float) -> int:
-    """``amount`` (finite, >= 0) as a whole number of 2**-1074: sums of these are exact, so a
-    tally does not depend on the order of its charges, and taking one back leaves no residue."""
-    num, den = amount.as_integer_ratio()
-    return num * (_SCALE // den)
-
-
-def _float(units: int) -> float:
-    """A tally as a float: the exact sum rounded once, capped at :data:`WORST`."""
-    return WORST if units >= _WORST_UNITS else units / _SCALE
-
-
-def _amount(value: float) -> float:
-    """A charge as recorded: a finite number >= 0; anything else counts as :data:`WORST`."""
-    ok = math.isfinite(value) and value >= 0
-    return min(float(value), WORST) if ok else WORST
-
-
-def _bits_charges(datasets: Iterable[list[Any]], bits: float) -> dict[str, float]:
-    """A job's channel bits, charged once per dataset it names (nothing when it has none);
-    bits that are not a finite number count as :data:`WORST` (fail closed)."""
-    if math.isfinite(bits) and bits <= 0:
-        return {}
-    charged: dict[str, float] = {}
-    for entry in datasets:
-        charged[entry[0]] = charged.get(entry[0], 0.0) + _amount(bits)
-    return charged
-
-
-def _add(c: sqlite3.Connection, job_id: str, kind: str, charged: Mapping[str, float]) -> None:
-    for dataset, value in charged.items():
-        amount = _amount(value)
-        c.execute("INSERT INTO charges VALUES (?, ?, ?, ?)", (job_id, dataset, kind, amount))
-        _tally(c, dataset, kind, _units(amount))
-
-
-def _uncharge(c: sqlite3.Connection, job_id: str, kind: str) -> None:
-    rows = c.execute(
-        "DELETE FROM charges WHERE job_id = ? AND kind = ? RETURNING dataset, amount",
-        (job_id, kind),
-    ).fetchall()
-    for dataset, amount in rows:
-        _tally(c, dataset, kind, -_units(float(amount)))
-
-
-def _tally(c: sqlite3.Connection, dataset: str, kind: str, delta: int) -> None:
-    row = c.execute(
-        "SELECT units FROM tallies WHERE dataset = ? AND kind = ?", (dataset, kind)
-    ).fetchone()
-    units = (int(row[0]) if row else 0) + delta
-    c.execute("INSERT OR REPLACE INTO tallies VALUES (?, ?, ?)", (dataset, kind, str(units)))
-
-
-def _built(c: sqlite3.Connection, kind: str) -> bool:
-    return c.execute("SELECT 1 FROM ledger WHERE kind = ?", (kind,)).fetchone() is not None
-
-
-def _rebuild(
-    c: sqlite3.Connection, kind: str, charged: Iterable[tuple[str, Mapping[str, float]]]
-) -> None:
-    """Charge ``kind`` afresh from ``charged`` (job id, its charges) and mark it built: the
-    migration of a store from before the ledger, in the caller's transaction."""
-    c.execute("DELETE FROM charges WHERE kind = ?", (kind,))
-    c.execute("DELETE FROM tallies WHERE kind = ?", (kind,))
-    for job_id, per_dataset in charged:
-        _add(c, job_id, kind, per_dataset)
-    c.execute("INSERT INTO ledger VALUES (?, ?)", (kind, utcnow()))
 
 
 def _dataset(row: tuple[Any, ...]) -> DatasetRecord:

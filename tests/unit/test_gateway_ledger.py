@@ -26,12 +26,10 @@ from typing import Any
 
 import pytest
 
-from gateway import store as store_module
+from gateway import _ledger as ledger_module
 from gateway._leakage import bits_spent, epsilon_spent, release_charges
+from gateway._ledger import BITS, EPSILON, WORST
 from gateway.store import (
-    BITS,
-    EPSILON,
-    WORST,
     JobRecord,
     PinnedDataset,
     Store,
@@ -388,7 +386,7 @@ def test_a_release_whose_charge_fails_is_not_released(
     def broken(*args: object) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(store_module, "_tally", broken)
+    monkeypatch.setattr(ledger_module, "_tally", broken)
     with pytest.raises(sqlite3.OperationalError):
         store.transition("j", S.RELEASED)
     assert store.job("j").state is S.CHECKING and store.charges("j") == {}
