@@ -59,6 +59,7 @@ from typing import Any
 
 from enclave import _mounts
 from enclave._jobcontainer import SiteLimits
+from enclave.contract import Report, RunOrder, SiteReport
 from enclave.runtime import ContainerSpec, Handle
 from policies.errors import SiteError
 from trainers.contract import (
@@ -243,6 +244,17 @@ class WarmPool:
     def available(self) -> bool:
         return self.runtime_can_warm() and self.size > 0
 
+    def serves(self, order: RunOrder) -> bool:
+        """A warm container runs only the image's harness for a built-in trainer, without a
+        code bundle or a GPU: what it can be given without changing what it is."""
+        spec = order.spec
+        return (
+            self.available()
+            and not spec.is_custom
+            and order.bundle is None
+            and spec.resources.gpus == 0
+        )
+
     def runtime_can_warm(self) -> bool:
         return callable(getattr(self.runtime, "assign", None))
 
@@ -363,6 +375,24 @@ class WarmPool:
             _write_assignment(slot.code, cspec.env)
             stack.push(undo.pop_all())
         return handle
+
+    def give_or_refuse(
+        self, slot: Slot, cspec: ContainerSpec, stack: ExitStack, report: Report
+    ) -> Handle | None:
+        """:meth:`give`, or None when the slot cannot take the job (nothing of the job reached
+        it), which is reported as ``container.warm_refused``: start the job cold."""
+        try:
+            return self.give(slot, cspec, stack)
+        except NotUsable as e:
+            report(
+                SiteReport(
+                    cspec.job_id,
+                    audit_action="container.warm_refused",
+                    audit_outcome="error",
+                    details={"reason": str(e)},
+                )
+            )
+            return None
 
     def close(self, *, timeout_s: float = 120.0) -> None:
         """Stop filling (the container being warmed is destroyed when its start returns) and

@@ -187,8 +187,8 @@ class SiteAgent:
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise InvalidInput(f"count: must be a non-negative integer, got {count!r}")
         self.limits = dataclasses.replace(self.limits, warm_containers=count)
-        old, self._warm = self._warm, self._warm_pool()
-        old.close()
+        self._warm.close()
+        self._warm = self._warm_pool()
         self._warm.fill()
 
     def _warm_pool(self) -> _warm.WarmPool:
@@ -203,17 +203,6 @@ class SiteAgent:
     def close(self) -> None:
         """Destroy the warm containers waiting for a job (runs in progress are not touched)."""
         self._warm.close()
-
-    def _warm_eligible(self, order: RunOrder) -> bool:
-        """A warm container runs only the image's harness for a built-in trainer, without a
-        code bundle or a GPU: what it can be given without changing what it is."""
-        spec = order.spec
-        return (
-            self._warm.available()
-            and not spec.is_custom
-            and order.bundle is None
-            and spec.resources.gpus == 0
-        )
 
     # -- Site protocol ----------------------------------------------------------------------
 
@@ -371,7 +360,7 @@ class SiteAgent:
                     )
                 )
 
-            slot = self._warm.take() if self._warm_eligible(order) else None
+            slot = self._warm.take() if self._warm.serves(order) else None
             if slot is not None:  # destroyed with the run, given or not
                 stack.callback(slot.destroy, self.runtime)
             output = slot.output if slot is not None else cold_output()
@@ -396,19 +385,10 @@ class SiteAgent:
             handle = None
             if slot is not None:
                 cspec = container(slot.output, slot.code)
-                try:
-                    # The job's limits, then its data and model, then its assignment: the job
-                    # runs from here (its deadline counts from the limits).
-                    handle = self._warm.give(slot, cspec, stack)
-                except _warm.NotUsable as e:  # nothing of the job reached it: start cold
-                    report(
-                        SiteReport(
-                            job,
-                            audit_action="container.warm_refused",
-                            audit_outcome="error",
-                            details={"reason": str(e)},
-                        )
-                    )
+                # The job's limits, then its data and model, then its assignment: the job runs
+                # from here (its deadline counts from the limits); or refused: start cold.
+                handle = self._warm.give_or_refuse(slot, cspec, stack, report)
+                if handle is None:
                     output = cold_output()
             if handle is None:
                 cspec = container(output, code_dir)
