@@ -8,6 +8,8 @@ Modes, all with the deployment's server certificate and client certificates requ
 - ``echo``: a bare gRPC echo (a generic handler, the gateway's thread pool and message limits).
 - ``tls``: raw TLS over a socket: ``PUT n`` stores the next n bytes in a file under ``--dir``,
   ``GET n`` sends n bytes of ``--source``; the limit the gateway's transfers are measured against.
+  Files are written the way the gateway and the client write theirs (:class:`WriteBehind`), so
+  that the ratio measures the transport and not a difference in how the bytes reach the disk.
 
 A separate process keeps the clients' work out of the server's interpreter and lets the caller
 read the server's resident memory from ``/proc/PID/status``.
@@ -106,6 +108,7 @@ def serve_echo(args: argparse.Namespace) -> None:
 
 
 def serve_tls(args: argparse.Namespace) -> None:
+    from enclave.writebehind import WriteBehind
     from gateway.server import server_identity
 
     ident = server_identity(args.home)
@@ -125,7 +128,7 @@ def serve_tls(args: argparse.Namespace) -> None:
                 buf = bytearray(CHUNK)
                 view = memoryview(buf)
                 left = n
-                with (args.dir / f"put-{next(counter)}.bin").open("wb") as out:
+                with WriteBehind.create(args.dir / f"put-{next(counter)}.bin") as out:
                     while left:
                         got = conn.recv_into(view, min(left, CHUNK))
                         if not got:
