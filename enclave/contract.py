@@ -102,8 +102,8 @@ class Site(Protocol):
     Idempotency. ``cancel`` may be called any number of times, for any job id, before, during
     or after its run; a run in progress then ends ``CANCELLED``, one that has ended keeps its
     end. ``store_dataset`` of an archive identical to the latest version returns that version.
-    ``rotate_key`` called again after a crash finishes the rotation. ``image_id`` and ``logs``
-    only read.
+    ``rotate_key`` called again after a crash finishes the rotation. ``close`` may be called
+    any number of times. ``image_id`` and ``logs`` only read.
     """
 
     name: str
@@ -128,3 +128,7 @@ class Site(Protocol):
     def rotate_key(self) -> tuple[str, int]:
         """Re-wrap every data key under a new site key; returns (new key id, data keys
         re-wrapped). Crash-safe: called again after a crash it finishes the rotation."""
+
+    def close(self) -> None:
+        """Let go of what the site holds while idle (warm containers): the gateway calls it
+        when it stops. Runs in progress are not touched. Idempotent."""

@@ -108,6 +108,9 @@ class FakeSite:
             self._key += 1
             return f"fake-key-{self._key}", sum(len(v) for v in self._versions.values())
 
+    def close(self) -> None:
+        """Nothing is held while idle."""
+
     def cancel(self, job_id: str) -> None:
         with self._lock:
             self.cancelled.add(job_id)

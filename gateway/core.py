@@ -103,7 +103,10 @@ class Gateway:
         self._dispatcher.start()
 
     def stop(self) -> None:
+        """Stop dispatching (runs in progress end first), then let the site go of what it
+        holds while idle (its warm containers)."""
         self._dispatcher.stop()
+        self.site.close()
 
     # -- audit ------------------------------------------------------------------------------
 

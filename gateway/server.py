@@ -104,10 +104,12 @@ def build(
     max_queued: int = 100,
     gpus: int = 0,
     container_runtime: str = "runc",
+    warm_containers: int = 0,
 ) -> Running:
     """Build and start the gateway (and, unless given one, the local site) on ``address``.
-    ``gpus`` and ``container_runtime`` configure the local site: the GPUs it may grant a job
-    and the OCI runtime its containers run under (runc; runsc or kata where installed)."""
+    ``gpus``, ``container_runtime`` and ``warm_containers`` configure the local site: the GPUs
+    it may grant a job, the OCI runtime its containers run under (runc; runsc or kata where
+    installed) and the containers it keeps started ahead of jobs (:mod:`enclave._warm`)."""
     gw_dir = home / "gateway"
     gw_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     identity = server_identity(home)
@@ -118,7 +120,12 @@ def build(
         # another site (the tests, a remote site) must not pay for.
         from enclave.agent import DEFAULT_LIMITS, SiteAgent, signer_dir
 
-        limits = dataclasses.replace(DEFAULT_LIMITS, gpus=gpus, runtime=container_runtime)
+        limits = dataclasses.replace(
+            DEFAULT_LIMITS,
+            gpus=gpus,
+            runtime=container_runtime,
+            warm_containers=warm_containers,
+        )
         ca = CertificateAuthority.load(home / "ca")
         site_root = home / "site"
         name = "local-site"

@@ -75,6 +75,12 @@ def up(
         help="OCI runtime for job containers (runc, runsc, "
         "kata-runtime: what the engine has installed)",
     ),
+    warm: int = typer.Option(
+        0,
+        min=0,
+        help="containers kept started ahead of jobs, their imports done: a built-in trainer's "
+        "job then starts in one (about 4 s sooner to its first step); each is used once",
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Run the gateway and one local enclave site in this process until interrupted."""
@@ -87,6 +93,7 @@ def up(
             workers=workers,
             gpus=gpus,
             container_runtime=runtime,
+            warm_containers=warm,
         )
         emit(
             as_json,
