@@ -75,6 +75,8 @@ class SiteReport:
     image_id: str = ""
     metrics: Mapping[str, float] = field(default_factory=dict)
     release_dir: Path | None = None
+    site: str = ""
+    """The reporting site's name, where a gateway serves several (empty: the only one)."""
 
 
 Report = Callable[[SiteReport], None]

@@ -4,8 +4,8 @@ Python server interceptors see no auth context, but the handler they return does
 interceptor replaces every handler with one that (1) takes the principal from the verified TLS
 client certificate (never from metadata), (2) checks the method's roles in :data:`ROLES`
 (a method missing from the table is refused: fail closed), (3) runs the servicer, and (4)
-appends exactly one audit event per call, whatever happens. Its outcome, and what the caller
-gets:
+appends exactly one audit event per call, whatever happens (but for a remote site's polls,
+heartbeats and reports that succeed: :data:`QUIET`). Its outcome, and what the caller gets:
 
 - ``denied``: no certificate with a valid role (recorded as principal and role
   ``unauthenticated``; the caller gets UNAUTHENTICATED) or a role the method does not allow
@@ -43,6 +43,7 @@ from policies.identity import USER_ROLES, Principal, Role
 _LOG = logging.getLogger(__name__)
 _ALL = USER_ROLES
 _GATEWAY = "/sealroom.v1.Gateway/"
+_SITELINK = "/sealroom.v1.SiteLink/"
 
 ROLES: dict[str, frozenset[Role]] = {
     "WhoAmI": _ALL,
@@ -68,7 +69,20 @@ ROLES: dict[str, frozenset[Role]] = {
     "GetConsistencyProof": frozenset({Role.COMPLIANCE, Role.OPERATOR}),
     "AuditReport": frozenset({Role.COMPLIANCE, Role.OPERATOR}),
     "RotateSiteKey": frozenset({Role.OPERATOR}),
+    # The site link: remote sites only, each as the site its certificate names.
+    "SiteLink.Hello": frozenset({Role.SITE}),
+    "SiteLink.PullWork": frozenset({Role.SITE}),
+    "SiteLink.Heartbeat": frozenset({Role.SITE}),
+    "SiteLink.Report": frozenset({Role.SITE}),
+    "SiteLink.FetchBundle": frozenset({Role.SITE}),
+    "SiteLink.PushRelease": frozenset({Role.SITE}),
+    "SiteLink.PushDataset": frozenset({Role.SITE}),
 }
+
+QUIET = frozenset({"SiteLink.PullWork", "SiteLink.Heartbeat", "SiteLink.Report"})
+"""Calls whose success is not an audit record of its own: a site's polls and heartbeats say
+nothing, and what a report carries is recorded by the gateway as it applies it (the state, the
+site's audit events). Their refusals and errors are recorded like any call's."""
 
 AuditFn = Callable[..., int]
 
@@ -106,9 +120,10 @@ class _Record:
     """The one audit record of one call: the first path to reach it writes it, later ones
     find it written (a stream's end and gRPC's cancellation callback can race)."""
 
-    def __init__(self, audit: AuditFn, action: str) -> None:
+    def __init__(self, audit: AuditFn, action: str, *, quiet: bool = False) -> None:
         self._audit = audit
         self._action = action
+        self._quiet = quiet  # an allowed call is not recorded (QUIET)
         self._lock = threading.Lock()
         self._written = False
 
@@ -120,6 +135,8 @@ class _Record:
             if self._written:
                 return True
             self._written = True
+        if self._quiet and outcome == "allowed":
+            return True
         try:
             self._audit(principal, self._action, outcome=outcome, details=dict(details or {}))
         except Exception as err:
@@ -144,7 +161,12 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         method: str = handler_call_details.method
-        name = method.removeprefix(_GATEWAY) if method.startswith(_GATEWAY) else method
+        if method.startswith(_GATEWAY):
+            name = method.removeprefix(_GATEWAY)
+        elif method.startswith(_SITELINK):
+            name = "SiteLink." + method.removeprefix(_SITELINK)
+        else:
+            name = method
         roles = ROLES.get(name, frozenset())
         action = f"rpc.{name}"
 
@@ -191,7 +213,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
         def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
             def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-                record = _Record(self._audit, action)
+                record = _Record(self._audit, action, quiet=name in QUIET)
                 principal = check(context, record)
                 try:
                     response = behavior(request, context)
@@ -205,7 +227,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
         def streaming(behavior: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
             def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                record = _Record(self._audit, action)
+                record = _Record(self._audit, action, quiet=name in QUIET)
                 principal = check(context, record)
 
                 def gone() -> None:  # gRPC calls it when the call ends, however it ends

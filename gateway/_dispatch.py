@@ -264,7 +264,7 @@ class Dispatcher:
     def _on_site_report(self, report: SiteReport) -> None:
         job_id = report.job_id
         if report.audit_action:
-            site = Principal(name=self.site.name, role=Role.SITE)
+            site = Principal(name=report.site or self.site.name, role=Role.SITE)
             self._g.record(
                 site,
                 report.audit_action,

@@ -16,7 +16,7 @@ from gateway._bundles import sha256_file
 from gateway._leakage import bits_spent, epsilon_spent
 from gateway.store import JobRecord, PinnedDataset, PolicyRecord, Store
 from policies import access, approval, channels, document
-from policies.errors import NotFound, PolicyViolation, SpecError
+from policies.errors import InvalidInput, NotFound, PolicyViolation, SpecError
 from policies.identity import Principal, Role
 from policies.spec import JobSpec, parse_spec
 
@@ -57,10 +57,19 @@ class Evaluator:
     # -- which policies ----------------------------------------------------------------------
 
     def pin(self, spec: JobSpec) -> tuple[PinnedDataset, ...]:
+        """The dataset versions the spec names, all kept at one site (a job runs at one
+        site). Raises NotFound, or InvalidInput naming the sites."""
         pinned = []
+        sites: dict[str, list[str]] = {}
         for ref in spec.datasets:
             rec = self.store.dataset(ref.name, ref.version)
             pinned.append(PinnedDataset(rec.name, rec.version, rec.root_hash))
+            sites.setdefault(rec.site or "the gateway's local site", []).append(rec.name)
+        if len(sites) > 1:
+            where = "; ".join(f"{', '.join(names)} at {site}" for site, names in sites.items())
+            raise InvalidInput(
+                f"a job runs at one site, and its datasets are kept at several: {where}"
+            )
         return tuple(pinned)
 
     def current_policies(self, names: list[str]) -> Current:

@@ -18,11 +18,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from enclave.contract import Site
+from enclave.contract import Site, StoredDataset
 from gateway._bundles import BundleStore, sha256_file
 from gateway._catalog import Catalog
 from gateway._dispatch import Dispatcher
@@ -157,6 +157,22 @@ class Gateway:
             description=description,
             archive=archive,
             archive_sha256=archive_sha256,
+        )
+
+    def push_dataset(
+        self,
+        *,
+        site: Principal,
+        owner: str,
+        stored: StoredDataset,
+        description: str,
+        is_owner: Callable[[str], bool],
+    ) -> DatasetRecord:
+        """Record a dataset version remote site ``site`` stored for ``owner``: its metadata
+        only (the bytes stay at the site); audited. See
+        :meth:`gateway._catalog.Catalog.push_dataset`."""
+        return self._catalog.push_dataset(
+            site=site, owner=owner, stored=stored, description=description, is_owner=is_owner
         )
 
     def rotate_site_key(self, *, principal: Principal) -> tuple[str, int]:

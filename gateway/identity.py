@@ -274,6 +274,10 @@ class CertificateAuthority:
             return []
         return [json.loads(x) for x in self.issued_path.read_text().splitlines() if x.strip()]
 
+    def has_issued(self, name: str, role: Role) -> bool:
+        """Whether this CA issued ``name`` an identity with ``role``."""
+        return any(r["name"] == name and r["role"] == role.value for r in self.issued())
+
 
 def _check_name(name: str) -> None:
     if not NAME_RE.match(name):

@@ -1,10 +1,12 @@
-"""Running the gateway: one process with the gateway and one local enclave site (the default).
+"""Running the gateway: one process with the gateway and one local enclave site (the default),
+serving remote sites too (``sealroom site join``: they dial in over the site link).
 
 Layout of ``$SEALROOM_HOME`` (default ``~/.sealroom``)::
 
     ca/                 ca.pem, ca.key (0600)              -- ``sealroom ca init``
     identities/         NAME.pem, NAME.key                 -- ``sealroom ca issue``
-    gateway/            server identity, audit signing key, state.db, audit.db, bundles/, releases/
+    gateway/            server identity, audit signing key, state.db, audit.db, bundles/, releases/,
+                        links/ (releases pushed by remote sites, until the dispatcher takes them)
     site/               the local site: vault, model store, runs, logs, release-signing identity
 
 The server speaks only TLS with client certificates required and verified against the
@@ -22,13 +24,16 @@ from pathlib import Path
 import grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from sealroom.v1 import gateway_pb2_grpc
+from sealroom.v1 import gateway_pb2_grpc, site_pb2_grpc
 
-from enclave.contract import Site
+from enclave.contract import Site, StoredDataset
 from enclave.identity import IdentityFiles
 from enclave.secretfile import ensure_secret, write_secret
 from gateway._auth import AuthInterceptor
+from gateway._federation import Sites
+from gateway._linkservicer import SiteLinkServicer
 from gateway._servicer import GatewayServicer
+from gateway._sitelink import HEARTBEAT_S, LEASE_S, SiteLinks
 from gateway.audit import AuditEvent, AuditLog
 from gateway.core import Gateway
 from gateway.identity import PUBLIC_MODE, CertificateAuthority
@@ -37,6 +42,7 @@ from policies.identity import Principal, Role
 
 DEFAULT_ADDRESS = "localhost:7443"
 MAX_MESSAGE = 8 * 1024 * 1024
+SERVER_THREADS = 128
 
 
 def default_home() -> Path:
@@ -76,6 +82,9 @@ class Running:
     server: grpc.Server
     port: int
     ca_cert: Path
+    site: Site | None
+    """The gateway's own local site (None when it serves remote sites only)."""
+    links: SiteLinks
 
     def stop(self, grace: float = 1.0) -> None:
         self.server.stop(grace).wait()
@@ -105,6 +114,10 @@ def build(
     gpus: int = 0,
     container_runtime: str = "runc",
     warm_containers: int = 0,
+    local_site: bool = True,
+    lease_s: float = LEASE_S,
+    heartbeat_s: float = HEARTBEAT_S,
+    max_release_bytes: int = 8 << 30,
 ) -> Running:
     """Build and start the gateway (and, unless given one, the local site) on ``address``.
     ``gpus``, ``container_runtime`` and ``warm_containers`` configure the local site: the GPUs
@@ -115,7 +128,7 @@ def build(
     identity = server_identity(home)
     audit = AuditLog(gw_dir / "audit.db", signing_key=_signing_key(gw_dir / "audit-signing.key"))
     store = Store(gw_dir / "state.db")
-    if site is None:
+    if site is None and local_site:
         # Not for a cycle: enclave.agent pulls in torch (~1.5 s), which a gateway built around
         # another site (the tests, a remote site) must not pay for.
         from enclave.agent import DEFAULT_LIMITS, SiteAgent, signer_dir
@@ -131,15 +144,19 @@ def build(
         name = "local-site"
         signer = ca.site_signer(name, out_dir=signer_dir(site_root))
         site = SiteAgent.open(site_root, name=name, signer=signer, limits=limits)
+    links = SiteLinks(gw_dir / "links", lease_s=lease_s, heartbeat_s=heartbeat_s)
+    sites = Sites(site, links, locate=lambda name, version: store.dataset(name, version).site)
     gateway = Gateway(
-        home=gw_dir, store=store, audit=audit, site=site, workers=workers, max_queued=max_queued
+        home=gw_dir, store=store, audit=audit, site=sites, workers=workers, max_queued=max_queued
     )
 
     def audit_fn(principal: Principal, action: str, **kw: object) -> int:
         return gateway.record(principal, action, **kw)  # type: ignore[arg-type]
 
+    # Each remote site holds a thread for its long poll (PullWork): room for them beside the
+    # clients' calls.
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=32),
+        futures.ThreadPoolExecutor(max_workers=SERVER_THREADS),
         interceptors=[AuthInterceptor(audit_fn)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -148,6 +165,26 @@ def build(
     )
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(gateway), server)
     cert, key, ca_pem = identity.read()
+    ca = CertificateAuthority.load(home / "ca")
+
+    def push_dataset(site_name: str, owner: str, stored: StoredDataset, description: str) -> None:
+        gateway.push_dataset(
+            site=Principal(site_name, Role.SITE),
+            owner=owner,
+            stored=stored,
+            description=description,
+            is_owner=lambda name: ca.has_issued(name, Role.DATA_OWNER),
+        )
+
+    site_pb2_grpc.add_SiteLinkServicer_to_server(
+        SiteLinkServicer(
+            links,
+            ca_cert_pem=ca_pem,
+            max_release_bytes=max_release_bytes,
+            push_dataset=push_dataset,
+        ),
+        server,
+    )
     creds = grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca_pem, require_client_auth=True
     )
@@ -166,7 +203,14 @@ def build(
         )
     )
     _audit_issuance(audit, CertificateAuthority.load(home / "ca"))
-    return Running(gateway=gateway, server=server, port=port, ca_cert=identity.ca_cert)
+    return Running(
+        gateway=gateway,
+        server=server,
+        port=port,
+        ca_cert=identity.ca_cert,
+        site=site,
+        links=links,
+    )
 
 
 def _audit_issuance(audit: AuditLog, ca: CertificateAuthority) -> None:

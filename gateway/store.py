@@ -30,7 +30,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS datasets (
     name TEXT NOT NULL, version INTEGER NOT NULL, owner TEXT NOT NULL, root_hash TEXT NOT NULL,
     size INTEGER NOT NULL, files TEXT NOT NULL, description TEXT NOT NULL,
-    created_at TEXT NOT NULL, PRIMARY KEY (name, version));
+    created_at TEXT NOT NULL, site TEXT NOT NULL DEFAULT '', PRIMARY KEY (name, version));
 CREATE TABLE IF NOT EXISTS policies (
     dataset TEXT NOT NULL, version INTEGER NOT NULL, document TEXT NOT NULL,
     sha256 TEXT NOT NULL, author TEXT NOT NULL, created_at TEXT NOT NULL,
@@ -73,6 +73,9 @@ class DatasetRecord:
     files: tuple[DatasetFileRecord, ...]
     description: str
     created_at: str
+    site: str = ""
+    """The remote site that keeps it (its bytes never reach the gateway); empty: the gateway's
+    own local site."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,9 @@ class Store:
             self._conn.execute(
                 "ALTER TABLE jobs ADD COLUMN owner_record TEXT NOT NULL DEFAULT '{}'"
             )
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(datasets)")}
+        if "site" not in columns:  # a store from before remote sites
+            self._conn.execute("ALTER TABLE datasets ADD COLUMN site TEXT NOT NULL DEFAULT ''")
         self._lock = threading.RLock()
         self._release_charges: ReleaseCharges | None = None
         with self._tx() as c:
@@ -190,7 +196,7 @@ class Store:
             ).fetchone():
                 raise AlreadyExists(f"dataset {record.name} v{record.version} already exists")
             c.execute(
-                "INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.name,
                     record.version,
@@ -200,6 +206,7 @@ class Store:
                     files,
                     record.description,
                     record.created_at,
+                    record.site,
                 ),
             )
         return record
@@ -404,7 +411,7 @@ class Store:
 
 
 def _dataset(row: tuple[Any, ...]) -> DatasetRecord:
-    name, version, owner, root_hash, size, files, description, created_at = row
+    name, version, owner, root_hash, size, files, description, created_at, site = row
     return DatasetRecord(
         name=name,
         version=int(version),
@@ -414,6 +421,7 @@ def _dataset(row: tuple[Any, ...]) -> DatasetRecord:
         files=tuple(DatasetFileRecord(p, int(s), h) for p, s, h in json.loads(files)),
         description=description,
         created_at=created_at,
+        site=site,
     )
 
 

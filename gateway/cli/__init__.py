@@ -1,9 +1,11 @@
 """The ``sealroom`` command line: one verb group per role's work, every verb with ``--json``.
 
-sealroom ca init | ca issue NAME --role ROLE          operator
+sealroom ca init | ca issue NAME --role ROLE          operator (--role site: a remote site's)
 sealroom up                                            operator: gateway + local site
 sealroom model register | create-tiny                  operator: base models
 sealroom site rotate-key                               operator: re-wrap the data keys
+sealroom site join GATEWAY --name NAME                 a remote site, on its own machine
+sealroom site dataset register NAME DIR --owner O      at a remote site: data stays there
 sealroom dataset register | list                       data owner
 sealroom policy put | get | versions | diff | check    data owner
 sealroom job submit | get | list | watch | cancel      model team
@@ -20,11 +22,12 @@ from pathlib import Path
 
 import typer
 
-from gateway.cli._admin import ca_app, model_app, site_app, up
+from gateway.cli._admin import ca_app, model_app, up
 from gateway.cli._audit import audit_app, release_app
 from gateway.cli._common import STATE
 from gateway.cli._data import dataset_app, policy_app
 from gateway.cli._jobs import job_app
+from gateway.cli._site import site_app
 
 app = typer.Typer(
     help="Sealroom: train on data that never leaves its owner's custody.",

@@ -18,7 +18,6 @@ ca_app = typer.Typer(
     help="The deployment's certificate authority and identities.", no_args_is_help=True
 )
 model_app = typer.Typer(help="The site's base model store (operator).", no_args_is_help=True)
-site_app = typer.Typer(help="The local site's vault (operator).", no_args_is_help=True)
 
 
 @ca_app.command("init")
@@ -29,10 +28,33 @@ def ca_init(as_json: bool = JsonOpt) -> None:
         emit(as_json, {"ca_cert": str(ca.cert_path)}, f"CA created: {ca.cert_path}")
 
 
+def _issue_site(name: str, as_json: bool) -> None:
+    """A remote site's two identities: its TLS client identity (role site) and its release-
+    signing identity (Ed25519), both under identities/, for the operator to hand to the site."""
+    ca = CertificateAuthority.load(STATE.home / "ca")
+    out = STATE.home / "identities"
+    tls = ca.issue(name, role=Role.SITE, out_dir=out)
+    signer = ca.site_signer(name, out_dir=out)
+    emit(
+        as_json,
+        {
+            "name": name,
+            "role": Role.SITE.value,
+            "cert": str(tls.cert),
+            "key": str(tls.key),
+            "signer_cert": str(signer.cert),
+            "signer_key": str(signer.key),
+            "ca_cert": str(ca.cert_path),
+        },
+        f"issued site {name}: {tls.cert} and its release signer {signer.cert}; copy them, "
+        f"their keys and {ca.cert_path} to the site's home (identities/, ca/)",
+    )
+
+
 @ca_app.command("issue")
 def ca_issue(
     name: str,
-    role: str = typer.Option(..., help="model-team, data-owner, compliance or operator"),
+    role: str = typer.Option(..., help="model-team, data-owner, compliance, operator or site"),
     team: str = typer.Option("", help="the principal's team (used by policies)"),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -42,10 +64,11 @@ def ca_issue(
             r = Role(role)
         except ValueError:
             raise InvalidInput(
-                f"unknown role {role!r}: use model-team, data-owner, compliance or operator"
+                f"unknown role {role!r}: use model-team, data-owner, compliance, operator or site"
             ) from None
         if r is Role.SITE:
-            raise InvalidInput("site identities are issued by the site agent, not by hand")
+            _issue_site(name, as_json)
+            return
         if r not in USER_ROLES:
             raise InvalidInput(
                 f"role {role!r} is never carried by a certificate: use model-team, data-owner, "
@@ -140,18 +163,4 @@ def model_create_tiny(name: str, corpus: Path, as_json: bool = JsonOpt) -> None:
             as_json,
             {"name": info.name, "sha256": info.sha256},
             f"created and registered base model {info.name}",
-        )
-
-
-@site_app.command("rotate-key")
-def site_rotate_key(as_json: bool = JsonOpt) -> None:
-    """Re-wrap every data key under a new site key (no data is re-encrypted; audited)."""
-    from gateway.cli._common import client, to_json
-
-    with errors(as_json), client() as c:
-        r = c.rotate_site_key()
-        emit(
-            as_json,
-            to_json(r),
-            f"site {r.site}: new key {r.key_id}, {r.dataset_versions} data keys re-wrapped",
         )

@@ -189,7 +189,7 @@ def bench_first_step(tmp: Path, *, quick: bool) -> dict[str, Any]:
         raise RuntimeError(f"the bench job's first scheduled point is step {first_point}, not 1")
     image = DockerRuntime().resolve_image("sealroom-runtime:latest")
     d = deploy(tmp)
-    site = d.running.gateway.site
+    site = d.running.site
     cold_phases, warm_phases = Phases(), Phases()
     try:
         with d.client("olivia") as owner, d.client("theo") as team:

@@ -524,7 +524,7 @@ def test_a_site_gives_warm_containers_to_built_in_jobs_only(
     if os.geteuid() != 0:
         pytest.skip("needs root")
     d = deploy(tmp_path)
-    site = d.running.gateway.site
+    site = d.running.site
     try:
         site.keep_warm(1)
         with d.client("olivia") as owner, d.client("theo") as team, d.client("carol") as carol:

@@ -1,8 +1,9 @@
 """One site contract, every implementation: :class:`enclave.contract.Site`'s docstring, tested.
 
 The same tests run against the in-process :class:`enclave.agent.SiteAgent` (on the in-process
-runtime, :mod:`enclave.runtime.fake`: no Docker) and the shipped :class:`enclave.fake.FakeSite`;
-the remote site joins the parameters when it exists. A run that starts a job needs a container
+runtime, :mod:`enclave.runtime.fake`: no Docker) and the shipped :class:`enclave.fake.FakeSite`,
+and against each of them reached as a remote site is, over the real site link (gRPC over mTLS,
+``tests/unit/_linked.py``). A run that starts a job needs a container
 and a tmpfs (``tests/integration``); the runs here are those that end before they start.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import io
 import tarfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from policies.errors import InvalidInput
 from policies.lifecycle import JobState
 from policies.spec import parse_spec
 from tests.integration._deployment import policy
+from tests.unit._linked import LinkedSite
 
 SPEC = parse_spec("""\
 name: contract
@@ -35,14 +37,26 @@ resources: {cpus: 1, memory_mb: 1024, timeout_s: 60}
 """)
 
 
-@pytest.fixture(params=["agent", "fake"])
-def site(request: pytest.FixtureRequest, tmp_path: Path) -> Site:
+@pytest.fixture(params=["agent", "fake", "linked-agent", "linked-fake"])
+def site(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Site]:
     root = tmp_path / "site"
-    if request.param == "fake":
-        return FakeSite(root)
     ca = CertificateAuthority.init(tmp_path / "ca")
-    signer = ca.site_signer("local-site", out_dir=signer_dir(root))
-    return SiteAgent.open(root, signer=signer, runtime=FakeRuntime(lambda job: 0))
+    backing: Site
+    if request.param.endswith("fake"):
+        backing = FakeSite(root)
+    else:
+        signer = ca.site_signer("site-a", out_dir=signer_dir(root))
+        backing = SiteAgent.open(
+            root, name="site-a", signer=signer, runtime=FakeRuntime(lambda job: 0)
+        )
+    if not request.param.startswith("linked"):
+        yield backing
+        return
+    linked = LinkedSite(tmp_path / "link", backing, ca=ca)
+    try:
+        yield linked
+    finally:
+        linked.close()
 
 
 def _tar(files: Mapping[str, bytes], *, link: str = "") -> io.BytesIO:

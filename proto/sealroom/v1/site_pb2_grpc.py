@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class SiteAgentStub:
+class SiteLinkStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -34,206 +34,152 @@ class SiteAgentStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.StoreDataset = channel.stream_unary(
-                '/sealroom.v1.SiteAgent/StoreDataset',
-                request_serializer=sealroom_dot_v1_dot_site__pb2.StoreDatasetChunk.SerializeToString,
-                response_deserializer=sealroom_dot_v1_dot_site__pb2.StoredDataset.FromString,
+        self.Hello = channel.unary_unary(
+                '/sealroom.v1.SiteLink/Hello',
+                request_serializer=sealroom_dot_v1_dot_site__pb2.HelloRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_site__pb2.HelloResponse.FromString,
                 _registered_method=True)
-        self.Run = channel.stream_stream(
-                '/sealroom.v1.SiteAgent/Run',
-                request_serializer=sealroom_dot_v1_dot_site__pb2.RunChunk.SerializeToString,
-                response_deserializer=sealroom_dot_v1_dot_site__pb2.SiteReport.FromString,
+        self.PullWork = channel.unary_unary(
+                '/sealroom.v1.SiteLink/PullWork',
+                request_serializer=sealroom_dot_v1_dot_site__pb2.PullWorkRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_site__pb2.PullWorkResponse.FromString,
                 _registered_method=True)
-        self.CancelRun = channel.unary_unary(
-                '/sealroom.v1.SiteAgent/CancelRun',
-                request_serializer=sealroom_dot_v1_dot_site__pb2.CancelRunRequest.SerializeToString,
-                response_deserializer=sealroom_dot_v1_dot_site__pb2.CancelRunResponse.FromString,
+        self.Heartbeat = channel.unary_unary(
+                '/sealroom.v1.SiteLink/Heartbeat',
+                request_serializer=sealroom_dot_v1_dot_site__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_site__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
-        self.GetRunLogs = channel.unary_unary(
-                '/sealroom.v1.SiteAgent/GetRunLogs',
-                request_serializer=sealroom_dot_v1_dot_site__pb2.GetRunLogsRequest.SerializeToString,
-                response_deserializer=sealroom_dot_v1_dot_site__pb2.RunLogs.FromString,
+        self.Report = channel.unary_unary(
+                '/sealroom.v1.SiteLink/Report',
+                request_serializer=sealroom_dot_v1_dot_site__pb2.ReportRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_site__pb2.ReportResponse.FromString,
                 _registered_method=True)
-        self.GetImageId = channel.unary_unary(
-                '/sealroom.v1.SiteAgent/GetImageId',
-                request_serializer=sealroom_dot_v1_dot_site__pb2.GetImageIdRequest.SerializeToString,
-                response_deserializer=sealroom_dot_v1_dot_site__pb2.ImageId.FromString,
+        self.FetchBundle = channel.unary_stream(
+                '/sealroom.v1.SiteLink/FetchBundle',
+                request_serializer=sealroom_dot_v1_dot_site__pb2.FetchBundleRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_site__pb2.BundleChunk.FromString,
                 _registered_method=True)
-        self.RotateKey = channel.unary_unary(
-                '/sealroom.v1.SiteAgent/RotateKey',
-                request_serializer=sealroom_dot_v1_dot_site__pb2.RotateKeyRequest.SerializeToString,
-                response_deserializer=sealroom_dot_v1_dot_site__pb2.RotateKeyResponse.FromString,
+        self.PushRelease = channel.stream_unary(
+                '/sealroom.v1.SiteLink/PushRelease',
+                request_serializer=sealroom_dot_v1_dot_site__pb2.SiteReleaseChunk.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_site__pb2.PushReleaseResponse.FromString,
                 _registered_method=True)
-        self.FetchRelease = channel.unary_stream(
-                '/sealroom.v1.SiteAgent/FetchRelease',
-                request_serializer=sealroom_dot_v1_dot_site__pb2.FetchReleaseRequest.SerializeToString,
-                response_deserializer=sealroom_dot_v1_dot_site__pb2.SiteReleaseChunk.FromString,
+        self.PushDataset = channel.unary_unary(
+                '/sealroom.v1.SiteLink/PushDataset',
+                request_serializer=sealroom_dot_v1_dot_site__pb2.PushDatasetRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_site__pb2.PushDatasetResponse.FromString,
                 _registered_method=True)
 
 
-class SiteAgentServicer:
+class SiteLinkServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def StoreDataset(self, request_iterator, context):
-        """Site.store_dataset: store a tar archive as the next version of a dataset (or return the
-        identical existing one). First message: the header; then the archive's bytes.
-        INVALID_ARGUMENT for a refused archive (nothing is stored then).
+    def Hello(self, request, context):
+        """First call of every connection: what the site is and which leases it believes it holds.
+        The answer says, for each, the next report number the gateway expects and whether the lease
+        is still live, and the link's timings.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Run(self, request_iterator, context):
-        """Site.run: run an approved job to its end. First message: the order; then the code bundle's
-        bytes, if any. The answer streams the run's reports, in order, and ends after the one
-        report with a terminal state, once the site has cleaned up after the run. The site's own
-        faults come as that terminal ERROR report, not as a status.
+    def PullWork(self, request, context):
+        """Long poll (up to wait_s): a lease on one run order for this site, or none.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def CancelRun(self, request, context):
-        """Site.cancel: idempotent; a run in progress then ends CANCELLED.
+    def Heartbeat(self, request, context):
+        """Every heartbeat_s: renews every live lease of this site; answers with the runs to cancel.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def GetRunLogs(self, request, context):
-        """Site.logs: the run's stdout and stderr, size-capped (empty for a run the site never had).
+    def Report(self, request, context):
+        """One report of a leased run (see "Leases"). PERMISSION_DENIED for a lease this site does not
+        hold; FAILED_PRECONDITION for a lease that has ended or a report number past the next one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def GetImageId(self, request, context):
-        """Site.image_id: the runtime image the site runs jobs in, pinned by ID.
+    def FetchBundle(self, request, context):
+        """The code bundle of a leased run (the site checks it against the order's bundle hash).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def RotateKey(self, request, context):
-        """Site.rotate_key: re-wrap every data key under a new site key; crash-safe when repeated.
+    def PushRelease(self, request_iterator, context):
+        """The signed release of a leased run, before its RELEASED or AWAITING_REVIEW report: the
+        manifest first, then each file it lists. The gateway stores nothing unless every file
+        matches the manifest. Repeating it replaces what an earlier push left.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def FetchRelease(self, request, context):
-        """The files of a RELEASED report's release directory (SiteReport.release_dir in process):
-        the signed manifest first. Only for a report that said has_release.
+    def PushDataset(self, request, context):
+        """A dataset version the site stored: metadata only (names, sizes, hashes), never bytes.
+        Repeating it for the same version is acknowledged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_SiteAgentServicer_to_server(servicer, server):
+def add_SiteLinkServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'StoreDataset': grpc.stream_unary_rpc_method_handler(
-                    servicer.StoreDataset,
-                    request_deserializer=sealroom_dot_v1_dot_site__pb2.StoreDatasetChunk.FromString,
-                    response_serializer=sealroom_dot_v1_dot_site__pb2.StoredDataset.SerializeToString,
+            'Hello': grpc.unary_unary_rpc_method_handler(
+                    servicer.Hello,
+                    request_deserializer=sealroom_dot_v1_dot_site__pb2.HelloRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_site__pb2.HelloResponse.SerializeToString,
             ),
-            'Run': grpc.stream_stream_rpc_method_handler(
-                    servicer.Run,
-                    request_deserializer=sealroom_dot_v1_dot_site__pb2.RunChunk.FromString,
-                    response_serializer=sealroom_dot_v1_dot_site__pb2.SiteReport.SerializeToString,
+            'PullWork': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullWork,
+                    request_deserializer=sealroom_dot_v1_dot_site__pb2.PullWorkRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_site__pb2.PullWorkResponse.SerializeToString,
             ),
-            'CancelRun': grpc.unary_unary_rpc_method_handler(
-                    servicer.CancelRun,
-                    request_deserializer=sealroom_dot_v1_dot_site__pb2.CancelRunRequest.FromString,
-                    response_serializer=sealroom_dot_v1_dot_site__pb2.CancelRunResponse.SerializeToString,
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=sealroom_dot_v1_dot_site__pb2.HeartbeatRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_site__pb2.HeartbeatResponse.SerializeToString,
             ),
-            'GetRunLogs': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetRunLogs,
-                    request_deserializer=sealroom_dot_v1_dot_site__pb2.GetRunLogsRequest.FromString,
-                    response_serializer=sealroom_dot_v1_dot_site__pb2.RunLogs.SerializeToString,
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=sealroom_dot_v1_dot_site__pb2.ReportRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_site__pb2.ReportResponse.SerializeToString,
             ),
-            'GetImageId': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetImageId,
-                    request_deserializer=sealroom_dot_v1_dot_site__pb2.GetImageIdRequest.FromString,
-                    response_serializer=sealroom_dot_v1_dot_site__pb2.ImageId.SerializeToString,
+            'FetchBundle': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchBundle,
+                    request_deserializer=sealroom_dot_v1_dot_site__pb2.FetchBundleRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_site__pb2.BundleChunk.SerializeToString,
             ),
-            'RotateKey': grpc.unary_unary_rpc_method_handler(
-                    servicer.RotateKey,
-                    request_deserializer=sealroom_dot_v1_dot_site__pb2.RotateKeyRequest.FromString,
-                    response_serializer=sealroom_dot_v1_dot_site__pb2.RotateKeyResponse.SerializeToString,
+            'PushRelease': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushRelease,
+                    request_deserializer=sealroom_dot_v1_dot_site__pb2.SiteReleaseChunk.FromString,
+                    response_serializer=sealroom_dot_v1_dot_site__pb2.PushReleaseResponse.SerializeToString,
             ),
-            'FetchRelease': grpc.unary_stream_rpc_method_handler(
-                    servicer.FetchRelease,
-                    request_deserializer=sealroom_dot_v1_dot_site__pb2.FetchReleaseRequest.FromString,
-                    response_serializer=sealroom_dot_v1_dot_site__pb2.SiteReleaseChunk.SerializeToString,
+            'PushDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushDataset,
+                    request_deserializer=sealroom_dot_v1_dot_site__pb2.PushDatasetRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_site__pb2.PushDatasetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'sealroom.v1.SiteAgent', rpc_method_handlers)
+            'sealroom.v1.SiteLink', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('sealroom.v1.SiteAgent', rpc_method_handlers)
+    server.add_registered_method_handlers('sealroom.v1.SiteLink', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class SiteAgent:
+class SiteLink:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def StoreDataset(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
-            target,
-            '/sealroom.v1.SiteAgent/StoreDataset',
-            sealroom_dot_v1_dot_site__pb2.StoreDatasetChunk.SerializeToString,
-            sealroom_dot_v1_dot_site__pb2.StoredDataset.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Run(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/sealroom.v1.SiteAgent/Run',
-            sealroom_dot_v1_dot_site__pb2.RunChunk.SerializeToString,
-            sealroom_dot_v1_dot_site__pb2.SiteReport.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def CancelRun(request,
+    def Hello(request,
             target,
             options=(),
             channel_credentials=None,
@@ -246,9 +192,9 @@ class SiteAgent:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/sealroom.v1.SiteAgent/CancelRun',
-            sealroom_dot_v1_dot_site__pb2.CancelRunRequest.SerializeToString,
-            sealroom_dot_v1_dot_site__pb2.CancelRunResponse.FromString,
+            '/sealroom.v1.SiteLink/Hello',
+            sealroom_dot_v1_dot_site__pb2.HelloRequest.SerializeToString,
+            sealroom_dot_v1_dot_site__pb2.HelloResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -260,7 +206,7 @@ class SiteAgent:
             _registered_method=True)
 
     @staticmethod
-    def GetRunLogs(request,
+    def PullWork(request,
             target,
             options=(),
             channel_credentials=None,
@@ -273,9 +219,9 @@ class SiteAgent:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/sealroom.v1.SiteAgent/GetRunLogs',
-            sealroom_dot_v1_dot_site__pb2.GetRunLogsRequest.SerializeToString,
-            sealroom_dot_v1_dot_site__pb2.RunLogs.FromString,
+            '/sealroom.v1.SiteLink/PullWork',
+            sealroom_dot_v1_dot_site__pb2.PullWorkRequest.SerializeToString,
+            sealroom_dot_v1_dot_site__pb2.PullWorkResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -287,7 +233,7 @@ class SiteAgent:
             _registered_method=True)
 
     @staticmethod
-    def GetImageId(request,
+    def Heartbeat(request,
             target,
             options=(),
             channel_credentials=None,
@@ -300,9 +246,9 @@ class SiteAgent:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/sealroom.v1.SiteAgent/GetImageId',
-            sealroom_dot_v1_dot_site__pb2.GetImageIdRequest.SerializeToString,
-            sealroom_dot_v1_dot_site__pb2.ImageId.FromString,
+            '/sealroom.v1.SiteLink/Heartbeat',
+            sealroom_dot_v1_dot_site__pb2.HeartbeatRequest.SerializeToString,
+            sealroom_dot_v1_dot_site__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -314,7 +260,7 @@ class SiteAgent:
             _registered_method=True)
 
     @staticmethod
-    def RotateKey(request,
+    def Report(request,
             target,
             options=(),
             channel_credentials=None,
@@ -327,9 +273,9 @@ class SiteAgent:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/sealroom.v1.SiteAgent/RotateKey',
-            sealroom_dot_v1_dot_site__pb2.RotateKeyRequest.SerializeToString,
-            sealroom_dot_v1_dot_site__pb2.RotateKeyResponse.FromString,
+            '/sealroom.v1.SiteLink/Report',
+            sealroom_dot_v1_dot_site__pb2.ReportRequest.SerializeToString,
+            sealroom_dot_v1_dot_site__pb2.ReportResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -341,7 +287,7 @@ class SiteAgent:
             _registered_method=True)
 
     @staticmethod
-    def FetchRelease(request,
+    def FetchBundle(request,
             target,
             options=(),
             channel_credentials=None,
@@ -354,9 +300,63 @@ class SiteAgent:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/sealroom.v1.SiteAgent/FetchRelease',
-            sealroom_dot_v1_dot_site__pb2.FetchReleaseRequest.SerializeToString,
-            sealroom_dot_v1_dot_site__pb2.SiteReleaseChunk.FromString,
+            '/sealroom.v1.SiteLink/FetchBundle',
+            sealroom_dot_v1_dot_site__pb2.FetchBundleRequest.SerializeToString,
+            sealroom_dot_v1_dot_site__pb2.BundleChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushRelease(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/sealroom.v1.SiteLink/PushRelease',
+            sealroom_dot_v1_dot_site__pb2.SiteReleaseChunk.SerializeToString,
+            sealroom_dot_v1_dot_site__pb2.PushReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.SiteLink/PushDataset',
+            sealroom_dot_v1_dot_site__pb2.PushDatasetRequest.SerializeToString,
+            sealroom_dot_v1_dot_site__pb2.PushDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,

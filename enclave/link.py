@@ -1,0 +1,348 @@
+"""A site's side of the site link: dial out to the gateway, pull leased run orders, run each at
+this site, report back (``proto/sealroom/v1/site.proto``; the gateway's side is
+:mod:`gateway._sitelink`).
+
+:class:`SiteLink` drives any :class:`enclave.contract.Site` (a :class:`enclave.agent.SiteAgent`
+in a deployment, :class:`enclave.fake.FakeSite` in tests). The site listens on no port.
+
+- **Connect, and again.** Every (re)connection starts with ``Hello``, naming the leases this
+  site has on record; a failed call backs off (0.2 s doubling to 10 s, jittered) and connects
+  again. Reports are repeated until acknowledged: the gateway applies each number once.
+- **Leases on record.** A lease is written under ``<state>/leases/`` before its order reaches
+  the site and removed once its last report is acknowledged. A site process that died with
+  leases on record wipes what its runs left (the site does that when it opens) and reports each
+  live one ``ERROR`` when it next says hello: the job ends, clearly, and is never run again.
+- **Checked before it runs.** The order's spec must hash to the hash it names, and a fetched
+  bundle to the order's bundle hash; otherwise the run ends ``ERROR`` before the site sees it.
+- **A lease the gateway ended** (it refuses a report as ended) is cancelled here.
+- **A release goes first**: ``PushRelease`` streams the signed release, then the report that
+  names it follows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from sealroom.v1 import site_pb2 as pb
+from sealroom.v1 import site_pb2_grpc as pb_grpc
+
+from enclave.contract import Site, SiteReport, StoredDataset
+from enclave.identity import IdentityFiles
+from enclave.linkwire import order_from_json, report_message
+from policies.channels import TeamReason
+from policies.errors import InvalidInput, SealroomError
+from policies.lifecycle import JobState
+
+VERSION = "sealroom-site/1"
+CHUNK = 1 << 20
+PULL_WAIT_S = 20.0
+_RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_ENDED = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED)
+
+
+@dataclass(frozen=True)
+class PushedDataset:
+    """A dataset version this site keeps, as the gateway learns of it."""
+
+    stored: StoredDataset
+    owner: str
+    description: str = ""
+
+
+def channel(address: str, identity: IdentityFiles) -> grpc.Channel:
+    cert, key, ca = identity.read()
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
+    return grpc.secure_channel(
+        address,
+        creds,
+        options=[
+            ("grpc.max_receive_message_length", 8 << 20),
+            ("grpc.max_send_message_length", 8 << 20),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ],
+    )
+
+
+def push_datasets(stub: pb_grpc.SiteLinkStub, datasets: Iterable[PushedDataset]) -> int:
+    """Tell the gateway of each dataset version (idempotent); the number pushed."""
+    n = 0
+    for d in datasets:
+        s = d.stored
+        stub.PushDataset(
+            pb.PushDatasetRequest(
+                name=s.name,
+                version=s.version,
+                owner=d.owner,
+                root_hash=s.root_hash,
+                size=s.size,
+                files=[pb.StoredFile(path=p, size=z, sha256=h) for p, z, h in s.files],
+                description=d.description,
+            ),
+            timeout=30,
+        )
+        n += 1
+    return n
+
+
+class SiteLink:
+    """Serve ``site`` to the gateway at ``address`` until :meth:`stop` (see the module)."""
+
+    def __init__(
+        self,
+        site: Site,
+        *,
+        address: str,
+        identity: IdentityFiles,
+        state: Path,
+        slots: int = 1,
+        image_id: str = "",
+        datasets: Callable[[], Iterable[PushedDataset]] = lambda: (),
+    ) -> None:
+        self.site = site
+        self.address = address
+        self.identity = identity
+        self.slots = slots
+        self.image_id = image_id
+        self._datasets = datasets
+        self._leases = state / "leases"
+        self._bundles = state / "bundles"
+        for d in (self._leases, self._bundles):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._channel = channel(address, identity)
+        self._stub = pb_grpc.SiteLinkStub(self._channel)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._running: dict[str, threading.Thread] = {}
+        self._free = threading.Semaphore(slots)
+        self.heartbeat_s = 5.0
+        self.connected = threading.Event()
+
+    # -- life ---------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Connect, pull and run until :meth:`stop`; returns once the runs it started ended."""
+        beat = threading.Thread(target=self._heartbeats, name="site-heartbeat", daemon=True)
+        beat.start()
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                self._hello()
+                backoff = 0.2
+                self._pull_until_stopped()
+            except grpc.RpcError as e:
+                self.connected.clear()
+                if e.code() not in _RETRY:
+                    raise
+                self._stop.wait(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, 10.0)
+        for t in list(self._running.values()):
+            t.join()
+        beat.join(timeout=self.heartbeat_s + 1)
+        self._channel.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _hello(self) -> None:
+        held = sorted(p.stem for p in self._leases.glob("*.json"))
+        answer = self._stub.Hello(
+            pb.HelloRequest(
+                version=VERSION,
+                image_id=self.image_id,
+                slots=self.slots,
+                held=[pb.LeaseState(job_id=j) for j in held],
+            ),
+            timeout=30,
+        )
+        self.heartbeat_s = answer.heartbeat_s or self.heartbeat_s
+        push_datasets(self._stub, self._datasets())
+        for lease in answer.leases:
+            with self._lock:
+                mine = lease.job_id in self._running
+            if mine:
+                continue  # a run of this process, still going: its reports carry on
+            if lease.live:  # left by a process that died: end it, clearly
+                report = SiteReport(
+                    lease.job_id,
+                    state=JobState.ERROR,
+                    reason=TeamReason.ERROR,
+                    detail="the site restarted during the run; its staging and containers "
+                    "were wiped",
+                )
+                self._send(lease.job_id, lease.next_seq, report_message(report))
+            (self._leases / f"{lease.job_id}.json").unlink(missing_ok=True)
+        self.connected.set()
+
+    def _pull_until_stopped(self) -> None:
+        while not self._stop.is_set():
+            if not self._free.acquire(timeout=1.0):
+                continue
+            try:
+                got = self._pull()
+            except BaseException:
+                self._free.release()
+                raise
+            if got is None or not got.HasField("lease"):
+                self._free.release()
+                continue
+            lease = got.lease
+            (self._leases / f"{lease.job_id}.json").write_text(json.dumps({"job_id": lease.job_id}))
+            t = threading.Thread(target=self._run, args=(lease,), name=f"run-{lease.job_id}")
+            with self._lock:
+                self._running[lease.job_id] = t
+            t.start()
+
+    def _pull(self) -> pb.PullWorkResponse | None:
+        """One long poll, given up (None) as soon as the link is stopped."""
+        call = self._stub.PullWork.future(
+            pb.PullWorkRequest(wait_s=PULL_WAIT_S), timeout=PULL_WAIT_S + 10
+        )
+        while not call.done():
+            if self._stop.wait(0.2):
+                call.cancel()
+                return None
+        return call.result()
+
+    def _heartbeats(self) -> None:
+        """Every ``heartbeat_s`` (the gateway's, from its hello) while connected."""
+        while not self._stop.is_set():
+            if not self.connected.wait(timeout=0.5):
+                continue
+            if self._stop.wait(self.heartbeat_s):
+                return
+            try:
+                answer = self._stub.Heartbeat(pb.HeartbeatRequest(), timeout=self.heartbeat_s * 2)
+            except grpc.RpcError:
+                continue  # the pull loop notices and reconnects
+            for job_id in answer.cancel:
+                self.site.cancel(job_id)
+
+    # -- one run --------------------------------------------------------------------------------
+
+    def _run(self, lease: pb.Lease) -> None:
+        job_id = lease.job_id
+        seq = _Counter()
+        bundle = self._bundles / f"{job_id}.tar.gz"
+        ended = False
+
+        def report(r: SiteReport) -> None:
+            nonlocal ended
+            if ended:
+                return
+            if r.release_dir is not None:
+                self._push_release(job_id, r.release_dir)
+            if not self._send(job_id, seq.take(), report_message(r)):
+                ended = True
+                self.site.cancel(job_id)  # the gateway ended the lease: stop the run here
+
+        try:
+            try:
+                order = order_from_json(
+                    lease.order_json,
+                    bundle=self._fetch(lease, bundle) if lease.has_bundle else None,
+                )
+            except (InvalidInput, SealroomError) as e:
+                report(
+                    SiteReport(job_id, state=JobState.ERROR, reason=TeamReason.ERROR, detail=str(e))
+                )
+                return
+            self.site.run(order, report)
+        except Exception as e:  # the site could not report at all: the run's ERROR
+            if not ended:
+                report(
+                    SiteReport(
+                        job_id,
+                        state=JobState.ERROR,
+                        reason=TeamReason.ERROR,
+                        detail=f"the site failed: {type(e).__name__}",
+                    )
+                )
+        finally:
+            bundle.unlink(missing_ok=True)
+            (self._leases / f"{job_id}.json").unlink(missing_ok=True)
+            with self._lock:
+                self._running.pop(job_id, None)
+            self._free.release()
+
+    def _fetch(self, lease: pb.Lease, dest: Path) -> Path:
+        """The lease's bundle into ``dest``, fetched again from its start if the connection
+        drops; checked against the order's bundle hash."""
+        expected = json.loads(lease.order_json).get("bundle_sha256", "")
+        digest = hashlib.sha256()
+
+        def fetch() -> None:
+            nonlocal digest
+            digest = hashlib.sha256()
+            request = pb.FetchBundleRequest(job_id=lease.job_id)
+            with dest.open("wb") as f:
+                for chunk in self._stub.FetchBundle(request, timeout=3600):
+                    digest.update(chunk.data)
+                    f.write(chunk.data)
+
+        self._call_until_done(fetch)
+        if digest.hexdigest() != expected:
+            raise InvalidInput(
+                f"the bundle fetched for {lease.job_id} hashes to {digest.hexdigest()}, "
+                f"not to the {expected} the order names"
+            )
+        return dest
+
+    def _push_release(self, job_id: str, root: Path) -> None:
+        def messages() -> Iterator[pb.SiteReleaseChunk]:
+            yield pb.SiteReleaseChunk(job_id=job_id)
+            for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
+                size = path.stat().st_size
+                rel = path.relative_to(root).as_posix()
+                yield pb.SiteReleaseChunk(file=pb.ReleaseFile(path=rel, size=size))
+                with path.open("rb") as f:
+                    while data := f.read(CHUNK):
+                        yield pb.SiteReleaseChunk(data=data)
+
+        self._call_until_done(lambda: self._stub.PushRelease(messages(), timeout=3600))
+
+    def _send(self, job_id: str, seq: int, msg: pb.SiteReport) -> bool:
+        """Send report ``seq`` until it is acknowledged; False when the gateway says the lease
+        has ended (or is not this site's)."""
+        try:
+            self._call_until_done(
+                lambda: self._stub.Report(pb.ReportRequest(seq=seq, report=msg), timeout=30)
+            )
+        except grpc.RpcError as e:
+            if e.code() in _ENDED:
+                return False
+            raise
+        return True
+
+    def _call_until_done(self, call: Callable[[], object]) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                call()
+                return
+            except grpc.RpcError as e:
+                if e.code() not in _RETRY or (self._stop.is_set() and backoff > 5):
+                    raise
+                time.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, 10.0)
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> int:
+        with self._lock:
+            n, self._n = self._n, self._n + 1
+            return n

@@ -1,0 +1,180 @@
+"""The SiteLink gRPC servicer: each call of a remote site, one call into :class:`SiteLinks` (or
+the catalogue, for a pushed dataset). The site is the name in its certificate (role ``site``,
+checked with every call by :mod:`gateway._auth`); nothing in a request can name another.
+
+A pushed release is written under the lease's incoming directory and verified there as the
+model team will verify it (:func:`enclave.provenance.verify.verify_release`: the signature
+chains to the deployment CA, the signer is the pushing site, every file matches the manifest,
+none is missing or extra). Only then may the report that names it come; a push that fails
+leaves nothing behind and says why.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+
+import grpc
+from sealroom.v1 import site_pb2 as pb
+from sealroom.v1 import site_pb2_grpc as pb_grpc
+
+from enclave.contract import StoredDataset
+from enclave.provenance.verify import verify_release
+from enclave.writebehind import WriteBehind
+from gateway._auth import principal_of
+from gateway._sitelink import SiteLinks
+from policies.errors import IntegrityError, InvalidInput, ResourceExhausted, SealroomError
+
+CHUNK = 1 << 20
+MAX_RELEASE_FILES = 10_000
+
+PushDataset = Callable[[str, str, StoredDataset, str], None]
+"""(site, owner, the stored version's metadata, description): record a dataset a site keeps."""
+
+
+class SiteLinkServicer(pb_grpc.SiteLinkServicer):
+    def __init__(
+        self,
+        links: SiteLinks,
+        *,
+        ca_cert_pem: bytes,
+        max_release_bytes: int,
+        push_dataset: PushDataset,
+    ) -> None:
+        self.links = links
+        self.ca_cert_pem = ca_cert_pem
+        self.max_release_bytes = max_release_bytes
+        self.push_dataset = push_dataset
+
+    def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloResponse:
+        leases = self.links.hello(
+            _site(context),
+            version=request.version,
+            image_id=request.image_id,
+            slots=request.slots,
+            held=[h.job_id for h in request.held],
+        )
+        return pb.HelloResponse(
+            leases=leases, heartbeat_s=self.links.heartbeat_s, lease_s=self.links.lease_s
+        )
+
+    def PullWork(
+        self, request: pb.PullWorkRequest, context: grpc.ServicerContext
+    ) -> pb.PullWorkResponse:
+        got = self.links.pull(_site(context), wait_s=request.wait_s)
+        if got is None:
+            return pb.PullWorkResponse()
+        job_id, order, has_bundle = got
+        return pb.PullWorkResponse(
+            lease=pb.Lease(job_id=job_id, order_json=order, has_bundle=has_bundle)
+        )
+
+    def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> pb.HeartbeatResponse:
+        return pb.HeartbeatResponse(cancel=self.links.heartbeat(_site(context)))
+
+    def Report(self, request: pb.ReportRequest, context: grpc.ServicerContext) -> pb.ReportResponse:
+        return pb.ReportResponse(
+            next_seq=self.links.report(_site(context), request.seq, request.report)
+        )
+
+    def FetchBundle(
+        self, request: pb.FetchBundleRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.BundleChunk]:
+        path = self.links.bundle(_site(context), request.job_id)
+        if path is None:
+            return
+        with path.open("rb") as f:
+            while data := f.read(CHUNK):
+                yield pb.BundleChunk(data=data)
+
+    def PushRelease(
+        self, request_iterator: Iterator[pb.SiteReleaseChunk], context: grpc.ServicerContext
+    ) -> pb.PushReleaseResponse:
+        site = _site(context)
+        it = iter(request_iterator)
+        first = next(it, None)
+        if first is None or first.WhichOneof("part") != "job_id":
+            raise InvalidInput("the first message of a pushed release must name its job")
+        job_id = first.job_id
+        root = self.links.release_root(site, job_id)
+        try:
+            files, total = self._receive(it, root / "release")
+            verified = verify_release(root / "release", ca_cert_pem=self.ca_cert_pem)
+            if verified.site != site:
+                raise IntegrityError(
+                    f"the release is signed by site {verified.site!r}, not by {site!r}"
+                )
+            self.links.accept_release(site, job_id, root / "release")
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+        return pb.PushReleaseResponse(files=files, bytes=total)
+
+    def _receive(self, it: Iterator[pb.SiteReleaseChunk], dest: Path) -> tuple[int, int]:
+        dest.mkdir(mode=0o700)
+        out: WriteBehind | None = None
+        left = files = total = 0
+        try:
+            for msg in it:
+                part = msg.WhichOneof("part")
+                if part == "file":
+                    if out is not None and left:
+                        raise InvalidInput("a file of the release ended early")
+                    if out is not None:
+                        out.close()
+                    files += 1
+                    if files > MAX_RELEASE_FILES:
+                        raise ResourceExhausted(f"a release has at most {MAX_RELEASE_FILES} files")
+                    path = dest / _safe(msg.file.path)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    out, left = WriteBehind.create(path), msg.file.size
+                elif part == "data":
+                    if out is None or len(msg.data) > left:
+                        raise InvalidInput("release bytes beyond the size their file announced")
+                    total += len(msg.data)
+                    if total > self.max_release_bytes:
+                        raise ResourceExhausted(
+                            f"a release is at most {self.max_release_bytes} bytes"
+                        )
+                    out.write(msg.data)
+                    left -= len(msg.data)
+                else:
+                    raise InvalidInput(f"unexpected {part or 'empty'} message in a pushed release")
+            if left:
+                raise InvalidInput("the last file of the release ended early")
+        finally:
+            if out is not None:
+                out.close()
+        return files, total
+
+    def PushDataset(
+        self, request: pb.PushDatasetRequest, context: grpc.ServicerContext
+    ) -> pb.PushDatasetResponse:
+        stored = StoredDataset(
+            name=request.name,
+            version=request.version,
+            root_hash=request.root_hash,
+            size=request.size,
+            files=tuple((f.path, f.size, f.sha256) for f in request.files),
+        )
+        self.push_dataset(_site(context), request.owner, stored, request.description)
+        return pb.PushDatasetResponse()
+
+
+def _site(context: grpc.ServicerContext) -> str:
+    return principal_of(context).name
+
+
+def _safe(path: str) -> PurePosixPath:
+    p = PurePosixPath(path)
+    if not path or p.is_absolute() or any(part in ("", ".", "..") for part in p.parts):
+        raise InvalidInput(f"unsafe path in a pushed release: {path!r}")
+    if "\\" in path or "\x00" in path:
+        raise InvalidInput(f"unsafe path in a pushed release: {path!r}")
+    return p
+
+
+__all__ = ["SealroomError", "SiteLinkServicer"]

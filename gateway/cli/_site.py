@@ -1,0 +1,176 @@
+"""``sealroom site``: a remote site on its own machine, and the local site's keys.
+
+On the site's machine, ``$SEALROOM_HOME`` is the site's own home: ``ca/ca.pem`` (the deployment
+CA's certificate, copied from the operator: never its key), ``identities/NAME.pem|.key`` and
+``NAME-signer.pem|.key`` (from ``sealroom ca issue NAME --role site`` at the operator),
+``site/`` (the vault, models, runs: :class:`enclave.agent.SiteAgent`) and ``link/`` (leases on
+record). ``site join`` dials out to the gateway and serves until SIGTERM; ``site dataset
+register`` stores a dataset in this site's vault for one of the deployment's data owners and,
+when the site can reach the gateway, tells it the version's metadata (never its bytes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from enclave.identity import IdentityFiles
+from gateway.cli._common import STATE, JsonOpt, emit, errors
+from policies.errors import NotFound
+
+if TYPE_CHECKING:
+    from enclave.owners import SiteDatasets
+
+site_app = typer.Typer(
+    help="A remote site on its own machine; the local site's keys.", no_args_is_help=True
+)
+dataset_app = typer.Typer(help="Datasets kept at this site (data owner, at the site).")
+site_app.add_typer(dataset_app, name="dataset")
+
+
+def _identity(name: str) -> tuple[IdentityFiles, IdentityFiles]:
+    """The site's TLS identity and its release-signing identity, under this home."""
+    ids, ca = STATE.home / "identities", STATE.home / "ca" / "ca.pem"
+    tls = IdentityFiles(cert=ids / f"{name}.pem", key=ids / f"{name}.key", ca_cert=ca)
+    signer = IdentityFiles(
+        cert=ids / f"{name}-signer.pem", key=ids / f"{name}-signer.key", ca_cert=ca
+    )
+    for f in (tls.cert, tls.key, signer.cert, signer.key, ca):
+        if not f.exists():
+            raise NotFound(
+                f"{f} is missing: issue the site's identity with `sealroom ca issue {name} "
+                "--role site` and copy it, with the CA certificate (ca/ca.pem), to this home"
+            )
+    return tls, signer
+
+
+def _site_datasets(root: Path) -> SiteDatasets:
+    from enclave.owners import SiteDatasets
+    from enclave.vault import Vault
+
+    (root / "keys").mkdir(parents=True, exist_ok=True, mode=0o700)
+    return SiteDatasets(root, Vault(root / "vault", site_key_path=root / "keys" / "site.key"))
+
+
+@site_app.command("join")
+def join(
+    gateway_address: str = typer.Argument(..., help="the gateway's host:port"),
+    name: str = typer.Option(..., help="this site's name (its certificate's)"),
+    slots: int = typer.Option(1, min=1, help="runs this site takes at once"),
+    runtime: str = typer.Option("runc", help="OCI runtime for job containers"),
+    warm: int = typer.Option(0, min=0, help="containers kept started ahead of built-in jobs"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Run this site: dial out to the gateway over mTLS, take leased jobs, run them here."""
+    import dataclasses
+
+    from enclave.agent import DEFAULT_LIMITS, SiteAgent
+    from enclave.link import SiteLink
+    from enclave.owners import SiteDatasets
+
+    with errors(as_json):
+        tls, signer = _identity(name)
+        root = STATE.home / "site"
+        limits = dataclasses.replace(DEFAULT_LIMITS, runtime=runtime, warm_containers=warm)
+        site = SiteAgent.open(root, name=name, signer=signer, limits=limits)
+        datasets = SiteDatasets(root, site.vault)
+        link = SiteLink(
+            site,
+            address=gateway_address,
+            identity=tls,
+            state=STATE.home / "link",
+            slots=slots,
+            image_id=site.image_id(),
+            datasets=datasets.pushed,
+        )
+        serving = threading.Thread(target=link.serve, name="site-link")
+        serving.start()
+        emit(
+            as_json,
+            {"site": name, "gateway": gateway_address, "home": str(STATE.home)},
+            f"site {name} serving gateway {gateway_address} (home {STATE.home})",
+        )
+        done = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: done.set())
+        with contextlib.suppress(KeyboardInterrupt):
+            while serving.is_alive() and not done.wait(0.5):
+                pass
+        link.stop()
+        serving.join()
+        site.close()
+
+
+@dataset_app.command("register")
+def dataset_register(
+    name: str,
+    directory: Path,
+    owner: str = typer.Option(..., help="the data owner it belongs to (their issued name)"),
+    description: str = typer.Option("", help="what it is"),
+    gateway_address: str = typer.Option(
+        None, "--gateway", help="tell this gateway now (else: when the site next joins)"
+    ),
+    site_name: str = typer.Option(None, "--name", help="this site's name (with --gateway)"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Store DIRECTORY in this site's vault as the next version of NAME, for OWNER."""
+    from enclave.agent import DEFAULT_LIMITS
+
+    with errors(as_json):
+        datasets = _site_datasets(STATE.home / "site")
+        datasets.check_owner(name, owner)
+        version = datasets.vault.register(
+            name,
+            directory,
+            max_bytes=DEFAULT_LIMITS.dataset_bytes,
+            max_files=DEFAULT_LIMITS.dataset_files,
+        )
+        datasets.record(name, owner, description)
+        pushed = False
+        if gateway_address:
+            pushed = _push_now(gateway_address, site_name, datasets)
+        emit(
+            as_json,
+            {
+                "name": version.name,
+                "version": version.version,
+                "root_hash": version.root_hash,
+                "files": len(version.files),
+                "owner": owner,
+                "pushed": pushed,
+            },
+            f"stored {version.ref} for {owner} ({len(version.files)} files, root "
+            f"{version.root_hash[:16]})" + (", the gateway told" if pushed else ""),
+        )
+
+
+def _push_now(address: str, site_name: str | None, datasets: SiteDatasets) -> bool:
+    from sealroom.v1 import site_pb2_grpc
+
+    from enclave.link import channel, push_datasets
+
+    if not site_name:
+        raise NotFound("--gateway needs --name, the site's name, to call as the site")
+    tls, _ = _identity(site_name)
+    with channel(address, tls) as ch:
+        push_datasets(site_pb2_grpc.SiteLinkStub(ch), datasets.pushed())
+    return True
+
+
+@site_app.command("rotate-key")
+def site_rotate_key(as_json: bool = JsonOpt) -> None:
+    """Re-wrap every data key of the gateway's local site under a new site key (no data is
+    re-encrypted; audited)."""
+    from gateway.cli._common import client, to_json
+
+    with errors(as_json), client() as c:
+        r = c.rotate_site_key()
+        emit(
+            as_json,
+            to_json(r),
+            f"site {r.site}: new key {r.key_id}, {r.dataset_versions} data keys re-wrapped",
+        )

@@ -1,0 +1,236 @@
+"""A remote site as its operator runs it: its own process and home, dialling out to a gateway in
+another process, with the data registered at the site and never at the gateway.
+
+Real processes (``sealroom up`` for the gateway, ``sealroom site join`` for the site, each with
+its own ``--home``), real mTLS, real Docker: the owner registers a corpus at the site (only its
+metadata reaches the gateway), puts a policy through the gateway, the team's built-in job runs
+at the site and its signed release verifies as the site's. Then every byte the gateway stored
+is searched for the corpus's canary: none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from enclave.identity import IdentityFiles
+from enclave.models import ModelStore
+from enclave.provenance import verify_release
+from gateway.client import Client
+from gateway.identity import CertificateAuthority
+from policies.identity import Role
+from tests.integration._deployment import PEOPLE, policy
+from trainers.basemodel import create_base_model
+from trainers.synthetic import corpus, write_corpus
+
+pytestmark = pytest.mark.docker
+
+CANARY = "zq-canary-7f3e91c2-never-at-the-gateway"
+BULK = 16 << 20
+
+SPEC = """\
+name: remote
+datasets: [books]
+base_model: tiny-lm
+trainer: causal-lm
+purpose: testing
+hyperparameters: {max_steps: 3, batch_size: 2, block_size: 32, seed: 0}
+resources: {cpus: 1, memory_mb: 1536, timeout_s: 300}
+"""
+
+
+def _sealroom(home: Path, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-c",
+        "from gateway.cli import main; main()",
+        "--home",
+        str(home),
+        *args,
+    ]
+
+
+@contextlib.contextmanager
+def _serving(
+    cmd: list[str], log: Path
+) -> Iterator[tuple[subprocess.Popen[str], dict[str, object]]]:
+    """Start a serving verb (``--json``); yield it and its first JSON document; SIGTERM it."""
+    with (
+        log.open("w") as err,
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True) as proc,
+    ):
+        try:
+            assert proc.stdout is not None
+            text = ""
+            while not text.endswith("}\n"):
+                line = proc.stdout.readline()
+                assert line, log.read_text()[-4000:]
+                text += line
+            yield proc, json.loads(text)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 0, log.read_text()[-4000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def _site_home(root: Path, ca: CertificateAuthority, name: str) -> Path:
+    """The site's own home, as the operator hands it over: the CA certificate (not its key)
+    and the site's two identities; a base model registered at the site."""
+    home = root / f"{name}-home"
+    (home / "ca").mkdir(parents=True)
+    shutil.copy(ca.cert_path, home / "ca" / "ca.pem")
+    ids = home / "identities"
+    ca.issue(name, role=Role.SITE, out_dir=ids)
+    ca.site_signer(name, out_dir=ids)
+    model = create_base_model(root / "tiny-lm", texts=corpus(documents=20, seed=1000), seed=0)
+    ModelStore(home / "site" / "models").register("tiny-lm", model)
+    return home
+
+
+class CountingProxy:
+    """A TCP relay between the site and the gateway that counts the bytes each way (the mTLS
+    passes through it untouched): what the gateway received from the site, measured outside
+    both."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.to_gateway = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                if counted:
+                    with self._lock:
+                        self.to_gateway += len(data)
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def _wait_for_dataset(owner: Client, name: str) -> None:
+    deadline = time.monotonic() + 60
+    while not any(d.name == name for d in owner.datasets()):
+        assert time.monotonic() < deadline, f"the site never told the gateway of {name}"
+        time.sleep(0.2)
+
+
+def test_a_job_runs_at_a_remote_site_and_the_data_never_reaches_the_gateway(
+    tmp_path: Path, runtime_image: str
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    gw_home = tmp_path / "gateway-home"
+    ca = CertificateAuthority.init(gw_home / "ca")
+    people: dict[str, IdentityFiles] = {
+        name: ca.issue(name, role=role, team=team, out_dir=gw_home / "identities")
+        for name, (role, team) in PEOPLE.items()
+    }
+    site_home = _site_home(tmp_path, ca, "hospital")
+    books = tmp_path / "books"
+    write_corpus(books, documents=4, seed=7)
+    (books / "book-canary.txt").write_text(f"The ledger said {CANARY} twice: {CANARY}.\n")
+    # Bulk the trainer does not read (it reads *.txt): had the data travelled, these bytes would
+    # have crossed the site's connection to the gateway.
+    (books / "scans.bin").write_bytes(os.urandom(BULK))
+    registered = subprocess.run(
+        _sealroom(
+            site_home,
+            "site",
+            "dataset",
+            "register",
+            "books",
+            str(books),
+            "--owner",
+            "olivia",
+            "--json",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert registered.returncode == 0, registered.stderr
+    assert json.loads(registered.stdout)["version"] == 1
+
+    with (
+        _serving(
+            _sealroom(gw_home, "up", "--address", "localhost:0", "--json"), tmp_path / "gw.log"
+        ) as (_, up),
+    ):
+        address = f"localhost:{up['port']}"
+        proxy = CountingProxy(int(str(up["port"])))
+        with (
+            _serving(
+                _sealroom(
+                    site_home,
+                    "site",
+                    "join",
+                    f"localhost:{proxy.port}",
+                    "--name",
+                    "hospital",
+                    "--json",
+                ),
+                tmp_path / "site.log",
+            ),
+            Client(address, people["olivia"]) as owner,
+            Client(address, people["theo"]) as team,
+            Client(address, people["carol"]) as carol,
+        ):
+            _wait_for_dataset(owner, "books")
+            # The site's hello and its push of the version's metadata: kilobytes, not the data.
+            assert proxy.to_gateway < BULK // 16, proxy.to_gateway
+            (record,) = [d for d in owner.datasets() if d.name == "books"]
+            assert record.owner == "olivia" and record.version == 1
+            owner.put_policy("books", policy("books", memorization=False))
+            job = team.submit(SPEC)
+            assert job.state == "PENDING_APPROVAL", job.reasons
+            owner.decide(job.id, approve=True, reason="test")
+            states = [e.state for e in team.watch(job.id, timeout=600)]
+            assert team.job(job.id).state == "RELEASED", (states, team.job(job.id).reasons)
+            dest = team.download_release(job.id, tmp_path / "release")
+            verified = verify_release(dest, ca_cert_pem=ca.cert_path.read_bytes())
+            assert verified.site == "hospital"
+            # The counter sees real traffic: the release the site pushed went through it.
+            pushed = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+            assert proxy.to_gateway > pushed
+            by_site = carol.audit_query(job_id=job.id, principal="hospital")
+            assert {"container.start"} <= {r.event.action for r in by_site}
+            (reg,) = carol.audit_query(action="dataset.register", dataset="books@v1")
+            assert reg.event.principal == "hospital" and reg.event.details["owner"] == "olivia"
+    # The corpus stayed at the site: not one copy of its canary anywhere under the gateway's home.
+    needle = CANARY.encode()
+    found = [p for p in gw_home.rglob("*") if p.is_file() and needle in p.read_bytes()]
+    assert found == []
+    # At the site it is kept encrypted, and the run's staging is gone.
+    assert [
+        p for p in (site_home / "site").rglob("*") if p.is_file() and needle in p.read_bytes()
+    ] == []
