@@ -33,7 +33,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from enclave import _channels, _mounts, _progress, _warm
+from enclave import _channels, _mounts, _progress, _warm, sovereignty
 from enclave._jobcontainer import (
     DEFAULT_LIMITS,
     MAX_BUNDLE_BYTES,
@@ -112,9 +112,11 @@ class SiteAgent:
         image: str,
         signer: IdentityFiles,
         limits: SiteLimits = DEFAULT_LIMITS,
+        owners: sovereignty.Owners = lambda dataset: None,
     ) -> None:
         self.name = name
         self.root = root
+        self.owners = owners
         self.vault = vault
         self.models = models
         self.runtime = runtime
@@ -155,6 +157,7 @@ class SiteAgent:
         image: str = "sealroom-runtime:latest",
         runtime: Runtime | None = None,
         limits: SiteLimits = DEFAULT_LIMITS,
+        owners: sovereignty.Owners = lambda dataset: None,
     ) -> SiteAgent:
         """Open (or create) the site at ``root``. ``signer`` is the site's release-signing
         identity, issued by the deployment's CA (:meth:`gateway.identity.CertificateAuthority.
@@ -172,6 +175,7 @@ class SiteAgent:
             image=runtime.resolve_image(image),
             signer=signer,
             limits=limits,
+            owners=owners,
         )
 
     # -- warm containers --------------------------------------------------------------------
@@ -308,6 +312,10 @@ class SiteAgent:
         if run_dir.exists():
             raise SiteError(f"run directory for {job} already exists: runs are never repeated")
         run_dir.mkdir(mode=0o700)
+        # Before any data is decrypted: what the owners signed covers exactly this order.
+        sovereignty.check_order(
+            order, policies, ca_cert_pem=self.signer.ca_cert.read_bytes(), owners=self.owners
+        )
         if spec.resources.gpus > self.limits.gpus:  # before any data is decrypted
             raise InvalidInput(
                 f"the job asks for {spec.resources.gpus} GPUs; this site has {self.limits.gpus}"

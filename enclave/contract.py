@@ -50,6 +50,15 @@ class RunOrder:
     """The audit log's Merkle root (hex) at dispatch: what the release is bound to."""
     epsilon_spent: Mapping[str, float] = field(default_factory=dict)
     """Per dataset, the privacy budget earlier releases used (for the DP check)."""
+    dataset_owners: Mapping[str, str] = field(default_factory=dict)
+    """Per dataset, its owner as the gateway records it (a site that keeps its own record of
+    owners trusts that instead)."""
+    approval_signatures: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    """Per approving owner: (PEM certificate, base64 signature) over
+    :func:`policies.signing.approval_message` of ``approval_binding``, made in their client."""
+    policy_signatures: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    """Per dataset: (PEM certificate, base64 signature) of its owner over
+    :func:`policies.signing.policy_message` of the policy text in ``policy_documents``."""
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,9 @@ def order_json(order: RunOrder) -> str:
             "approvals": list(order.approvals),
             "audit_root": order.audit_root,
             "epsilon_spent": dict(order.epsilon_spent),
+            "dataset_owners": dict(order.dataset_owners),
+            "approval_signatures": {k: list(v) for k, v in order.approval_signatures.items()},
+            "policy_signatures": {k: list(v) for k, v in order.policy_signatures.items()},
         },
         sort_keys=True,
     )
@@ -61,6 +64,9 @@ def order_from_json(text: str, *, bundle: Path | None) -> RunOrder:
             approvals=tuple(str(a) for a in raw["approvals"]),
             audit_root=_str(raw, "audit_root"),
             epsilon_spent={str(k): float(v) for k, v in raw["epsilon_spent"].items()},
+            dataset_owners={str(k): str(v) for k, v in raw["dataset_owners"].items()},
+            approval_signatures=_pairs(raw["approval_signatures"]),
+            policy_signatures=_pairs(raw["policy_signatures"]),
         )
     except SpecError as e:
         raise InvalidInput(f"run order: its spec is not valid: {e}") from e
@@ -72,6 +78,14 @@ def order_from_json(text: str, *, bundle: Path | None) -> RunOrder:
             f"not to the {order.spec_sha256} it names"
         )
     return order
+
+
+def _pairs(raw: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    out = {}
+    for k, v in raw.items():
+        cert, sig = v
+        out[str(k)] = (str(cert), str(sig))
+    return out
 
 
 def _str(raw: dict[str, Any], key: str) -> str:

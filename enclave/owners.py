@@ -15,7 +15,7 @@ from pathlib import Path
 from enclave.contract import StoredDataset
 from enclave.link import PushedDataset
 from enclave.vault import Vault
-from policies.errors import PermissionDenied
+from policies.errors import PermissionDenied, PolicyViolation
 
 OWNERS = "owners.json"
 
@@ -35,6 +35,14 @@ class SiteDatasets:
             str(k): {"owner": str(v["owner"]), "description": str(v.get("description", ""))}
             for k, v in raw.items()
         }
+
+    def owner(self, name: str) -> str:
+        """The owner on record (the site's, not the gateway's word): a site run checks
+        signatures against it. Raises :class:`PolicyViolation` for a dataset without one."""
+        known = self.owners().get(name)
+        if known is None:
+            raise PolicyViolation(f"dataset {name} has no owner on record at this site")
+        return known["owner"]
 
     def check_owner(self, name: str, owner: str) -> None:
         """Raises :class:`PermissionDenied` when ``name`` belongs to another owner."""

@@ -164,7 +164,15 @@ class Catalog:
         except NotFound:
             return None
 
-    def put_policy(self, *, principal: Principal, dataset: str, text: str) -> PolicyRecord:
+    def put_policy(
+        self,
+        *,
+        principal: Principal,
+        dataset: str,
+        text: str,
+        signature: str = "",
+        signer_cert: str = "",
+    ) -> PolicyRecord:
         """See :meth:`gateway.core.Gateway.put_policy`."""
         owner = self.store.dataset_owner(dataset)
         if owner is None:
@@ -179,6 +187,8 @@ class Catalog:
             document=text,
             sha256=doc.digest(),
             author=principal.name,
+            signature=signature,
+            signer_cert=signer_cert,
         )
         self._g.record(
             principal,

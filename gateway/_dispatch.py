@@ -237,6 +237,7 @@ class Dispatcher:
                 job_id, JobState.ERROR, reason=f"the approval no longer applies: {e}"
             )
             return
+        approvals = self.store.approvals(job_id)
         order = RunOrder(
             job_id=job_id,
             spec=spec,
@@ -247,11 +248,18 @@ class Dispatcher:
             policy_versions=dict(job.policy_versions),
             policy_documents={n: r.document for n, (r, _) in policies.items()},
             approval_binding=job.binding,
-            approvals=tuple(
-                a.owner for a in self.store.approvals(job_id) if a.decision == "approve"
-            ),
+            approvals=tuple(a.owner for a in approvals if a.decision == "approve"),
             audit_root=self.audit.root().hex(),
             epsilon_spent=self._evaluator.epsilon_spent([d.name for d in job.datasets]),
+            dataset_owners={d.name: self._evaluator.owner(d.name) for d in job.datasets},
+            approval_signatures={
+                a.owner: (a.signer_cert, a.signature)
+                for a in approvals
+                if a.decision == "approve" and a.signature
+            },
+            policy_signatures={
+                n: (r.signer_cert, r.signature) for n, (r, _) in policies.items() if r.signature
+            },
         )
         with self._lock:
             self._inflight.add(job_id)

@@ -120,7 +120,11 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def PutPolicy(self, request: pb.PutPolicyRequest, context: grpc.ServicerContext) -> pb.Policy:
         return convert.policy_message(
             self.g.put_policy(
-                principal=principal_of(context), dataset=request.dataset, text=request.document
+                principal=principal_of(context),
+                dataset=request.dataset,
+                text=request.document,
+                signature=request.signature,
+                signer_cert=request.signer_cert,
             )
         )
 
@@ -195,6 +199,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 job_id=request.job_id,
                 approve=request.approve,
                 reason=request.reason,
+                signature=request.signature,
+                signer_cert=request.signer_cert,
             )
         )
 

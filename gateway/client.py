@@ -24,6 +24,7 @@ from sealroom.v1 import gateway_pb2 as pb
 from sealroom.v1 import gateway_pb2_grpc as pb_grpc
 
 from enclave.identity import IdentityFiles
+from enclave.signatures import sign
 from enclave.writebehind import WriteBehind
 from gateway import _convert as convert
 from gateway._convert import AuditProof, JobView, SiteKeyRotation
@@ -31,9 +32,12 @@ from gateway._status import error_for
 from gateway._views import JobEvent
 from gateway.audit import AuditRecord, DatasetReport, SignedCheckpoint
 from gateway.store import DatasetRecord, PolicyRecord
+from policies.approval import ApprovalBinding
+from policies.document import parse_policy
 from policies.errors import IntegrityError, InvalidInput
 from policies.identity import Principal
 from policies.review import ReviewReport
+from policies.signing import approval_message, policy_message
 
 __all__ = ["AuditProof", "Client", "JobView", "SiteKeyRotation", "pack_directory"]
 
@@ -84,6 +88,7 @@ def pack_directory(src: Path, dest: Path, *, gzip: bool) -> Path:
 class Client:
     def __init__(self, address: str, identity: IdentityFiles, *, timeout_s: float = 60.0) -> None:
         cert, key, ca = identity.read()
+        self._cert_pem, self._key_pem = cert, key  # decisions and policies are signed here
         creds = grpc.ssl_channel_credentials(
             root_certificates=ca, private_key=key, certificate_chain=cert
         )
@@ -162,8 +167,18 @@ class Client:
         return [_value(convert.dataset_value, d) for d in r.datasets]
 
     def put_policy(self, dataset: str, document: str) -> PolicyRecord:
+        """Store the next policy version of ``dataset``, signed here with this identity's key
+        (:func:`policies.signing.policy_message`): a site accepts no policy its owner did not
+        sign."""
+        signature = sign(self._key_pem, policy_message(dataset, document))
         p = self._call(
-            self._stub.PutPolicy, pb.PutPolicyRequest(dataset=dataset, document=document)
+            self._stub.PutPolicy,
+            pb.PutPolicyRequest(
+                dataset=dataset,
+                document=document,
+                signature=signature,
+                signer_cert=self._cert_pem.decode(),
+            ),
         )
         return _value(convert.policy_value, p)
 
@@ -217,10 +232,41 @@ class Client:
         return [_value(convert.job_value, j) for j in r.jobs]
 
     def decide(self, job_id: str, *, approve: bool, reason: str = "") -> JobView:
+        """Approve or deny a job, signed here with this identity's key over the job's binding
+        as this client computes it (:meth:`binding`): what the owner signs is what they saw,
+        and a site runs nothing an owner's signature does not cover."""
+        decision = "approve" if approve else "deny"
+        signature = sign(self._key_pem, approval_message(self.binding(job_id), decision))
         j = self._call(
-            self._stub.DecideJob, pb.DecideJobRequest(job_id=job_id, approve=approve, reason=reason)
+            self._stub.DecideJob,
+            pb.DecideJobRequest(
+                job_id=job_id,
+                approve=approve,
+                reason=reason,
+                signature=signature,
+                signer_cert=self._cert_pem.decode(),
+            ),
         )
         return _value(convert.job_value, j)
+
+    def binding(self, job_id: str) -> str:
+        """The digest of what approving ``job_id`` binds, computed here from the job as the
+        gateway shows it and the policy texts it names (the spec's hash is checked against the
+        spec shown). Raises IntegrityError when the job's spec is not the one its hash names."""
+        job = self.job(job_id)
+        if hashlib.sha256(job.spec.encode()).hexdigest() != job.spec_sha256:
+            raise IntegrityError(f"job {job_id}: its spec is not the one its hash names")
+        refs = [
+            parse_policy(self.policy(name, version).document, version=version).ref()
+            for name, version in sorted(job.policy_versions.items())
+        ]
+        return ApprovalBinding.create(
+            job_id=job.id,
+            spec_digest=job.spec_sha256,
+            bundle_digest=job.bundle_sha256 or None,
+            dataset_versions={d.name: d.version for d in job.datasets},
+            policies=refs,
+        ).digest()
 
     def review_release(self, job_id: str) -> ReviewReport:
         r = self._call(self._stub.ReviewRelease, pb.ReviewReleaseRequest(job_id=job_id))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from enclave.contract import Site, StoredDataset
+from enclave.signatures import verify
 from gateway._bundles import BundleStore, sha256_file
 from gateway._catalog import Catalog
 from gateway._dispatch import Dispatcher
@@ -46,6 +47,7 @@ from policies import access, approval, review
 from policies.errors import InvalidInput, InvalidState, NotFound, PermissionDenied
 from policies.identity import Principal, Role
 from policies.lifecycle import TERMINAL, JobState
+from policies.signing import approval_message, policy_message
 from policies.spec import parse_spec
 
 __all__ = ["SYSTEM", "Gateway", "check_trainer", "job_summary", "sha256_file"]
@@ -64,8 +66,12 @@ class Gateway:
         workers: int = 1,
         max_queued: int = 100,
         max_bundle_bytes: int = 256 * 1024 * 1024,
+        ca_cert_pem: bytes | None = None,
     ) -> None:
         self.home = home
+        # With the deployment CA's certificate, every decision and policy must come signed by
+        # its owner (the sites check the signatures again; here a bad one is refused early).
+        self.ca_cert_pem = ca_cert_pem
         self.store = store
         self.audit = audit
         self.site = site
@@ -191,12 +197,47 @@ class Gateway:
 
     # -- policies ---------------------------------------------------------------------------
 
-    def put_policy(self, *, principal: Principal, dataset: str, text: str) -> PolicyRecord:
+    def put_policy(
+        self,
+        *,
+        principal: Principal,
+        dataset: str,
+        text: str,
+        signature: str = "",
+        signer_cert: str = "",
+    ) -> PolicyRecord:
         """Store ``text`` as the next policy version of ``principal``'s ``dataset`` and decide
         again every job it touches that has not started. Raises NotFound for an unregistered
         dataset, PermissionDenied for another owner's, InvalidInput for a document naming
-        another dataset (and what :func:`policies.document.parse_policy` raises)."""
-        return self._catalog.put_policy(principal=principal, dataset=dataset, text=text)
+        another dataset (and what :func:`policies.document.parse_policy` raises),
+        SignatureError for a signature that is missing or not the owner's over the text."""
+        self._check_signed(
+            principal, signature, signer_cert, policy_message(dataset, text), f"policy {dataset}"
+        )
+        return self._catalog.put_policy(
+            principal=principal,
+            dataset=dataset,
+            text=text,
+            signature=signature,
+            signer_cert=signer_cert,
+        )
+
+    def _check_signed(
+        self, principal: Principal, signature: str, signer_cert: str, message: bytes, what: str
+    ) -> None:
+        if self.ca_cert_pem is None and not signature:
+            return  # a gateway without a CA (tests of the control plane alone)
+        if self.ca_cert_pem is None:
+            raise InvalidInput(f"{what}: this gateway cannot check signatures (no CA)")
+        verify(
+            cert_pem=signer_cert,
+            signature=signature,
+            message=message,
+            ca_cert_pem=self.ca_cert_pem,
+            name=principal.name,
+            role=Role.DATA_OWNER,
+            what=what,
+        )
 
     def policy(self, *, principal: Principal, dataset: str, version: int | None) -> PolicyRecord:
         return self.store.policy(dataset, version)
@@ -286,7 +327,16 @@ class Gateway:
             return self.store.job(job_id)
         return self._transition(job_id, JobState.PENDING_APPROVAL, reason="waiting for owners")
 
-    def decide(self, *, principal: Principal, job_id: str, approve: bool, reason: str) -> JobRecord:
+    def decide(
+        self,
+        *,
+        principal: Principal,
+        job_id: str,
+        approve: bool,
+        reason: str,
+        signature: str = "",
+        signer_cert: str = "",
+    ) -> JobRecord:
         job = self.store.job(job_id)
         owned = [d.name for d in job.datasets if self._evaluator.owner(d.name) == principal.name]
         if not owned:
@@ -295,14 +345,24 @@ class Gateway:
             raise InvalidState(f"job {job_id} is {job.state}, not waiting for approval")
         requirements = self._evaluator.requirements(job)
         approval.check_approver(principal=principal, requirements=requirements)
+        decision = "approve" if approve else "deny"
+        self._check_signed(
+            principal,
+            signature,
+            signer_cert,
+            approval_message(job.binding, decision),
+            f"the {decision} of job {job_id}",
+        )
         self.store.add_approval(
             ApprovalRecord(
                 job_id=job_id,
                 owner=principal.name,
-                decision="approve" if approve else "deny",
+                decision=decision,
                 reason=reason,
                 binding=job.binding,
                 created_at=utcnow(),
+                signature=signature,
+                signer_cert=signer_cert,
             )
         )
         self.record(

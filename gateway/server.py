@@ -147,7 +147,13 @@ def build(
     links = SiteLinks(gw_dir / "links", lease_s=lease_s, heartbeat_s=heartbeat_s)
     sites = Sites(site, links, locate=lambda name, version: store.dataset(name, version).site)
     gateway = Gateway(
-        home=gw_dir, store=store, audit=audit, site=sites, workers=workers, max_queued=max_queued
+        home=gw_dir,
+        store=store,
+        audit=audit,
+        site=sites,
+        workers=workers,
+        max_queued=max_queued,
+        ca_cert_pem=identity.ca_cert.read_bytes(),
     )
 
     def audit_fn(principal: Principal, action: str, **kw: object) -> int:

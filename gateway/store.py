@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS datasets (
 CREATE TABLE IF NOT EXISTS policies (
     dataset TEXT NOT NULL, version INTEGER NOT NULL, document TEXT NOT NULL,
     sha256 TEXT NOT NULL, author TEXT NOT NULL, created_at TEXT NOT NULL,
+    signature TEXT NOT NULL DEFAULT '', signer_cert TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (dataset, version));
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, state TEXT NOT NULL, submitter TEXT NOT NULL,
@@ -48,7 +49,9 @@ CREATE INDEX IF NOT EXISTS jobs_submitter ON jobs (submitter);
 CREATE INDEX IF NOT EXISTS jobs_team ON jobs (team);
 CREATE TABLE IF NOT EXISTS approvals (
     job_id TEXT NOT NULL, owner TEXT NOT NULL, decision TEXT NOT NULL, reason TEXT NOT NULL,
-    binding TEXT NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (job_id, owner));
+    binding TEXT NOT NULL, created_at TEXT NOT NULL,
+    signature TEXT NOT NULL DEFAULT '', signer_cert TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (job_id, owner));
 """
 
 
@@ -86,6 +89,11 @@ class PolicyRecord:
     sha256: str
     author: str
     created_at: str
+    signature: str = ""
+    """The author's signature (base64, ECDSA P-256) over :func:`policies.signing.policy_message`
+    of this text; empty for a version stored before policies were signed."""
+    signer_cert: str = ""
+    """The PEM certificate whose key made ``signature``."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,10 @@ class ApprovalRecord:
     reason: str
     binding: str
     created_at: str
+    signature: str = ""
+    """The owner's signature (base64, ECDSA P-256) over :func:`policies.signing.
+    approval_message` of ``binding`` and ``decision``, made in the owner's client."""
+    signer_cert: str = ""
 
 
 @dataclass(frozen=True)
@@ -149,6 +161,13 @@ class Store:
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(datasets)")}
         if "site" not in columns:  # a store from before remote sites
             self._conn.execute("ALTER TABLE datasets ADD COLUMN site TEXT NOT NULL DEFAULT ''")
+        for table in ("policies", "approvals"):  # a store from before signed decisions
+            columns = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            for column in ("signature", "signer_cert"):
+                if column not in columns:
+                    self._conn.execute(
+                        f"ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL DEFAULT ''"
+                    )
         self._lock = threading.RLock()
         self._release_charges: ReleaseCharges | None = None
         with self._tx() as c:
@@ -235,16 +254,36 @@ class Store:
 
     # -- policies ---------------------------------------------------------------------------
 
-    def add_policy(self, *, dataset: str, document: str, sha256: str, author: str) -> PolicyRecord:
+    def add_policy(
+        self,
+        *,
+        dataset: str,
+        document: str,
+        sha256: str,
+        author: str,
+        signature: str = "",
+        signer_cert: str = "",
+    ) -> PolicyRecord:
         with self._tx() as c:
             row = c.execute(
                 "SELECT MAX(version) FROM policies WHERE dataset = ?", (dataset,)
             ).fetchone()
             version = int(row[0] or 0) + 1
-            record = PolicyRecord(dataset, version, document, sha256, author, utcnow())
+            record = PolicyRecord(
+                dataset, version, document, sha256, author, utcnow(), signature, signer_cert
+            )
             c.execute(
-                "INSERT INTO policies VALUES (?, ?, ?, ?, ?, ?)",
-                (dataset, version, document, sha256, author, record.created_at),
+                "INSERT INTO policies VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    dataset,
+                    version,
+                    document,
+                    sha256,
+                    author,
+                    record.created_at,
+                    signature,
+                    signer_cert,
+                ),
             )
         return record
 
@@ -378,7 +417,7 @@ class Store:
     def add_approval(self, record: ApprovalRecord) -> None:
         with self._tx() as c:
             c.execute(
-                "INSERT OR REPLACE INTO approvals VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO approvals VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.job_id,
                     record.owner,
@@ -386,6 +425,8 @@ class Store:
                     record.reason,
                     record.binding,
                     record.created_at,
+                    record.signature,
+                    record.signer_cert,
                 ),
             )
 

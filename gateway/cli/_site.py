@@ -77,8 +77,12 @@ def join(
         tls, signer = _identity(name)
         root = STATE.home / "site"
         limits = dataclasses.replace(DEFAULT_LIMITS, runtime=runtime, warm_containers=warm)
-        site = SiteAgent.open(root, name=name, signer=signer, limits=limits)
+        owners: list[SiteDatasets] = []  # the site's own record of owners, once it is open
+        site = SiteAgent.open(
+            root, name=name, signer=signer, limits=limits, owners=lambda d: owners[0].owner(d)
+        )
         datasets = SiteDatasets(root, site.vault)
+        owners.append(datasets)
         link = SiteLink(
             site,
             address=gateway_address,

@@ -219,18 +219,27 @@ class PutPolicyRequest(_message.Message):
 
     DATASET_FIELD_NUMBER: _builtins.int
     DOCUMENT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    SIGNER_CERT_FIELD_NUMBER: _builtins.int
     dataset: _builtins.str
     document: _builtins.str
     """The policy document (YAML)."""
+    signature: _builtins.str
+    """The owner's signature over policies.signing.policy_message(dataset, document), made in
+    their client with their own key (base64 ECDSA P-256), and their certificate (PEM).
+    """
+    signer_cert: _builtins.str
     def __init__(
         self,
         *,
         dataset: _builtins.str = ...,
         document: _builtins.str = ...,
+        signature: _builtins.str = ...,
+        signer_cert: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "document", b"document"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "document", b"document", "signature", b"signature", "signer_cert", b"signer_cert"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -637,19 +646,29 @@ class DecideJobRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     APPROVE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    SIGNER_CERT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     approve: _builtins.bool
     reason: _builtins.str
+    signature: _builtins.str
+    """The owner's signature over policies.signing.approval_message(binding, decision), the
+    binding computed in their client from the job and its policies (base64 ECDSA P-256), and
+    their certificate (PEM). A site checks it before it releases any data key.
+    """
+    signer_cert: _builtins.str
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         approve: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        signature: _builtins.str = ...,
+        signer_cert: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approve", b"approve", "job_id", b"job_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approve", b"approve", "job_id", b"job_id", "reason", b"reason", "signature", b"signature", "signer_cert", b"signer_cert"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

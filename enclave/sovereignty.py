@@ -1,0 +1,103 @@
+"""The site's own check of a run order, before any data key is released: the site trusts no
+gateway.
+
+:func:`check_order` holds an order to what the data owners themselves signed:
+
+1. **Policies.** Each dataset's policy text came signed by its owner (their CA-issued key,
+   :func:`policies.signing.policy_message`), so the site runs under rules the owner wrote, not
+   rules a gateway wrote for them.
+2. **The binding.** The approval binding is recomputed here from the order (its spec hash, which
+   the site has checked against the spec; its bundle hash, checked against the bundle; the
+   dataset versions; each policy text's version and digest) and must be the one the order names.
+3. **Approvals.** Where a dataset's signed policy needs a person's approval (manual or quorum
+   mode, or reviewed custom code), that many distinct owners signed an approval of exactly this
+   binding in their own clients (:func:`policies.signing.approval_message`). Another job's
+   approval, an approval by someone who is not the dataset's owner, or none, is refused. (A
+   dataset has one owner, so a quorum above one cannot be met; the gateway refuses such a job
+   at submission.)
+
+Who owns a dataset: the site's own record where it keeps one (a remote site registers its
+datasets for an owner, :mod:`enclave.owners`), else the order's word (the gateway's own local
+site, which shares the gateway's process). Raises :class:`policies.errors.SignatureError` or
+:class:`policies.errors.PolicyViolation` naming the dataset and what failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from enclave.contract import RunOrder
+from enclave.signatures import verify
+from policies import access, document
+from policies.approval import ApprovalBinding
+from policies.document import ApprovalMode
+from policies.errors import PolicyViolation
+from policies.identity import Role
+from policies.signing import approval_message, policy_message
+
+Owners = Callable[[str], str | None]
+"""dataset -> its owner as the site records it (None: the site keeps no record of it)."""
+
+
+def check_order(
+    order: RunOrder,
+    policies: Mapping[str, document.PolicyDocument],
+    *,
+    ca_cert_pem: bytes,
+    owners: Owners,
+) -> None:
+    """See the module. ``policies`` are the order's texts, parsed."""
+    owner_of: dict[str, str] = {}
+    for name, _ in order.datasets:
+        owner = owners(name) or order.dataset_owners.get(name, "")
+        if not owner:
+            raise PolicyViolation(f"dataset {name}: no owner is known for it")
+        owner_of[name] = owner
+        cert, signature = order.policy_signatures.get(name, ("", ""))
+        verify(
+            cert_pem=cert,
+            signature=signature,
+            message=policy_message(name, order.policy_documents[name]),
+            ca_cert_pem=ca_cert_pem,
+            name=owner,
+            role=Role.DATA_OWNER,
+            what=f"the policy of {name}",
+        )
+    binding = ApprovalBinding.create(
+        job_id=order.job_id,
+        spec_digest=order.spec_sha256,
+        bundle_digest=order.bundle_sha256 or None,
+        dataset_versions=dict(order.datasets),
+        policies=[
+            document.parse_policy(order.policy_documents[n], version=order.policy_versions[n]).ref()
+            for n, _ in order.datasets
+        ],
+    ).digest()
+    if binding != order.approval_binding:
+        raise PolicyViolation(
+            f"the order's approval binding {order.approval_binding[:16]} is not the binding of "
+            f"what it asks to run ({binding[:16]}): the job, its spec, bundle, dataset versions "
+            "or policies differ from what was approved"
+        )
+    for name, _ in order.datasets:
+        policy = policies[name]
+        needed = policy.approval.mode is not ApprovalMode.AUTOMATIC or access.needs_review(
+            order.spec, policy
+        )
+        if not needed:
+            continue
+        quorum = max(policy.approval.quorum, 1)
+        if quorum > 1:  # one owner per dataset: the gateway refuses such a job at submission
+            raise PolicyViolation(
+                f"dataset {name}: its policy needs {quorum} approvals and it has one owner"
+            )
+        cert, signature = order.approval_signatures.get(owner_of[name], ("", ""))
+        verify(
+            cert_pem=cert,
+            signature=signature,
+            message=approval_message(binding, "approve"),
+            ca_cert_pem=ca_cert_pem,
+            name=owner_of[name],
+            role=Role.DATA_OWNER,
+            what=f"the approval of dataset {name} by {owner_of[name]}",
+        )
