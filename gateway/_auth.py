@@ -69,6 +69,7 @@ ROLES: dict[str, frozenset[Role]] = {
     "GetConsistencyProof": frozenset({Role.COMPLIANCE, Role.OPERATOR}),
     "AuditReport": frozenset({Role.COMPLIANCE, Role.OPERATOR}),
     "RotateSiteKey": frozenset({Role.OPERATOR}),
+    "ListSites": frozenset({Role.OPERATOR, Role.COMPLIANCE}),
     # The site link: remote sites only, each as the site its certificate names.
     "SiteLink.Hello": frozenset({Role.SITE}),
     "SiteLink.PullWork": frozenset({Role.SITE}),

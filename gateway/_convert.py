@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sealroom.v1 import gateway_pb2 as pb
 
+from gateway._sitelink import SiteView
 from gateway._views import JobEvent
 from gateway.audit import AuditEvent, AuditRecord, DatasetReport, SignedCheckpoint
 from gateway.audit._model import ORIGIN
@@ -400,3 +402,44 @@ def report_value(m: pb.AuditReportResponse) -> DatasetReport:
             for d in m.releases
         ),
     )
+
+
+# -- remote sites -----------------------------------------------------------------------------
+
+
+def site_message(v: SiteView, *, connected: bool) -> pb.SiteInfo:
+    seen = dt.datetime.fromtimestamp(v.last_seen, dt.UTC) if v.last_seen else None
+    return pb.SiteInfo(
+        name=v.name,
+        version=v.version,
+        image_id=v.image_id,
+        slots=v.slots,
+        last_seen=seen.isoformat(timespec="seconds") if seen else "",
+        leases=list(v.leases),
+        connected=connected,
+    )
+
+
+def site_value(m: pb.SiteInfo) -> SiteInfo:
+    return SiteInfo(
+        name=m.name,
+        version=m.version,
+        image_id=m.image_id,
+        slots=m.slots,
+        last_seen=m.last_seen,
+        leases=tuple(m.leases),
+        connected=m.connected,
+    )
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """A remote site as an operator sees it (``sealroom site list``)."""
+
+    name: str
+    version: str
+    image_id: str
+    slots: int
+    last_seen: str
+    leases: tuple[str, ...]
+    connected: bool

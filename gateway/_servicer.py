@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +19,7 @@ from enclave.writebehind import WriteBehind
 from gateway import _convert as convert
 from gateway._auth import principal_of
 from gateway._releases import release_files
+from gateway._sitelink import SiteLinks
 from gateway._spool import SealedSpool
 from gateway.core import Gateway
 from gateway.store import JobRecord
@@ -68,8 +70,9 @@ class _HashingFile:
 
 
 class GatewayServicer(pb_grpc.GatewayServicer):
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, *, links: SiteLinks | None = None) -> None:
         self.g = gateway
+        self._links = links  # the remote sites, as the site link has heard from them
 
     def _job(self, j: JobRecord) -> pb.Job:
         return convert.job_message(j, self.g.approvals(j.id))
@@ -80,6 +83,20 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         key_id, count = self.g.rotate_site_key(principal=principal_of(context))
         return convert.rotation_message(
             convert.SiteKeyRotation(site=self.g.site.name, key_id=key_id, dataset_versions=count)
+        )
+
+    def ListSites(
+        self, request: pb.ListSitesRequest, context: grpc.ServicerContext
+    ) -> pb.ListSitesResponse:
+        if self._links is None:
+            return pb.ListSitesResponse()
+        # Connected: heard from within three heartbeats.
+        recent = time.time() - 3 * self._links.heartbeat_s
+        return pb.ListSitesResponse(
+            sites=[
+                convert.site_message(v, connected=v.last_seen >= recent)
+                for v in self._links.sites()
+            ]
         )
 
     def WhoAmI(self, request: pb.WhoAmIRequest, context: grpc.ServicerContext) -> pb.Principal:

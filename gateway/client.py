@@ -27,7 +27,7 @@ from enclave.identity import IdentityFiles
 from enclave.signatures import sign
 from enclave.writebehind import WriteBehind
 from gateway import _convert as convert
-from gateway._convert import AuditProof, JobView, SiteKeyRotation
+from gateway._convert import AuditProof, JobView, SiteInfo, SiteKeyRotation
 from gateway._status import error_for
 from gateway._views import JobEvent
 from gateway.audit import AuditRecord, DatasetReport, SignedCheckpoint
@@ -39,7 +39,7 @@ from policies.identity import Principal
 from policies.review import ReviewReport
 from policies.signing import approval_message, policy_message
 
-__all__ = ["AuditProof", "Client", "JobView", "SiteKeyRotation", "pack_directory"]
+__all__ = ["AuditProof", "Client", "JobView", "SiteInfo", "SiteKeyRotation", "pack_directory"]
 
 CHUNK = 1 << 20
 T = TypeVar("T")
@@ -139,6 +139,11 @@ class Client:
     def rotate_site_key(self) -> SiteKeyRotation:
         r = self._call(self._stub.RotateSiteKey, pb.RotateSiteKeyRequest())
         return _value(convert.rotation_value, r)
+
+    def sites(self) -> list[SiteInfo]:
+        """The remote sites the gateway has heard from (operators, compliance)."""
+        r = self._call(self._stub.ListSites, pb.ListSitesRequest())
+        return [_value(convert.site_value, m) for m in r.sites]
 
     def whoami(self) -> Principal:
         return _value(convert.principal_value, self._call(self._stub.WhoAmI, pb.WhoAmIRequest()))

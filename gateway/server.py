@@ -169,7 +169,7 @@ def build(
             ("grpc.max_send_message_length", MAX_MESSAGE),
         ],
     )
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(gateway), server)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(gateway, links=links), server)
     cert, key, ca_pem = identity.read()
     ca = CertificateAuthority.load(home / "ca")
 

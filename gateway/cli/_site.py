@@ -165,6 +165,32 @@ def _push_now(address: str, site_name: str | None, datasets: SiteDatasets) -> bo
     return True
 
 
+@site_app.command("list")
+def site_list(as_json: bool = JsonOpt) -> None:
+    """The remote sites the gateway has heard from (operator, compliance): version, runtime
+    image, slots, when last heard from, and the jobs each holds."""
+    from rich.table import Table
+
+    from gateway.cli._common import client, console, to_json
+
+    with errors(as_json), client() as c:
+        sites = c.sites()
+        if as_json:
+            emit(True, [to_json(s) for s in sites], "")
+            return
+        table = Table("site", "connected", "last seen", "version", "slots", "running")
+        for s in sites:
+            table.add_row(
+                s.name,
+                "yes" if s.connected else "no",
+                s.last_seen,
+                s.version,
+                str(s.slots),
+                ", ".join(s.leases) or "-",
+            )
+        console.print(table)
+
+
 @site_app.command("rotate-key")
 def site_rotate_key(as_json: bool = JsonOpt) -> None:
     """Re-wrap every data key of the gateway's local site under a new site key (no data is

@@ -411,3 +411,27 @@ def test_a_site_that_restarts_ends_the_runs_it_held(
         linked.close()
     assert _states(reports) == [JobState.ERROR]
     assert "restarted" in reports[-1].detail
+
+
+def test_operators_see_each_site_with_its_version_and_the_jobs_it_holds(
+    linked: LinkedSite,
+) -> None:
+    from sealroom.v1 import gateway_pb2
+
+    from gateway._auth import ROLES
+    from gateway._servicer import GatewayServicer
+
+    t = _held(linked, "job-seen")
+    servicer = GatewayServicer(None, links=linked.links)  # type: ignore[arg-type]
+    (site,) = servicer.ListSites(gateway_pb2.ListSitesRequest(), None).sites  # type: ignore[arg-type]
+    assert (site.name, site.version, site.slots, site.connected) == (
+        "site-a",
+        "sealroom-site/1",
+        4,
+        True,
+    )
+    assert list(site.leases) == ["job-seen"] and site.last_seen.endswith("+00:00")
+    assert ROLES["ListSites"] == {Role.OPERATOR, Role.COMPLIANCE}  # not the teams, not sites
+    linked.cancel("job-seen")
+    _fake(linked).gate.set()
+    t.join(timeout=20)

@@ -149,6 +149,11 @@ class GatewayStub:
                 request_serializer=sealroom_dot_v1_dot_gateway__pb2.RotateSiteKeyRequest.SerializeToString,
                 response_deserializer=sealroom_dot_v1_dot_gateway__pb2.RotateSiteKeyResponse.FromString,
                 _registered_method=True)
+        self.ListSites = channel.unary_unary(
+                '/sealroom.v1.Gateway/ListSites',
+                request_serializer=sealroom_dot_v1_dot_gateway__pb2.ListSitesRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_gateway__pb2.ListSitesResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -305,6 +310,14 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSites(self, request, context):
+        """The remote sites this gateway has heard from (operators and compliance officers): each
+        one's version, runtime image, slots, last call and the jobs it holds leases on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -422,6 +435,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.RotateSiteKey,
                     request_deserializer=sealroom_dot_v1_dot_gateway__pb2.RotateSiteKeyRequest.FromString,
                     response_serializer=sealroom_dot_v1_dot_gateway__pb2.RotateSiteKeyResponse.SerializeToString,
+            ),
+            'ListSites': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSites,
+                    request_deserializer=sealroom_dot_v1_dot_gateway__pb2.ListSitesRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_gateway__pb2.ListSitesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1045,6 +1063,33 @@ class Gateway:
             '/sealroom.v1.Gateway/RotateSiteKey',
             sealroom_dot_v1_dot_gateway__pb2.RotateSiteKeyRequest.SerializeToString,
             sealroom_dot_v1_dot_gateway__pb2.RotateSiteKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSites(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.Gateway/ListSites',
+            sealroom_dot_v1_dot_gateway__pb2.ListSitesRequest.SerializeToString,
+            sealroom_dot_v1_dot_gateway__pb2.ListSitesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,6 +73,10 @@ class GatewayStub:
     """Operator. Re-wrap every data key of the local site's vault under a new site key (no data is
     re-encrypted); the old key is gone once it returns.
     """
+    ListSites: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListSitesRequest, _gateway_pb2.ListSitesResponse]
+    """The remote sites this gateway has heard from (operators and compliance officers): each
+    one's version, runtime image, slots, last call and the jobs it holds leases on.
+    """
 
 @_typing.type_check_only
 class GatewayAsyncStub(GatewayStub):
@@ -115,6 +119,10 @@ class GatewayAsyncStub(GatewayStub):
     RotateSiteKey: _aio.UnaryUnaryMultiCallable[_gateway_pb2.RotateSiteKeyRequest, _gateway_pb2.RotateSiteKeyResponse]  # type: ignore[assignment]
     """Operator. Re-wrap every data key of the local site's vault under a new site key (no data is
     re-encrypted); the old key is gone once it returns.
+    """
+    ListSites: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListSitesRequest, _gateway_pb2.ListSitesResponse]  # type: ignore[assignment]
+    """The remote sites this gateway has heard from (operators and compliance officers): each
+    one's version, runtime image, slots, last call and the jobs it holds leases on.
     """
 
 class GatewayServicer(metaclass=_abc_1.ABCMeta):
@@ -293,6 +301,16 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_gateway_pb2.RotateSiteKeyResponse, _abc.Awaitable[_gateway_pb2.RotateSiteKeyResponse]]:
         """Operator. Re-wrap every data key of the local site's vault under a new site key (no data is
         re-encrypted); the old key is gone once it returns.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSites(
+        self,
+        request: _gateway_pb2.ListSitesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.ListSitesResponse, _abc.Awaitable[_gateway_pb2.ListSitesResponse]]:
+        """The remote sites this gateway has heard from (operators and compliance officers): each
+        one's version, runtime image, slots, last call and the jobs it holds leases on.
         """
 
 def add_GatewayServicer_to_server(servicer: GatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
