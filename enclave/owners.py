@@ -72,3 +72,14 @@ class SiteDatasets:
                 )
                 out.append(PushedDataset(stored, info["owner"], info["description"]))
         return out
+
+
+class OwnerRecord:
+    """The owners lookup a site agent is opened with (``SiteAgent.open(owners=...)``), before
+    its vault, and so its :class:`SiteDatasets`, exists: set ``datasets`` once it does. Until
+    then it knows no owner (None)."""
+
+    datasets: SiteDatasets | None = None
+
+    def owner(self, dataset: str) -> str | None:
+        return None if self.datasets is None else self.datasets.owner(dataset)

@@ -13,7 +13,7 @@ sealroom job approve | deny | logs                     data owner
 sealroom release download | verify                    model team, anyone offline
 sealroom release review | approve | reject            data owner (custom_code: reviewed)
 sealroom audit query | export | verify                 compliance
-sealroom demo                                          the whole story, end to end
+sealroom demo [--sites N]                              the whole story, end to end
 """
 
 from __future__ import annotations
@@ -67,9 +67,18 @@ def demo(
     workdir: Path = typer.Option(None, help="where the demo deployment lives (default: temp)"),
     keep: bool = typer.Option(False, help="keep the demo deployment afterwards"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON summary at the end"),
+    sites: int = typer.Option(
+        0, help="the federated story instead: a gateway and this many remote sites (2 to 4)"
+    ),
 ) -> None:
     """Play the whole story: owner registers data and policy, team submits, owner approves,
-    the job trains in the enclave, the release is verified, the audit log is verified."""
+    the job trains in the enclave, the release is verified, the audit log is verified. With
+    --sites N: N owners keep their data at N sites; one job per site."""
+    if sites:
+        from gateway.demo_sites import run_federated_demo
+
+        code = run_federated_demo(sites=sites, workdir=workdir, keep=keep, as_json=as_json)
+        raise typer.Exit(code=code)
     from gateway.demo import run_demo
 
     raise typer.Exit(code=run_demo(workdir=workdir, keep=keep, as_json=as_json))

@@ -71,18 +71,15 @@ def join(
 
     from enclave.agent import DEFAULT_LIMITS, SiteAgent
     from enclave.link import SiteLink
-    from enclave.owners import SiteDatasets
+    from enclave.owners import OwnerRecord, SiteDatasets
 
     with errors(as_json):
         tls, signer = _identity(name)
         root = STATE.home / "site"
         limits = dataclasses.replace(DEFAULT_LIMITS, runtime=runtime, warm_containers=warm)
-        owners: list[SiteDatasets] = []  # the site's own record of owners, once it is open
-        site = SiteAgent.open(
-            root, name=name, signer=signer, limits=limits, owners=lambda d: owners[0].owner(d)
-        )
-        datasets = SiteDatasets(root, site.vault)
-        owners.append(datasets)
+        record = OwnerRecord()  # the site's own record of owners, once the site is open
+        site = SiteAgent.open(root, name=name, signer=signer, limits=limits, owners=record.owner)
+        datasets = record.datasets = SiteDatasets(root, site.vault)
         link = SiteLink(
             site,
             address=gateway_address,

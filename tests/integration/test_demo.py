@@ -33,3 +33,24 @@ def test_the_demo_plays_the_whole_story(tmp_path: Path, runtime_image: str) -> N
     assert summary["release"]["artifacts"] == ["metrics.json", "weights/model.safetensors"]
     assert summary["audit"]["records"] > 0 and summary["audit"]["files_read"] > 0
     print(f"demo took {summary['seconds']} s")
+
+
+def test_the_federated_demo_runs_a_job_at_each_site(tmp_path: Path, runtime_image: str) -> None:
+    """``sealroom demo --sites 2``: two owners keep their data at two sites; each site runs
+    the job on its data and signs its release; one audit log tells both."""
+    exe = shutil.which("sealroom", path=os.path.dirname(sys.executable))
+    assert exe, "the sealroom command is not installed beside this interpreter"
+    proc = subprocess.run(
+        [exe, "demo", "--sites", "2", "--json", "--workdir", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout)
+    assert {s: v["state"] for s, v in summary["sites"].items()} == {
+        "library": "RELEASED",
+        "hospital": "RELEASED",
+    }
+    assert summary["audit"]["container_starts"] == {"library": 1, "hospital": 1}
+    print(f"federated demo took {summary['seconds']} s")
