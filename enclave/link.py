@@ -6,8 +6,10 @@ this site, report back (``proto/sealroom/v1/site.proto``; the gateway's side is
 in a deployment, :class:`enclave.fake.FakeSite` in tests). The site listens on no port.
 
 - **Connect, and again.** Every (re)connection starts with ``Hello``, naming the leases this
-  site has on record; a failed call backs off (0.2 s doubling to 10 s, jittered) and connects
-  again. Reports are repeated until acknowledged: the gateway applies each number once.
+  site has on record; a failed call (a long poll, or a heartbeat while every slot is busy)
+  backs off (0.2 s doubling to 10 s, jittered; gRPC's own reconnection is capped the same) and
+  connects again. Reports are repeated until acknowledged, across a gateway's restart too: the
+  gateway keeps each lease's next number on record and applies each number once.
 - **Leases on record.** A lease is written under ``<state>/leases/`` before its order reaches
   the site and removed once its last report is acknowledged. A site process that died with
   leases on record wipes what its runs left (the site does that when it opens) and reports each
@@ -44,6 +46,7 @@ from policies.lifecycle import JobState
 VERSION = "sealroom-site/1"
 CHUNK = 1 << 20
 PULL_WAIT_S = 20.0
+MAX_BACKOFF_S = 10.0
 _RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _ENDED = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED)
 
@@ -70,6 +73,11 @@ def channel(address: str, identity: IdentityFiles) -> grpc.Channel:
             ("grpc.max_send_message_length", 8 << 20),
             ("grpc.keepalive_time_ms", 20_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            # gRPC's own reconnect backoff grows to two minutes by default: a gateway back
+            # after a restart would wait that long for its sites. Ours (below) tops at 10 s.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", int(MAX_BACKOFF_S * 1000)),
         ],
     )
 
@@ -145,7 +153,7 @@ class SiteLink:
                 if e.code() not in _RETRY:
                     raise
                 self._stop.wait(backoff * random.uniform(0.5, 1.0))
-                backoff = min(backoff * 2, 10.0)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
         for t in list(self._running.values()):
             t.join()
         beat.join(timeout=self.heartbeat_s + 1)
@@ -187,6 +195,8 @@ class SiteLink:
     def _pull_until_stopped(self) -> None:
         while not self._stop.is_set():
             if not self._free.acquire(timeout=1.0):
+                if not self.connected.is_set():
+                    return  # every slot busy, and a heartbeat lost the gateway: hello again
                 continue
             try:
                 got = self._pull()
@@ -223,8 +233,10 @@ class SiteLink:
                 return
             try:
                 answer = self._stub.Heartbeat(pb.HeartbeatRequest(), timeout=self.heartbeat_s * 2)
-            except grpc.RpcError:
-                continue  # the pull loop notices and reconnects
+            except grpc.RpcError as e:
+                if e.code() in _RETRY:  # the gateway is gone (or restarting): say hello again
+                    self.connected.clear()
+                continue  # the pull loop reconnects, with backoff
             for job_id in answer.cancel:
                 self.site.cancel(job_id)
 
@@ -334,7 +346,7 @@ class SiteLink:
                 if e.code() not in _RETRY or (self._stop.is_set() and backoff > 5):
                     raise
                 time.sleep(backoff * random.uniform(0.5, 1.0))
-                backoff = min(backoff * 2, 10.0)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
 
 
 class _Counter:

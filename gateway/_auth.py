@@ -8,8 +8,10 @@ appends exactly one audit event per call, whatever happens (but for a remote sit
 heartbeats and reports that succeed: :data:`QUIET`). Its outcome, and what the caller gets:
 
 - ``denied``: no certificate with a valid role (recorded as principal and role
-  ``unauthenticated``; the caller gets UNAUTHENTICATED) or a role the method does not allow
-  (PERMISSION_DENIED); both with the reason.
+  ``unauthenticated``; the caller gets UNAUTHENTICATED), a certificate on the CA's revocation
+  list (recorded as the principal it names; UNAUTHENTICATED: :class:`gateway.identity.
+  RevocationList`, checked on every call, for every role, before the role), or a role the
+  method does not allow (PERMISSION_DENIED); each with the reason.
 - ``allowed``: the servicer answered; the answer.
 - ``error``: a :class:`SealroomError` (its type and text; the status from :mod:`gateway._status`
   with the same text), or any other exception (its type name only, as in the server's log: its
@@ -36,7 +38,7 @@ from typing import Any, Never
 import grpc
 
 from gateway._status import status_for
-from gateway.identity import principal_from_certificate
+from gateway.identity import RevocationList, principal_from_certificate
 from policies.errors import PermissionDenied, SealroomError
 from policies.identity import USER_ROLES, Principal, Role
 
@@ -99,17 +101,22 @@ def _principal_from_pem(pem: bytes) -> Principal:
     return principal_from_certificate(pem)
 
 
+def client_certificate(context: grpc.ServicerContext) -> bytes:
+    """The caller's certificate (PEM), as the TLS handshake verified it. Raises
+    PermissionDenied without one."""
+    found = context.auth_context().get("x509_pem_cert")
+    certs: list[bytes] = found if isinstance(found, list) else []  # gRPC: a list; else none
+    if not certs:
+        raise PermissionDenied("no verified client certificate")
+    return bytes(certs[0])
+
+
 def principal_of(context: grpc.ServicerContext) -> Principal:
     """The caller, from the TLS handshake.
 
     Raises PermissionDenied without a certificate, or with one whose role is not a known role
     (``unauthenticated`` is never granted by a certificate)."""
-    auth = context.auth_context()
-    found = auth.get("x509_pem_cert")
-    certs: list[bytes] = found if isinstance(found, list) else []  # gRPC: a list; else none
-    if not certs:
-        raise PermissionDenied("no verified client certificate")
-    principal = _principal_from_pem(bytes(certs[0]))
+    principal = _principal_from_pem(client_certificate(context))
     if principal.role is Role.UNAUTHENTICATED:
         raise PermissionDenied(
             f"client certificate carries an unknown role {principal.role.value!r}"
@@ -152,8 +159,12 @@ def _where(err: BaseException) -> str:
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    def __init__(self, audit: AuditFn) -> None:
+    """``revoked``: the CA's revocation list (None: a deployment that revokes nothing, as in
+    tests that build a server by hand)."""
+
+    def __init__(self, audit: AuditFn, *, revoked: RevocationList | None = None) -> None:
         self._audit = audit
+        self._revoked = revoked
 
     def intercept_service(
         self, continuation: Callable[[Any], Any], handler_call_details: Any
@@ -205,6 +216,13 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 refuse(context, record, UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED, str(e))
             except Exception as e:  # a certificate the parser chokes on: still one record
                 fail(context, record, UNAUTHENTICATED, e)
+            if self._revoked is not None:
+                try:
+                    self._revoked.check(client_certificate(context))
+                except PermissionDenied as e:
+                    refuse(context, record, principal, grpc.StatusCode.UNAUTHENTICATED, str(e))
+                except Exception as e:
+                    fail(context, record, principal, e)
             if principal.role not in roles:
                 reason = f"role {principal.role} may not call {name}" + (
                     f" (allowed: {', '.join(sorted(r.value for r in roles))})" if roles else ""

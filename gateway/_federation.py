@@ -68,6 +68,17 @@ class Sites:
         else:
             raise SiteError("a dataset is recorded at the local site, and this gateway has none")
 
+    def held(self) -> list[str]:
+        """Jobs a previous gateway process leased to a remote site whose leases are still live
+        (on record): the dispatcher takes each up again with :meth:`resume` rather than ending
+        it as a run the restart cut short (:mod:`gateway._sitelink`)."""
+        return self.links.held()
+
+    def resume(self, job_id: str, report: Report) -> bool:
+        """Take up a live lease of a previous gateway process: ``report`` gets its reports,
+        and this blocks until the run ends (as :meth:`run`). False at once when none waits."""
+        return self.links.resume(job_id, report)
+
     def cancel(self, job_id: str) -> None:
         if not self.links.cancel(job_id) and self.local is not None:
             self.local.cancel(job_id)

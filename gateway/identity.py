@@ -8,14 +8,21 @@ with role ``site``, so anyone holding the CA certificate can verify a release of
 
 Key files are written with mode 0600 (certificates 0644) by :mod:`enclave.secretfile`'s durable,
 atomic writer, and never overwritten: issuing a name twice is an error.
+
+``sealroom ca revoke NAME`` revokes every certificate the CA issued to a name: their serials go
+into the CA's revocation list (``crl.pem`` beside ``ca.pem``: an X.509 CRL signed by the CA,
+written again whole and atomically at each revocation). The gateway checks every caller against
+it (:class:`RevocationList`, used by :mod:`gateway._auth`), and reads it again when it changes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import json
 import os
+import threading
 from pathlib import Path
 
 from cryptography import x509
@@ -30,6 +37,8 @@ from policies.identity import Principal, Role
 from policies.spec import NAME_RE
 
 CA_VALIDITY = dt.timedelta(days=3650)
+CRL_FILE = "crl.pem"
+"""The CA's revocation list, beside its certificate."""
 ISSUED_FILE = "issued.jsonl"
 """The CA's register of issued identities, one JSON line each."""
 LEAF_VALIDITY = dt.timedelta(days=365)
@@ -134,10 +143,13 @@ class CertificateAuthority:
         team: str = "",
         out_dir: Path,
         server_names: tuple[str, ...] = (),
+        validity: tuple[dt.datetime, dt.datetime] | None = None,
     ) -> IdentityFiles:
         """Issue a TLS identity (ECDSA P-256) into ``out_dir/NAME.pem`` and ``NAME.key``.
 
         ``server_names`` (DNS names or IP addresses) make it a server certificate as well.
+        ``validity`` (not before, not after) replaces the usual window (from five minutes ago,
+        for :data:`LEAF_VALIDITY`): for tests of certificates that expired or are not valid yet.
         """
         _check_name(name)
         if team and not NAME_RE.match(team):
@@ -155,6 +167,7 @@ class CertificateAuthority:
             out_dir=out_dir,
             usages=usages,
             server_names=server_names,
+            validity=validity,
         )
 
     def site_signer(self, name: str, *, out_dir: Path) -> IdentityFiles:
@@ -197,6 +210,7 @@ class CertificateAuthority:
         usages: list[x509.ObjectIdentifier],
         server_names: tuple[str, ...],
         suffix: str = "",
+        validity: tuple[dt.datetime, dt.datetime] | None = None,
     ) -> IdentityFiles:
         cert_path = out_dir / f"{name}{suffix}.pem"
         key_path = out_dir / f"{name}{suffix}.key"
@@ -210,14 +224,17 @@ class CertificateAuthority:
         if team:
             attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, team))
         now = _now()
+        not_before, not_after = validity or (now - dt.timedelta(minutes=5), now + LEAF_VALIDITY)
+        if not_after <= not_before:
+            raise InvalidInput(f"validity: {not_after} is not after {not_before}")
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name(attrs))
             .issuer_name(ca_cert.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + LEAF_VALIDITY)
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
@@ -277,6 +294,126 @@ class CertificateAuthority:
     def has_issued(self, name: str, role: Role) -> bool:
         """Whether this CA issued ``name`` an identity with ``role``."""
         return any(r["name"] == name and r["role"] == role.value for r in self.issued())
+
+    # -- revocation -------------------------------------------------------------------------
+
+    @property
+    def crl_path(self) -> Path:
+        return self.directory / CRL_FILE
+
+    def revoked(self) -> dict[int, dt.datetime]:
+        """The serials on this CA's revocation list, each with its revocation time (empty
+        without a list). Raises :class:`InvalidInput` when the list does not verify."""
+        return read_crl(self.crl_path, ca_cert=x509.load_pem_x509_certificate(self.cert_pem))
+
+    def revoke(self, name: str) -> list[str]:
+        """Revoke every certificate this CA issued to ``name`` (a site's TLS identity and its
+        release signer both): the revocation list is signed and written again, whole and
+        atomically, with their serials added. Returns the serials (hex) newly revoked (empty:
+        all were revoked already). Raises :class:`NotFound` when the CA issued ``name``
+        nothing, :class:`InvalidInput` when the list on disk does not verify; nothing is
+        written then."""
+        _check_name(name)
+        serials = {int(r["serial"], 16) for r in self.issued() if r["name"] == name}
+        if not serials:
+            raise NotFound(f"this CA issued no certificate to {name!r}: nothing to revoke")
+        ca_cert, ca_key = self._signer()
+        revoked = self.revoked()
+        new = sorted(serials - revoked.keys())
+        if not new:
+            return []
+        now = _now()
+        revoked.update((s, now) for s in new)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca_cert.subject)
+            .last_update(now)
+            .next_update(now + CA_VALIDITY)
+        )
+        for serial, when in sorted(revoked.items()):
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+            )
+        crl = builder.sign(ca_key, hashes.SHA256())
+        write_secret(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), mode=PUBLIC_MODE)
+        return [format(s, "x") for s in new]
+
+
+def read_crl(path: Path, *, ca_cert: x509.Certificate) -> dict[int, dt.datetime]:
+    """The revoked serials of the CRL at ``path`` (empty when there is none), each with its
+    revocation time. Raises :class:`InvalidInput` when it is not a CRL this CA signed."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    try:
+        crl = x509.load_pem_x509_crl(data)
+    except ValueError as e:
+        raise InvalidInput(f"{path} is not a PEM certificate revocation list: {e}") from e
+    public = ca_cert.public_key()
+    if crl.issuer != ca_cert.subject or not isinstance(public, ec.EllipticCurvePublicKey):
+        raise InvalidInput(f"{path} was not issued by the deployment CA ({crl.issuer})")
+    if not crl.is_signature_valid(public):
+        raise InvalidInput(f"{path} is not signed by the deployment CA's key")
+    return {r.serial_number: r.revocation_date_utc for r in crl}
+
+
+class RevocationList:
+    """The CA's revocation list as the gateway checks callers against it: read at start (a
+    list that does not verify stops the start: :class:`InvalidInput`), read again whenever the
+    file changes (its inode, size or modification time), verified each time. No file revokes
+    nothing; a file that stops verifying refuses everyone until it is fixed (fail closed)."""
+
+    def __init__(self, path: Path, *, ca_cert_pem: bytes) -> None:
+        self.path = path
+        self._ca = x509.load_pem_x509_certificate(ca_cert_pem)
+        self._lock = threading.Lock()
+        self._stamp = self._stat()  # before the read: a change in between is read again
+        self._revoked: dict[int, dt.datetime] = read_crl(path, ca_cert=self._ca)
+        self._broken = ""
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _refresh(self) -> None:
+        stamp = self._stat()
+        with self._lock:
+            if stamp == self._stamp:
+                return
+            try:
+                self._revoked, self._broken = read_crl(self.path, ca_cert=self._ca), ""
+            except InvalidInput as e:
+                self._revoked, self._broken = {}, str(e)
+            self._stamp = stamp
+
+    def check(self, cert_pem: bytes) -> None:
+        """Raises :class:`PermissionDenied`, with the reason, when the (TLS-verified)
+        certificate is revoked, or when the list no longer verifies."""
+        self._refresh()
+        with self._lock:
+            broken, revoked = self._broken, self._revoked
+        if broken:
+            raise PermissionDenied(
+                f"the revocation list cannot be used ({broken}): every certificate is refused "
+                "until it is fixed"
+            )
+        serial, name = _serial_and_name(cert_pem)
+        when = revoked.get(serial)
+        if when is not None:
+            raise PermissionDenied(
+                f"the certificate of {name} (serial {serial:x}) was revoked at {when.isoformat()}"
+            )
+
+
+@functools.lru_cache(maxsize=1024)
+def _serial_and_name(pem: bytes) -> tuple[int, str]:
+    cert = x509.load_pem_x509_certificate(pem)
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return cert.serial_number, str(cns[0].value) if cns else "?"
 
 
 def _check_name(name: str) -> None:

@@ -4,9 +4,11 @@ serving remote sites too (``sealroom site join``: they dial in over the site lin
 Layout of ``$SEALROOM_HOME`` (default ``~/.sealroom``)::
 
     ca/                 ca.pem, ca.key (0600)              -- ``sealroom ca init``
+                        crl.pem (revoked certificates)     -- ``sealroom ca revoke``
     identities/         NAME.pem, NAME.key                 -- ``sealroom ca issue``
     gateway/            server identity, audit signing key, state.db, audit.db, bundles/, releases/,
-                        links/ (releases pushed by remote sites, until the dispatcher takes them)
+                        links/ (leases.db: remote sites' leases; releases they pushed, until the
+                        dispatcher takes them)
     site/               the local site: vault, model store, runs, logs, release-signing identity
 
 The server speaks only TLS with client certificates required and verified against the
@@ -36,7 +38,7 @@ from gateway._servicer import GatewayServicer
 from gateway._sitelink import HEARTBEAT_S, LEASE_S, SiteLinks
 from gateway.audit import AuditEvent, AuditLog
 from gateway.core import Gateway
-from gateway.identity import PUBLIC_MODE, CertificateAuthority
+from gateway.identity import CRL_FILE, PUBLIC_MODE, CertificateAuthority, RevocationList
 from gateway.store import Store
 from policies.identity import Principal, Role
 
@@ -159,18 +161,20 @@ def build(
     def audit_fn(principal: Principal, action: str, **kw: object) -> int:
         return gateway.record(principal, action, **kw)  # type: ignore[arg-type]
 
+    cert, key, ca_pem = identity.read()
+    # Read now (a list that does not verify stops the start), and again whenever it changes.
+    revoked = RevocationList(home / "ca" / CRL_FILE, ca_cert_pem=ca_pem)
     # Each remote site holds a thread for its long poll (PullWork): room for them beside the
     # clients' calls.
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=SERVER_THREADS),
-        interceptors=[AuthInterceptor(audit_fn)],
+        interceptors=[AuthInterceptor(audit_fn, revoked=revoked)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
         ],
     )
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(gateway, links=links), server)
-    cert, key, ca_pem = identity.read()
     ca = CertificateAuthority.load(home / "ca")
 
     def push_dataset(site_name: str, owner: str, stored: StoredDataset, description: str) -> None:

@@ -89,6 +89,22 @@ def ca_issue(
         )
 
 
+@ca_app.command("revoke")
+def ca_revoke(name: str, as_json: bool = JsonOpt) -> None:
+    """Revoke every certificate the CA issued to NAME (a site's TLS and release-signing
+    identities both): the gateway refuses them from its next call on, and audits each refusal."""
+    with errors(as_json):
+        ca = CertificateAuthority.load(STATE.home / "ca")
+        serials = ca.revoke(name)
+        emit(
+            as_json,
+            {"name": name, "revoked": serials, "crl": str(ca.crl_path)},
+            f"revoked {len(serials)} certificate(s) of {name}: {', '.join(serials)} ({ca.crl_path})"
+            if serials
+            else f"every certificate of {name} was revoked already ({ca.crl_path})",
+        )
+
+
 def up(
     address: str = typer.Option(None, help="host:port to listen on"),
     workers: int = typer.Option(1, help="jobs the local site runs at once"),

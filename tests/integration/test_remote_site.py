@@ -13,27 +13,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import signal
 import socket
 import subprocess
-import sys
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from enclave.identity import IdentityFiles
-from enclave.models import ModelStore
 from enclave.provenance import verify_release
 from gateway.client import Client
 from gateway.identity import CertificateAuthority
-from policies.identity import Role
 from tests.integration._deployment import PEOPLE, policy
-from trainers.basemodel import create_base_model
-from trainers.synthetic import corpus, write_corpus
+from tests.integration._remote import sealroom, serving, wait_for_dataset
+from tests.integration._remote import site_home as make_site_home
+from trainers.synthetic import write_corpus
 
 pytestmark = pytest.mark.docker
 
@@ -49,55 +43,6 @@ purpose: testing
 hyperparameters: {max_steps: 3, batch_size: 2, block_size: 32, seed: 0}
 resources: {cpus: 1, memory_mb: 1536, timeout_s: 300}
 """
-
-
-def _sealroom(home: Path, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-c",
-        "from gateway.cli import main; main()",
-        "--home",
-        str(home),
-        *args,
-    ]
-
-
-@contextlib.contextmanager
-def _serving(
-    cmd: list[str], log: Path
-) -> Iterator[tuple[subprocess.Popen[str], dict[str, object]]]:
-    """Start a serving verb (``--json``); yield it and its first JSON document; SIGTERM it."""
-    with (
-        log.open("w") as err,
-        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True) as proc,
-    ):
-        try:
-            assert proc.stdout is not None
-            text = ""
-            while not text.endswith("}\n"):
-                line = proc.stdout.readline()
-                assert line, log.read_text()[-4000:]
-                text += line
-            yield proc, json.loads(text)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=120) == 0, log.read_text()[-4000:]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-
-
-def _site_home(root: Path, ca: CertificateAuthority, name: str) -> Path:
-    """The site's own home, as the operator hands it over: the CA certificate (not its key)
-    and the site's two identities; a base model registered at the site."""
-    home = root / f"{name}-home"
-    (home / "ca").mkdir(parents=True)
-    shutil.copy(ca.cert_path, home / "ca" / "ca.pem")
-    ids = home / "identities"
-    ca.issue(name, role=Role.SITE, out_dir=ids)
-    ca.site_signer(name, out_dir=ids)
-    model = create_base_model(root / "tiny-lm", texts=corpus(documents=20, seed=1000), seed=0)
-    ModelStore(home / "site" / "models").register("tiny-lm", model)
-    return home
 
 
 class CountingProxy:
@@ -137,13 +82,6 @@ class CountingProxy:
         self._listener.close()
 
 
-def _wait_for_dataset(owner: Client, name: str) -> None:
-    deadline = time.monotonic() + 60
-    while not any(d.name == name for d in owner.datasets()):
-        assert time.monotonic() < deadline, f"the site never told the gateway of {name}"
-        time.sleep(0.2)
-
-
 def test_a_job_runs_at_a_remote_site_and_the_data_never_reaches_the_gateway(
     tmp_path: Path, runtime_image: str
 ) -> None:
@@ -155,7 +93,7 @@ def test_a_job_runs_at_a_remote_site_and_the_data_never_reaches_the_gateway(
         name: ca.issue(name, role=role, team=team, out_dir=gw_home / "identities")
         for name, (role, team) in PEOPLE.items()
     }
-    site_home = _site_home(tmp_path, ca, "hospital")
+    site_home = make_site_home(tmp_path, ca, "hospital")
     books = tmp_path / "books"
     write_corpus(books, documents=4, seed=7)
     (books / "book-canary.txt").write_text(f"The ledger said {CANARY} twice: {CANARY}.\n")
@@ -163,7 +101,7 @@ def test_a_job_runs_at_a_remote_site_and_the_data_never_reaches_the_gateway(
     # have crossed the site's connection to the gateway.
     (books / "scans.bin").write_bytes(os.urandom(BULK))
     registered = subprocess.run(
-        _sealroom(
+        sealroom(
             site_home,
             "site",
             "dataset",
@@ -182,15 +120,15 @@ def test_a_job_runs_at_a_remote_site_and_the_data_never_reaches_the_gateway(
     assert json.loads(registered.stdout)["version"] == 1
 
     with (
-        _serving(
-            _sealroom(gw_home, "up", "--address", "localhost:0", "--json"), tmp_path / "gw.log"
+        serving(
+            sealroom(gw_home, "up", "--address", "localhost:0", "--json"), tmp_path / "gw.log"
         ) as (_, up),
     ):
         address = f"localhost:{up['port']}"
         proxy = CountingProxy(int(str(up["port"])))
         with (
-            _serving(
-                _sealroom(
+            serving(
+                sealroom(
                     site_home,
                     "site",
                     "join",
@@ -205,7 +143,7 @@ def test_a_job_runs_at_a_remote_site_and_the_data_never_reaches_the_gateway(
             Client(address, people["theo"]) as team,
             Client(address, people["carol"]) as carol,
         ):
-            _wait_for_dataset(owner, "books")
+            wait_for_dataset(owner, "books")
             # The site's hello and its push of the version's metadata: kilobytes, not the data.
             assert proxy.to_gateway < BULK // 16, proxy.to_gateway
             (record,) = [d for d in owner.datasets() if d.name == "books"]
