@@ -7,7 +7,7 @@ lifecycle does not know, hex that is not hex) raises :class:`ValueError`; the cl
 :class:`policies.errors.IntegrityError`.
 
 Values come from the packages that own them (:mod:`gateway.store`, :mod:`gateway._views`,
-:mod:`gateway.audit`, :mod:`policies.review`); the three below exist only because no owner
+:mod:`enclave.audit`, :mod:`policies.review`); the three below exist only because no owner
 has one: a job as sent (its record and approvals), a key rotation, and an audit proof.
 """
 
@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 from sealroom.v1 import gateway_pb2 as pb
 
+from enclave.audit import AuditEvent, AuditRecord, DatasetReport, SignedCheckpoint
+from enclave.audit._model import ORIGIN
+from enclave.audit._report import Access, DerivedRelease
 from gateway._sitelink import SiteView
 from gateway._views import JobEvent
-from gateway.audit import AuditEvent, AuditRecord, DatasetReport, SignedCheckpoint
-from gateway.audit._model import ORIGIN
-from gateway.audit._report import Access, DerivedRelease
 from gateway.store import (
     ApprovalRecord,
     DatasetFileRecord,

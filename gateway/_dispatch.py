@@ -13,6 +13,7 @@ import queue
 import threading
 from typing import Any
 
+from enclave.audit import AuditLog
 from enclave.contract import RunOrder, Site, SiteReport
 from gateway._bundles import BundleStore
 from gateway._evaluate import Evaluator, binding
@@ -20,7 +21,6 @@ from gateway._events import EventHub
 from gateway._facade import SYSTEM, Facade
 from gateway._releases import ReleaseStore
 from gateway._views import JobEvent
-from gateway.audit import AuditLog
 from gateway.store import Store, utcnow
 from policies import access
 from policies.channels import TeamReason

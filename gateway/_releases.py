@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from enclave.audit import AuditLog
 from enclave.provenance import MANIFEST, Manifest
 from gateway._evaluate import Evaluator
 from gateway._facade import Facade
-from gateway.audit import AuditLog
 from gateway.store import JobRecord, Store
 from policies import access, review
 from policies.channels import TeamReason

@@ -23,6 +23,7 @@ import grpc
 from sealroom.v1 import gateway_pb2 as pb
 from sealroom.v1 import gateway_pb2_grpc as pb_grpc
 
+from enclave.audit import AuditRecord, DatasetReport, SignedCheckpoint
 from enclave.identity import IdentityFiles
 from enclave.signatures import sign
 from enclave.writebehind import WriteBehind
@@ -30,7 +31,6 @@ from gateway import _convert as convert
 from gateway._convert import AuditProof, JobView, SiteInfo, SiteKeyRotation
 from gateway._status import error_for
 from gateway._views import JobEvent
-from gateway.audit import AuditRecord, DatasetReport, SignedCheckpoint
 from gateway.store import DatasetRecord, PolicyRecord
 from policies.approval import ApprovalBinding
 from policies.document import parse_policy

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from enclave.audit import AuditEvent, AuditLog
 from enclave.contract import Site, StoredDataset
 from enclave.signatures import verify
 from gateway._bundles import BundleStore, sha256_file
@@ -34,7 +35,6 @@ from gateway._leakage import release_charges
 from gateway._releases import ReleaseStore
 from gateway._spool import SealedSpool
 from gateway._views import JobEvent, job_for, job_summary
-from gateway.audit import AuditEvent, AuditLog
 from gateway.store import (
     ApprovalRecord,
     DatasetRecord,

@@ -23,10 +23,10 @@ from typing import Any
 
 from rich.console import Console
 
+from enclave.audit import verify_export
 from enclave.identity import IdentityFiles
 from enclave.models import ModelStore
 from enclave.provenance import verify_release
-from gateway.audit import verify_export
 from gateway.client import Client
 from gateway.identity import CertificateAuthority
 from gateway.server import build

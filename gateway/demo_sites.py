@@ -26,11 +26,11 @@ from typing import Any
 from rich.console import Console
 
 from enclave.agent import SiteAgent
+from enclave.audit import verify_export
 from enclave.link import SiteLink
 from enclave.models import ModelStore
 from enclave.owners import OwnerRecord, SiteDatasets
 from enclave.provenance import verify_release
-from gateway.audit import verify_export
 from gateway.client import Client
 from gateway.demo import SPEC, policy_text
 from gateway.identity import CertificateAuthority

@@ -13,7 +13,7 @@ from rich.table import Table
 from gateway.cli._common import STATE, JsonOpt, client, console, emit, errors, to_json
 
 if TYPE_CHECKING:
-    from gateway.audit import SignedCheckpoint
+    from enclave.audit import SignedCheckpoint
 
 audit_app = typer.Typer(help="The audit log (compliance).", no_args_is_help=True)
 release_app = typer.Typer(help="Released models.", no_args_is_help=True)
@@ -90,7 +90,7 @@ def audit_verify(
     with --previous, proves the log still extends an earlier checkpoint."""
     from cryptography.hazmat.primitives import serialization
 
-    from gateway.audit import AuditLog, verify_export
+    from enclave.audit import AuditLog, verify_export
 
     with errors(as_json):
         key_path = public_key or STATE.home / "gateway" / "audit-signing.pub"
@@ -136,7 +136,7 @@ def _load_checkpoint(path: Path) -> Any:
     import base64
     import binascii
 
-    from gateway.audit import SignedCheckpoint
+    from enclave.audit import SignedCheckpoint
     from policies.errors import AuditLogError, InvalidInput
 
     try:
@@ -157,12 +157,12 @@ def _load_checkpoint(path: Path) -> Any:
 
 def _extends(log: Any, earlier: Any, key: Any) -> None:
     """The local log's latest checkpoint extends ``earlier``: signature, then RFC 9162 proof."""
-    from gateway.audit import verify_consistency
+    from enclave.audit import verify_consistency
 
     earlier.verify(key)
     latest = log.checkpoint()
     if earlier.size > latest.size:
-        from gateway.audit import ProofError
+        from enclave.audit import ProofError
 
         raise ProofError(
             f"the earlier checkpoint vouches for {earlier.size} records; the "
@@ -211,7 +211,7 @@ def audit_prove(
     as_json: bool = JsonOpt,
 ) -> None:
     """Prove that record SEQ is in the log the latest signed checkpoint vouches for."""
-    from gateway.audit import verify_inclusion
+    from enclave.audit import verify_inclusion
 
     with errors(as_json), client() as c:
         cp = c.audit_checkpoint(fresh=True)
@@ -246,7 +246,7 @@ def audit_consistency(
     as_json: bool = JsonOpt,
 ) -> None:
     """Prove that the log today extends an earlier checkpoint (nothing rewritten since)."""
-    from gateway.audit import verify_consistency
+    from enclave.audit import verify_consistency
 
     with errors(as_json), client() as c:
         cp = c.audit_checkpoint(fresh=True)

@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
+from enclave.audit import AuditRecord, DatasetReport, SignedCheckpoint
 from enclave.identity import IdentityFiles
 from gateway._views import JobEvent
-from gateway.audit import AuditRecord, DatasetReport, SignedCheckpoint
 from gateway.client import Client, JobView
 from gateway.server import DEFAULT_ADDRESS, default_home
 from policies.errors import NotFound, SealroomError

@@ -28,7 +28,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gateway.audit import AuditEvent, AuditLog, verify_export
+from enclave.audit import AuditEvent, AuditLog, verify_export
 from tests.bench._stats import fixed_limit, interleave
 
 GOAL_APPENDS = 20_000

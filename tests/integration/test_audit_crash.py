@@ -28,13 +28,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gateway.audit import AuditLog
+from enclave.audit import AuditLog
 
 CHILD = textwrap.dedent("""
     import sys, threading, uuid
     from pathlib import Path
     from cryptography.hazmat.primitives import serialization
-    from gateway.audit import AuditEvent, AuditLog, _log
+    from enclave.audit import AuditEvent, AuditLog, _log
     wal_bytes, threads, pad = (int(a) for a in sys.argv[3:6])
     if wal_bytes:
         _log.WAL_BYTES = wal_bytes

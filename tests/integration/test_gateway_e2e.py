@@ -365,7 +365,7 @@ def test_a_job_that_writes_a_pickle_or_an_extra_tensor_gets_no_release(
 def test_an_edited_audit_record_is_detected_and_named(dep: Deployment, tmp_path: Path) -> None:
     from cryptography.hazmat.primitives import serialization
 
-    from gateway.audit import verify_export
+    from enclave.audit import verify_export
     from policies.errors import AuditLogError
 
     with dep.client("carol") as compliance:
@@ -392,7 +392,7 @@ def test_an_edited_audit_record_is_detected_and_named(dep: Deployment, tmp_path:
 def test_proofs_and_the_takedown_report_over_the_wire(dep: Deployment, tmp_path: Path) -> None:
     from cryptography.hazmat.primitives import serialization
 
-    from gateway.audit import SignedCheckpoint, verify_consistency, verify_inclusion
+    from enclave.audit import SignedCheckpoint, verify_consistency, verify_inclusion
 
     pub: Any = serialization.load_pem_public_key(
         (dep.home / "gateway" / "audit-signing.pub").read_bytes()

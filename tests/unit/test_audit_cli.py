@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from typer.testing import CliRunner
 
-from gateway.audit import AuditEvent, AuditLog
+from enclave.audit import AuditEvent, AuditLog
 from gateway.cli import app
 
 KEY = ed25519.Ed25519PrivateKey.generate()

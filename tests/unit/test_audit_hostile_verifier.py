@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gateway.audit import (
+from enclave.audit import (
     AuditEvent,
     AuditLog,
     CheckpointError,
@@ -23,8 +23,8 @@ from gateway.audit import (
     verify_export,
     verify_inclusion,
 )
-from gateway.audit import _merkle as m
-from gateway.audit._log import _merkle as lm  # the same module the log uses
+from enclave.audit import _merkle as m
+from enclave.audit._log import _merkle as lm  # the same module the log uses
 
 KEY = ed25519.Ed25519PrivateKey.generate()
 PUB = KEY.public_key()
@@ -393,7 +393,7 @@ def test_a_forged_consistency_proof_between_checkpoints_is_refused(
 def test_an_earlier_checkpoint_of_another_log_is_not_extended(
     export: list[str], tmp_path: Path
 ) -> None:
-    from gateway.audit import SignedCheckpoint
+    from enclave.audit import SignedCheckpoint
 
     other = AuditLog(tmp_path / "o.db", signing_key=KEY, checkpoint_interval_s=0)
     for i in range(5):

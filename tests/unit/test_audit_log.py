@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gateway.audit import (
+from enclave.audit import (
     AuditEvent,
     AuditLog,
     RecordError,
@@ -143,7 +143,7 @@ def _indexed(path: Path) -> int:
 def test_queries_find_the_same_records_indexed_or_not_yet(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gateway.audit import _log
+    from enclave.audit import _log
 
     monkeypatch.setattr(_log, "_INDEX_IDLE_S", 60.0)  # only close() indexes here
     events = [_mixed(i) for i in range(60)]
@@ -170,7 +170,7 @@ def test_queries_find_the_same_records_indexed_or_not_yet(
 def test_the_tail_is_indexed_when_it_grows_long_or_the_log_is_idle(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gateway.audit import _log
+    from enclave.audit import _log
 
     monkeypatch.setattr(_log, "_INDEX_ROWS", 10)
     monkeypatch.setattr(_log, "_INDEX_IDLE_S", 60.0)
@@ -348,7 +348,7 @@ def test_an_export_extends_an_earlier_checkpoint(log: AuditLog, tmp_path: Path) 
         == 12
     )
     forged = KEY.sign(b"x")
-    from gateway.audit import SignedCheckpoint
+    from enclave.audit import SignedCheckpoint
 
     other = SignedCheckpoint(earlier.size, b"\x01" * 32, earlier.time, forged)
     with pytest.raises(AuditLogError):

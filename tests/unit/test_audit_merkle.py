@@ -6,7 +6,7 @@ import binascii
 
 import pytest
 
-from gateway.audit import _merkle as m
+from enclave.audit import _merkle as m
 
 # The eight leaves of certificate-transparency's merkle_tree_test and their roots.
 CT_LEAVES = [

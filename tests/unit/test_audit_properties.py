@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.audit import AuditEvent, AuditLog, verify_consistency, verify_export, verify_inclusion
-from gateway.audit import _merkle as m
+from enclave.audit import AuditEvent, AuditLog, verify_consistency, verify_export, verify_inclusion
+from enclave.audit import _merkle as m
 from policies.errors import AuditLogError
 
 KEY = ed25519.Ed25519PrivateKey.generate()
@@ -124,7 +124,7 @@ _JSON = st.recursive(
     st.integers(0, 2**40),
 )
 def test_the_leaf_is_the_canonical_json_of_the_record(event: AuditEvent, seq: int) -> None:
-    from gateway.audit._model import decode_leaf, encode_leaf
+    from enclave.audit._model import decode_leaf, encode_leaf
 
     time = "2026-01-02T03:04:05.000006Z"
     leaf = encode_leaf(seq, time, event)
@@ -147,7 +147,7 @@ def test_the_leaf_is_the_canonical_json_of_the_record(event: AuditEvent, seq: in
 def _outcome(path: Path, *, fast: bool) -> tuple[str, int | None]:
     from unittest import mock
 
-    from gateway.audit import _verify
+    from enclave.audit import _verify
 
     with (
         contextlib.nullcontext()
@@ -205,7 +205,7 @@ def _damage_and_compare(data: st.DataObject, export: bytes, where: range) -> Non
 def test_an_undamaged_export_takes_the_batch_path() -> None:
     from unittest import mock
 
-    from gateway.audit import _verify
+    from enclave.audit import _verify
 
     taken: list[bool] = []
     real = _verify._Checker._fast

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gateway.audit import AuditEvent, AuditLog, CheckpointError, RecordError, _verify, verify_export
+from enclave.audit import AuditEvent, AuditLog, CheckpointError, RecordError, _verify, verify_export
 
 KEY = ed25519.Ed25519PrivateKey.generate()
 PUB = KEY.public_key()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gateway.audit import AuditEvent, AuditLog, AuditRecord
+from enclave.audit import AuditEvent, AuditLog, AuditRecord
 from policies.errors import AuditLogError
 
 KEY = ed25519.Ed25519PrivateKey.generate()
@@ -57,7 +57,7 @@ def _append_from_threads(
 def test_each_appender_gets_its_own_record_from_a_shared_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gateway.audit import _log
+    from enclave.audit import _log
 
     monkeypatch.setattr(_log, "_MAX_BATCH", 5)  # batches fill up: new ones are opened
     sizes: list[int] = []
@@ -85,7 +85,7 @@ def test_each_appender_gets_its_own_record_from_a_shared_batch(
 def test_a_fault_in_the_writer_fails_the_waiters_and_every_later_append(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gateway.audit import _log
+    from enclave.audit import _log
 
     log = AuditLog(tmp_path / "a.db", signing_key=KEY, checkpoint_interval_s=0)
     try:
@@ -154,7 +154,7 @@ def _db_pages(path: Path) -> int:
 def test_the_writer_never_checkpoints_and_the_wal_thread_does(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gateway.audit import _log
+    from enclave.audit import _log
 
     monkeypatch.setattr(_log, "WAL_BYTES", 64 << 10)
     monkeypatch.setattr(_log, "_INDEX_IDLE_S", 60.0)
@@ -181,7 +181,7 @@ def test_the_writer_never_checkpoints_and_the_wal_thread_does(
 
 
 def test_an_idle_log_folds_its_wal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway.audit import _log
+    from enclave.audit import _log
 
     monkeypatch.setattr(_log, "_INDEX_IDLE_S", 0.05)
     path = tmp_path / "a.db"
@@ -201,7 +201,7 @@ def test_an_idle_log_folds_its_wal(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_the_writer_waits_for_a_batch_as_large_as_the_last_and_no_longer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gateway.audit import _log
+    from enclave.audit import _log
 
     sizes: list[int] = []
     hold = threading.Event()

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from enclave.audit import AuditLog
 from enclave.contract import RunOrder, SiteReport
-from gateway.audit import AuditLog
 from gateway.core import Gateway
 from gateway.store import Store
 from policies.channels import TeamReason

@@ -9,10 +9,10 @@ import pytest
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from enclave.audit import AuditEvent, AuditRecord, DatasetReport, SignedCheckpoint
+from enclave.audit._report import Access, DerivedRelease
 from gateway import _convert as c
 from gateway._views import JobEvent
-from gateway.audit import AuditEvent, AuditRecord, DatasetReport, SignedCheckpoint
-from gateway.audit._report import Access, DerivedRelease
 from gateway.cli._common import to_json
 from gateway.store import (
     ApprovalRecord,

@@ -18,10 +18,10 @@ from typing import BinaryIO
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from enclave.audit import AuditLog
 from enclave.contract import SiteReport, StoredDataset
 from enclave.fake import FakeSite
 from gateway._spool import SealedSpool
-from gateway.audit import AuditLog
 from gateway.core import Gateway
 from gateway.store import Store
 from policies.errors import (

@@ -19,10 +19,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from enclave._channels import TeamChannel
+from enclave.audit import AuditLog
 from enclave.contract import Report, RunOrder, SiteReport
 from enclave.provenance import AuditPosition
 from gateway._views import JobEvent
-from gateway.audit import AuditLog
 from gateway.core import Gateway
 from gateway.store import Store
 from policies import access, channels, document

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from enclave.audit import AuditLog
 from enclave.contract import StoredDataset
 from enclave.fake import FakeSite
-from gateway.audit import AuditLog
 from gateway.core import Gateway
 from gateway.store import Store
 from policies.errors import InvalidInput, PermissionDenied

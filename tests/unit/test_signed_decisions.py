@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from enclave.audit import AuditLog
 from enclave.fake import FakeSite
 from enclave.identity import IdentityFiles
 from enclave.signatures import sign
 from gateway._spool import SealedSpool
-from gateway.audit import AuditLog
 from gateway.core import Gateway
 from gateway.identity import CertificateAuthority
 from gateway.store import Store

@@ -1,7 +1,7 @@
 """Reading the audit log: roots and proofs from the in-memory tree, records and compliance
 queries from the database.
 
-A query by an indexed column (:data:`~gateway.audit._store.INDEXED`) reads the records listed
+A query by an indexed column (:data:`~enclave.audit._store.INDEXED`) reads the records listed
 in the ``lookup`` table through its indexes, and the short tail not yet indexed from the records
 themselves, in one read transaction, so it never misses a record; every condition is then
 checked on the records. Values are always bound as parameters.
@@ -11,16 +11,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gateway.audit._model import AuditRecord, decode_leaf, normal_time
-from gateway.audit._store import INDEXED, Store
+from enclave.audit._model import AuditRecord, decode_leaf, normal_time
+from enclave.audit._store import INDEXED, Store
 from policies.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from gateway.audit._report import DatasetReport
+    from enclave.audit._report import DatasetReport
 
 
 class Queries(Store):
-    """The reading half of :class:`~gateway.audit.AuditLog`."""
+    """The reading half of :class:`~enclave.audit.AuditLog`."""
 
     def root(self, size: int | None = None) -> bytes:
         """The Merkle root of the first ``size`` records (default: all)."""
@@ -135,8 +135,8 @@ class Queries(Store):
         return out
 
     def report(self, dataset: str) -> DatasetReport:
-        """The compliance report for ``dataset`` (see :mod:`gateway.audit._report`)."""
-        from gateway.audit._report import dataset_report
+        """The compliance report for ``dataset`` (see :mod:`enclave.audit._report`)."""
+        from enclave.audit._report import dataset_report
 
         if not dataset:
             raise InvalidInput("dataset: name the dataset the report is about")

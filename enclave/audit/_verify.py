@@ -30,16 +30,16 @@ from typing import IO, Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gateway.audit import _merkle, _verify_fast
-from gateway.audit._merkle import ProofError
-from gateway.audit._model import (
+from enclave.audit import _merkle, _verify_fast
+from enclave.audit._merkle import ProofError
+from enclave.audit._model import (
     CheckpointError,
     RecordError,
     SignedCheckpoint,
     VerifyResult,
     parse_hex32,
 )
-from gateway.audit._verify_fast import _P1
+from enclave.audit._verify_fast import _P1
 from policies.errors import AuditLogError, InvalidInput
 
 GENESIS = b"\x00" * 32

@@ -4,7 +4,7 @@
 (group-committed into SQLite, fsynced before ``append`` returns), signs checkpoints with the
 gateway's Ed25519 key, answers compliance queries, takedown reports and inclusion and
 consistency proofs, and exports JSON lines that :func:`verify_export` checks offline with the
-public key alone. The tree maths is in :mod:`gateway.audit._merkle` (pure, no I/O); the values
+public key alone. The tree maths is in :mod:`enclave.audit._merkle` (pure, no I/O); the values
 and the leaf encoding in ``_model``; the one-pass verifier and the export format in ``_verify``
 (its numpy batch path in ``_verify_fast``, held to the reference path by a property test).
 :class:`AuditLog` itself is split by concern: the database, schema and tree in ``_store``, the
@@ -20,9 +20,9 @@ Errors, all :class:`policies.errors.AuditLogError`::
     └── ProofError         an inclusion or consistency proof does not prove its claim
 """
 
-from gateway.audit._log import AuditLog
-from gateway.audit._merkle import ProofError, verify_consistency, verify_inclusion
-from gateway.audit._model import (
+from enclave.audit._log import AuditLog
+from enclave.audit._merkle import ProofError, verify_consistency, verify_inclusion
+from enclave.audit._model import (
     AuditEvent,
     AuditRecord,
     CheckpointError,
@@ -30,8 +30,8 @@ from gateway.audit._model import (
     SignedCheckpoint,
     VerifyResult,
 )
-from gateway.audit._report import DatasetReport
-from gateway.audit._verify import verify_export
+from enclave.audit._report import DatasetReport
+from enclave.audit._verify import verify_export
 
 __all__ = [
     "AuditEvent",

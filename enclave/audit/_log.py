@@ -34,9 +34,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gateway.audit import _merkle  # noqa: F401  # _commit inlines its leaf_hash and node_hash
-from gateway.audit._checkpoints import Checkpoints
-from gateway.audit._model import (
+from enclave.audit import _merkle  # noqa: F401  # _commit inlines its leaf_hash and node_hash
+from enclave.audit._checkpoints import Checkpoints
+from enclave.audit._model import (
     AuditEvent,
     AuditRecord,
     CheckpointError,
@@ -46,8 +46,8 @@ from gateway.audit._model import (
     leaf_tail,
     now,
 )
-from gateway.audit._query import Queries
-from gateway.audit._store import INDEXED, WAL_BYTES, insert_sql
+from enclave.audit._query import Queries
+from enclave.audit._store import INDEXED, WAL_BYTES, insert_sql
 from policies.errors import AuditLogError, InvalidInput
 
 __all__ = [

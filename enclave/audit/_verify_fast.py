@@ -1,6 +1,6 @@
 """The verifier's batch path: a batch of export record lines checked all at once.
 
-A record line in exactly the form :func:`gateway.audit._verify.record_line` writes has a known
+A record line in exactly the form :func:`enclave.audit._verify.record_line` writes has a known
 frame, its seq included, and its leaf is the span inside the frame; that span is what gets
 hashed and compared with the stored hashes (and then, by the one pass, with the signed roots),
 so a line that frames it differently cannot pass. The loops over lines run in C (``map`` over
@@ -22,7 +22,7 @@ from operator import itemgetter
 import numpy as np
 from numpy.typing import NDArray
 
-from gateway.audit import _merkle
+from enclave.audit import _merkle
 
 # A record line as write_export writes it: {"chain":"<hex>","leaf":<leaf>,"leaf_hash":"<hex>",
 # "seq":N} and a newline.

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gateway.audit._model import (
+from enclave.audit._model import (
     FIELDS,
     CheckpointError,
     RecordError,
@@ -23,13 +23,13 @@ from gateway.audit._model import (
     VerifyResult,
     now,
 )
-from gateway.audit._store import Store, check_lookup
-from gateway.audit._verify import check_checkpoints, check_lines, record_line, write_export
+from enclave.audit._store import Store, check_lookup
+from enclave.audit._verify import check_checkpoints, check_lines, record_line, write_export
 from policies.errors import AuditLogError
 
 
 class Checkpoints(Store):
-    """Signing, export and verification for :class:`~gateway.audit.AuditLog`."""
+    """Signing, export and verification for :class:`~enclave.audit.AuditLog`."""
 
     def checkpoint(self) -> SignedCheckpoint:
         """Sign and store a checkpoint of the log as it is now (read-only: the latest one).
@@ -70,7 +70,7 @@ class Checkpoints(Store):
         return [SignedCheckpoint(r[0], bytes(r[1]), r[2], bytes(r[3])) for r in rows]
 
     def export(self, path: Path) -> SignedCheckpoint:
-        """Write the log as JSON lines (see :mod:`gateway.audit._verify`): every record up to
+        """Write the log as JSON lines (see :mod:`enclave.audit._verify`): every record up to
         a fresh checkpoint, then every checkpoint with the consistency proof from the one
         before it. Written whole or not at all."""
         cp = self.checkpoint()

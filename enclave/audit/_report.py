@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from gateway.audit._model import AuditRecord
+from enclave.audit._model import AuditRecord
 
 
 @dataclass(frozen=True)

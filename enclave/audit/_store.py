@@ -4,7 +4,7 @@ Storage is one SQLite database (WAL, ``synchronous=FULL``): a committed transact
 ``kill -9`` and power loss, SQLite's journal makes a half-written batch vanish whole, and the
 query columns get real indexes — an append-only file would need all three rebuilt by hand.
 
-Each record stores its *leaf* (:func:`~gateway.audit._model.encode_leaf`), the leaf hash (RFC
+Each record stores its *leaf* (:func:`~enclave.audit._model.encode_leaf`), the leaf hash (RFC
 6962) and a running chain hash ``H(0x01 || chain[i-1] || leaf_hash[i])``; the query columns are
 copies of fields of the leaf, checked against it by :meth:`AuditLog.verify`.
 
@@ -12,9 +12,9 @@ The query indexes are kept off the durable path: a commit writes only the record
 pages fill in order. Indexing each batch of 64 as it commits cost more than the fsync (an index
 on job ids touches a page per job in the batch, and each dirty page goes through the WAL). The
 writer copies the tail of query columns into the indexed ``lookup`` table in one transaction
-once it is long enough, when the log is idle, and on close (:mod:`gateway.audit._log`); a query
+once it is long enough, when the log is idle, and on close (:mod:`enclave.audit._log`); a query
 reads the indexed part through the lookup table and the short tail from the records
-themselves, in one read transaction, so it never misses a record (:mod:`gateway.audit._query`).
+themselves, in one read transaction, so it never misses a record (:mod:`enclave.audit._query`).
 Verification checks the lookup table too.
 
 Checkpoints of the WAL (folding it into the database file, not the signed checkpoints) are
@@ -22,13 +22,13 @@ kept off the durable path too. SQLite by default runs one inside the commit that
 past 1000 pages: it copies ~4 MB into the database file and fsyncs it while every appender
 waits. On a fresh machine that commit also grows the database file (new blocks, new page cache
 pages): such commits took 30-250 ms, with every appender waiting. The writer connection
-turns that off; a thread of the writer's (:mod:`gateway.audit._log`) checkpoints on its own
+turns that off; a thread of the writer's (:mod:`enclave.audit._log`) checkpoints on its own
 connection once the writer has written about :data:`WAL_BYTES` (PASSIVE: beside the commits),
 then once more for the tail written meanwhile with the writer held off, so that the next
 commit starts the WAL over instead of growing it. Durability does not depend on it: a commit is
 fsynced in the WAL, and SQLite checkpoints again on close and recovers the WAL on open.
 
-The Merkle tree is kept in memory as a :class:`~gateway.audit._merkle.Tree` (rebuilt from the
+The Merkle tree is kept in memory as a :class:`~enclave.audit._merkle.Tree` (rebuilt from the
 leaf hashes on open), so roots and proofs cost O(log² n).
 """
 
@@ -41,9 +41,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gateway.audit import _merkle
-from gateway.audit._model import RecordError
-from gateway.audit._verify import GENESIS
+from enclave.audit import _merkle
+from enclave.audit._model import RecordError
+from enclave.audit._verify import GENESIS
 from policies.errors import AuditLogError
 
 # About this many bytes written to the WAL call for a checkpoint (SQLite's default is 1000 pages).
@@ -73,7 +73,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 
 class Store:
     """The open database (a writer and a reader connection), the tree and chain head rebuilt
-    from it, and the locks that share them; the base of :class:`~gateway.audit.AuditLog`.
+    from it, and the locks that share them; the base of :class:`~enclave.audit.AuditLog`.
 
     Raises :class:`AuditLogError` when the database cannot be opened or does not hold a log
     whose records are numbered 0..n-1 (a writable log will not grow a damaged one)."""
