@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from sealroom.v1 import gateway_pb2_grpc, site_pb2_grpc
 
+from enclave.audit import AuditEvent, AuditLog
 from enclave.contract import Site, StoredDataset
 from enclave.identity import IdentityFiles
 from enclave.secretfile import ensure_secret, write_secret
@@ -36,7 +37,6 @@ from gateway._federation import Sites
 from gateway._linkservicer import SiteLinkServicer
 from gateway._servicer import GatewayServicer
 from gateway._sitelink import HEARTBEAT_S, LEASE_S, SiteLinks
-from gateway.audit import AuditEvent, AuditLog
 from gateway.core import Gateway
 from gateway.identity import CRL_FILE, PUBLIC_MODE, CertificateAuthority, RevocationList
 from gateway.store import Store
