@@ -247,6 +247,7 @@ class SiteLink:
         seq = _Counter()
         bundle = self._bundles / f"{job_id}.tar.gz"
         ended = False
+        undelivered = False
 
         def report(r: SiteReport) -> None:
             nonlocal ended
@@ -272,17 +273,23 @@ class SiteLink:
             self.site.run(order, report)
         except Exception as e:  # the site could not report at all: the run's ERROR
             if not ended:
-                report(
-                    SiteReport(
-                        job_id,
-                        state=JobState.ERROR,
-                        reason=TeamReason.ERROR,
-                        detail=f"the site failed: {type(e).__name__}",
+                try:
+                    report(
+                        SiteReport(
+                            job_id,
+                            state=JobState.ERROR,
+                            reason=TeamReason.ERROR,
+                            detail=f"the site failed: {type(e).__name__}",
+                        )
                     )
-                )
+                except grpc.RpcError:
+                    # The gateway is out of reach (or this link is stopping): the lease stays on
+                    # record, and the next hello, of this process or the next, ends it.
+                    undelivered = True
         finally:
             bundle.unlink(missing_ok=True)
-            (self._leases / f"{job_id}.json").unlink(missing_ok=True)
+            if not undelivered:
+                (self._leases / f"{job_id}.json").unlink(missing_ok=True)
             with self._lock:
                 self._running.pop(job_id, None)
             self._free.release()

@@ -19,6 +19,7 @@ from gateway._bundles import BundleStore
 from gateway._evaluate import Evaluator, binding
 from gateway._events import EventHub
 from gateway._facade import SYSTEM, Facade
+from gateway._federation import Sites
 from gateway._releases import ReleaseStore
 from gateway._views import JobEvent
 from gateway.store import Store, utcnow
@@ -81,9 +82,17 @@ class Dispatcher:
         self._started = True
         # Runs left mid-way by a previous gateway end in ERROR before any worker starts: a
         # worker started first could take a job queued before start() and be seen RUNNING here.
+        # A remote site's run goes on without the gateway: its lease is on record, and it is
+        # taken up again (its reports carry on where they stopped).
+        held = set(self.site.held()) if isinstance(self.site, Sites) else set()
         for job in self.store.jobs(state=JobState.RUNNING) + self.store.jobs(
             state=JobState.CHECKING
         ):
+            if job.id in held:
+                threading.Thread(
+                    target=self._resume, args=(job.id,), name=f"resume-{job.id}", daemon=True
+                ).start()
+                continue
             self._g._transition(
                 job.id,
                 JobState.ERROR,
@@ -211,14 +220,30 @@ class Dispatcher:
             try:
                 self._dispatch(job_id)
             except Exception as e:  # a worker must survive any one job
-                try:
-                    job = self.store.job(job_id)
-                    if job.state not in TERMINAL:
-                        self._g._transition(
-                            job_id, JobState.ERROR, reason=TeamReason.ERROR, details=(str(e),)
-                        )
-                except SealroomError:
-                    pass
+                self._end_unfinished(job_id, str(e))
+
+    def _resume(self, job_id: str) -> None:
+        """Take up a remote run a previous gateway process dispatched (see :meth:`start`)."""
+        assert isinstance(self.site, Sites)
+        with self._lock:
+            self._inflight.add(job_id)
+        try:
+            if not self.site.resume(job_id, self._on_site_report):
+                self._end_unfinished(job_id, "the gateway restarted mid-run")
+        except Exception as e:  # as a worker does: the run's ERROR
+            self._end_unfinished(job_id, str(e))
+        finally:
+            with self._lock:
+                self._inflight.discard(job_id)
+
+    def _end_unfinished(self, job_id: str, detail: str) -> None:
+        try:
+            if self.store.job(job_id).state not in TERMINAL:
+                self._g._transition(
+                    job_id, JobState.ERROR, reason=TeamReason.ERROR, details=(detail,)
+                )
+        except SealroomError:
+            pass
 
     def _dispatch(self, job_id: str) -> None:
         job = self.store.job(job_id)

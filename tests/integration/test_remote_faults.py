@@ -31,6 +31,7 @@ import pytest
 from sealroom.v1 import site_pb2 as pb
 from sealroom.v1 import site_pb2_grpc as pb_grpc
 
+from enclave._sitekeys import site_secret
 from enclave.contract import RunOrder, SiteReport
 from enclave.fake import FakeSite
 from enclave.identity import IdentityFiles
@@ -403,17 +404,19 @@ def deployment(tmp_path: Path, runtime_image: str) -> Iterator[Deployment]:
         d.close()
 
 
-def _containers(site: str) -> list[str]:
+def _containers(d: Deployment) -> list[str]:
+    """This deployment's site's containers (by its instance label: other deployments on the
+    same engine may name a site the same)."""
+    instance = site_secret(d.site_home / "site" / "keys" / "instance.id")[:8].hex()
     out = subprocess.run(
         [
             "docker",
             "ps",
             "-a",
             "--filter",
-            f"label=org.sealroom.site={site}",
+            f"label=org.sealroom.site-instance={instance}",
             "--format",
-            '{{.ID}} {{.Status}} {{.Label "org.sealroom.job"}} '
-            '{{.Label "org.sealroom.site-instance"}}',
+            '{{.ID}} {{.Status}} {{.Label "org.sealroom.job"}}',
         ],
         capture_output=True,
         text=True,
@@ -446,18 +449,18 @@ def test_a_site_killed_mid_run_leaves_nothing_behind_and_its_job_ends_error_neve
     d.start_site()
     job = d.submit(steps=5000)  # long enough to be killed while it trains
     d.wait_state(job, {"RUNNING"})
-    _until("no container ever ran", lambda: bool(_containers("hospital")), timeout=120)
+    _until("no container ever ran", lambda: bool(_containers(d)), timeout=120)
     # The run's data is decrypted in a staging tmpfs while the container runs.
     assert _our_mounts(d.site_home / "site"), "no staging mount while the job runs"
     assert d.site is not None
     d.site.kill()
-    left = _containers("hospital")
+    left = _containers(d)
     assert left, "the kill took the container with it: nothing to show"
     d.start_site()  # the same home: it wipes what the dead process left, then says hello
     ended = d.wait_state(job, {"ERROR", "RELEASED", "FAILED", "CANCELLED", "REJECTED"})
     assert ended.state == "ERROR"
     assert any("site restarted" in x for x in ended.details), ended.details
-    assert _containers("hospital") == [], (left, (d.site_home / "site" / "keys" / "instance.id"))
+    assert _containers(d) == [], left
     assert _our_mounts(d.site_home / "site") == []
     needle = CANARY.encode()
     assert [
@@ -496,11 +499,6 @@ def test_a_gateway_killed_and_started_again_on_its_port_is_rejoined_and_runs_the
 
 
 @pytest.mark.docker
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the dispatcher to take up live remote leases at start (Sites.held/resume) "
-    "instead of ending every RUNNING job ERROR: gateway/_dispatch.py is not this slice's",
-)
 def test_a_gateway_killed_mid_run_loses_no_job_and_the_run_ends_as_the_site_ends_it(
     deployment: Deployment,
 ) -> None:
@@ -509,7 +507,7 @@ def test_a_gateway_killed_mid_run_loses_no_job_and_the_run_ends_as_the_site_ends
     d.start_site()
     job = d.submit(steps=40)
     d.wait_state(job, {"RUNNING"})
-    _until("no container ever ran", lambda: bool(_containers("hospital")), timeout=120)
+    _until("no container ever ran", lambda: bool(_containers(d)), timeout=120)
     assert d.gateway is not None
     d.gateway.kill()
     d.start_gateway()
