@@ -23,6 +23,7 @@ in a deployment, :class:`enclave.fake.FakeSite` in tests). The site listens on n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -36,11 +37,13 @@ import grpc
 from sealroom.v1 import site_pb2 as pb
 from sealroom.v1 import site_pb2_grpc as pb_grpc
 
+from enclave.audit import AuditEvent, AuditLog
 from enclave.contract import Site, SiteReport, StoredDataset
 from enclave.identity import IdentityFiles
 from enclave.linkwire import order_from_json, report_message
 from policies.channels import TeamReason
 from policies.errors import InvalidInput, SealroomError
+from policies.identity import Role
 from policies.lifecycle import JobState
 
 VERSION = "sealroom-site/1"
@@ -116,8 +119,16 @@ class SiteLink:
         slots: int = 1,
         image_id: str = "",
         datasets: Callable[[], Iterable[PushedDataset]] = lambda: (),
+        audit: AuditLog | None = None,
+        audit_cert: str = "",
     ) -> None:
         self.site = site
+        # The site's own audit log (signed with its release-signing key, whose certificate is
+        # audit_cert): what happens here is recorded here first, then told to the gateway.
+        self._audit = audit
+        self._audit_cert = audit_cert
+        self._audit_size = 0  # the last size the gateway holds (from its hello)
+        self._audit_lock = threading.Lock()
         self.address = address
         self.identity = identity
         self.slots = slots
@@ -174,6 +185,7 @@ class SiteLink:
             timeout=30,
         )
         self.heartbeat_s = answer.heartbeat_s or self.heartbeat_s
+        self._audit_size = answer.audit_size
         push_datasets(self._stub, self._datasets())
         for lease in answer.leases:
             with self._lock:
@@ -190,6 +202,7 @@ class SiteLink:
                 )
                 self._send(lease.job_id, lease.next_seq, report_message(report))
             (self._leases / f"{lease.job_id}.json").unlink(missing_ok=True)
+        self._push_audit()
         self.connected.set()
 
     def _pull_until_stopped(self) -> None:
@@ -208,6 +221,7 @@ class SiteLink:
                 continue
             lease = got.lease
             (self._leases / f"{lease.job_id}.json").write_text(json.dumps({"job_id": lease.job_id}))
+            self._record(lease.job_id, SiteReport(lease.job_id, audit_action="site.lease"))
             t = threading.Thread(target=self._run, args=(lease,), name=f"run-{lease.job_id}")
             with self._lock:
                 self._running[lease.job_id] = t
@@ -253,6 +267,7 @@ class SiteLink:
             nonlocal ended
             if ended:
                 return
+            self._record(job_id, r)
             if r.release_dir is not None:
                 self._push_release(job_id, r.release_dir)
             if not self._send(job_id, seq.take(), report_message(r)):
@@ -287,12 +302,56 @@ class SiteLink:
                     # record, and the next hello, of this process or the next, ends it.
                     undelivered = True
         finally:
+            with contextlib.suppress(grpc.RpcError):
+                self._push_audit()  # else with the next hello
             bundle.unlink(missing_ok=True)
             if not undelivered:
                 (self._leases / f"{job_id}.json").unlink(missing_ok=True)
             with self._lock:
                 self._running.pop(job_id, None)
             self._free.release()
+
+    def _record(self, job_id: str, r: SiteReport) -> None:
+        """Append a report's audit event to the site's own log (durable before it is sent)."""
+        if self._audit is None or not r.audit_action:
+            return
+        self._audit.append(
+            AuditEvent(
+                principal=self.site.name,
+                role=Role.SITE.value,
+                action=r.audit_action,
+                outcome=r.audit_outcome,
+                job_id=job_id,
+                dataset=r.audit_dataset or None,
+                file=r.audit_file or None,
+                details=dict(r.details),
+            )
+        )
+
+    def _push_audit(self) -> None:
+        """Push a signed checkpoint of the site's log, with the consistency proof from the one
+        the gateway holds (nothing when it holds this size already)."""
+        if self._audit is None:
+            return
+        with self._audit_lock:
+            cp = self._audit.checkpoint()
+            if cp.size == self._audit_size:
+                return
+            held = self._audit_size
+            proof = self._audit.consistency_proof(held, cp.size) if held else []
+            answer = self._stub.PushAudit(
+                pb.PushAuditRequest(
+                    size=cp.size,
+                    root=cp.root,
+                    time=cp.time,
+                    signature=cp.signature,
+                    signer_cert=self._audit_cert,
+                    from_size=held,
+                    proof=proof,
+                ),
+                timeout=30,
+            )
+            self._audit_size = answer.size
 
     def _fetch(self, lease: pb.Lease, dest: Path) -> Path:
         """The lease's bundle into ``dest``, fetched again from its start if the connection
@@ -365,3 +424,16 @@ class _Counter:
         with self._lock:
             n, self._n = self._n, self._n + 1
             return n
+
+
+def open_site_audit(path: Path, signer: IdentityFiles) -> tuple[AuditLog, str]:
+    """The site's own audit log at ``path``, signing its checkpoints with the site's release-
+    signing key; returns it and the certificate (PEM) the gateway checks them with."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = serialization.load_pem_private_key(signer.key.read_bytes(), password=None)
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise InvalidInput(f"{signer.key} is not an Ed25519 key (a site's release signer)")
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return AuditLog(path, signing_key=key), signer.cert.read_text()

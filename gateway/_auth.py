@@ -80,6 +80,7 @@ ROLES: dict[str, frozenset[Role]] = {
     "SiteLink.FetchBundle": frozenset({Role.SITE}),
     "SiteLink.PushRelease": frozenset({Role.SITE}),
     "SiteLink.PushDataset": frozenset({Role.SITE}),
+    "SiteLink.PushAudit": frozenset({Role.SITE}),
 }
 
 QUIET = frozenset({"SiteLink.PullWork", "SiteLink.Heartbeat", "SiteLink.Report"})

@@ -19,10 +19,12 @@ import grpc
 from sealroom.v1 import site_pb2 as pb
 from sealroom.v1 import site_pb2_grpc as pb_grpc
 
+from enclave.audit import SignedCheckpoint
 from enclave.contract import StoredDataset
 from enclave.provenance.verify import verify_release
 from enclave.writebehind import WriteBehind
 from gateway._auth import principal_of
+from gateway._siteaudit import SiteCheckpoints
 from gateway._sitelink import SiteLinks
 from policies.errors import IntegrityError, InvalidInput, ResourceExhausted, SealroomError
 
@@ -41,7 +43,9 @@ class SiteLinkServicer(pb_grpc.SiteLinkServicer):
         ca_cert_pem: bytes,
         max_release_bytes: int,
         push_dataset: PushDataset,
+        checkpoints: SiteCheckpoints | None = None,
     ) -> None:
+        self.checkpoints = checkpoints
         self.links = links
         self.ca_cert_pem = ca_cert_pem
         self.max_release_bytes = max_release_bytes
@@ -56,7 +60,10 @@ class SiteLinkServicer(pb_grpc.SiteLinkServicer):
             held=[h.job_id for h in request.held],
         )
         return pb.HelloResponse(
-            leases=leases, heartbeat_s=self.links.heartbeat_s, lease_s=self.links.lease_s
+            leases=leases,
+            heartbeat_s=self.links.heartbeat_s,
+            lease_s=self.links.lease_s,
+            audit_size=self.checkpoints.size(_site(context)) if self.checkpoints else 0,
         )
 
     def PullWork(
@@ -162,6 +169,21 @@ class SiteLinkServicer(pb_grpc.SiteLinkServicer):
         )
         self.push_dataset(_site(context), request.owner, stored, request.description)
         return pb.PushDatasetResponse()
+
+    def PushAudit(
+        self, request: pb.PushAuditRequest, context: grpc.ServicerContext
+    ) -> pb.PushAuditResponse:
+        if self.checkpoints is None:
+            raise InvalidInput("this gateway keeps no record of site audit logs")
+        cp = SignedCheckpoint(request.size, request.root, request.time, request.signature)
+        size = self.checkpoints.push(
+            _site(context),
+            cp,
+            signer_cert=request.signer_cert,
+            from_size=request.from_size,
+            proof=list(request.proof),
+        )
+        return pb.PushAuditResponse(size=size)
 
 
 def _site(context: grpc.ServicerContext) -> str:

@@ -10,7 +10,8 @@ mTLS, dialling out, leases; here each site's link runs on a thread of the demo's
 3. the model team submits one fine-tune per dataset; each owner approves theirs (signed);
 4. each job runs at the site that keeps its data, which checks the owners' signatures first;
 5. the team downloads each release and verifies it offline: each is signed by its own site;
-6. the compliance officer sees each site's work in one audit log and verifies it offline.
+6. the compliance officer sees each site's work in one audit log and verifies it offline; each
+   site keeps its own log too, whose signed checkpoints the gateway's log records.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from typing import Any
 from rich.console import Console
 
 from enclave.agent import SiteAgent
-from enclave.audit import verify_export
-from enclave.link import SiteLink
+from enclave.audit import AuditLog, verify_export
+from enclave.link import SiteLink, open_site_audit
 from enclave.models import ModelStore
 from enclave.owners import OwnerRecord, SiteDatasets
 from enclave.provenance import verify_release
@@ -59,6 +60,7 @@ def run_federated_demo(
         console.print(f"[bold cyan]{n}.[/] [bold]{who}[/]: {what}")
 
     links: list[tuple[SiteLink, threading.Thread, SiteAgent]] = []
+    logs: list[AuditLog] = []  # each site's own audit log
     running = None
     try:
         step(1, "operator", f"creates the CA, the people's identities and {sites} sites'")
@@ -93,6 +95,8 @@ def run_federated_demo(
                 version = agent.vault.register(name, data, max_bytes=1 << 30, max_files=10_000)
                 datasets.record(name, owner, f"generated texts kept at {site}")
                 console.print(f"   {version.ref}: {len(version.files)} files, stays at {site}")
+                site_log, site_log_cert = open_site_audit(site_home / "audit" / "audit.db", signer)
+                logs.append(site_log)
                 link = SiteLink(
                     agent,
                     address=address,
@@ -100,6 +104,8 @@ def run_federated_demo(
                     state=site_home / "link",
                     image_id=agent.image_id(),
                     datasets=datasets.pushed,
+                    audit=site_log,
+                    audit_cert=site_log_cert,
                 )
                 thread = threading.Thread(target=link.serve, name=f"site-{site}", daemon=True)
                 thread.start()
@@ -150,8 +156,17 @@ def run_federated_demo(
                 site: len(carol.audit_query(principal=site, action="container.start"))
                 for site in jobs
             }
+            checkpoints = {
+                site: len(carol.audit_query(principal=site, action="site.checkpoint"))
+                for site in jobs
+            }
             console.print(f"   {report.size} records verify; containers started: {by_site}")
-            summary["audit"] = {"records": report.size, "container_starts": by_site}
+            console.print(f"   each site's own log, checkpointed into the gateway's: {checkpoints}")
+            summary["audit"] = {
+                "records": report.size,
+                "container_starts": by_site,
+                "site_checkpoints": checkpoints,
+            }
         elapsed = time.monotonic() - started
         summary["seconds"] = round(elapsed, 1)
         console.print(f"[bold green]federated demo complete[/] in {elapsed:.0f} s")
@@ -164,6 +179,8 @@ def run_federated_demo(
         for _, thread, agent in links:
             thread.join(timeout=60)
             agent.close()
+        for log in logs:
+            log.close()
         if running is not None:
             running.stop()
         if not keep and workdir is None:

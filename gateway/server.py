@@ -36,6 +36,7 @@ from gateway._auth import AuthInterceptor
 from gateway._federation import Sites
 from gateway._linkservicer import SiteLinkServicer
 from gateway._servicer import GatewayServicer
+from gateway._siteaudit import SiteCheckpoints
 from gateway._sitelink import HEARTBEAT_S, LEASE_S, SiteLinks
 from gateway.core import Gateway
 from gateway.identity import CRL_FILE, PUBLIC_MODE, CertificateAuthority, RevocationList
@@ -192,6 +193,7 @@ def build(
             ca_cert_pem=ca_pem,
             max_release_bytes=max_release_bytes,
             push_dataset=push_dataset,
+            checkpoints=SiteCheckpoints(audit, record=gateway.record, ca_cert_pem=ca_pem),
         ),
         server,
     )

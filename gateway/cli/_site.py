@@ -3,10 +3,12 @@
 On the site's machine, ``$SEALROOM_HOME`` is the site's own home: ``ca/ca.pem`` (the deployment
 CA's certificate, copied from the operator: never its key), ``identities/NAME.pem|.key`` and
 ``NAME-signer.pem|.key`` (from ``sealroom ca issue NAME --role site`` at the operator),
-``site/`` (the vault, models, runs: :class:`enclave.agent.SiteAgent`) and ``link/`` (leases on
-record). ``site join`` dials out to the gateway and serves until SIGTERM; ``site dataset
-register`` stores a dataset in this site's vault for one of the deployment's data owners and,
-when the site can reach the gateway, tells it the version's metadata (never its bytes).
+``site/`` (the vault, models, runs: :class:`enclave.agent.SiteAgent`), ``audit/`` (the site's
+own audit log, its checkpoints signed with the site's release-signing key and pushed to the
+gateway) and ``link/`` (leases on record). ``site join`` dials out to the gateway and serves
+until SIGTERM; ``site dataset register`` stores a dataset in this site's vault for one of the
+deployment's data owners and, when the site can reach the gateway, tells it the version's
+metadata (never its bytes).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def join(
     import dataclasses
 
     from enclave.agent import DEFAULT_LIMITS, SiteAgent
-    from enclave.link import SiteLink
+    from enclave.link import SiteLink, open_site_audit
     from enclave.owners import OwnerRecord, SiteDatasets
 
     with errors(as_json):
@@ -80,6 +82,7 @@ def join(
         record = OwnerRecord()  # the site's own record of owners, once the site is open
         site = SiteAgent.open(root, name=name, signer=signer, limits=limits, owners=record.owner)
         datasets = record.datasets = SiteDatasets(root, site.vault)
+        audit, audit_cert = open_site_audit(STATE.home / "audit" / "audit.db", signer)
         link = SiteLink(
             site,
             address=gateway_address,
@@ -88,6 +91,8 @@ def join(
             slots=slots,
             image_id=site.image_id(),
             datasets=datasets.pushed,
+            audit=audit,
+            audit_cert=audit_cert,
         )
         serving = threading.Thread(target=link.serve, name="site-link")
         serving.start()
@@ -104,6 +109,7 @@ def join(
         link.stop()
         serving.join()
         site.close()
+        audit.close()
 
 
 @dataset_app.command("register")

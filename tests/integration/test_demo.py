@@ -53,4 +53,5 @@ def test_the_federated_demo_runs_a_job_at_each_site(tmp_path: Path, runtime_imag
         "hospital": "RELEASED",
     }
     assert summary["audit"]["container_starts"] == {"library": 1, "hospital": 1}
+    assert all(n >= 1 for n in summary["audit"]["site_checkpoints"].values())
     print(f"federated demo took {summary['seconds']} s")

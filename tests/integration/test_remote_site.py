@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,11 @@ def test_a_job_runs_at_a_remote_site_and_the_data_never_reaches_the_gateway(
             assert {"container.start"} <= {r.event.action for r in by_site}
             (reg,) = carol.audit_query(action="dataset.register", dataset="books@v1")
             assert reg.event.principal == "hospital" and reg.event.details["owner"] == "olivia"
+            # Two logs, one story: the site's own log, checkpointed into the gateway's.
+            deadline = time.monotonic() + 30
+            while not carol.audit_query(action="site.checkpoint", principal="hospital"):
+                assert time.monotonic() < deadline, "no checkpoint of the site's own log"
+                time.sleep(0.2)
     # The corpus stayed at the site: not one copy of its canary anywhere under the gateway's home.
     needle = CANARY.encode()
     found = [p for p in gw_home.rglob("*") if p.is_file() and needle in p.read_bytes()]

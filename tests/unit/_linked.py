@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from sealroom.v1 import site_pb2_grpc
 
+from enclave.audit import AuditEvent, AuditLog
 from enclave.contract import Report, RunOrder, Site, StoredDataset
 from enclave.identity import IdentityFiles
-from enclave.link import PushedDataset, SiteLink
+from enclave.link import PushedDataset, SiteLink, open_site_audit
 from gateway._auth import AuthInterceptor
 from gateway._linkservicer import SiteLinkServicer
+from gateway._siteaudit import SiteCheckpoints
 from gateway._sitelink import SiteLinks
 from gateway.identity import CertificateAuthority
 from policies.identity import Role
@@ -42,6 +45,8 @@ class LinkedSite:
         heartbeat_s: float = 0.3,
         owner: str = "olivia",
     ) -> None:
+        self.root = root
+        self.ca = ca
         self.name = name
         self.backing = backing
         self.owner = owner
@@ -59,12 +64,22 @@ class LinkedSite:
         )
         cert, key, ca_pem = server_id.read()
         self.ca_pem = ca_pem
+        # The gateway's own log, where site checkpoints are recorded, and the site's own log.
+        self.gateway_log = AuditLog(
+            root / "gateway-audit.db", signing_key=ed25519.Ed25519PrivateKey.generate()
+        )
+        self.checkpoints = SiteCheckpoints(
+            self.gateway_log, record=self._record_event, ca_cert_pem=ca_pem
+        )
+        self.signer = ca.site_signer(name, out_dir=root / "site-signer")
+        self.site_log, self.site_log_cert = open_site_audit(root / "site-audit.db", self.signer)
         site_pb2_grpc.add_SiteLinkServicer_to_server(
             SiteLinkServicer(
                 self.links,
                 ca_cert_pem=ca_pem,
                 max_release_bytes=1 << 30,
                 push_dataset=lambda s, o, d, _: self.pushed.append((s, o, d)),
+                checkpoints=self.checkpoints,
             ),
             self.server,
         )
@@ -87,7 +102,14 @@ class LinkedSite:
             state=identity.cert.parent / "state",
             slots=4,
             datasets=lambda: [PushedDataset(d, self.owner) for d in self.stored],
+            audit=self.site_log,
+            audit_cert=self.site_log_cert,
         )
+
+    def _record_event(self, principal: Any, action: str, **kw: Any) -> int:
+        """The gateway's domain record (as Gateway.record): into its own log."""
+        event = AuditEvent(principal.name, principal.role.value, action, "ok", **kw)
+        return self.gateway_log.append(event).seq
 
     def _record(self, principal: Any, action: str, **kw: Any) -> int:
         self.audit.append((principal.name, action, kw.get("outcome", "")))
@@ -121,3 +143,5 @@ class LinkedSite:
         self._thread.join(timeout=30)
         self.server.stop(0).wait()
         self.backing.close()
+        self.site_log.close()
+        self.gateway_log.close()

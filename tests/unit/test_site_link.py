@@ -435,3 +435,85 @@ def test_operators_see_each_site_with_its_version_and_the_jobs_it_holds(
     linked.cancel("job-seen")
     _fake(linked).gate.set()
     t.join(timeout=20)
+
+
+# -- two logs, one story --------------------------------------------------------------------------
+
+
+def _site_checkpoints(linked: LinkedSite) -> list[dict[str, object]]:
+    return [dict(r.event.details) for r in linked.gateway_log.query(action="site.checkpoint")]
+
+
+def test_the_sites_own_log_records_its_run_and_the_gateway_records_its_checkpoint(
+    linked: LinkedSite,
+) -> None:
+    reports = _run(linked, _order("job-logged"))
+    assert _states(reports)[-1] in (JobState.RELEASED, JobState.ERROR)
+    site_actions = [r.event.action for r in linked.site_log.query(job="job-logged")]
+    assert site_actions[0] == "site.lease" and "container.start" in site_actions
+    assert {r.event.principal for r in linked.site_log.query(job="job-logged")} == {"site-a"}
+    # The gateway holds a checkpoint of the site's log at its size after the run.
+    deadline = time.monotonic() + 10
+    while not any(
+        c["size"] == len(linked.site_log.query(limit=10**6)) for c in _site_checkpoints(linked)
+    ):
+        assert time.monotonic() < deadline, "no checkpoint of the site's log reached the gateway"
+        time.sleep(0.05)
+    last = _site_checkpoints(linked)[-1]
+    assert last["root"] == linked.site_log.root(int(str(last["size"]))).hex()
+
+
+def test_a_site_cannot_rewrite_or_shrink_its_checkpointed_log_nor_sign_as_another_site(
+    linked: LinkedSite, tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    from enclave.audit import AuditEvent, AuditLog, SignedCheckpoint
+    from enclave.link import open_site_audit
+
+    _run(linked, _order("job-honest"))
+    deadline = time.monotonic() + 10
+    while not _site_checkpoints(linked):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    held = int(str(_site_checkpoints(linked)[-1]["size"]))
+    # A rewritten log: the same site key, other records, more of them than checkpointed.
+    forged, cert = open_site_audit(tmp_path / "forged.db", linked.signer)
+    for i in range(held + 2):
+        forged.append(AuditEvent("site-a", "site", "container.start", "ok", job_id=f"job-{i}"))
+    rewritten = forged.checkpoint()
+    other_site = ca.site_signer("site-b", out_dir=tmp_path / "b")
+    foreign, foreign_cert = open_site_audit(tmp_path / "b.db", other_site)
+    for r in linked.site_log.query(limit=10**6):
+        foreign.append(r.event)
+    stub = _stub(linked, linked.identity)
+
+    def push(cp: SignedCheckpoint, signer_cert: str, proof: list[bytes]) -> grpc.StatusCode:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.PushAudit(
+                pb.PushAuditRequest(
+                    size=cp.size,
+                    root=cp.root,
+                    time=cp.time,
+                    signature=cp.signature,
+                    signer_cert=signer_cert,
+                    from_size=held,
+                    proof=proof,
+                ),
+                timeout=10,
+            )
+        return e.value.code()
+
+    before = _site_checkpoints(linked)
+    assert push(rewritten, cert, forged.consistency_proof(held, rewritten.size)) in (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    shrunk = AuditLog(tmp_path / "shrunk.db", signing_key=forged._key)  # type: ignore[attr-defined]
+    shrunk.append(AuditEvent("site-a", "site", "site.lease", "ok", job_id="job-x"))
+    assert push(shrunk.checkpoint(), cert, []) is not grpc.StatusCode.OK
+    assert push(foreign.checkpoint(), foreign_cert, []) is not grpc.StatusCode.OK
+    assert _site_checkpoints(linked) == before  # nothing of it recorded
+    pushes = [o for _, a, o in linked.audit if a == "rpc.SiteLink.PushAudit"]
+    assert pushes[-3:] == ["error", "error", "error"]  # each refusal audited
+    for log in (forged, shrunk, foreign):
+        log.close()

@@ -98,8 +98,11 @@ class HelloResponse(_message.Message):
     LEASES_FIELD_NUMBER: _builtins.int
     HEARTBEAT_S_FIELD_NUMBER: _builtins.int
     LEASE_S_FIELD_NUMBER: _builtins.int
+    AUDIT_SIZE_FIELD_NUMBER: _builtins.int
     heartbeat_s: _builtins.float
     lease_s: _builtins.float
+    audit_size: _builtins.int
+    """the size of the last site checkpoint the gateway holds (0: none)"""
     @_builtins.property
     def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseState]:
         """the gateway's view of each lease the site named"""
@@ -110,10 +113,11 @@ class HelloResponse(_message.Message):
         leases: _abc.Iterable[Global___LeaseState] | None = ...,
         heartbeat_s: _builtins.float = ...,
         lease_s: _builtins.float = ...,
+        audit_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_s", b"heartbeat_s", "lease_s", b"lease_s", "leases", b"leases"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_size", b"audit_size", "heartbeat_s", b"heartbeat_s", "lease_s", b"lease_s", "leases", b"leases"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -582,3 +586,66 @@ class PushDatasetResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PushDatasetResponse: _TypeAlias = PushDatasetResponse  # noqa: Y015
+
+@_typing.final
+class PushAuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    ROOT_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    SIGNER_CERT_FIELD_NUMBER: _builtins.int
+    FROM_SIZE_FIELD_NUMBER: _builtins.int
+    PROOF_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    root: _builtins.bytes
+    time: _builtins.str
+    signature: _builtins.bytes
+    """Ed25519 over the checkpoint's note (enclave.audit.SignedCheckpoint)"""
+    signer_cert: _builtins.str
+    """PEM: the site's release-signing certificate"""
+    from_size: _builtins.int
+    """the gateway's last size for this site (audit_size in its hello)"""
+    @_builtins.property
+    def proof(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """consistency from from_size to size"""
+
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+        root: _builtins.bytes = ...,
+        time: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+        signer_cert: _builtins.str = ...,
+        from_size: _builtins.int = ...,
+        proof: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_size", b"from_size", "proof", b"proof", "root", b"root", "signature", b"signature", "signer_cert", b"signer_cert", "size", b"size", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushAuditRequest: _TypeAlias = PushAuditRequest  # noqa: Y015
+
+@_typing.final
+class PushAuditResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    """the size the gateway now holds for this site"""
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushAuditResponse: _TypeAlias = PushAuditResponse  # noqa: Y015

@@ -69,6 +69,11 @@ class SiteLinkStub:
                 request_serializer=sealroom_dot_v1_dot_site__pb2.PushDatasetRequest.SerializeToString,
                 response_deserializer=sealroom_dot_v1_dot_site__pb2.PushDatasetResponse.FromString,
                 _registered_method=True)
+        self.PushAudit = channel.unary_unary(
+                '/sealroom.v1.SiteLink/PushAudit',
+                request_serializer=sealroom_dot_v1_dot_site__pb2.PushAuditRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_site__pb2.PushAuditResponse.FromString,
+                _registered_method=True)
 
 
 class SiteLinkServicer:
@@ -129,6 +134,16 @@ class SiteLinkServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushAudit(self, request, context):
+        """A signed checkpoint of the site's own audit log, with the consistency proof from the last
+        one the gateway holds for this site (signed with the site's release-signing key, whose
+        certificate comes along). The gateway records each in its own log (site.checkpoint), so
+        neither log can drop a record unnoticed. The same checkpoint again is acknowledged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SiteLinkServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +181,11 @@ def add_SiteLinkServicer_to_server(servicer, server):
                     servicer.PushDataset,
                     request_deserializer=sealroom_dot_v1_dot_site__pb2.PushDatasetRequest.FromString,
                     response_serializer=sealroom_dot_v1_dot_site__pb2.PushDatasetResponse.SerializeToString,
+            ),
+            'PushAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushAudit,
+                    request_deserializer=sealroom_dot_v1_dot_site__pb2.PushAuditRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_site__pb2.PushAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +377,33 @@ class SiteLink:
             '/sealroom.v1.SiteLink/PushDataset',
             sealroom_dot_v1_dot_site__pb2.PushDatasetRequest.SerializeToString,
             sealroom_dot_v1_dot_site__pb2.PushDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.SiteLink/PushAudit',
+            sealroom_dot_v1_dot_site__pb2.PushAuditRequest.SerializeToString,
+            sealroom_dot_v1_dot_site__pb2.PushAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

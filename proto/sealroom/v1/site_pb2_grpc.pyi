@@ -67,6 +67,12 @@ class SiteLinkStub:
     """A dataset version the site stored: metadata only (names, sizes, hashes), never bytes.
     Repeating it for the same version is acknowledged.
     """
+    PushAudit: _grpc.UnaryUnaryMultiCallable[_site_pb2.PushAuditRequest, _site_pb2.PushAuditResponse]
+    """A signed checkpoint of the site's own audit log, with the consistency proof from the last
+    one the gateway holds for this site (signed with the site's release-signing key, whose
+    certificate comes along). The gateway records each in its own log (site.checkpoint), so
+    neither log can drop a record unnoticed. The same checkpoint again is acknowledged.
+    """
 
 @_typing.type_check_only
 class SiteLinkAsyncStub(SiteLinkStub):
@@ -94,6 +100,12 @@ class SiteLinkAsyncStub(SiteLinkStub):
     PushDataset: _aio.UnaryUnaryMultiCallable[_site_pb2.PushDatasetRequest, _site_pb2.PushDatasetResponse]  # type: ignore[assignment]
     """A dataset version the site stored: metadata only (names, sizes, hashes), never bytes.
     Repeating it for the same version is acknowledged.
+    """
+    PushAudit: _aio.UnaryUnaryMultiCallable[_site_pb2.PushAuditRequest, _site_pb2.PushAuditResponse]  # type: ignore[assignment]
+    """A signed checkpoint of the site's own audit log, with the consistency proof from the last
+    one the gateway holds for this site (signed with the site's release-signing key, whose
+    certificate comes along). The gateway records each in its own log (site.checkpoint), so
+    neither log can drop a record unnoticed. The same checkpoint again is acknowledged.
     """
 
 class SiteLinkServicer(metaclass=_abc_1.ABCMeta):
@@ -161,6 +173,18 @@ class SiteLinkServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_site_pb2.PushDatasetResponse, _abc.Awaitable[_site_pb2.PushDatasetResponse]]:
         """A dataset version the site stored: metadata only (names, sizes, hashes), never bytes.
         Repeating it for the same version is acknowledged.
+        """
+
+    @_abc_1.abstractmethod
+    def PushAudit(
+        self,
+        request: _site_pb2.PushAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_site_pb2.PushAuditResponse, _abc.Awaitable[_site_pb2.PushAuditResponse]]:
+        """A signed checkpoint of the site's own audit log, with the consistency proof from the last
+        one the gateway holds for this site (signed with the site's release-signing key, whose
+        certificate comes along). The gateway records each in its own log (site.checkpoint), so
+        neither log can drop a record unnoticed. The same checkpoint again is acknowledged.
         """
 
 def add_SiteLinkServicer_to_server(servicer: SiteLinkServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
