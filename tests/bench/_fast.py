@@ -26,6 +26,10 @@ from enclave.contract import Report, RunOrder, SiteReport
 from enclave.fake import FakeSite
 from enclave.identity import IdentityFiles
 from enclave.provenance import (
+    MANIFEST,
+    SIGNATURE,
+    SIGNING_CONTEXT,
+    SITE_CERT,
     ArtifactDigest,
     AuditPosition,
     CheckRecord,
@@ -33,11 +37,13 @@ from enclave.provenance import (
     GateRecord,
     Manifest,
     ReleaseContext,
+    SiteSigner,
 )
 from gateway.client import Client
 from gateway.identity import CertificateAuthority
 from policies.identity import Role
 from policies.lifecycle import JobState
+from policies.release import MANDATORY_CHECKS
 from tests.integration._deployment import policy
 
 PEOPLE: dict[str, tuple[Role, str]] = {
@@ -91,7 +97,9 @@ def write_payload(path: Path, size: int) -> Path:
     return path
 
 
-def _manifest(order: RunOrder, site: str, artifacts: list[ArtifactDigest]) -> bytes:
+def _manifest(
+    order: RunOrder, site: str, artifacts: list[ArtifactDigest], *, checks: tuple[str, ...]
+) -> bytes:
     context = ReleaseContext(
         job_id=order.job_id,
         spec_sha256=order.spec_sha256,
@@ -104,7 +112,8 @@ def _manifest(order: RunOrder, site: str, artifacts: list[ArtifactDigest]) -> by
         audit=AuditPosition(checkpoint_root=order.audit_root or None),
     )
     gates = tuple(
-        GateRecord(n, "fast", (CheckRecord("artifacts", True),)) for n, _ in order.datasets
+        GateRecord(n, "fast", tuple(CheckRecord(c, True) for c in checks))
+        for n, _ in order.datasets
     )
     return Manifest(
         context=context,
@@ -119,9 +128,21 @@ class FastSite(FakeSite):
     """The shipped fake site, its runs released at once with a payload of ``release_bytes``
     (held ``hold_s`` first); the release directory goes once the gateway has taken it."""
 
-    def __init__(self, root: Path, *, release_bytes: int = 0, hold_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        release_bytes: int = 0,
+        hold_s: float = 0.0,
+        signer: SiteSigner | None = None,
+    ) -> None:
         root.mkdir(parents=True, exist_ok=True)
-        super().__init__(root, name="fast-site", script=self._release)
+        name = signer.site if signer is not None else "fast-site"
+        super().__init__(root, name=name, script=self._release)
+        # With a signer (a remote site in the load run), each release is signed as a real
+        # site signs it, with every mandatory check recorded passed (the gate is not what this
+        # loads), so that a gateway takes it over the site link.
+        self.signer = signer
         self.hold_s = hold_s
         self._payload = None
         self._payload_sha256 = ""
@@ -169,7 +190,12 @@ class FastSite(FakeSite):
                 )
             # A well-formed manifest (unsigned: the gateway does not check the site's signature,
             # the team does), so that a download sends its digests as it would a real release's.
-            (out / "manifest.json").write_bytes(_manifest(order, self.name, artifacts))
+            checks = tuple(sorted(MANDATORY_CHECKS)) if self.signer else ("artifacts",)
+            body = _manifest(order, self.name, artifacts, checks=checks)
+            (out / MANIFEST).write_bytes(body)
+            if self.signer is not None:
+                (out / SIGNATURE).write_bytes(self.signer.key.sign(SIGNING_CONTEXT + body))
+                (out / SITE_CERT).write_bytes(self.signer.cert_pem)
             yield SiteReport(
                 job,
                 state=JobState.RELEASED,

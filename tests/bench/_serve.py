@@ -4,8 +4,11 @@ serves until its stdin closes, then stops cleanly.
 
 Modes, all with the deployment's server certificate and client certificates required:
 - ``gateway``: the real gateway (:func:`gateway.server.build`) with a :class:`FastSite`, or with
-  its embedded Docker site (``--site docker``); the fast site's run counts go to ``--runs-out``.
+  its embedded Docker site (``--site docker``), or none but remote ones (``--site remote``); the
+  fast site's run counts go to ``--runs-out``.
 - ``echo``: a bare gRPC echo (a generic handler, the gateway's thread pool and message limits).
+- ``site``: a remote site (``--site remote`` gateways take them) in its own process, dialling
+  ``--gateway`` as ``--name``: a fast site that signs its releases, one dataset of its own.
 - ``tls``: raw TLS over a socket: ``PUT n`` stores the next n bytes in a file under ``--dir``,
   ``GET n`` sends n bytes of ``--source``; the limit the gateway's transfers are measured against.
   Files are written the way the gateway and the client write theirs (:class:`WriteBehind`), so
@@ -58,6 +61,7 @@ def serve_gateway(args: argparse.Namespace) -> None:
         address="localhost:0",
         workers=args.workers,
         max_queued=args.max_queued,
+        local_site=args.site != "remote",
     )
     running.gateway.max_bundle_bytes = args.max_bundle_bytes
     _announce(running.port)
@@ -66,6 +70,60 @@ def serve_gateway(args: argparse.Namespace) -> None:
     finally:
         running.stop()
         if site is not None and args.runs_out is not None:
+            site.write_runs(args.runs_out)
+
+
+def serve_site(args: argparse.Namespace) -> None:
+    """A remote site in its own process, dialling ``--gateway``: a :class:`FastSite` that signs
+    its releases, one dataset of its own (``d-NAME``, for olivia), its own audit log."""
+    import io
+    import tarfile
+
+    from enclave.link import PushedDataset, SiteLink, open_site_audit
+    from enclave.provenance import SiteSigner
+    from tests.bench._fast import FastSite
+
+    ids = args.home / "identities"
+    ca = args.home / "ca" / "ca.pem"
+    from enclave.identity import IdentityFiles
+
+    tls = IdentityFiles(ids / f"{args.name}.pem", ids / f"{args.name}.key", ca)
+    signer_ids = IdentityFiles(ids / f"{args.name}-signer.pem", ids / f"{args.name}-signer.key", ca)
+    site = FastSite(
+        args.home / "site",
+        signer=SiteSigner.from_files(cert=signer_ids.cert, key=signer_ids.key),
+        hold_s=args.hold_s,
+    )
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        data = f"texts kept at {args.name}\n".encode() * 64
+        info = tarfile.TarInfo("doc-0.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    stored = site.store_dataset(f"d-{args.name}", archive=buf)
+    audit, audit_cert = open_site_audit(args.home / "audit" / "audit.db", signer_ids)
+    link = SiteLink(
+        site,
+        address=args.gateway,
+        identity=tls,
+        state=args.home / "link",
+        slots=args.workers,
+        datasets=lambda: [PushedDataset(stored, "olivia")],
+        audit=audit,
+        audit_cert=audit_cert,
+    )
+    serving = threading.Thread(target=link.serve, daemon=True)
+    serving.start()
+    link.connected.wait(60)
+    _announce(0)
+    try:
+        _wait_for_stdin_eof()
+    finally:
+        link.stop()
+        serving.join(timeout=60)
+        audit.close()
+        if args.runs_out is not None:
             site.write_runs(args.runs_out)
 
 
@@ -164,9 +222,11 @@ def serve_tls(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m tests.bench._serve", description=__doc__)
-    p.add_argument("mode", choices=["gateway", "echo", "tls"])
+    p.add_argument("mode", choices=["gateway", "echo", "tls", "site"])
     p.add_argument("home", type=Path)
-    p.add_argument("--site", choices=["fast", "docker"], default="fast")
+    p.add_argument("--site", choices=["fast", "docker", "remote"], default="fast")
+    p.add_argument("--gateway", help="site: the gateway's address")
+    p.add_argument("--name", help="site: its name (its identities under HOME/identities)")
     p.add_argument("--release-bytes", type=int, default=0)
     p.add_argument("--hold-s", type=float, default=0.0)
     p.add_argument("--workers", type=int, default=1)
@@ -176,7 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dir", type=Path, help="tls: where PUT stores what it receives")
     p.add_argument("--source", type=Path, help="tls: what GET sends")
     args = p.parse_args(argv)
-    serve: dict[str, Any] = {"gateway": serve_gateway, "echo": serve_echo, "tls": serve_tls}
+    serve: dict[str, Any] = {
+        "gateway": serve_gateway,
+        "echo": serve_echo,
+        "tls": serve_tls,
+        "site": serve_site,
+    }
     serve[args.mode](args)
 
 
