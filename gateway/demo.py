@@ -23,7 +23,7 @@ from typing import Any
 
 from rich.console import Console
 
-from enclave.audit import verify_export
+from enclave.audit import VerifyResult, verify_export
 from enclave.identity import IdentityFiles
 from enclave.models import ModelStore
 from enclave.provenance import verify_release
@@ -55,6 +55,16 @@ def policy_text() -> str:
     from importlib.resources import files
 
     return (files("policies") / "examples" / "books.yaml").read_text()
+
+
+def export_and_verify(compliance: Client, home: Path, dest: Path) -> VerifyResult:
+    """The compliance officer's step: export the gateway's audit log and verify it offline
+    with the gateway's public key alone."""
+    from cryptography.hazmat.primitives import serialization
+
+    compliance.audit_export(dest)
+    pub = serialization.load_pem_public_key((home / "gateway" / "audit-signing.pub").read_bytes())
+    return verify_export(dest, public_key=pub)  # type: ignore[arg-type]
 
 
 def run_demo(*, workdir: Path | None, keep: bool, as_json: bool, steps: int = 40) -> int:
@@ -149,14 +159,7 @@ def run_demo(*, workdir: Path | None, keep: bool, as_json: bool, steps: int = 40
             summary["release"] = {"dir": str(release), "artifacts": artifacts}
 
             step(6, "compliance", "exports the audit log and verifies it offline")
-            export = tmp / "audit.jsonl"
-            compliance.audit_export(export)
-            from cryptography.hazmat.primitives import serialization
-
-            pub = serialization.load_pem_public_key(
-                (home / "gateway" / "audit-signing.pub").read_bytes()
-            )
-            verified = verify_export(export, public_key=pub)  # type: ignore[arg-type]
+            verified = export_and_verify(compliance, home, tmp / "audit.jsonl")
             reads = compliance.audit_query(job_id=job.id, action="data.read")
             console.print(
                 f"   {verified.size} records verify; the job read "

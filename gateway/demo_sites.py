@@ -27,13 +27,13 @@ from typing import Any
 from rich.console import Console
 
 from enclave.agent import SiteAgent
-from enclave.audit import AuditLog, verify_export
+from enclave.audit import AuditLog
 from enclave.link import SiteLink, open_site_audit
 from enclave.models import ModelStore
 from enclave.owners import OwnerRecord, SiteDatasets
 from enclave.provenance import verify_release
 from gateway.client import Client
-from gateway.demo import SPEC, policy_text
+from gateway.demo import SPEC, export_and_verify, policy_text
 from gateway.identity import CertificateAuthority
 from gateway.server import build
 from policies.identity import Role
@@ -144,14 +144,7 @@ def run_federated_demo(
                 console.print(f"   signed by site {verified.site}; hashes verify")
                 summary["sites"][site] = {"job": job_id, "state": job.state}
             step(6, "compliance", "one audit log of every site's work, verified offline")
-            export = tmp / "audit.jsonl"
-            carol.audit_export(export)
-            from cryptography.hazmat.primitives import serialization
-
-            pub = serialization.load_pem_public_key(
-                (home / "gateway" / "audit-signing.pub").read_bytes()
-            )
-            report = verify_export(export, public_key=pub)  # type: ignore[arg-type]
+            report = export_and_verify(carol, home, tmp / "audit.jsonl")
             by_site = {
                 site: len(carol.audit_query(principal=site, action="container.start"))
                 for site in jobs
