@@ -13,14 +13,30 @@ import json
 import math
 import sqlite3
 import sys
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 from policies.errors import InvalidState
 from policies.lifecycle import JobState
 
-if TYPE_CHECKING:
-    from gateway.store import JobRecord
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class LedgerJob(Protocol):
+    """What the ledger reads of a job (a :class:`gateway.store.JobRecord`)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def state(self) -> JobState: ...
+    @property
+    def datasets(self) -> Sequence[_Named]: ...
+    @property
+    def channel_bits(self) -> float: ...
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS charges (
@@ -43,10 +59,7 @@ WORST = sys.float_info.max
 _SCALE = 1 << 1074  # every finite double is a whole number of 2**-1074
 _WORST_UNITS = WORST.as_integer_ratio()[0] * (_SCALE // WORST.as_integer_ratio()[1])
 
-_SCALE = 1 << 1074  # every finite double is a whole number of 2**-1074
-_WORST_UNITS = WORST.as_integer_ratio()[0] * (_SCALE // WORST.as_integer_ratio()[1])
-
-ReleaseCharges = Callable[["JobRecord"], Mapping[str, float]]
+ReleaseCharges = Callable[[Any], Mapping[str, float]]
 """The ε a released job charged each of its datasets, read from its signed release."""
 
 
@@ -63,7 +76,7 @@ def build_bits(c: sqlite3.Connection, now: str) -> None:
 
 
 def build_epsilon(
-    c: sqlite3.Connection, released: Iterable[JobRecord], charges: ReleaseCharges, now: str
+    c: sqlite3.Connection, released: Iterable[LedgerJob], charges: ReleaseCharges, now: str
 ) -> None:
     """A store from before the ledger: charge the ε of every job already released, once."""
     if not _built(c, EPSILON):
@@ -94,8 +107,8 @@ def charges(c: sqlite3.Connection, job_id: str) -> dict[tuple[str, str], float]:
 
 def charge(
     c: sqlite3.Connection,
-    before: JobRecord | None,
-    after: JobRecord,
+    before: LedgerJob | None,
+    after: LedgerJob,
     release_charges: ReleaseCharges | None,
 ) -> None:
     """Within the transaction that wrote ``after``: charge what the change incurred."""
