@@ -328,10 +328,12 @@ class Store:
     def jobs(self, *, state: JobState | None = None) -> list[JobRecord]:
         with self._lock:
             if state is None:
-                rows = self._conn.execute("SELECT * FROM jobs ORDER BY created_at").fetchall()
+                rows = self._conn.execute(
+                    "SELECT * FROM jobs ORDER BY created_at, rowid"
+                ).fetchall()
             else:
                 rows = self._conn.execute(
-                    "SELECT * FROM jobs WHERE state = ? ORDER BY created_at", (state.value,)
+                    "SELECT * FROM jobs WHERE state = ? ORDER BY created_at, rowid", (state.value,)
                 ).fetchall()
         return [_job(r) for r in rows]
 
@@ -343,7 +345,7 @@ class Store:
         with self._lock:
             rows = self._conn.execute(
                 "SELECT * FROM jobs WHERE (submitter = ? OR (? != '' AND team = ?)) "
-                "AND (? IS NULL OR state = ?) ORDER BY created_at",
+                "AND (? IS NULL OR state = ?) ORDER BY created_at, rowid",
                 (submitter, team, team, *[None if state is None else state.value] * 2),
             ).fetchall()
         return [_job(r) for r in rows]
