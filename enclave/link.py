@@ -41,6 +41,7 @@ from enclave.audit import AuditEvent, AuditLog
 from enclave.contract import Site, SiteReport, StoredDataset
 from enclave.identity import IdentityFiles
 from enclave.linkwire import order_from_json, report_message
+from enclave.provenance import SiteSigner
 from policies.channels import TeamReason
 from policies.errors import InvalidInput, SealroomError
 from policies.identity import Role
@@ -428,12 +429,8 @@ class _Counter:
 
 def open_site_audit(path: Path, signer: IdentityFiles) -> tuple[AuditLog, str]:
     """The site's own audit log at ``path``, signing its checkpoints with the site's release-
-    signing key; returns it and the certificate (PEM) the gateway checks them with."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-
-    key = serialization.load_pem_private_key(signer.key.read_bytes(), password=None)
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise InvalidInput(f"{signer.key} is not an Ed25519 key (a site's release signer)")
+    signing key; returns it and the certificate (PEM) the gateway checks them with. Raises
+    InvalidInput unless ``signer`` is a site certificate with its Ed25519 key."""
+    release_signer = SiteSigner.from_files(cert=signer.cert, key=signer.key)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return AuditLog(path, signing_key=key), signer.cert.read_text()
+    return AuditLog(path, signing_key=release_signer.key), release_signer.cert_pem.decode()

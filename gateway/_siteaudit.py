@@ -19,8 +19,13 @@ from collections.abc import Callable
 
 from cryptography import x509
 
-from enclave.audit import AuditLog, ProofError, SignedCheckpoint, verify_consistency
-from enclave.audit._model import CheckpointError
+from enclave.audit import (
+    AuditLog,
+    CheckpointError,
+    ProofError,
+    SignedCheckpoint,
+    verify_consistency,
+)
 from enclave.provenance.verify import check_chain, load_ca, site_identity
 from policies.errors import IntegrityError, InvalidInput, SignatureError
 from policies.identity import Principal, Role
@@ -35,17 +40,27 @@ class SiteCheckpoints:
     """The last checkpoint the gateway holds for each site, from its own audit log."""
 
     def __init__(self, audit: AuditLog, *, record: Record, ca_cert_pem: bytes) -> None:
+        self._audit = audit
         self._record = record
         self._ca = load_ca(ca_cert_pem)
         self._lock = threading.Lock()
         self._last: dict[str, tuple[int, bytes]] = {}
-        for r in audit.query(action=ACTION, limit=10**9):
-            d = r.event.details
-            self._last[r.event.principal] = (int(d["size"]), bytes.fromhex(str(d["root"])))
+
+    def _held(self, site: str) -> tuple[int, bytes]:
+        """The last checkpoint recorded for ``site``: read from the log the first time the
+        site is asked about (not at the gateway's start), then kept. Under the lock."""
+        if site not in self._last:
+            found = self._audit.query(action=ACTION, principal=site, limit=10**9)
+            if found:
+                d = found[-1].event.details
+                self._last[site] = (int(str(d["size"])), bytes.fromhex(str(d["root"])))
+            else:
+                self._last[site] = (0, b"")
+        return self._last[site]
 
     def size(self, site: str) -> int:
         with self._lock:
-            return self._last.get(site, (0, b""))[0]
+            return self._held(site)[0]
 
     def push(
         self,
@@ -71,7 +86,7 @@ class SiteCheckpoints:
         except CheckpointError as e:
             raise SignatureError(f"site {site}: {e}") from e
         with self._lock:
-            size, root = self._last.get(site, (0, b""))
+            size, root = self._held(site)
             if checkpoint.size == size and checkpoint.root == root:
                 return size  # again: acknowledged
             if from_size != size:

@@ -269,8 +269,17 @@ class SiteLinks:
             return None if run is None else run.site
 
     def sites(self) -> list[SiteView]:
+        """Each site heard from, with the leases it holds now (counted here, when asked, not
+        on every call a site makes)."""
         with self._cond:
-            return sorted(self._sites.values(), key=lambda s: s.name)
+            held: dict[str, list[str]] = {}
+            for job, r in self._runs.items():
+                if r.state == "leased":
+                    held.setdefault(r.site, []).append(job)
+            return [
+                dataclasses.replace(v, leases=tuple(held.get(v.name, ())))
+                for v in sorted(self._sites.values(), key=lambda v: v.name)
+            ]
 
     def close(self) -> None:
         """Runs still queued end CANCELLED; leased ones are left to their sites (on record:
@@ -461,9 +470,7 @@ class SiteLinks:
     def _seen(self, site: str, **facts: object) -> None:
         old = self._sites.get(site)
         view = old or SiteView(site, "", "", 0, 0.0, ())
-        view = dataclasses.replace(view, last_seen=time.time(), **facts)  # type: ignore[arg-type]
-        leases = tuple(j for j, r in self._runs.items() if r.site == site and r.state == "leased")
-        self._sites[site] = dataclasses.replace(view, leases=leases)
+        self._sites[site] = dataclasses.replace(view, last_seen=time.time(), **facts)  # type: ignore[arg-type]
 
     def _apply(self, run: _Run, value: SiteReport, *, end: bool) -> None:
         with run.lock:

@@ -396,7 +396,10 @@ def test_a_site_that_restarts_ends_the_runs_it_held(
     try:
         t = threading.Thread(target=lambda: linked.run(_order("job-r"), reports.append))
         t.start()
-        while not _leased(linked, "job-r"):
+        # Leased at the gateway, and on record at the site (it writes the lease down before the
+        # order reaches the site; a process that dies before that never held it).
+        on_record = linked.identity.cert.parent / "state" / "leases" / "job-r.json"
+        while not (_leased(linked, "job-r") and on_record.exists()):
             time.sleep(0.02)
         # The site process dies (its run never reports again); a new one starts on its state.
         linked.link.stop()
