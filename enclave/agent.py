@@ -129,6 +129,7 @@ class SiteAgent:
         self._staging.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._log_key = site_secret(root / "keys" / "logs.key")
         self._bits = _channels.BitsLedger(root / "keys" / "channel-bits.json")
+        self._policy_book = sovereignty.PolicyBook(root / "keys" / "policy-versions.json")
         # This site's containers, told apart from any other site's on the same engine (a
         # shared engine, or two deployments on one machine) even when their names agree.
         self.instance = site_secret(root / "keys" / "instance.id")[:8].hex()
@@ -314,7 +315,11 @@ class SiteAgent:
         run_dir.mkdir(mode=0o700)
         # Before any data is decrypted: what the owners signed covers exactly this order.
         sovereignty.check_order(
-            order, policies, ca_cert_pem=self.signer.ca_cert.read_bytes(), owners=self.owners
+            order,
+            policies,
+            ca_cert_pem=self.signer.ca_cert.read_bytes(),
+            owners=self.owners,
+            book=self._policy_book,
         )
         if spec.resources.gpus > self.limits.gpus:  # before any data is decrypted
             raise InvalidInput(

@@ -58,7 +58,8 @@ class RunOrder:
     :func:`policies.signing.approval_message` of ``approval_binding``, made in their client."""
     policy_signatures: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     """Per dataset: (PEM certificate, base64 signature) of its owner over
-    :func:`policies.signing.policy_message` of the policy text in ``policy_documents``."""
+    :func:`policies.signing.policy_message` of the policy text in ``policy_documents`` as its
+    version in ``policy_versions``."""
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from enclave.contract import Site, SiteReport, StoredDataset
 from enclave.identity import IdentityFiles
 from enclave.linkwire import order_from_json, report_message
 from enclave.provenance import SiteSigner
+from enclave.writebehind import WriteBehind
 from policies.channels import TeamReason
 from policies.errors import InvalidInput, SealroomError
 from policies.identity import Role
@@ -49,6 +50,7 @@ from policies.lifecycle import JobState
 
 VERSION = "sealroom-site/1"
 CHUNK = 1 << 20
+_AUDIT_BATCH = 1024  # records a message when pushing the site's log (~0.5 MB)
 PULL_WAIT_S = 20.0
 MAX_BACKOFF_S = 10.0
 _RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -330,8 +332,8 @@ class SiteLink:
         )
 
     def _push_audit(self) -> None:
-        """Push a signed checkpoint of the site's log, with the consistency proof from the one
-        the gateway holds (nothing when it holds this size already)."""
+        """Push a signed checkpoint of the site's log with the records it adds to those the
+        gateway holds (nothing when it holds this size already)."""
         if self._audit is None:
             return
         with self._audit_lock:
@@ -339,19 +341,29 @@ class SiteLink:
             if cp.size == self._audit_size:
                 return
             held = self._audit_size
-            proof = self._audit.consistency_proof(held, cp.size) if held else []
-            answer = self._stub.PushAudit(
-                pb.PushAuditRequest(
-                    size=cp.size,
-                    root=cp.root,
-                    time=cp.time,
-                    signature=cp.signature,
-                    signer_cert=self._audit_cert,
-                    from_size=held,
-                    proof=proof,
-                ),
-                timeout=30,
-            )
+            log = self._audit
+
+            def chunks() -> Iterator[pb.SiteAuditChunk]:
+                yield pb.SiteAuditChunk(
+                    header=pb.SiteAuditHeader(
+                        size=cp.size,
+                        root=cp.root,
+                        time=cp.time,
+                        signature=cp.signature,
+                        signer_cert=self._audit_cert,
+                        from_size=held,
+                    )
+                )
+                batch: list[bytes] = []
+                for leaf in log.leaves(held, cp.size):
+                    batch.append(leaf)
+                    if len(batch) == _AUDIT_BATCH:
+                        yield pb.SiteAuditChunk(records=pb.SiteAuditRecords(leaves=batch))
+                        batch = []
+                if batch:
+                    yield pb.SiteAuditChunk(records=pb.SiteAuditRecords(leaves=batch))
+
+            answer = self._stub.PushAudit(chunks(), timeout=120)
             self._audit_size = answer.size
 
     def _fetch(self, lease: pb.Lease, dest: Path) -> Path:
@@ -364,10 +376,12 @@ class SiteLink:
             nonlocal digest
             digest = hashlib.sha256()
             request = pb.FetchBundleRequest(job_id=lease.job_id)
-            with dest.open("wb") as f:
+            # Hashed here as it arrives, written on the writer's own thread beside it.
+            dest.unlink(missing_ok=True)  # from an earlier try, cut off
+            with WriteBehind.create(dest) as out:
                 for chunk in self._stub.FetchBundle(request, timeout=3600):
                     digest.update(chunk.data)
-                    f.write(chunk.data)
+                    out.write(chunk.data)
 
         self._call_until_done(fetch)
         if digest.hexdigest() != expected:

@@ -3,9 +3,12 @@ gateway.
 
 :func:`check_order` holds an order to what the data owners themselves signed:
 
-1. **Policies.** Each dataset's policy text came signed by its owner (their CA-issued key,
-   :func:`policies.signing.policy_message`), so the site runs under rules the owner wrote, not
-   rules a gateway wrote for them.
+1. **Policies.** Each dataset's policy text came signed by its owner with its version number
+   (their CA-issued key, :func:`policies.signing.policy_message`), so the site runs under rules
+   the owner wrote, not rules a gateway wrote for them; and never under an older version than
+   one it has run under (:class:`PolicyBook`, the site's own record), so a gateway cannot
+   replay a policy its owner replaced (a looser one, say, under automatic approval) once the
+   site has seen the replacement.
 2. **The binding.** The approval binding is recomputed here from the order (its spec hash, which
    the site has checked against the spec; its bundle hash, checked against the bundle; the
    dataset versions; each policy text's version and digest) and must be the one the order names.
@@ -24,14 +27,19 @@ site, which shares the gateway's process). Raises :class:`policies.errors.Signat
 
 from __future__ import annotations
 
+import hashlib
+import json
+import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from enclave.contract import RunOrder
+from enclave.secretfile import write_secret
 from enclave.signatures import verify
 from policies import access, document
 from policies.approval import ApprovalBinding
 from policies.document import ApprovalMode
-from policies.errors import PolicyViolation
+from policies.errors import PolicyViolation, SiteError
 from policies.identity import Role
 from policies.signing import approval_message, policy_message
 
@@ -45,8 +53,11 @@ def check_order(
     *,
     ca_cert_pem: bytes,
     owners: Owners,
+    book: PolicyBook | None = None,
 ) -> None:
-    """See the module. ``policies`` are the order's texts, parsed."""
+    """See the module. ``policies`` are the order's texts, parsed; ``book``, the site's record
+    of the policy versions it has run under, is checked and, once every check has passed,
+    advanced."""
     owner_of: dict[str, str] = {}
     for name, _ in order.datasets:
         owner = owners(name) or order.dataset_owners.get(name, "")
@@ -57,7 +68,7 @@ def check_order(
         verify(
             cert_pem=cert,
             signature=signature,
-            message=policy_message(name, order.policy_documents[name]),
+            message=policy_message(name, order.policy_versions[name], order.policy_documents[name]),
             ca_cert_pem=ca_cert_pem,
             name=owner,
             role=Role.DATA_OWNER,
@@ -101,3 +112,64 @@ def check_order(
             role=Role.DATA_OWNER,
             what=f"the approval of dataset {name} by {owner_of[name]}",
         )
+    if book is not None:
+        book.admit(
+            {
+                name: (
+                    order.policy_versions[name],
+                    hashlib.sha256(order.policy_documents[name].encode()).hexdigest(),
+                )
+                for name, _ in order.datasets
+            }
+        )
+
+
+class PolicyBook:
+    """The newest policy version of each dataset this site has run under, with its text's
+    digest, in the site's own file (one JSON object, rewritten atomically). An order under an
+    older version, or under the same version with another text, is refused.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def held(self) -> dict[str, tuple[int, str]]:
+        try:
+            raw = json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise SiteError(f"the site's policy record {self.path.name} cannot be read") from e
+        try:
+            return {str(k): (int(v[0]), str(v[1])) for k, v in raw.items()}
+        except (AttributeError, TypeError, ValueError, IndexError) as e:
+            raise SiteError(f"the site's policy record {self.path.name} is malformed") from e
+
+    def admit(self, versions: Mapping[str, tuple[int, str]]) -> None:
+        """Check ``versions`` (dataset -> (version, text digest)) against the record and keep
+        the newer ones; raises PolicyViolation, recording nothing, for one that is older."""
+        with self._lock:
+            held = self.held()
+            for name, (version, digest) in sorted(versions.items()):
+                if name not in held:
+                    continue
+                newest, newest_digest = held[name]
+                if version < newest:
+                    raise PolicyViolation(
+                        f"dataset {name}: the order runs under policy version {version}, but "
+                        f"this site has run under version {newest}: an older policy is never "
+                        "used again"
+                    )
+                if version == newest and digest != newest_digest:
+                    raise PolicyViolation(
+                        f"dataset {name}: policy version {version} is not the text this site "
+                        "ran under as that version"
+                    )
+            changed = False
+            for name, (version, digest) in versions.items():
+                if name not in held or version > held[name][0]:
+                    held[name] = (version, digest)
+                    changed = True
+            if changed:
+                write_secret(self.path, json.dumps(held, sort_keys=True).encode())

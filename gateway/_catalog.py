@@ -170,6 +170,7 @@ class Catalog:
         principal: Principal,
         dataset: str,
         text: str,
+        version: int | None = None,
         signature: str = "",
         signer_cert: str = "",
     ) -> PolicyRecord:
@@ -186,6 +187,7 @@ class Catalog:
             dataset=dataset,
             document=text,
             sha256=doc.digest(),
+            version=version,
             author=principal.name,
             signature=signature,
             signer_cert=signer_cert,

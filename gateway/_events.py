@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from gateway._views import JobEvent, event_for, job_for
 from gateway.store import JobRecord, Store
@@ -75,15 +75,18 @@ class EventHub:
         store: Store,
         quantum_s: float,
         poll_s: float,
+        alive: Callable[[], bool] = lambda: True,
     ) -> Iterator[JobEvent]:
         """Events of ``job`` (as ``principal`` may already see it) from its start until it
-        ends, each as ``principal`` may see it. Blocks between events."""
+        ends, each as ``principal`` may see it. Blocks between events, and stops within
+        ``poll_s`` once ``alive()`` is false (the watcher went away: its thread is not held
+        until the job's next event)."""
         job_id = job.id
         if job.state in TERMINAL:
             yield JobEvent(job_id, job.state, reason="; ".join(job.reasons), time=job.updated_at)
             return
         seen = 0
-        while True:
+        while alive():
             events = self.follow(job_id, start=seen, timeout_s=poll_s)
             for position, event in events:
                 seen = position + 1

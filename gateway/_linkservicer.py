@@ -11,6 +11,7 @@ leaves nothing behind and says why.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
@@ -24,7 +25,7 @@ from enclave.contract import StoredDataset
 from enclave.provenance.verify import verify_release
 from enclave.writebehind import WriteBehind
 from gateway._auth import principal_of
-from gateway._siteaudit import SiteCheckpoints
+from gateway._siteaudit import SiteAudits
 from gateway._sitelink import SiteLinks
 from policies.errors import IntegrityError, InvalidInput, ResourceExhausted, SealroomError
 
@@ -43,9 +44,9 @@ class SiteLinkServicer(pb_grpc.SiteLinkServicer):
         ca_cert_pem: bytes,
         max_release_bytes: int,
         push_dataset: PushDataset,
-        checkpoints: SiteCheckpoints | None = None,
+        site_audits: SiteAudits | None = None,
     ) -> None:
-        self.checkpoints = checkpoints
+        self.site_audits = site_audits
         self.links = links
         self.ca_cert_pem = ca_cert_pem
         self.max_release_bytes = max_release_bytes
@@ -63,7 +64,7 @@ class SiteLinkServicer(pb_grpc.SiteLinkServicer):
             leases=leases,
             heartbeat_s=self.links.heartbeat_s,
             lease_s=self.links.lease_s,
-            audit_size=self.checkpoints.size(_site(context)) if self.checkpoints else 0,
+            audit_size=self.site_audits.size(_site(context)) if self.site_audits else 0,
         )
 
     def PullWork(
@@ -108,8 +109,11 @@ class SiteLinkServicer(pb_grpc.SiteLinkServicer):
         job_id = first.job_id
         root = self.links.release_root(site, job_id)
         try:
-            files, total = self._receive(it, root / "release")
-            verified = verify_release(root / "release", ca_cert_pem=self.ca_cert_pem)
+            digests = self._receive(it, root / "release")
+            # Each file was hashed as it arrived, beside its write: not read back.
+            verified = verify_release(
+                root / "release", ca_cert_pem=self.ca_cert_pem, digests=digests
+            )
             if verified.site != site:
                 raise IntegrityError(
                     f"the release is signed by site {verified.site!r}, not by {site!r}"
@@ -118,26 +122,41 @@ class SiteLinkServicer(pb_grpc.SiteLinkServicer):
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)
             raise
-        return pb.PushReleaseResponse(files=files, bytes=total)
+        return pb.PushReleaseResponse(
+            files=len(digests), bytes=sum(size for _, size in digests.values())
+        )
 
-    def _receive(self, it: Iterator[pb.SiteReleaseChunk], dest: Path) -> tuple[int, int]:
+    def _receive(self, it: Iterator[pb.SiteReleaseChunk], dest: Path) -> dict[str, tuple[str, int]]:
+        """Write each file of a pushed release under ``dest``, hashing it as it arrives; each
+        file's (sha256, size) by its relative path."""
         dest.mkdir(mode=0o700)
+        digests: dict[str, tuple[str, int]] = {}
         out: WriteBehind | None = None
-        left = files = total = 0
+        rel, digest = "", hashlib.sha256()
+        left = total = 0
+
+        def finish() -> None:
+            if out is not None:
+                out.close()
+                digests[rel] = (digest.hexdigest(), out_size)
+
+        out_size = 0
         try:
             for msg in it:
                 part = msg.WhichOneof("part")
                 if part == "file":
                     if out is not None and left:
                         raise InvalidInput("a file of the release ended early")
-                    if out is not None:
-                        out.close()
-                    files += 1
-                    if files > MAX_RELEASE_FILES:
+                    finish()
+                    if len(digests) + 1 > MAX_RELEASE_FILES:
                         raise ResourceExhausted(f"a release has at most {MAX_RELEASE_FILES} files")
                     path = dest / _safe(msg.file.path)
+                    rel = path.relative_to(dest).as_posix()
+                    if rel in digests:
+                        raise InvalidInput(f"a pushed release sends {rel} twice")
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    out, left = WriteBehind.create(path), msg.file.size
+                    out, left, out_size = WriteBehind.create(path), msg.file.size, 0
+                    digest = hashlib.sha256()
                 elif part == "data":
                     if out is None or len(msg.data) > left:
                         raise InvalidInput("release bytes beyond the size their file announced")
@@ -146,16 +165,20 @@ class SiteLinkServicer(pb_grpc.SiteLinkServicer):
                         raise ResourceExhausted(
                             f"a release is at most {self.max_release_bytes} bytes"
                         )
+                    digest.update(msg.data)
                     out.write(msg.data)
                     left -= len(msg.data)
+                    out_size += len(msg.data)
                 else:
                     raise InvalidInput(f"unexpected {part or 'empty'} message in a pushed release")
             if left:
                 raise InvalidInput("the last file of the release ended early")
+            finish()
+            out = None
         finally:
             if out is not None:
                 out.close()
-        return files, total
+        return digests
 
     def PushDataset(
         self, request: pb.PushDatasetRequest, context: grpc.ServicerContext
@@ -171,17 +194,24 @@ class SiteLinkServicer(pb_grpc.SiteLinkServicer):
         return pb.PushDatasetResponse()
 
     def PushAudit(
-        self, request: pb.PushAuditRequest, context: grpc.ServicerContext
+        self, request_iterator: Iterator[pb.SiteAuditChunk], context: grpc.ServicerContext
     ) -> pb.PushAuditResponse:
-        if self.checkpoints is None:
+        if self.site_audits is None:
             raise InvalidInput("this gateway keeps no record of site audit logs")
-        cp = SignedCheckpoint(request.size, request.root, request.time, request.signature)
-        size = self.checkpoints.push(
-            _site(context),
-            cp,
-            signer_cert=request.signer_cert,
-            from_size=request.from_size,
-            proof=list(request.proof),
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidInput("a pushed audit log starts with its checkpoint")
+        h = first.header
+        cp = SignedCheckpoint(h.size, h.root, h.time, h.signature)
+
+        def leaves() -> Iterator[bytes]:
+            for chunk in request_iterator:
+                if chunk.WhichOneof("part") != "records":
+                    raise InvalidInput("a pushed audit log has one checkpoint, first")
+                yield from chunk.records.leaves
+
+        size = self.site_audits.push(
+            _site(context), cp, signer_cert=h.signer_cert, from_size=h.from_size, leaves=leaves()
         )
         return pb.PushAuditResponse(size=size)
 

@@ -23,7 +23,13 @@ from gateway._facade import Facade
 from gateway.store import JobRecord, Store
 from policies import access, review
 from policies.channels import TeamReason
-from policies.errors import InvalidState, NotFound, PermissionDenied, SealroomError
+from policies.errors import (
+    IntegrityError,
+    InvalidState,
+    NotFound,
+    PermissionDenied,
+    SealroomError,
+)
 from policies.identity import Principal, Role
 from policies.lifecycle import JobState
 from policies.spec import parse_spec
@@ -235,12 +241,16 @@ class ReleaseStore:
 
 
 def _safetensors_header(path: Path) -> list[tuple[str, tuple[int, ...]]]:
-    """(dtype, shape) of each tensor of a site-signed safetensors file, from its header."""
-    with path.open("rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    return [
-        (str(t["dtype"]), tuple(int(d) for d in t["shape"]))
-        for name, t in header.items()
-        if name != "__metadata__"
-    ]
+    """(dtype, shape) of each tensor of a site-signed safetensors file, from its header (read
+    by the safetensors library, which checks it). Raises IntegrityError for a file that is not
+    one: a site's signature vouches for where a file came from, not for its form."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return [
+                (str(f.get_slice(k).get_dtype()), tuple(int(d) for d in f.get_slice(k).get_shape()))
+                for k in f.keys()  # noqa: SIM118 (safe_open is not a mapping)
+            ]
+    except (SafetensorError, OSError) as e:
+        raise IntegrityError(f"{path.name}: not a safetensors file ({e})") from e

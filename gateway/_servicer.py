@@ -19,11 +19,12 @@ from enclave.writebehind import WriteBehind
 from gateway import _convert as convert
 from gateway._auth import principal_of
 from gateway._releases import release_files
+from gateway._siteaudit import SiteAudits
 from gateway._sitelink import SiteLinks
 from gateway._spool import SealedSpool
 from gateway.core import Gateway
 from gateway.store import JobRecord
-from policies.errors import InvalidInput, ResourceExhausted
+from policies.errors import InvalidInput, NotFound, ResourceExhausted
 from policies.lifecycle import JobState
 
 CHUNK = 1 << 20
@@ -70,9 +71,25 @@ class _HashingFile:
 
 
 class GatewayServicer(pb_grpc.GatewayServicer):
-    def __init__(self, gateway: Gateway, *, links: SiteLinks | None = None) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        *,
+        links: SiteLinks | None = None,
+        site_audits: SiteAudits | None = None,
+    ) -> None:
         self.g = gateway
         self._links = links  # the remote sites, as the site link has heard from them
+        self._site_audits = site_audits  # the gateway's copy of each remote site's log
+
+    def _log(self, site: str) -> Any:
+        """The audit log a compliance call reads: the gateway's own, or its copy of a remote
+        site's (:mod:`gateway._siteaudit`). Raises NotFound for a site it holds no log of."""
+        if not site:
+            return self.g.audit
+        if self._site_audits is None:
+            raise NotFound(f"no audit log of a site named {site!r} reached this gateway")
+        return self._site_audits.log(site)
 
     def _job(self, j: JobRecord) -> pb.Job:
         return convert.job_message(j, self.g.approvals(j.id))
@@ -140,6 +157,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 principal=principal_of(context),
                 dataset=request.dataset,
                 text=request.document,
+                version=request.version or None,
                 signature=request.signature,
                 signer_cert=request.signer_cert,
             )
@@ -243,9 +261,11 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def WatchJob(
         self, request: pb.WatchJobRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.JobEvent]:
-        for event in self.g.watch(principal=principal_of(context), job_id=request.job_id):
-            if not context.is_active():
-                return
+        # The watch ends once the watcher has gone (a cancelled or broken stream), instead
+        # of holding a server thread until the job's next event.
+        for event in self.g.watch(
+            principal=principal_of(context), job_id=request.job_id, alive=context.is_active
+        ):
             yield convert.event_message(event)
 
     def GetJobLogs(
@@ -272,7 +292,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def QueryAudit(
         self, request: pb.QueryAuditRequest, context: grpc.ServicerContext
     ) -> pb.QueryAuditResponse:
-        records = self.g.audit.query(
+        records = self._log(request.site).query(
             job=request.job_id or None,
             dataset=request.dataset or None,
             file=request.file or None,
@@ -289,9 +309,10 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def ExportAudit(
         self, request: pb.ExportAuditRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ExportChunk]:
+        log = self._log(request.site)
         with tempfile.TemporaryDirectory(dir=self.g.home) as tmp:
             path = Path(tmp) / "export.jsonl"
-            self.g.audit.export(path)
+            log.export(path)
             with path.open("rb") as f:
                 while data := f.read(CHUNK):
                     yield pb.ExportChunk(data=data)
@@ -299,6 +320,16 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def GetCheckpoint(
         self, request: pb.GetCheckpointRequest, context: grpc.ServicerContext
     ) -> pb.Checkpoint:
+        if request.site:
+            if request.fresh:
+                raise InvalidInput("a site signs the checkpoints of its own log: no fresh one")
+            assert self._site_audits is not None  # _log found the site's copy
+            held = self._log(request.site).held()
+            if held is None:
+                raise NotFound(f"the gateway holds no checkpoint of site {request.site}'s log")
+            message = convert.checkpoint_message(held)
+            message.signer_cert = self._site_audits.signer_cert(request.site)
+            return message
         cps = self.g.audit.checkpoints()
         cp = self.g.audit.checkpoint() if request.fresh or not cps else cps[-1]
         return convert.checkpoint_message(cp)
@@ -306,11 +337,12 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def GetInclusionProof(
         self, request: pb.InclusionProofRequest, context: grpc.ServicerContext
     ) -> pb.Proof:
-        size = request.tree_size or self.g.audit.size()
+        log = self._log(request.site)
+        size = request.tree_size or log.size()
         if not 0 <= request.seq < size:
             raise InvalidInput(f"seq {request.seq} is not in a tree of size {size}")
-        proof = self.g.audit.inclusion_proof(request.seq, size)
-        leaf = self.g.audit.record(request.seq).leaf_hash
+        proof = log.inclusion_proof(request.seq, size)
+        leaf = log.record(request.seq).leaf_hash
         return convert.proof_message(
             convert.AuditProof(
                 hashes=tuple(proof), tree_size=size, leaf_hash=leaf, index=request.seq
@@ -320,8 +352,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def GetConsistencyProof(
         self, request: pb.ConsistencyProofRequest, context: grpc.ServicerContext
     ) -> pb.Proof:
-        new = request.new_size or self.g.audit.size()
-        proof = self.g.audit.consistency_proof(request.old_size, new)
+        log = self._log(request.site)
+        new = request.new_size or log.size()
+        proof = log.consistency_proof(request.old_size, new)
         return convert.proof_message(
             convert.AuditProof(hashes=tuple(proof), tree_size=new, old_size=request.old_size)
         )

@@ -1,34 +1,36 @@
-"""Two logs, one story: the gateway's record of each remote site's own audit log.
+"""Two logs, one story: the gateway's copy of each remote site's own audit log.
 
 A remote site keeps its own Merkle audit log (:class:`enclave.audit.AuditLog`, signed with its
 release-signing key) of what happens there: leases taken, key releases and staging, file reads,
-containers, gate results. It pushes each new signed checkpoint with the consistency proof from
-the last one the gateway holds. :class:`SiteCheckpoints` checks the signature (the site's
-CA-issued key, for the site that calls), the proof (the site's log only grew), and appends a
-``site.checkpoint`` event to the gateway's own log. So the site cannot rewrite or drop a record
-it has checkpointed without its next proof failing here, and the gateway cannot drop a site's
-checkpoint without breaking its own log's chain; an export of the gateway's log carries every
-site checkpoint for an offline check against the site's own export.
+containers, gate results. It pushes each new stretch of records with a signed checkpoint that
+vouches for them. :class:`SiteAudits` checks the signature (the CA-issued key of the site that
+calls), extends its copy of that site's log (:class:`enclave.audit.AuditMirror`: only when the
+root of the copy with the new records is the signed root, so the site's log only grew) and
+appends a ``site.checkpoint`` event to the gateway's own log. So the site cannot rewrite or drop
+a record it has pushed without its next checkpoint being refused here, and the gateway cannot
+drop a site's checkpoint without breaking its own log's chain. A compliance officer reads a
+site's copy through the gateway (queries, proofs, an export that verifies offline under the
+site's key) and checks it against the gateway's export (:func:`enclave.audit.cross_check`).
+
+Each copy lives under ``sites/NAME/`` in the gateway's home: ``audit.db`` and ``signer.pem``
+(the certificate of the key that signed its last checkpoint).
 """
 
 from __future__ import annotations
 
-import base64
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from enclave.audit import (
-    AuditLog,
-    CheckpointError,
-    ProofError,
-    SignedCheckpoint,
-    verify_consistency,
-)
+from enclave.audit import AuditMirror, CheckpointError, SignedCheckpoint, checkpoint_details
 from enclave.provenance.verify import check_chain, load_ca, site_identity
-from policies.errors import IntegrityError, InvalidInput, SignatureError
+from enclave.secretfile import write_secret
+from policies.errors import InvalidInput, NotFound, SignatureError
 from policies.identity import Principal, Role
+from policies.spec import NAME_RE
 
 ACTION = "site.checkpoint"
 
@@ -36,31 +38,58 @@ Record = Callable[..., int]
 """The gateway's audit append (``Gateway.record``)."""
 
 
-class SiteCheckpoints:
-    """The last checkpoint the gateway holds for each site, from its own audit log."""
+class SiteAudits:
+    """The gateway's copy of each remote site's audit log, opened when first asked for."""
 
-    def __init__(self, audit: AuditLog, *, record: Record, ca_cert_pem: bytes) -> None:
-        self._audit = audit
+    def __init__(self, root: Path, *, record: Record, ca_cert_pem: bytes) -> None:
+        self._root = root
         self._record = record
         self._ca = load_ca(ca_cert_pem)
-        self._lock = threading.Lock()
-        self._last: dict[str, tuple[int, bytes]] = {}
+        self._lock = threading.Lock()  # the table of open copies
+        self._site_locks: dict[str, threading.Lock] = {}
+        self._open: dict[str, AuditMirror] = {}
 
-    def _held(self, site: str) -> tuple[int, bytes]:
-        """The last checkpoint recorded for ``site``: read from the log the first time the
-        site is asked about (not at the gateway's start), then kept. Under the lock."""
-        if site not in self._last:
-            found = self._audit.query(action=ACTION, principal=site, limit=10**9)
-            if found:
-                d = found[-1].event.details
-                self._last[site] = (int(str(d["size"])), bytes.fromhex(str(d["root"])))
-            else:
-                self._last[site] = (0, b"")
-        return self._last[site]
+    def _dir(self, site: str) -> Path:
+        if not NAME_RE.match(site):
+            raise InvalidInput(f"not a site name: {site!r}")
+        return self._root / site
 
     def size(self, site: str) -> int:
+        """How many records of ``site``'s log the gateway holds (all vouched for)."""
+        if not (self._dir(site) / "signer.pem").exists():
+            return 0
+        held = self.log(site).held()
+        return held.size if held is not None else 0
+
+    def log(self, site: str) -> AuditMirror:
+        """The copy of ``site``'s log. Raises NotFound for a site that never pushed one."""
+        d = self._dir(site)
         with self._lock:
-            return self._held(site)[0]
+            if site in self._open:
+                return self._open[site]
+            if not (d / "signer.pem").exists():
+                raise NotFound(f"no audit log of a site named {site!r} reached this gateway")
+            mirror = AuditMirror(d / "audit.db", public_key=self._key(self.signer_cert(site)))
+            self._open[site] = mirror
+            return mirror
+
+    def signer_cert(self, site: str) -> str:
+        """The PEM certificate of the key that signed ``site``'s last checkpoint."""
+        path = self._dir(site) / "signer.pem"
+        if not path.exists():
+            raise NotFound(f"no audit log of a site named {site!r} reached this gateway")
+        return path.read_text()
+
+    def _key(self, signer_cert: str, site: str | None = None) -> ed25519.Ed25519PublicKey:
+        try:
+            cert = x509.load_pem_x509_certificate(signer_cert.encode())
+        except ValueError as e:
+            raise InvalidInput("the site's signing certificate does not parse") from e
+        check_chain(cert, self._ca)
+        name, key = site_identity(cert)
+        if site is not None and name != site:
+            raise SignatureError(f"the checkpoint is signed by site {name!r}, not {site!r}")
+        return key
 
     def push(
         self,
@@ -69,56 +98,45 @@ class SiteCheckpoints:
         *,
         signer_cert: str,
         from_size: int,
-        proof: list[bytes],
+        leaves: Iterable[bytes],
     ) -> int:
-        """Check and record a site's checkpoint; the size now held. Raises SignatureError,
-        IntegrityError (the log shrank or was rewritten) or InvalidInput."""
-        try:
-            cert = x509.load_pem_x509_certificate(signer_cert.encode())
-        except ValueError as e:
-            raise InvalidInput("the site's signing certificate does not parse") from e
-        check_chain(cert, self._ca)
-        name, key = site_identity(cert)
-        if name != site:
-            raise SignatureError(f"the checkpoint is signed by site {name!r}, not {site!r}")
+        """Check ``site``'s checkpoint, extend the copy with ``leaves`` (its records from
+        ``from_size`` on) and record it; the size now held. Raises SignatureError,
+        IntegrityError (the log shrank or was rewritten) or InvalidInput; then nothing was
+        stored."""
+        key = self._key(signer_cert, site)
         try:
             checkpoint.verify(key)
         except CheckpointError as e:
             raise SignatureError(f"site {site}: {e}") from e
         with self._lock:
-            size, root = self._held(site)
-            if checkpoint.size == size and checkpoint.root == root:
+            lock = self._site_locks.setdefault(site, threading.Lock())
+        with lock:
+            d = self._dir(site)
+            if not (d / "signer.pem").exists():
+                d.mkdir(parents=True, exist_ok=True, mode=0o700)
+                write_secret(d / "signer.pem", signer_cert.encode(), mode=0o644)
+            mirror = self.log(site)
+            held = mirror.held()
+            size = held.size if held is not None else 0
+            if held is not None and (held.size, held.root) == (checkpoint.size, checkpoint.root):
                 return size  # again: acknowledged
             if from_size != size:
                 raise InvalidInput(f"site {site}: the gateway holds size {size}, not {from_size}")
-            if checkpoint.size < size:
-                raise IntegrityError(
-                    f"site {site}: its log has {checkpoint.size} records, fewer than the "
-                    f"{size} it checkpointed before"
+            if signer_cert != self.signer_cert(site):
+                raise SignatureError(
+                    f"site {site}: the checkpoint is signed by another key than the one that "
+                    "signed its log so far"
                 )
-            if size:
-                try:
-                    verify_consistency(
-                        old_size=size,
-                        new_size=checkpoint.size,
-                        old_root=root,
-                        new_root=checkpoint.root,
-                        proof=proof,
-                    )
-                except ProofError as e:
-                    raise IntegrityError(
-                        f"site {site}: its log at {checkpoint.size} records is not the log it "
-                        f"checkpointed at {size}: {e}"
-                    ) from e
-            self._record(
-                Principal(site, Role.SITE),
-                ACTION,
-                details={
-                    "size": checkpoint.size,
-                    "root": checkpoint.root.hex(),
-                    "time": checkpoint.time,
-                    "signature": base64.b64encode(checkpoint.signature).decode(),
-                },
-            )
-            self._last[site] = (checkpoint.size, checkpoint.root)
-            return checkpoint.size
+            try:
+                new = mirror.extend(checkpoint, leaves)
+            except CheckpointError as e:
+                raise SignatureError(f"site {site}: {e}") from e
+            self._record(Principal(site, Role.SITE), ACTION, details=checkpoint_details(checkpoint))
+            return new
+
+    def close(self) -> None:
+        with self._lock:
+            for mirror in self._open.values():
+                mirror.close()
+            self._open.clear()

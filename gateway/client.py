@@ -173,9 +173,11 @@ class Client:
 
     def put_policy(self, dataset: str, document: str) -> PolicyRecord:
         """Store the next policy version of ``dataset``, signed here with this identity's key
-        (:func:`policies.signing.policy_message`): a site accepts no policy its owner did not
-        sign."""
-        signature = sign(self._key_pem, policy_message(dataset, document))
+        with its version number (:func:`policies.signing.policy_message`): a site accepts no
+        policy its owner did not sign, and never an older version than one it has run under.
+        Raises InvalidState when another version was written since this one was numbered."""
+        version = max((p.version for p in self.policy_versions(dataset)), default=0) + 1
+        signature = sign(self._key_pem, policy_message(dataset, version, document))
         p = self._call(
             self._stub.PutPolicy,
             pb.PutPolicyRequest(
@@ -183,6 +185,7 @@ class Client:
                 document=document,
                 signature=signature,
                 signer_cert=self._cert_pem.decode(),
+                version=version,
             ),
         )
         return _value(convert.policy_value, p)
@@ -340,28 +343,40 @@ class Client:
         r = self._call(self._stub.QueryAudit, pb.QueryAuditRequest(**filters))
         return [_value(convert.audit_record_value, rec) for rec in r.records]
 
-    def audit_export(self, dest: Path) -> Path:
+    def audit_export(self, dest: Path, *, site: str = "") -> Path:
+        """The log as JSON lines at ``dest``: the gateway's, or its copy of ``site``'s (which
+        verifies under that site's key: :meth:`site_signer_cert`)."""
         with dest.open("wb") as f:
-            for chunk in self._stream(self._stub.ExportAudit, pb.ExportAuditRequest()):
+            for chunk in self._stream(self._stub.ExportAudit, pb.ExportAuditRequest(site=site)):
                 f.write(chunk.data)
         return dest
 
-    def audit_checkpoint(self, *, fresh: bool = False) -> SignedCheckpoint:
+    def audit_checkpoint(self, *, fresh: bool = False, site: str = "") -> SignedCheckpoint:
         """The latest signed checkpoint (a new one with ``fresh``), its signature not yet
-        checked: call :meth:`SignedCheckpoint.verify` with the gateway's public key."""
-        cp = self._call(self._stub.GetCheckpoint, pb.GetCheckpointRequest(fresh=fresh))
+        checked: call :meth:`SignedCheckpoint.verify` with the gateway's public key (for a
+        ``site``'s log, the key of :meth:`site_signer_cert`)."""
+        cp = self._call(self._stub.GetCheckpoint, pb.GetCheckpointRequest(fresh=fresh, site=site))
         return _value(convert.checkpoint_value, cp)
 
-    def audit_inclusion_proof(self, seq: int, tree_size: int = 0) -> AuditProof:
+    def site_signer_cert(self, site: str) -> str:
+        """The PEM certificate of the key that signs ``site``'s audit log, as the gateway
+        holds it: check it against the deployment CA before trusting it
+        (:func:`enclave.provenance.verify.site_identity`)."""
+        return self._call(self._stub.GetCheckpoint, pb.GetCheckpointRequest(site=site)).signer_cert
+
+    def audit_inclusion_proof(self, seq: int, tree_size: int = 0, *, site: str = "") -> AuditProof:
         p = self._call(
-            self._stub.GetInclusionProof, pb.InclusionProofRequest(seq=seq, tree_size=tree_size)
+            self._stub.GetInclusionProof,
+            pb.InclusionProofRequest(seq=seq, tree_size=tree_size, site=site),
         )
         return _value(convert.proof_value, p)
 
-    def audit_consistency_proof(self, old_size: int, new_size: int = 0) -> AuditProof:
+    def audit_consistency_proof(
+        self, old_size: int, new_size: int = 0, *, site: str = ""
+    ) -> AuditProof:
         p = self._call(
             self._stub.GetConsistencyProof,
-            pb.ConsistencyProofRequest(old_size=old_size, new_size=new_size),
+            pb.ConsistencyProofRequest(old_size=old_size, new_size=new_size, site=site),
         )
         return _value(convert.proof_value, p)
 

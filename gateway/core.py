@@ -203,21 +203,32 @@ class Gateway:
         principal: Principal,
         dataset: str,
         text: str,
+        version: int | None = None,
         signature: str = "",
         signer_cert: str = "",
     ) -> PolicyRecord:
         """Store ``text`` as the next policy version of ``principal``'s ``dataset`` and decide
-        again every job it touches that has not started. Raises NotFound for an unregistered
-        dataset, PermissionDenied for another owner's, InvalidInput for a document naming
-        another dataset (and what :func:`policies.document.parse_policy` raises),
-        SignatureError for a signature that is missing or not the owner's over the text."""
+        again every job it touches that has not started. ``version``, which the owner signs,
+        must be that next version (None: whichever it is, for a gateway without a CA). Raises
+        NotFound for an unregistered dataset, PermissionDenied for another owner's,
+        InvalidInput for a document naming another dataset (and what
+        :func:`policies.document.parse_policy` raises), SignatureError for a signature that is
+        missing or not the owner's over the text and version, InvalidState for a version that
+        is not the next one."""
+        if self.ca_cert_pem is not None and not version:
+            raise InvalidInput(f"policy {dataset}: the version the owner signs is missing")
         self._check_signed(
-            principal, signature, signer_cert, policy_message(dataset, text), f"policy {dataset}"
+            principal,
+            signature,
+            signer_cert,
+            policy_message(dataset, version or 0, text),
+            f"policy {dataset}",
         )
         return self._catalog.put_policy(
             principal=principal,
             dataset=dataset,
             text=text,
+            version=version,
             signature=signature,
             signer_cert=signer_cert,
         )
@@ -428,11 +439,16 @@ class Gateway:
         return self.store.approvals_of(job_ids)
 
     def watch(
-        self, *, principal: Principal, job_id: str, poll_s: float = 1.0
+        self,
+        *,
+        principal: Principal,
+        job_id: str,
+        poll_s: float = 1.0,
+        alive: Callable[[], bool] = lambda: True,
     ) -> Iterator[JobEvent]:
         """Events of a job from its start, until it ends, as ``principal`` may see them (the
         model team: scheduled progress points, vocabulary reasons, coarse times). Blocks
-        between events."""
+        between events; ends within ``poll_s`` once ``alive()`` is false."""
         job = self.job(principal=principal, job_id=job_id)
         yield from self._events.watch(
             principal,
@@ -440,6 +456,7 @@ class Gateway:
             store=self.store,
             quantum_s=self._evaluator.quantum(job),
             poll_s=poll_s,
+            alive=alive,
         )
 
     def logs(self, *, principal: Principal, job_id: str) -> bytes:

@@ -36,7 +36,7 @@ from gateway._auth import AuthInterceptor
 from gateway._federation import Sites
 from gateway._linkservicer import SiteLinkServicer
 from gateway._servicer import GatewayServicer
-from gateway._siteaudit import SiteCheckpoints
+from gateway._siteaudit import SiteAudits
 from gateway._sitelink import HEARTBEAT_S, LEASE_S, SiteLinks
 from gateway.core import Gateway
 from gateway.identity import CRL_FILE, PUBLIC_MODE, CertificateAuthority, RevocationList
@@ -88,10 +88,13 @@ class Running:
     site: Site | None
     """The gateway's own local site (None when it serves remote sites only)."""
     links: SiteLinks
+    site_audits: SiteAudits
+    """The gateway's copy of each remote site's audit log."""
 
     def stop(self, grace: float = 1.0) -> None:
         self.server.stop(grace).wait()
         self.gateway.stop()
+        self.site_audits.close()
         self.gateway.store.close()
         self.gateway.audit.close()
 
@@ -175,7 +178,10 @@ def build(
             ("grpc.max_send_message_length", MAX_MESSAGE),
         ],
     )
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(gateway, links=links), server)
+    site_audits = SiteAudits(gw_dir / "sites", record=gateway.record, ca_cert_pem=ca_pem)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(
+        GatewayServicer(gateway, links=links, site_audits=site_audits), server
+    )
     ca = CertificateAuthority.load(home / "ca")
 
     def push_dataset(site_name: str, owner: str, stored: StoredDataset, description: str) -> None:
@@ -193,7 +199,7 @@ def build(
             ca_cert_pem=ca_pem,
             max_release_bytes=max_release_bytes,
             push_dataset=push_dataset,
-            checkpoints=SiteCheckpoints(audit, record=gateway.record, ca_cert_pem=ca_pem),
+            site_audits=site_audits,
         ),
         server,
     )
@@ -222,6 +228,7 @@ def build(
         ca_cert=identity.ca_cert,
         site=site,
         links=links,
+        site_audits=site_audits,
     )
 
 

@@ -261,14 +261,24 @@ class Store:
         document: str,
         sha256: str,
         author: str,
+        version: int | None = None,
         signature: str = "",
         signer_cert: str = "",
     ) -> PolicyRecord:
+        """Store the next policy version of ``dataset``; ``version`` (when given) must be that
+        next one, else InvalidState and nothing is stored."""
         with self._tx() as c:
             row = c.execute(
                 "SELECT MAX(version) FROM policies WHERE dataset = ?", (dataset,)
             ).fetchone()
-            version = int(row[0] or 0) + 1
+            latest = int(row[0] or 0)
+            if version is not None and version != latest + 1:
+                raise InvalidState(
+                    f"policy {dataset} is at version {latest}: the owner signed it as version "
+                    f"{version}, not {latest + 1} (another version was written meanwhile); "
+                    "sign it again"
+                )
+            version = latest + 1
             record = PolicyRecord(
                 dataset, version, document, sha256, author, utcnow(), signature, signer_cert
             )

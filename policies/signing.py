@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 
 APPROVAL_CONTEXT = b"sealroom approval v1\n"
-POLICY_CONTEXT = b"sealroom policy v1\n"
+POLICY_CONTEXT = b"sealroom policy v2\n"
 
 
 def approval_message(binding_digest: str, decision: str) -> bytes:
@@ -23,6 +23,10 @@ def approval_message(binding_digest: str, decision: str) -> bytes:
     return APPROVAL_CONTEXT + f"{binding_digest}\n{decision}".encode()
 
 
-def policy_message(dataset: str, text: str) -> bytes:
-    """An owner's policy text for ``dataset`` (by its SHA-256: the text is what is stored)."""
-    return POLICY_CONTEXT + f"{dataset}\n{hashlib.sha256(text.encode()).hexdigest()}".encode()
+def policy_message(dataset: str, version: int, text: str) -> bytes:
+    """An owner's policy text for ``dataset`` as its version ``version`` (the text by its
+    SHA-256: the text is what is stored). The version is signed so that a site can tell a
+    policy from the one that replaced it: it never runs under an older version than one it
+    has run under (:class:`enclave.sovereignty.PolicyBook`)."""
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return POLICY_CONTEXT + f"{dataset}\n{version}\n{digest}".encode()

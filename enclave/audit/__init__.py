@@ -9,7 +9,10 @@ and the leaf encoding in ``_model``; the one-pass verifier and the export format
 (its numpy batch path in ``_verify_fast``, held to the reference path by a property test).
 :class:`AuditLog` itself is split by concern: the database, schema and tree in ``_store``, the
 writer (batching durable appender) in ``_log``, checkpoints, export and verify in
-``_checkpoints``, proofs and queries in ``_query``.
+``_checkpoints``, proofs and queries in ``_query``. :class:`AuditMirror` is a verified copy of
+another party's log (a gateway's of each remote site's), grown only by stretches its owner
+signed (``_mirror``); :func:`cross_check` checks a site's export against the gateway's
+(``_crosscheck``).
 
 Errors, all :class:`policies.errors.AuditLogError`::
 
@@ -20,8 +23,10 @@ Errors, all :class:`policies.errors.AuditLogError`::
     └── ProofError         an inclusion or consistency proof does not prove its claim
 """
 
+from enclave.audit._crosscheck import CrossCheck, checkpoint_details, cross_check
 from enclave.audit._log import AuditLog
 from enclave.audit._merkle import ProofError, verify_consistency, verify_inclusion
+from enclave.audit._mirror import AuditMirror
 from enclave.audit._model import (
     AuditEvent,
     AuditRecord,
@@ -36,13 +41,17 @@ from enclave.audit._verify import verify_export
 __all__ = [
     "AuditEvent",
     "AuditLog",
+    "AuditMirror",
     "AuditRecord",
     "CheckpointError",
+    "CrossCheck",
     "DatasetReport",
     "ProofError",
     "RecordError",
     "SignedCheckpoint",
     "VerifyResult",
+    "checkpoint_details",
+    "cross_check",
     "verify_consistency",
     "verify_export",
     "verify_inclusion",

@@ -132,6 +132,14 @@ class Tree:
             h += 1
         self._size = len(levels[0]) // 32
 
+    def truncate(self, size: int) -> None:
+        """Drop every leaf from ``size`` on (undoing an :meth:`extend` that was not kept): a
+        node at level ``h`` stays when the ``2**h`` leaves under it all do."""
+        self._check(size)
+        self._size = size
+        for h, row in enumerate(self._levels):
+            del row[32 * (size >> h) :]
+
     def leaf(self, index: int) -> bytes:
         if not 0 <= index < self._size:
             raise ProofError(f"leaf index {index} is outside a tree of size {self._size}")

@@ -9,6 +9,7 @@ checked on the records. Values are always bound as parameters.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from enclave.audit._model import AuditRecord, decode_leaf, normal_time
@@ -49,6 +50,20 @@ class Queries(Store):
                 f"{len(self._tree)} records"
             )
         return self._tree.consistency_proof(old_size, n)
+
+    def leaves(self, start: int, stop: int) -> Iterator[bytes]:
+        """The leaves of records ``start`` to ``stop - 1``, in order, read in batches."""
+        self._check_size(stop, allow_empty=True)
+        while start < stop:
+            end = min(stop, start + 1024)
+            with self._rlock:
+                rows = self._rdb.execute(
+                    "SELECT leaf FROM records WHERE seq >= ? AND seq < ? ORDER BY seq",
+                    (start, end),
+                ).fetchall()
+            for (leaf,) in rows:
+                yield bytes(leaf)
+            start = end
 
     def record(self, seq: int) -> AuditRecord:
         """Record ``seq``. Raises InvalidInput if there is none."""

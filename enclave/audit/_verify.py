@@ -388,10 +388,11 @@ def check_checkpoints(
     public_key: ed25519.Ed25519PublicKey,
     *,
     tail_allowed: bool,
-    previous: SignedCheckpoint | None = None,
+    earlier: Sequence[SignedCheckpoint] = (),
 ) -> VerifyResult:
     """Each checkpoint is the gateway's, in increasing size, and vouches for the records as
-    they are; nothing follows the last unless ``tail_allowed``; the log extends ``previous``.
+    they are; nothing follows the last unless ``tail_allowed``; the log extends each of
+    ``earlier`` (checkpoints seen before, signed by the same key).
     """
     if not checkpoints:
         raise CheckpointError("the log holds no signed checkpoint: nothing vouches for it")
@@ -422,7 +423,7 @@ def check_checkpoints(
             "records after it (appended after the export was signed)",
             seq=last.size,
         )
-    if previous is not None:
+    for previous in earlier:
         previous.verify(public_key)
         if previous.size > last.size:
             raise ProofError(
@@ -439,20 +440,24 @@ def check_checkpoints(
 
 
 def verify_export(
-    path: Path, *, public_key: ed25519.Ed25519PublicKey, previous: SignedCheckpoint | None = None
+    path: Path,
+    *,
+    public_key: ed25519.Ed25519PublicKey,
+    previous: SignedCheckpoint | None = None,
+    extends: Sequence[SignedCheckpoint] = (),
 ) -> VerifyResult:
-    """Verify an export offline with the gateway's public key alone: every record, the
-    chain, every checkpoint's signature and root, the consistency proofs between them, that
-    a signed checkpoint covers the last record, and with ``previous`` (a checkpoint seen
-    earlier) that this log extends it. Raises :class:`AuditLogError`: a :class:`RecordError`
-    naming the first bad record, a :class:`CheckpointError`, or a :class:`ProofError`."""
+    """Verify an export offline with the log's public key alone: every record, the chain,
+    every checkpoint's signature and root, the consistency proofs between them, that a signed
+    checkpoint covers the last record, and with ``previous`` (a checkpoint seen earlier) and
+    each of ``extends`` that this log extends it. Raises :class:`AuditLogError`: a
+    :class:`RecordError` naming the first bad record, a :class:`CheckpointError`, or a
+    :class:`ProofError`."""
+    earlier = [*extends, *([previous] if previous is not None else [])]
     try:
         with path.open("rb") as f:
             try:  # the checkpoints read from the end; the whole file is searched on an error
                 exported = _trailing_checkpoints(f)
-                sizes = {e.checkpoint.size for e in exported}
-                if previous is not None:
-                    sizes.add(previous.size)
+                sizes = {e.checkpoint.size for e in exported} | {c.size for c in earlier}
                 checker = _Checker(sizes)
                 while batch := f.readlines(_BATCH_BYTES):
                     checker.lines(batch)
@@ -467,7 +472,7 @@ def verify_export(
     except OSError as e:
         raise AuditLogError(f"cannot read the export {path}: {e}") from e
     result = check_checkpoints(
-        p, [x.checkpoint for x in exported], public_key, tail_allowed=False, previous=previous
+        p, [x.checkpoint for x in exported], public_key, tail_allowed=False, earlier=earlier
     )
     before = SignedCheckpoint(0, _merkle.EMPTY_ROOT, "", b"")
     for x in exported:

@@ -23,10 +23,11 @@ from pathlib import Path
 import typer
 
 from gateway.cli._admin import ca_app, model_app, up
-from gateway.cli._audit import audit_app, release_app
+from gateway.cli._audit import audit_app
 from gateway.cli._common import STATE
 from gateway.cli._data import dataset_app, policy_app
 from gateway.cli._jobs import job_app
+from gateway.cli._release import release_app
 from gateway.cli._site import site_app
 
 app = typer.Typer(

@@ -1,5 +1,9 @@
-"""Compliance verbs (the audit log) and release verbs (download and offline verification; an
-owner's review of a held release)."""
+"""Compliance verbs: the audit log, the gateway's own and its copy of each remote site's.
+
+``--site NAME`` reads a remote site's log as the gateway holds it (:mod:`gateway._siteaudit`):
+signed by the site's key, whose certificate comes from the gateway and is checked here against
+the deployment CA. ``audit verify EXPORT --site-cert CERT --gateway-export GW`` checks offline
+that a site's log and the gateway's tell one story (:func:`enclave.audit.cross_check`)."""
 
 from __future__ import annotations
 
@@ -11,12 +15,16 @@ import typer
 from rich.table import Table
 
 from gateway.cli._common import STATE, JsonOpt, client, console, emit, errors, to_json
+from policies.errors import InvalidInput, SignatureError
 
 if TYPE_CHECKING:
     from enclave.audit import SignedCheckpoint
 
 audit_app = typer.Typer(help="The audit log (compliance).", no_args_is_help=True)
-release_app = typer.Typer(help="Released models.", no_args_is_help=True)
+
+SiteOpt = typer.Option("", "--site", help="a remote site's log, as the gateway holds it")
+KeyOpt = typer.Option(None, help="the gateway's audit public key (PEM)")
+CaOpt = typer.Option(None, help="the deployment CA certificate (PEM), for a site's key")
 
 
 @audit_app.command("query")
@@ -31,11 +39,13 @@ def audit_query(
     since: str = typer.Option("", help="RFC 3339 time"),
     until: str = typer.Option("", help="RFC 3339 time"),
     limit: int = typer.Option(1000, help="at most this many records"),
+    site: str = SiteOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Filter the audit log."""
+    """Filter the audit log (the gateway's, or with --site a remote site's)."""
     with errors(as_json), client() as c:
         records = c.audit_query(
+            site=site,
             job_id=job,
             dataset=dataset,
             file=file,
@@ -68,36 +78,59 @@ def audit_query(
 
 
 @audit_app.command("export")
-def audit_export(dest: Path, as_json: bool = JsonOpt) -> None:
-    """Export the log (JSON lines with a signed checkpoint) for offline verification."""
+def audit_export(dest: Path, site: str = SiteOpt, as_json: bool = JsonOpt) -> None:
+    """Export the log (JSON lines with a signed checkpoint) for offline verification. With
+    --site, a remote site's log and, beside it (DEST.signer.pem), the certificate of the key
+    that signs it: `audit verify DEST --site-cert DEST.signer.pem`."""
     with errors(as_json), client() as c:
-        c.audit_export(dest)
-        emit(as_json, {"export": str(dest)}, f"exported to {dest}")
+        c.audit_export(dest, site=site)
+        if not site:
+            emit(as_json, {"export": str(dest)}, f"exported to {dest}")
+            return
+        cert = dest.with_name(dest.name + ".signer.pem")
+        cert.write_text(c.site_signer_cert(site))
+        emit(
+            as_json,
+            {"export": str(dest), "site": site, "signer_cert": str(cert)},
+            f"exported site {site}'s log to {dest}, its signing certificate to {cert}",
+        )
 
 
 @audit_app.command("verify")
 def audit_verify(
     export: Path | None = typer.Argument(None, help="an export; default: the local log"),
-    public_key: Path | None = typer.Option(None, help="the gateway's audit public key (PEM)"),
+    public_key: Path | None = KeyOpt,
     previous: Path | None = typer.Option(
         None,
         help="a checkpoint seen earlier (JSON from `audit checkpoint --json`, or a "
         "checkpoint line of an older export): check that this log extends it",
     ),
+    site_cert: Path | None = typer.Option(
+        None, help="EXPORT is a remote site's log: the certificate of the key that signs it"
+    ),
+    gateway_export: Path | None = typer.Option(
+        None, help="with --site-cert: check the site's log against this export of the gateway's"
+    ),
+    ca: Path | None = CaOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Recompute the log: names the first bad record if one was edited, removed or reordered;
-    with --previous, proves the log still extends an earlier checkpoint."""
-    from cryptography.hazmat.primitives import serialization
-
+    with --previous, proves the log still extends an earlier checkpoint; with --site-cert and
+    --gateway-export, that a site's log holds every checkpoint of it the gateway recorded."""
     from enclave.audit import AuditLog, verify_export
 
     with errors(as_json):
-        key_path = public_key or STATE.home / "gateway" / "audit-signing.pub"
-        key = serialization.load_pem_public_key(key_path.read_bytes())
         earlier = _load_checkpoint(previous) if previous is not None else None
+        if site_cert is not None:
+            if export is None:
+                raise InvalidInput("--site-cert checks an export of a site's log: name it")
+            _verify_site(export, site_cert, gateway_export, public_key, ca, earlier, as_json)
+            return
+        if gateway_export is not None:
+            raise InvalidInput("--gateway-export checks a site's export: give its --site-cert")
+        key = _gateway_key(public_key)
         if export is None:
-            log = AuditLog.open_readonly(STATE.home / "gateway" / "audit.db", public_key=key)  # type: ignore[arg-type]
+            log = AuditLog.open_readonly(STATE.home / "gateway" / "audit.db", public_key=key)
             try:
                 result = log.verify()
                 if earlier is not None:
@@ -105,11 +138,7 @@ def audit_verify(
             finally:
                 log.close()
         else:
-            result = verify_export(
-                export,
-                public_key=key,  # type: ignore[arg-type]
-                previous=earlier,
-            )
+            result = verify_export(export, public_key=key, previous=earlier)
         extra = f", extends the checkpoint of {earlier.size}" if earlier is not None else ""
         tail = (
             f"; {result.unvouched} records after the last checkpoint, chain-checked only"
@@ -128,6 +157,75 @@ def audit_verify(
             },
             f"audit log verifies: {result.size} records, root {result.root_hex[:16]}{extra}{tail}",
         )
+
+
+def _verify_site(
+    export: Path,
+    site_cert: Path,
+    gateway_export: Path | None,
+    public_key: Path | None,
+    ca: Path | None,
+    earlier: Any,
+    as_json: bool,
+) -> None:
+    """`audit verify` of a site's export, alone or against the gateway's."""
+    from enclave.audit import cross_check, verify_export
+
+    site, key = _site_key(site_cert.read_text(), ca)
+    if gateway_export is None:
+        result = verify_export(export, public_key=key, previous=earlier)
+        emit(
+            as_json,
+            {"valid": True, "site": site, "size": result.size, "root": result.root_hex},
+            f"site {site}'s audit log verifies: {result.size} records, root {result.root_hex[:16]}",
+        )
+        return
+    both = cross_check(
+        export,
+        gateway_export,
+        site=site,
+        site_key=key,
+        gateway_key=_gateway_key(public_key),
+        extends=[earlier] if earlier is not None else [],
+    )
+    emit(
+        as_json,
+        {
+            "valid": True,
+            "site": site,
+            "size": both.site.size,
+            "root": both.site.root_hex,
+            "gateway_size": both.gateway.size,
+            "recorded": len(both.recorded),
+            "latest_recorded": both.latest,
+        },
+        f"site {site}'s audit log verifies ({both.site.size} records) and the gateway's does "
+        f"({both.gateway.size} records); the site's holds every one of the "
+        f"{len(both.recorded)} checkpoints of it the gateway recorded (the latest at "
+        f"{both.latest} records)",
+    )
+
+
+def _gateway_key(public_key: Path | None) -> Any:
+    from cryptography.hazmat.primitives import serialization
+
+    key_path = public_key or STATE.home / "gateway" / "audit-signing.pub"
+    return serialization.load_pem_public_key(key_path.read_bytes())
+
+
+def _site_key(cert_pem: str, ca: Path | None) -> tuple[str, Any]:
+    """A site's name and audit key from its signing certificate, once the certificate is
+    found to be the deployment CA's. Raises SignatureError or InvalidInput."""
+    from cryptography import x509
+
+    from enclave.provenance.verify import check_chain, load_ca, site_identity
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    except ValueError as e:
+        raise InvalidInput(f"not a PEM certificate ({e})") from e
+    check_chain(cert, load_ca((ca or STATE.home / "ca" / "ca.pem").read_bytes()))
+    return site_identity(cert)
 
 
 def _load_checkpoint(path: Path) -> Any:
@@ -178,25 +276,33 @@ def _extends(log: Any, earlier: Any, key: Any) -> None:
     )
 
 
-def _checkpoint(cp: SignedCheckpoint, public_key: Path | None) -> SignedCheckpoint:
-    """``cp`` once its signature verifies under the gateway's key (raises CheckpointError)."""
-    from cryptography.hazmat.primitives import serialization
-
-    key_path = public_key or STATE.home / "gateway" / "audit-signing.pub"
-    cp.verify(serialization.load_pem_public_key(key_path.read_bytes()))  # type: ignore[arg-type]
+def _signed(
+    c: Any, *, fresh: bool, site: str, public_key: Path | None, ca: Path | None
+) -> SignedCheckpoint:
+    """The log's latest checkpoint once its signature verifies under the gateway's key, or
+    under a site's (raises CheckpointError); ``fresh``: a new one (the gateway's log only)."""
+    cp: SignedCheckpoint = c.audit_checkpoint(fresh=fresh and not site, site=site)
+    if site:
+        name, key = _site_key(c.site_signer_cert(site), ca)
+        if name != site:
+            raise SignatureError(f"the log of site {site} is signed by site {name}'s key")
+        cp.verify(key)
+    else:
+        cp.verify(_gateway_key(public_key))
     return cp
 
 
 @audit_app.command("checkpoint")
 def audit_checkpoint(
     fresh: bool = typer.Option(False, help="publish a new checkpoint now"),
-    public_key: Path | None = typer.Option(None, help="the gateway's audit public key (PEM)"),
+    public_key: Path | None = KeyOpt,
+    site: str = SiteOpt,
+    ca: Path | None = CaOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """The latest signed checkpoint (size, root, time), its signature checked."""
     with errors(as_json), client() as c:
-        cp = c.audit_checkpoint(fresh=fresh)
-        _checkpoint(cp, public_key)
+        cp = _signed(c, fresh=fresh, site=site, public_key=public_key, ca=ca)
         emit(
             as_json,
             to_json(cp),
@@ -207,22 +313,23 @@ def audit_checkpoint(
 @audit_app.command("prove")
 def audit_prove(
     seq: int = typer.Argument(..., help="the record to prove"),
-    public_key: Path | None = typer.Option(None, help="the gateway's audit public key (PEM)"),
+    public_key: Path | None = KeyOpt,
+    site: str = SiteOpt,
+    ca: Path | None = CaOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Prove that record SEQ is in the log the latest signed checkpoint vouches for."""
     from enclave.audit import verify_inclusion
 
     with errors(as_json), client() as c:
-        cp = c.audit_checkpoint(fresh=True)
-        signed = _checkpoint(cp, public_key)
-        proof = c.audit_inclusion_proof(seq, cp.size)
+        cp = _signed(c, fresh=True, site=site, public_key=public_key, ca=ca)
+        proof = c.audit_inclusion_proof(seq, cp.size, site=site)
         verify_inclusion(
             index=seq,
             size=cp.size,
             leaf=proof.leaf_hash,
             proof=list(proof.hashes),
-            expected_root=signed.root,
+            expected_root=cp.root,
         )
         emit(
             as_json,
@@ -242,21 +349,22 @@ def audit_prove(
 def audit_consistency(
     old_size: int = typer.Argument(..., help="the size of the earlier checkpoint"),
     old_root: str = typer.Argument(..., help="its root (hex)"),
-    public_key: Path | None = typer.Option(None, help="the gateway's audit public key (PEM)"),
+    public_key: Path | None = KeyOpt,
+    site: str = SiteOpt,
+    ca: Path | None = CaOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Prove that the log today extends an earlier checkpoint (nothing rewritten since)."""
     from enclave.audit import verify_consistency
 
     with errors(as_json), client() as c:
-        cp = c.audit_checkpoint(fresh=True)
-        signed = _checkpoint(cp, public_key)
-        proof = c.audit_consistency_proof(old_size, cp.size)
+        cp = _signed(c, fresh=True, site=site, public_key=public_key, ca=ca)
+        proof = c.audit_consistency_proof(old_size, cp.size, site=site)
         verify_consistency(
             old_size=old_size,
             new_size=cp.size,
             old_root=bytes.fromhex(old_root),
-            new_root=signed.root,
+            new_root=cp.root,
             proof=list(proof.hashes),
         )
         emit(
@@ -299,88 +407,3 @@ def audit_report(dataset: str, as_json: bool = JsonOpt) -> None:
                 )
 
         emit(as_json, to_json(r), text)
-
-
-@release_app.command("download")
-def release_download(job_id: str, dest: Path, as_json: bool = JsonOpt) -> None:
-    """Download a job's release into DEST (then check it with `release verify`)."""
-    with errors(as_json), client() as c:
-        c.download_release(job_id, dest)
-        files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
-        emit(
-            as_json,
-            {"job_id": job_id, "dest": str(dest), "files": files},
-            f"release of {job_id} in {dest}: " + ", ".join(files),
-        )
-
-
-@release_app.command("verify")
-def release_verify(
-    directory: Path,
-    ca: Path | None = typer.Option(None, help="the deployment CA certificate (PEM)"),
-    as_json: bool = JsonOpt,
-) -> None:
-    """Verify a release offline: site certificate, signature, every artifact's hash."""
-    from enclave.provenance import verify_release
-
-    with errors(as_json):
-        ca_pem = (ca or STATE.home / "ca" / "ca.pem").read_bytes()
-        v = verify_release(directory, ca_cert_pem=ca_pem)
-        manifest = json.loads((directory / "manifest.json").read_text())
-        emit(
-            as_json,
-            {"valid": True, "manifest": manifest},
-            f"release verifies: job {manifest.get('job_id')}, signed by site "
-            f"{getattr(v, 'site', '?')}, {len(manifest.get('artifacts', {}))} artifacts",
-        )
-
-
-@release_app.command("review")
-def release_review(job_id: str, as_json: bool = JsonOpt) -> None:
-    """Show a held release (custom_code: reviewed): what its weights can carry, in bits, and
-    the gate's checks (data owner)."""
-    with errors(as_json), client() as c:
-        r = c.review_release(job_id)
-
-        def text() -> None:
-            cap = r.capacity
-            console.print(
-                f"job {r.job_id}, release {r.release_id[:16]}…: the weights can carry up to "
-                f"[bold]{cap.bits:,} bits[/] "
-                f"({cap.elements:,} elements x "
-                + ", ".join(f"{b} bits ({d})" for d, b in sorted(cap.bits_per_element.items()))
-                + f" after the gate's re-quantisation and a scrub of {cap.scrub_bits} bits)"
-            )
-            table = Table("dataset", "check", "passed", "figures")
-            for k in r.checks:
-                figures = json.dumps(dict(k.figures), sort_keys=True)
-                table.add_row(k.dataset, k.check, "yes" if k.passed else "NO", figures)
-            console.print(table)
-            console.print(
-                f"reviewers: {', '.join(sorted(r.reviewers))}; approved by: "
-                f"{', '.join(sorted(r.approved_by)) or 'nobody yet'}"
-            )
-
-        emit(as_json, to_json(r), text)
-
-
-def _decide_release(job_id: str, *, approve: bool, reason: str, as_json: bool) -> None:
-    with errors(as_json), client() as c:
-        j = c.decide_release(job_id, approve=approve, reason=reason)
-        emit(as_json, to_json(j), f"job {j.id}: {j.state}")
-
-
-@release_app.command("approve")
-def release_approve(
-    job_id: str, reason: str = typer.Option("", help="why"), as_json: bool = JsonOpt
-) -> None:
-    """Release a held release after reviewing it (data owner)."""
-    _decide_release(job_id, approve=True, reason=reason, as_json=as_json)
-
-
-@release_app.command("reject")
-def release_reject(
-    job_id: str, reason: str = typer.Option("", help="why"), as_json: bool = JsonOpt
-) -> None:
-    """Reject a held release after reviewing it: the job ends REJECTED (data owner)."""
-    _decide_release(job_id, approve=False, reason=reason, as_json=as_json)

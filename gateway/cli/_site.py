@@ -17,7 +17,7 @@ import contextlib
 import signal
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -166,6 +166,45 @@ def _push_now(address: str, site_name: str | None, datasets: SiteDatasets) -> bo
     with channel(address, tls) as ch:
         push_datasets(site_pb2_grpc.SiteLinkStub(ch), datasets.pushed())
     return True
+
+
+@site_app.command("audit-export")
+def site_audit_export(
+    dest: Path,
+    name: str = typer.Option(..., help="this site's name (its certificate's)"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Export this site's own audit log (up to its last signed checkpoint; the site may be
+    running) and, beside it (DEST.signer.pem), the certificate of the key that signs it: check
+    it against the gateway's with `audit verify DEST --site-cert DEST.signer.pem
+    --gateway-export GATEWAY_EXPORT`."""
+    import shutil
+
+    from enclave.audit import AuditLog
+    from enclave.provenance.verify import site_identity
+
+    with errors(as_json):
+        _, signer = _identity(name)
+        _, key = site_identity(_load_cert(signer.cert))
+        log = AuditLog.open_readonly(STATE.home / "audit" / "audit.db", public_key=key)
+        try:
+            cp = log.export(dest)
+        finally:
+            log.close()
+        cert = dest.with_name(dest.name + ".signer.pem")
+        shutil.copyfile(signer.cert, cert)
+        emit(
+            as_json,
+            {"export": str(dest), "site": name, "size": cp.size, "signer_cert": str(cert)},
+            f"exported site {name}'s log ({cp.size} records) to {dest}, its signing "
+            f"certificate to {cert}",
+        )
+
+
+def _load_cert(path: Path) -> Any:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(path.read_bytes())
 
 
 @site_app.command("list")

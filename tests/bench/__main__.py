@@ -47,6 +47,7 @@ ENTRIES = (
     Entry("tests.bench.gateway", "bench_rpc"),
     Entry("tests.bench.gateway", "bench_transfers"),
     Entry("tests.bench.gateway", "bench_launch"),
+    Entry("tests.bench.sitelink", "bench_site_link"),
     Entry("tests.bench.first_step", "bench_first_step"),
 )
 

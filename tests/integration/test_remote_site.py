@@ -25,6 +25,7 @@ from enclave.identity import IdentityFiles
 from enclave.provenance import verify_release
 from gateway.client import Client
 from gateway.identity import CertificateAuthority
+from policies.errors import PermissionDenied
 from tests.integration._deployment import PEOPLE, policy
 from tests.integration._remote import sealroom, serving, wait_for_dataset
 from tests.integration._remote import site_home as make_site_home
@@ -170,6 +171,11 @@ def test_a_job_runs_at_a_remote_site_and_the_data_never_reaches_the_gateway(
             while not carol.audit_query(action="site.checkpoint", principal="hospital"):
                 assert time.monotonic() < deadline, "no checkpoint of the site's own log"
                 time.sleep(0.2)
+            _compliance_reads_the_sites_log(tmp_path, gw_home, site_home, address, job.id)
+            with pytest.raises(PermissionDenied):  # the site's records are not the team's
+                team.audit_export(tmp_path / "theirs.jsonl", site="hospital")
+            with pytest.raises(PermissionDenied):
+                team.audit_query(site="hospital")
     # The corpus stayed at the site: not one copy of its canary anywhere under the gateway's home.
     needle = CANARY.encode()
     found = [p for p in gw_home.rglob("*") if p.is_file() and needle in p.read_bytes()]
@@ -178,3 +184,52 @@ def test_a_job_runs_at_a_remote_site_and_the_data_never_reaches_the_gateway(
     assert [
         p for p in (site_home / "site").rglob("*") if p.is_file() and needle in p.read_bytes()
     ] == []
+
+
+def _compliance_reads_the_sites_log(
+    tmp: Path, gw_home: Path, site_home: Path, address: str, job_id: str
+) -> None:
+    """The compliance officer fetches the site's records through the gateway, as the CLI does,
+    and checks them offline against the gateway's own export; the site's operator exports the
+    site's log at the site, and it passes the same check."""
+
+    def cli(home: Path, *args: str) -> dict[str, object]:
+        run = subprocess.run(
+            sealroom(home, "--address", address, *args, "--json"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        doc = json.loads(run.stdout)
+        assert isinstance(doc, dict | list)
+        return doc if isinstance(doc, dict) else {"list": doc}
+
+    carol = ("--as", "carol")
+    records = cli(gw_home, *carol, "audit", "query", "--site", "hospital", "--job", job_id)["list"]
+    assert isinstance(records, list)
+    actions = {r["action"] for r in records}
+    assert {"site.lease", "container.start"} <= actions, actions
+    cli(gw_home, *carol, "audit", "export", "--site", "hospital", str(tmp / "site-copy.jsonl"))
+    cli(gw_home, *carol, "audit", "export", str(tmp / "gateway.jsonl"))
+    cli(site_home, "site", "audit-export", str(tmp / "site-own.jsonl"), "--name", "hospital")
+    for export in ("site-copy.jsonl", "site-own.jsonl"):
+        checked = cli(
+            gw_home,
+            "audit",
+            "verify",
+            str(tmp / export),
+            "--site-cert",
+            str(tmp / f"{export}.signer.pem"),
+            "--gateway-export",
+            str(tmp / "gateway.jsonl"),
+        )
+        assert checked["valid"] is True and checked["site"] == "hospital"
+        assert int(str(checked["recorded"])) >= 1
+        assert int(str(checked["latest_recorded"])) <= int(str(checked["size"]))
+    # The signed checkpoint of the site's log, fetched through the gateway, verifies under the
+    # site's key (checked against the deployment CA), and a record of it proves its inclusion.
+    cp = cli(gw_home, *carol, "audit", "checkpoint", "--site", "hospital")
+    assert int(str(cp["size"])) >= len(records)
+    proved = cli(gw_home, *carol, "audit", "prove", "--site", "hospital", str(records[0]["seq"]))
+    assert proved["verified"] is True

@@ -24,7 +24,7 @@ from enclave.identity import IdentityFiles
 from enclave.link import PushedDataset, SiteLink, open_site_audit
 from gateway._auth import AuthInterceptor
 from gateway._linkservicer import SiteLinkServicer
-from gateway._siteaudit import SiteCheckpoints
+from gateway._siteaudit import SiteAudits
 from gateway._sitelink import SiteLinks
 from gateway.identity import CertificateAuthority
 from policies.identity import Role
@@ -68,8 +68,8 @@ class LinkedSite:
         self.gateway_log = AuditLog(
             root / "gateway-audit.db", signing_key=ed25519.Ed25519PrivateKey.generate()
         )
-        self.checkpoints = SiteCheckpoints(
-            self.gateway_log, record=self._record_event, ca_cert_pem=ca_pem
+        self.site_audits = SiteAudits(
+            root / "gateway-sites", record=self._record_event, ca_cert_pem=ca_pem
         )
         self.signer = ca.site_signer(name, out_dir=root / "site-signer")
         self.site_log, self.site_log_cert = open_site_audit(root / "site-audit.db", self.signer)
@@ -79,7 +79,7 @@ class LinkedSite:
                 ca_cert_pem=ca_pem,
                 max_release_bytes=1 << 30,
                 push_dataset=lambda s, o, d, _: self.pushed.append((s, o, d)),
-                checkpoints=self.checkpoints,
+                site_audits=self.site_audits,
             ),
             self.server,
         )
@@ -144,4 +144,5 @@ class LinkedSite:
         self.server.stop(0).wait()
         self.backing.close()
         self.site_log.close()
+        self.site_audits.close()
         self.gateway_log.close()

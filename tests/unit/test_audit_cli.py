@@ -101,3 +101,81 @@ def test_verify_names_the_edited_record_and_a_foreign_previous(tmp_path: Path) -
         ],
     )
     assert r.exit_code == 1 and "not a checkpoint" in _flat(r.output)
+
+
+# -- a remote site's log against the gateway's ------------------------------------------------
+
+
+def _site_and_gateway(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """A deployment CA, a site's own log signed with its CA-issued key, and a gateway log that
+    recorded one checkpoint of it: (home, site export, site certificate, gateway export)."""
+    from enclave.audit import checkpoint_details
+    from enclave.provenance import SiteSigner
+    from gateway.identity import CertificateAuthority
+
+    home, gateway_export = _home(tmp_path, 0)
+    ca = CertificateAuthority.init(home / "ca")
+    ids = ca.site_signer("hospital", out_dir=tmp_path / "ids")
+    signer = SiteSigner.from_files(cert=ids.cert, key=ids.key)
+    site = AuditLog(tmp_path / "site.db", signing_key=signer.key, checkpoint_interval_s=0)
+    for i in range(9):
+        site.append(AuditEvent("hospital", "site", "data.read", "ok", file=f"f{i}"))
+        if i == 4:
+            site.export(tmp_path / "site-early.jsonl")  # the log at 5 records
+    cp = site.checkpoint()
+    site.append(AuditEvent("hospital", "site", "container.start", "ok"))
+    site.export(tmp_path / "site.jsonl")
+    site.close()
+    gw = AuditLog(home / "gateway" / "audit.db", signing_key=KEY, checkpoint_interval_s=0)
+    details = checkpoint_details(cp)
+    gw.append(AuditEvent("hospital", "site", "site.checkpoint", "ok", details=details))
+    gw.export(gateway_export)
+    gw.close()
+    return home, tmp_path / "site.jsonl", ids.cert, gateway_export
+
+
+def test_verify_a_sites_export_against_the_gateways(tmp_path: Path) -> None:
+    home, site, cert, gateway = _site_and_gateway(tmp_path)
+    args = (str(site), "--site-cert", str(cert))
+    code, out = _run(home, *args, "--gateway-export", str(gateway))
+    assert code == 0, out
+    assert out["site"] == "hospital" and out["size"] == 10
+    assert out["recorded"] == 1 and out["latest_recorded"] == 9
+    code, out = _run(home, *args)  # the site's export alone
+    assert code == 0 and out["size"] == 10
+    # The gateway's export offered as the site's: not signed by the site's key.
+    r = CliRunner().invoke(
+        app, ["--home", str(home), "audit", "verify", str(gateway), "--site-cert", str(cert)]
+    )
+    assert r.exit_code == 1 and "signature" in _flat(r.output)
+    # A certificate from another CA, and --gateway-export without a site certificate.
+    from gateway.identity import CertificateAuthority
+
+    other = CertificateAuthority.init(tmp_path / "other-ca")
+    foreign = other.site_signer("hospital", out_dir=tmp_path / "foreign")
+    r = CliRunner().invoke(
+        app, ["--home", str(home), "audit", "verify", *args[:1], "--site-cert", str(foreign.cert)]
+    )
+    assert r.exit_code == 1 and "not issued by the given CA" in _flat(r.output)
+    r = CliRunner().invoke(
+        app, ["--home", str(home), "audit", "verify", str(site), "--gateway-export", str(gateway)]
+    )
+    assert r.exit_code == 1 and "give its --site-cert" in _flat(r.output)
+
+
+def test_a_site_export_older_than_what_the_gateway_recorded_fails_the_cross_check(
+    tmp_path: Path,
+) -> None:
+    home, _, cert, gateway = _site_and_gateway(tmp_path)
+    early = tmp_path / "site-early.jsonl"
+    code, out = _run(home, str(early), "--site-cert", str(cert))
+    assert code == 0 and out["size"] == 5  # on its own, it verifies
+    r = CliRunner().invoke(
+        app,
+        [
+            "--home", str(home), "audit", "verify", str(early), "--site-cert", str(cert),
+            "--gateway-export", str(gateway),
+        ],
+    )  # fmt: skip
+    assert r.exit_code == 1
+    assert "vouches for 9 records; this log's latest only for 5" in _flat(r.output)

@@ -32,7 +32,13 @@ from enclave.provenance import DatasetVersion as ProvenanceVersion
 from gateway.core import Gateway
 from policies.access import Outcome, Rule
 from policies.document import CustomCode, parse_policy
-from policies.errors import InvalidInput, InvalidState, NotFound, PermissionDenied
+from policies.errors import (
+    IntegrityError,
+    InvalidInput,
+    InvalidState,
+    NotFound,
+    PermissionDenied,
+)
 from policies.lifecycle import TERMINAL, JobState, check_transition
 from policies.review import surviving_bits, weights_capacity
 from tests.integration._deployment import policy
@@ -168,14 +174,19 @@ SHAPES = {"w": (4, 8), "b": (16,)}
 """The released tensors the scripted site signs: 48 BF16 elements, 14 bits each at scrub 2."""
 
 
-def _signed_release(site: ScriptedSite, order: RunOrder) -> list[SiteReport]:
-    """The scripted site's release, with a manifest in the canonical form a site signs."""
+def _signed_release(
+    site: ScriptedSite, order: RunOrder, weights_bytes: bytes | None = None
+) -> list[SiteReport]:
+    """The scripted site's release, with a manifest in the canonical form a site signs (its
+    weights file holding ``weights_bytes`` instead of tensors, when given)."""
     import hashlib
 
     out = site.tmp / f"release-{order.job_id}"
     (out / "weights").mkdir(parents=True)
     weights = out / "weights" / "model.safetensors"
     save_file({k: torch.zeros(s, dtype=torch.bfloat16) for k, s in SHAPES.items()}, weights)
+    if weights_bytes is not None:
+        weights.write_bytes(weights_bytes)
     (out / "metrics.json").write_text('{"train_loss": 1.5}')
     arts = tuple(
         ArtifactDigest(
@@ -249,6 +260,39 @@ def reviewed(tmp_path: Path, site: ScriptedSite) -> Iterator[tuple[Gateway, str]
     try:
         assert _wait(g, job.id, {JobState.AWAITING_REVIEW, *TERMINAL}) is JobState.AWAITING_REVIEW
         yield g, job.id
+    finally:
+        g.stop()
+        g.audit.close()
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        (1 << 62).to_bytes(8, "little") + b"{}",  # a header longer than any file
+        (40).to_bytes(8, "little") + b'{"w": {"dtype": "BF16", "shape": [4, 8]',  # cut short
+        b"\xff" * 64,
+    ],
+    ids=["header-longer-than-any-file", "header-cut-short", "no-header"],
+)
+def test_a_release_whose_weights_are_not_safetensors_is_named_not_an_internal_error(
+    tmp_path: Path, site: ScriptedSite, weights: bytes
+) -> None:
+    """The owner's review reads each weights file's header: one a site signed but that is not
+    a safetensors file is refused as such (DATA_LOSS at the edge), and the job keeps waiting."""
+    g = _gateway(tmp_path, site)
+    _register(g, tmp_path, custom_code=True, mode="automatic")
+    site.script = lambda order: _signed_release(site, order, weights)
+    code = _bundle(tmp_path / "b.tar.gz", b"class M: pass\n")
+    job = g.submit(principal=THEO, spec_text=spec("custom"), bundle=code, bundle_sha256="")
+    g.decide(principal=OLIVIA, job_id=job.id, approve=True, reason="read the code")
+    g.start()
+    try:
+        assert _wait(g, job.id, {JobState.AWAITING_REVIEW, *TERMINAL}) is JobState.AWAITING_REVIEW
+        with pytest.raises(IntegrityError, match=r"model\.safetensors: not a safetensors file"):
+            g.release_review(principal=OLIVIA, job_id=job.id)
+        with pytest.raises(IntegrityError, match="not a safetensors file"):
+            g.decide_release(principal=OLIVIA, job_id=job.id, approve=True, reason="")
+        assert g.store.job(job.id).state is JobState.AWAITING_REVIEW
     finally:
         g.stop()
         g.audit.close()

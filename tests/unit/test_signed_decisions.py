@@ -22,7 +22,7 @@ from gateway._spool import SealedSpool
 from gateway.core import Gateway
 from gateway.identity import CertificateAuthority
 from gateway.store import Store
-from policies.errors import SignatureError
+from policies.errors import InvalidInput, InvalidState, SignatureError
 from policies.identity import Principal, Role
 from policies.signing import approval_message, policy_message
 from tests.integration._deployment import policy
@@ -90,19 +90,48 @@ def test_policies_must_be_signed_by_their_owner(gw: Gateway, ids: dict[str, Iden
     text = policy("books")
     for signed, words in (
         ({}, "not signed"),
-        (_signed(ids, "otto", policy_message("books", text)), "not by olivia"),
-        (_signed(ids, "olivia", policy_message("books", text + "\n# changed")), "does not verify"),
+        (_signed(ids, "otto", policy_message("books", 1, text)), "not by olivia"),
+        (
+            _signed(ids, "olivia", policy_message("books", 1, text + "\n# changed")),
+            "does not verify",
+        ),
     ):
         with pytest.raises(SignatureError, match=words):
-            gw.put_policy(principal=OLIVIA, dataset="books", text=text, **signed)
+            gw.put_policy(principal=OLIVIA, dataset="books", text=text, version=1, **signed)
+    assert gw.store.policies("books") == []
+    # The version is signed: one the owner did not sign, none, or not the next one is refused.
+    with pytest.raises(SignatureError, match="does not verify"):
+        gw.put_policy(
+            principal=OLIVIA,
+            dataset="books",
+            text=text,
+            version=2,
+            **_signed(ids, "olivia", policy_message("books", 1, text)),
+        )
+    with pytest.raises(InvalidInput, match="version"):
+        gw.put_policy(
+            principal=OLIVIA,
+            dataset="books",
+            text=text,
+            **_signed(ids, "olivia", policy_message("books", 1, text)),
+        )
+    with pytest.raises(InvalidState, match="version 0"):
+        gw.put_policy(
+            principal=OLIVIA,
+            dataset="books",
+            text=text,
+            version=2,
+            **_signed(ids, "olivia", policy_message("books", 2, text)),
+        )
     assert gw.store.policies("books") == []
     rec = gw.put_policy(
         principal=OLIVIA,
         dataset="books",
         text=text,
-        **_signed(ids, "olivia", policy_message("books", text)),
+        version=1,
+        **_signed(ids, "olivia", policy_message("books", 1, text)),
     )
-    assert rec.signature and "BEGIN CERTIFICATE" in rec.signer_cert
+    assert rec.signature and "BEGIN CERTIFICATE" in rec.signer_cert and rec.version == 1
 
 
 def test_decisions_must_be_signed_by_the_owner_over_the_jobs_binding(
@@ -113,7 +142,8 @@ def test_decisions_must_be_signed_by_the_owner_over_the_jobs_binding(
         principal=OLIVIA,
         dataset="books",
         text=text,
-        **_signed(ids, "olivia", policy_message("books", text)),
+        version=1,
+        **_signed(ids, "olivia", policy_message("books", 1, text)),
     )
     job = gw.submit(principal=THEO, spec_text=SPEC, bundle=None, bundle_sha256="")
     other = gw.submit(principal=THEO, spec_text=SPEC, bundle=None, bundle_sha256="")

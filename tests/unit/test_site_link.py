@@ -236,6 +236,89 @@ def test_a_release_that_does_not_verify_is_refused_and_the_job_ends_error(
     assert [o for _, _, o in refused] == ["error", "error"]
 
 
+def test_a_malformed_release_push_is_refused_with_its_fault_named_and_nothing_kept(
+    linked: LinkedSite, tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    """The push itself, hostile or broken, on a lease the site holds: every way of getting the
+    stream wrong is refused naming it, audited, and leaves nothing in the gateway's incoming
+    area; an honest push on the same lease is taken afterwards."""
+    t = _held(linked, "job-push")
+    stub = _stub(linked, linked.identity)
+    good = Signed(tmp_path / "signed", ca, "site-a").release("job-push")
+    files = sorted(p for p in good.rglob("*") if p.is_file())
+
+    def file(rel: str, size: int) -> pb.SiteReleaseChunk:
+        return pb.SiteReleaseChunk(file=pb.ReleaseFile(path=rel, size=size))
+
+    def honest() -> list[pb.SiteReleaseChunk]:
+        out = [pb.SiteReleaseChunk(job_id="job-push")]
+        for p in files:
+            out += [file(p.relative_to(good).as_posix(), p.stat().st_size)]
+            out += [pb.SiteReleaseChunk(data=p.read_bytes())]
+        return out
+
+    first = honest()[1:3]  # the first file's header and bytes
+    weights = next(p for p in files if p.suffix == ".safetensors")
+    rel = weights.relative_to(good).as_posix()
+    cases: dict[str, tuple[list[pb.SiteReleaseChunk], str]] = {
+        "no job named first": (honest()[1:], "must name its job"),
+        "bytes before a file": (
+            [pb.SiteReleaseChunk(job_id="job-push"), pb.SiteReleaseChunk(data=b"x")],
+            "beyond the size",
+        ),
+        "more bytes than announced": (
+            [honest()[0], file("a.bin", 1), pb.SiteReleaseChunk(data=b"xy")],
+            "beyond the size",
+        ),
+        "a file cut short": (
+            [honest()[0], file("a.bin", 5), pb.SiteReleaseChunk(data=b"x")],
+            "ended early",
+        ),
+        "a file cut short, then another": (
+            [honest()[0], file("a.bin", 5), pb.SiteReleaseChunk(data=b"x"), *first],
+            "ended early",
+        ),
+        "the same file twice": ([*honest(), *first], "twice"),
+        "a path out of the release": ([honest()[0], file("../escape", 0)], "unsafe path"),
+        "an absolute path": ([honest()[0], file("/etc/passwd", 0)], "unsafe path"),
+        "a file the manifest does not list": (
+            [*honest(), file("extra.txt", 1), pb.SiteReleaseChunk(data=b"x")],
+            "not in the manifest",
+        ),
+        "an empty message": (
+            [honest()[0], pb.SiteReleaseChunk()],
+            "unexpected empty message",
+        ),
+    }
+    # Built apart: the listed weights file left out, and its bytes changed (same size).
+    without = [honest()[0]]
+    changed = [honest()[0]]
+    for p in files:
+        r = p.relative_to(good).as_posix()
+        data = p.read_bytes()
+        if r != rel:
+            without += [file(r, len(data)), pb.SiteReleaseChunk(data=data)]
+            changed += [file(r, len(data)), pb.SiteReleaseChunk(data=data)]
+        else:
+            flipped = bytearray(data)
+            flipped[len(flipped) // 2] ^= 0x40
+            changed += [file(r, len(data)), pb.SiteReleaseChunk(data=bytes(flipped))]
+    cases["a listed file missing"] = (without, "missing")
+    cases["weights changed in flight"] = (changed, "expected sha256")
+    incoming = tmp_path / "link" / "links" / "incoming"
+    for name, (messages, reason) in cases.items():
+        with pytest.raises(grpc.RpcError) as e:
+            stub.PushRelease(iter(messages), timeout=10)
+        assert reason in (e.value.details() or ""), (name, e.value.details())
+        assert not any(incoming.rglob("*.safetensors")), name
+    pushes = [o for _, a, o in linked.audit if a == "rpc.SiteLink.PushRelease"]
+    assert pushes[-len(cases) :] == ["error"] * len(cases)
+    answer = stub.PushRelease(iter(honest()), timeout=10)
+    assert answer.files == len(files) and answer.bytes == sum(p.stat().st_size for p in files)
+    _fake(linked).gate.set()
+    t.join(timeout=20)
+
+
 # -- leases and reports -------------------------------------------------------------------------
 
 
@@ -489,33 +572,39 @@ def test_a_site_cannot_rewrite_or_shrink_its_checkpointed_log_nor_sign_as_anothe
         foreign.append(r.event)
     stub = _stub(linked, linked.identity)
 
-    def push(cp: SignedCheckpoint, signer_cert: str, proof: list[bytes]) -> grpc.StatusCode:
+    def push(cp: SignedCheckpoint, signer_cert: str, log: AuditLog) -> grpc.StatusCode:
+        leaves = list(log.leaves(held, cp.size)) if cp.size > held else []
         with pytest.raises(grpc.RpcError) as e:
             stub.PushAudit(
-                pb.PushAuditRequest(
-                    size=cp.size,
-                    root=cp.root,
-                    time=cp.time,
-                    signature=cp.signature,
-                    signer_cert=signer_cert,
-                    from_size=held,
-                    proof=proof,
+                iter(
+                    [
+                        pb.SiteAuditChunk(
+                            header=pb.SiteAuditHeader(
+                                size=cp.size,
+                                root=cp.root,
+                                time=cp.time,
+                                signature=cp.signature,
+                                signer_cert=signer_cert,
+                                from_size=held,
+                            )
+                        ),
+                        pb.SiteAuditChunk(records=pb.SiteAuditRecords(leaves=leaves)),
+                    ]
                 ),
                 timeout=10,
             )
         return e.value.code()
 
     before = _site_checkpoints(linked)
-    assert push(rewritten, cert, forged.consistency_proof(held, rewritten.size)) in (
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.DATA_LOSS,
-        grpc.StatusCode.INVALID_ARGUMENT,
-    )
+    copy = linked.site_audits.log("site-a")
+    copied = copy.size()
+    assert push(rewritten, cert, forged) == grpc.StatusCode.DATA_LOSS  # its root is not the copy's
     shrunk = AuditLog(tmp_path / "shrunk.db", signing_key=forged._key)  # type: ignore[attr-defined]
     shrunk.append(AuditEvent("site-a", "site", "site.lease", "ok", job_id="job-x"))
-    assert push(shrunk.checkpoint(), cert, []) is not grpc.StatusCode.OK
-    assert push(foreign.checkpoint(), foreign_cert, []) is not grpc.StatusCode.OK
+    assert push(shrunk.checkpoint(), cert, shrunk) == grpc.StatusCode.DATA_LOSS
+    assert push(foreign.checkpoint(), foreign_cert, foreign) == grpc.StatusCode.DATA_LOSS
     assert _site_checkpoints(linked) == before  # nothing of it recorded
+    assert copy.size() == copied and copy.verify().size == copied  # nor copied
     pushes = [o for _, a, o in linked.audit if a == "rpc.SiteLink.PushAudit"]
     assert pushes[-3:] == ["error", "error", "error"]  # each refusal audited
     for log in (forged, shrunk, foreign):

@@ -24,11 +24,11 @@ from enclave.contract import RunOrder, SiteReport
 from enclave.identity import IdentityFiles
 from enclave.runtime.fake import FakeRuntime
 from enclave.signatures import sign
-from enclave.sovereignty import check_order
+from enclave.sovereignty import PolicyBook, check_order
 from gateway.identity import CertificateAuthority
 from policies import document
 from policies.approval import ApprovalBinding
-from policies.errors import PolicyViolation, SignatureError
+from policies.errors import PolicyViolation, SignatureError, SiteError
 from policies.identity import Role
 from policies.lifecycle import JobState
 from policies.signing import approval_message, policy_message
@@ -107,7 +107,7 @@ def signed_order(people: People, job_id: str = "job-1", *, mode: str = "manual")
         approvals=("olivia",),
         audit_root="0" * 64,
         dataset_owners={"books": "olivia"},
-        policy_signatures={"books": people.sign("olivia", policy_message("books", text))},
+        policy_signatures={"books": people.sign("olivia", policy_message("books", 1, text))},
     )
     binding = _binding(order)
     return dataclasses.replace(
@@ -220,10 +220,18 @@ ATTACKS: dict[str, tuple[Callable[[People, RunOrder], RunOrder], type[Exception]
         PolicyViolation,
         "binding",
     ),
+    # The owner signs the version with the text: a renumbered policy no longer verifies.
     "policy-version-swapped": (
         _rebound(lambda o: dataclasses.replace(o, policy_versions={"books": 7})),
-        PolicyViolation,
-        "binding",
+        SignatureError,
+        "does not verify",
+    ),
+    "policy-version-swapped-and-binding-recomputed": (
+        _rebound_and_binding_recomputed(
+            lambda o: dataclasses.replace(o, policy_versions={"books": 7})
+        ),
+        SignatureError,
+        "does not verify",
     ),
     "spec-swapped-and-binding-recomputed": (
         _rebound_and_binding_recomputed(
@@ -238,7 +246,7 @@ ATTACKS: dict[str, tuple[Callable[[People, RunOrder], RunOrder], type[Exception]
             _looser_policy(o),
             policy_signatures={
                 "books": p.sign(
-                    "otto", policy_message("books", _looser_policy(o).policy_documents["books"])
+                    "otto", policy_message("books", 1, _looser_policy(o).policy_documents["books"])
                 )
             },
         ),
@@ -269,6 +277,71 @@ def test_an_order_for_another_owners_dataset_is_judged_by_the_sites_record(
     books for otto, so it is otto's signatures that count."""
     with pytest.raises(SignatureError, match="not by otto"):
         _check(people, signed_order(people), owners={"books": "otto"})
+
+
+def _under(
+    people: People, job_id: str, version: int, text: str, *, signed_as: int | None = None
+) -> RunOrder:
+    """An order under policy ``text`` as version ``version``, the policy signed by its owner
+    as version ``signed_as`` (default: the same), approved by the owner where it needs it."""
+    order = dataclasses.replace(
+        signed_order(people, job_id),
+        policy_versions={"books": version},
+        policy_documents={"books": text},
+        policy_signatures={
+            "books": people.sign("olivia", policy_message("books", signed_as or version, text))
+        },
+    )
+    binding = _binding(order)
+    return dataclasses.replace(
+        order,
+        approval_binding=binding,
+        approval_signatures={"olivia": people.sign("olivia", approval_message(binding, "approve"))},
+    )
+
+
+def test_a_policy_its_owner_replaced_is_never_run_under_again(
+    people: People, tmp_path: Path
+) -> None:
+    """Policy replay: a gateway that keeps an owner's older policy (here automatic approval,
+    which the owner replaced by manual) and sends new jobs under it. Both versions carry the
+    owner's true signature; the site's own record of the versions it ran under refuses it."""
+    book = PolicyBook(tmp_path / "policy-versions.json")
+    loose = policy("books", mode="automatic")
+    strict = policy("books", mode="manual")
+
+    def check(order: RunOrder, at: PolicyBook = book) -> None:
+        parsed = {"books": document.parse_policy(order.policy_documents["books"])}
+        check_order(
+            order, parsed, ca_cert_pem=people.ca.cert_path.read_bytes(), owners={}.get, book=at
+        )
+
+    automatic = dataclasses.replace(_under(people, "job-1", 1, loose), approval_signatures={})
+    check(automatic)  # version 1 needs no approval
+    check(_under(people, "job-2", 2, strict))
+    assert book.held()["books"][0] == 2
+    replayed = dataclasses.replace(_under(people, "job-3", 1, loose), approval_signatures={})
+    with pytest.raises(PolicyViolation, match="version 1, but this site has run under version 2"):
+        check(replayed)
+    # The same version number with another text (both signed by the owner as version 2).
+    with pytest.raises(PolicyViolation, match="not the text"):
+        check(_under(people, "job-4", 2, loose))
+    # The old text presented as a newer version: its signature names version 1.
+    relabelled = _under(people, "job-5", 3, loose, signed_as=1)
+    with pytest.raises(SignatureError, match="does not verify"):
+        check(relabelled)
+    # A refused order never advances the record: version 3, but its binding is not its own.
+    unbound = dataclasses.replace(_under(people, "job-6", 3, loose), approval_binding="0" * 64)
+    with pytest.raises(PolicyViolation, match="binding"):
+        check(unbound)
+    assert book.held()["books"] == (2, hashlib.sha256(strict.encode()).hexdigest())
+    # The record is the site's file: a site restarted refuses the replay as well.
+    with pytest.raises(PolicyViolation, match="older policy is never used again"):
+        check(replayed, PolicyBook(tmp_path / "policy-versions.json"))
+    check(_under(people, "job-7", 3, loose))  # the owner's own newer version runs
+    (tmp_path / "policy-versions.json").write_text('{"books": 2}')
+    with pytest.raises(SiteError, match="malformed"):
+        check(_under(people, "job-8", 4, strict))
 
 
 def test_a_site_agent_ends_a_refused_order_error_before_anything_is_staged(

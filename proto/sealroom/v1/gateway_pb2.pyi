@@ -221,14 +221,19 @@ class PutPolicyRequest(_message.Message):
     DOCUMENT_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     SIGNER_CERT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     dataset: _builtins.str
     document: _builtins.str
     """The policy document (YAML)."""
     signature: _builtins.str
-    """The owner's signature over policies.signing.policy_message(dataset, document), made in
-    their client with their own key (base64 ECDSA P-256), and their certificate (PEM).
+    """The owner's signature over policies.signing.policy_message(dataset, version, document),
+    made in their client with their own key (base64 ECDSA P-256), and their certificate (PEM).
     """
     signer_cert: _builtins.str
+    version: _builtins.int
+    """The version the document becomes: the one after the dataset's latest. Another is refused
+    (FAILED_PRECONDITION: someone wrote a version meanwhile), storing nothing.
+    """
     def __init__(
         self,
         *,
@@ -236,10 +241,11 @@ class PutPolicyRequest(_message.Message):
         document: _builtins.str = ...,
         signature: _builtins.str = ...,
         signer_cert: _builtins.str = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "document", b"document", "signature", b"signature", "signer_cert", b"signer_cert"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "document", b"document", "signature", b"signature", "signer_cert", b"signer_cert", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1020,6 +1026,7 @@ class QueryAuditRequest(_message.Message):
     SINCE_FIELD_NUMBER: _builtins.int
     UNTIL_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    SITE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     dataset: _builtins.str
     file: _builtins.str
@@ -1032,6 +1039,8 @@ class QueryAuditRequest(_message.Message):
     until: _builtins.str
     """RFC 3339"""
     limit: _builtins.int
+    site: _builtins.str
+    """A remote site's log, from the gateway's copy of it (empty: the gateway's own log)."""
     def __init__(
         self,
         *,
@@ -1045,10 +1054,11 @@ class QueryAuditRequest(_message.Message):
         since: _builtins.str = ...,
         until: _builtins.str = ...,
         limit: _builtins.int = ...,
+        site: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "dataset", b"dataset", "file", b"file", "job_id", b"job_id", "limit", b"limit", "outcome", b"outcome", "principal", b"principal", "role", b"role", "since", b"since", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "dataset", b"dataset", "file", b"file", "job_id", b"job_id", "limit", b"limit", "outcome", b"outcome", "principal", b"principal", "role", b"role", "since", b"since", "site", b"site", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1127,12 +1137,17 @@ Global___QueryAuditResponse: _TypeAlias = QueryAuditResponse  # noqa: Y015
 class ExportAuditRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    SITE_FIELD_NUMBER: _builtins.int
+    site: _builtins.str
+    """A remote site's log, from the gateway's copy of it (empty: the gateway's own log)."""
     def __init__(
         self,
+        *,
+        site: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["site", b"site"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1162,16 +1177,22 @@ class GetCheckpointRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FRESH_FIELD_NUMBER: _builtins.int
+    SITE_FIELD_NUMBER: _builtins.int
     fresh: _builtins.bool
-    """Publish a new checkpoint now instead of returning the latest."""
+    """Publish a new checkpoint now instead of returning the latest.
+    not for a site's log: the site signs its own
+    """
+    site: _builtins.str
+    """A remote site's log, from the gateway's copy of it (empty: the gateway's own log)."""
     def __init__(
         self,
         *,
         fresh: _builtins.bool = ...,
+        site: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fresh", b"fresh"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fresh", b"fresh", "site", b"site"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1187,6 +1208,7 @@ class Checkpoint(_message.Message):
     SIGNATURE_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
     ENCODED_FIELD_NUMBER: _builtins.int
+    SIGNER_CERT_FIELD_NUMBER: _builtins.int
     size: _builtins.int
     root_hash: _builtins.str
     time: _builtins.str
@@ -1195,6 +1217,8 @@ class Checkpoint(_message.Message):
     key_id: _builtins.str
     encoded: _builtins.str
     """the exact signed text"""
+    signer_cert: _builtins.str
+    """a site's log: the site's signing certificate (PEM)"""
     def __init__(
         self,
         *,
@@ -1204,10 +1228,11 @@ class Checkpoint(_message.Message):
         signature: _builtins.str = ...,
         key_id: _builtins.str = ...,
         encoded: _builtins.str = ...,
+        signer_cert: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoded", b"encoded", "key_id", b"key_id", "root_hash", b"root_hash", "signature", b"signature", "size", b"size", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoded", b"encoded", "key_id", b"key_id", "root_hash", b"root_hash", "signature", b"signature", "signer_cert", b"signer_cert", "size", b"size", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1219,17 +1244,21 @@ class InclusionProofRequest(_message.Message):
 
     SEQ_FIELD_NUMBER: _builtins.int
     TREE_SIZE_FIELD_NUMBER: _builtins.int
+    SITE_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     tree_size: _builtins.int
+    site: _builtins.str
+    """A remote site's log, from the gateway's copy of it (empty: the gateway's own log)."""
     def __init__(
         self,
         *,
         seq: _builtins.int = ...,
         tree_size: _builtins.int = ...,
+        site: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["seq", b"seq", "tree_size", b"tree_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["seq", b"seq", "site", b"site", "tree_size", b"tree_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1241,17 +1270,21 @@ class ConsistencyProofRequest(_message.Message):
 
     OLD_SIZE_FIELD_NUMBER: _builtins.int
     NEW_SIZE_FIELD_NUMBER: _builtins.int
+    SITE_FIELD_NUMBER: _builtins.int
     old_size: _builtins.int
     new_size: _builtins.int
+    site: _builtins.str
+    """A remote site's log, from the gateway's copy of it (empty: the gateway's own log)."""
     def __init__(
         self,
         *,
         old_size: _builtins.int = ...,
         new_size: _builtins.int = ...,
+        site: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_size", b"new_size", "old_size", b"old_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_size", b"new_size", "old_size", b"old_size", "site", b"site"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -588,7 +588,7 @@ class PushDatasetResponse(_message.Message):
 Global___PushDatasetResponse: _TypeAlias = PushDatasetResponse  # noqa: Y015
 
 @_typing.final
-class PushAuditRequest(_message.Message):
+class SiteAuditHeader(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SIZE_FIELD_NUMBER: _builtins.int
@@ -597,7 +597,6 @@ class PushAuditRequest(_message.Message):
     SIGNATURE_FIELD_NUMBER: _builtins.int
     SIGNER_CERT_FIELD_NUMBER: _builtins.int
     FROM_SIZE_FIELD_NUMBER: _builtins.int
-    PROOF_FIELD_NUMBER: _builtins.int
     size: _builtins.int
     root: _builtins.bytes
     time: _builtins.str
@@ -607,10 +606,6 @@ class PushAuditRequest(_message.Message):
     """PEM: the site's release-signing certificate"""
     from_size: _builtins.int
     """the gateway's last size for this site (audit_size in its hello)"""
-    @_builtins.property
-    def proof(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """consistency from from_size to size"""
-
     def __init__(
         self,
         *,
@@ -620,15 +615,64 @@ class PushAuditRequest(_message.Message):
         signature: _builtins.bytes = ...,
         signer_cert: _builtins.str = ...,
         from_size: _builtins.int = ...,
-        proof: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_size", b"from_size", "proof", b"proof", "root", b"root", "signature", b"signature", "signer_cert", b"signer_cert", "size", b"size", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_size", b"from_size", "root", b"root", "signature", b"signature", "signer_cert", b"signer_cert", "size", b"size", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___PushAuditRequest: _TypeAlias = PushAuditRequest  # noqa: Y015
+Global___SiteAuditHeader: _TypeAlias = SiteAuditHeader  # noqa: Y015
+
+@_typing.final
+class SiteAuditRecords(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEAVES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def leaves(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """records from_size.. in order, as leaf bytes"""
+
+    def __init__(
+        self,
+        *,
+        leaves: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leaves", b"leaves"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SiteAuditRecords: _TypeAlias = SiteAuditRecords  # noqa: Y015
+
+@_typing.final
+class SiteAuditChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___SiteAuditHeader:
+        """the first message"""
+
+    @_builtins.property
+    def records(self) -> Global___SiteAuditRecords: ...
+    def __init__(
+        self,
+        *,
+        header: Global___SiteAuditHeader | None = ...,
+        records: Global___SiteAuditRecords | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "part", b"part", "records", b"records"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "part", b"part", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "records"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___SiteAuditChunk: _TypeAlias = SiteAuditChunk  # noqa: Y015
 
 @_typing.final
 class PushAuditResponse(_message.Message):

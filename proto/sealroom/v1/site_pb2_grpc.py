@@ -69,9 +69,9 @@ class SiteLinkStub:
                 request_serializer=sealroom_dot_v1_dot_site__pb2.PushDatasetRequest.SerializeToString,
                 response_deserializer=sealroom_dot_v1_dot_site__pb2.PushDatasetResponse.FromString,
                 _registered_method=True)
-        self.PushAudit = channel.unary_unary(
+        self.PushAudit = channel.stream_unary(
                 '/sealroom.v1.SiteLink/PushAudit',
-                request_serializer=sealroom_dot_v1_dot_site__pb2.PushAuditRequest.SerializeToString,
+                request_serializer=sealroom_dot_v1_dot_site__pb2.SiteAuditChunk.SerializeToString,
                 response_deserializer=sealroom_dot_v1_dot_site__pb2.PushAuditResponse.FromString,
                 _registered_method=True)
 
@@ -134,11 +134,14 @@ class SiteLinkServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def PushAudit(self, request, context):
-        """A signed checkpoint of the site's own audit log, with the consistency proof from the last
-        one the gateway holds for this site (signed with the site's release-signing key, whose
-        certificate comes along). The gateway records each in its own log (site.checkpoint), so
-        neither log can drop a record unnoticed. The same checkpoint again is acknowledged.
+    def PushAudit(self, request_iterator, context):
+        """A signed checkpoint of the site's own audit log and the records it adds to those the
+        gateway holds for this site (signed with the site's release-signing key, whose certificate
+        comes along): the header first, then the records in order. The gateway keeps a copy of the
+        site's log, extended only when the root of the copy with the new records is the signed
+        root, and records each checkpoint in its own log (site.checkpoint), so neither log can
+        drop a record unnoticed; a compliance officer reads the copy through the gateway. The
+        checkpoint the gateway holds already is acknowledged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -182,9 +185,9 @@ def add_SiteLinkServicer_to_server(servicer, server):
                     request_deserializer=sealroom_dot_v1_dot_site__pb2.PushDatasetRequest.FromString,
                     response_serializer=sealroom_dot_v1_dot_site__pb2.PushDatasetResponse.SerializeToString,
             ),
-            'PushAudit': grpc.unary_unary_rpc_method_handler(
+            'PushAudit': grpc.stream_unary_rpc_method_handler(
                     servicer.PushAudit,
-                    request_deserializer=sealroom_dot_v1_dot_site__pb2.PushAuditRequest.FromString,
+                    request_deserializer=sealroom_dot_v1_dot_site__pb2.SiteAuditChunk.FromString,
                     response_serializer=sealroom_dot_v1_dot_site__pb2.PushAuditResponse.SerializeToString,
             ),
     }
@@ -388,7 +391,7 @@ class SiteLink:
             _registered_method=True)
 
     @staticmethod
-    def PushAudit(request,
+    def PushAudit(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -398,11 +401,11 @@ class SiteLink:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_unary(
+            request_iterator,
             target,
             '/sealroom.v1.SiteLink/PushAudit',
-            sealroom_dot_v1_dot_site__pb2.PushAuditRequest.SerializeToString,
+            sealroom_dot_v1_dot_site__pb2.SiteAuditChunk.SerializeToString,
             sealroom_dot_v1_dot_site__pb2.PushAuditResponse.FromString,
             options,
             channel_credentials,

@@ -67,11 +67,14 @@ class SiteLinkStub:
     """A dataset version the site stored: metadata only (names, sizes, hashes), never bytes.
     Repeating it for the same version is acknowledged.
     """
-    PushAudit: _grpc.UnaryUnaryMultiCallable[_site_pb2.PushAuditRequest, _site_pb2.PushAuditResponse]
-    """A signed checkpoint of the site's own audit log, with the consistency proof from the last
-    one the gateway holds for this site (signed with the site's release-signing key, whose
-    certificate comes along). The gateway records each in its own log (site.checkpoint), so
-    neither log can drop a record unnoticed. The same checkpoint again is acknowledged.
+    PushAudit: _grpc.StreamUnaryMultiCallable[_site_pb2.SiteAuditChunk, _site_pb2.PushAuditResponse]
+    """A signed checkpoint of the site's own audit log and the records it adds to those the
+    gateway holds for this site (signed with the site's release-signing key, whose certificate
+    comes along): the header first, then the records in order. The gateway keeps a copy of the
+    site's log, extended only when the root of the copy with the new records is the signed
+    root, and records each checkpoint in its own log (site.checkpoint), so neither log can
+    drop a record unnoticed; a compliance officer reads the copy through the gateway. The
+    checkpoint the gateway holds already is acknowledged.
     """
 
 @_typing.type_check_only
@@ -101,11 +104,14 @@ class SiteLinkAsyncStub(SiteLinkStub):
     """A dataset version the site stored: metadata only (names, sizes, hashes), never bytes.
     Repeating it for the same version is acknowledged.
     """
-    PushAudit: _aio.UnaryUnaryMultiCallable[_site_pb2.PushAuditRequest, _site_pb2.PushAuditResponse]  # type: ignore[assignment]
-    """A signed checkpoint of the site's own audit log, with the consistency proof from the last
-    one the gateway holds for this site (signed with the site's release-signing key, whose
-    certificate comes along). The gateway records each in its own log (site.checkpoint), so
-    neither log can drop a record unnoticed. The same checkpoint again is acknowledged.
+    PushAudit: _aio.StreamUnaryMultiCallable[_site_pb2.SiteAuditChunk, _site_pb2.PushAuditResponse]  # type: ignore[assignment]
+    """A signed checkpoint of the site's own audit log and the records it adds to those the
+    gateway holds for this site (signed with the site's release-signing key, whose certificate
+    comes along): the header first, then the records in order. The gateway keeps a copy of the
+    site's log, extended only when the root of the copy with the new records is the signed
+    root, and records each checkpoint in its own log (site.checkpoint), so neither log can
+    drop a record unnoticed; a compliance officer reads the copy through the gateway. The
+    checkpoint the gateway holds already is acknowledged.
     """
 
 class SiteLinkServicer(metaclass=_abc_1.ABCMeta):
@@ -178,13 +184,16 @@ class SiteLinkServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def PushAudit(
         self,
-        request: _site_pb2.PushAuditRequest,
+        request_iterator: _MaybeAsyncIterator[_site_pb2.SiteAuditChunk],
         context: _ServicerContext,
     ) -> _typing.Union[_site_pb2.PushAuditResponse, _abc.Awaitable[_site_pb2.PushAuditResponse]]:
-        """A signed checkpoint of the site's own audit log, with the consistency proof from the last
-        one the gateway holds for this site (signed with the site's release-signing key, whose
-        certificate comes along). The gateway records each in its own log (site.checkpoint), so
-        neither log can drop a record unnoticed. The same checkpoint again is acknowledged.
+        """A signed checkpoint of the site's own audit log and the records it adds to those the
+        gateway holds for this site (signed with the site's release-signing key, whose certificate
+        comes along): the header first, then the records in order. The gateway keeps a copy of the
+        site's log, extended only when the root of the copy with the new records is the signed
+        root, and records each checkpoint in its own log (site.checkpoint), so neither log can
+        drop a record unnoticed; a compliance officer reads the copy through the gateway. The
+        checkpoint the gateway holds already is acknowledged.
         """
 
 def add_SiteLinkServicer_to_server(servicer: SiteLinkServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
