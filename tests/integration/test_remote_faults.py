@@ -57,7 +57,14 @@ class LinkGateway:
     servicer and interceptor, on ``port`` (0: any). :meth:`die` stands for the process dying:
     the server goes at once and the links stop acting; what is on record stays."""
 
-    def __init__(self, root: Path, ca: CertificateAuthority, *, port: int = 0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        ca: CertificateAuthority,
+        *,
+        port: int = 0,
+        servicer: type[SiteLinkServicer] = SiteLinkServicer,
+    ) -> None:
         self.links = SiteLinks(root / "links", lease_s=3.0, heartbeat_s=0.3)
         ids = root / "gw-id"
         if not (ids / "gateway.pem").exists():
@@ -71,7 +78,7 @@ class LinkGateway:
             interceptors=[AuthInterceptor(self._record)],
         )
         pb_grpc.add_SiteLinkServicer_to_server(
-            SiteLinkServicer(
+            servicer(
                 self.links,
                 ca_cert_pem=ca_pem,
                 max_release_bytes=1 << 30,
@@ -216,6 +223,63 @@ def test_a_gateway_restarted_mid_run_takes_up_the_lease_and_the_run_ends_as_the_
         assert _states(again) == [JobState.ERROR]
     finally:
         later.close()
+
+
+class _DiesMidPush(SiteLinkServicer):
+    """A gateway that takes the first message of a release push and then stops answering:
+    its test kills it there, with the push half done."""
+
+    pushing = threading.Event()
+
+    def PushRelease(self, request_iterator: Any, context: Any) -> pb.PushReleaseResponse:
+        def until_killed() -> Iterator[pb.SiteReleaseChunk]:
+            for msg in request_iterator:
+                yield msg
+                if msg.WhichOneof("part") == "data":  # a file's bytes written, then it stops
+                    self.pushing.set()
+                    while context.is_active():
+                        time.sleep(0.01)
+                    raise RuntimeError("killed mid-push")
+
+        return super().PushRelease(until_killed(), context)
+
+
+def test_a_gateway_killed_during_a_release_push_gets_the_release_again_from_the_site(
+    tmp_path: Path, ca: CertificateAuthority, fake: FakeSite
+) -> None:
+    """The push is cut off by the gateway's death: the site pushes the release again, whole,
+    to the gateway that comes back on the port, and the run ends RELEASED there, once."""
+    paused = Paused(Signed(tmp_path / "signed", ca, "site-a"))
+    paused.go.set()
+    fake.script = paused  # type: ignore[assignment]
+    _DiesMidPush.pushing.clear()
+    gw = LinkGateway(tmp_path / "gw", ca, servicer=_DiesMidPush)
+    after: list[SiteReport] = []
+    released: list[bytes] = []
+
+    def report(r: SiteReport) -> None:
+        after.append(r)
+        if r.release_dir is not None:
+            released.append((r.release_dir / "manifest.json").read_bytes())
+
+    with _site(fake, ca, tmp_path, gw.port):
+        first, _ = _follow(gw.links.run, "site-a", _order("job-p"), lambda r: None)
+        _until("the release push never started", _DiesMidPush.pushing.is_set)
+        incoming = tmp_path / "gw" / "links" / "incoming" / "job-p"
+        assert [p for p in incoming.rglob("*") if p.is_file()]  # half a release written
+        gw.die()
+        first.join(timeout=10)
+        _until("the cut-off push was kept", lambda: not incoming.exists())
+        gw = LinkGateway(tmp_path / "gw", ca, port=gw.port)
+        second, resumed = _follow(gw.links.resume, "job-p", report)
+        second.join(timeout=60)
+        assert resumed == [True]
+        assert _states(after)[-1] is JobState.RELEASED, [(r.state, r.detail) for r in after]
+        assert released and b'"job-p"' in released[0]
+        assert fake.runs["job-p"] == 1
+        pushes = [o for _, a, o in gw.audit if a == "rpc.SiteLink.PushRelease"]
+        assert pushes == ["allowed"]  # pushed again, whole, to the gateway that came back
+    gw.die()
 
 
 def test_a_lease_whose_site_never_comes_back_ends_error_after_a_restart_and_is_never_granted_again(
