@@ -44,10 +44,13 @@ class AuditMirror(Checkpoints, Queries):
         with self._wlock:  # the lookup table is filled with the records, in one transaction
             # Pushes are few and off every caller's path: SQLite folds its WAL on commit.
             self._wdb.execute("PRAGMA wal_autocheckpoint=1000")
-            (self._indexed,) = self._wdb.execute("SELECT COUNT(*) FROM lookup").fetchone()
-        if self._indexed != len(self._tree):
-            self.close()
-            raise AuditLogError(f"the copy of an audit log at {path} has an incomplete index")
+            if self._indexed != len(self._tree):  # emptied on open (derived data): refilled
+                self._wdb.execute(
+                    f"INSERT INTO lookup SELECT seq, {', '.join(INDEXED)} "  # noqa: S608
+                    "FROM records WHERE seq >= ?",
+                    (self._indexed,),
+                )
+                self._indexed = len(self._tree)
 
     def size(self) -> int:
         """How many records the copy holds (every one vouched for by its last checkpoint)."""
@@ -61,8 +64,11 @@ class AuditMirror(Checkpoints, Queries):
 
     def held(self) -> SignedCheckpoint | None:
         """The last checkpoint the copy holds (it vouches for every record held)."""
-        cps = self.checkpoints()
-        return cps[-1] if cps else None
+        with self._rlock:
+            row = self._rdb.execute(
+                "SELECT size, root, time, signature FROM checkpoints ORDER BY size DESC LIMIT 1"
+            ).fetchone()
+        return SignedCheckpoint(row[0], bytes(row[1]), row[2], bytes(row[3])) if row else None
 
     def extend(self, checkpoint: SignedCheckpoint, leaves: Iterable[bytes]) -> int:
         """Append ``leaves`` (the records from :meth:`size` on, as leaf bytes) if

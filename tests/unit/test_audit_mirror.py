@@ -103,6 +103,25 @@ def test_the_copy_grows_by_signed_stretches_and_reads_as_the_log_it_copies(
         again.close()
 
 
+def test_a_copy_whose_query_index_lost_rows_fills_it_again_on_open(
+    site: AuditLog, mirror: AuditMirror, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    _push(mirror, site, _grow(site, 40))
+    mirror.close()
+    db = sqlite3.connect(tmp_path / "copy.db")
+    with db:
+        db.execute("DELETE FROM lookup WHERE seq >= 10")
+    db.close()
+    again = AuditMirror(tmp_path / "copy.db", public_key=SITE_KEY.public_key())
+    try:
+        assert [r.seq for r in again.query(file="f33.txt")] == [33]
+        assert again.verify().size == 40  # the index checked against the records, whole
+    finally:
+        again.close()
+
+
 def _other_log(tmp_path: Path, name: str, events: list[AuditEvent]) -> AuditLog:
     log = AuditLog(tmp_path / f"{name}.db", signing_key=SITE_KEY, checkpoint_interval_s=0)
     for e in events:
