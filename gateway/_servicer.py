@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -28,6 +29,8 @@ from policies.errors import InvalidInput, NotFound, ResourceExhausted
 from policies.lifecycle import JobState
 
 CHUNK = 1 << 20
+MAX_WATCHES = 64
+"""Job watches open at once (a gateway's server has ``gateway.server.SERVER_THREADS``)."""
 
 
 class _Sink(Protocol):
@@ -77,10 +80,16 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         *,
         links: SiteLinks | None = None,
         site_audits: SiteAudits | None = None,
+        max_watches: int = MAX_WATCHES,
     ) -> None:
         self.g = gateway
         self._links = links  # the remote sites, as the site link has heard from them
         self._site_audits = site_audits  # the gateway's copy of each remote site's log
+        # A watch holds a server thread for as long as it is open: past this many at once, a
+        # new one is refused, so that watchers can never take the threads every other call
+        # (and every remote site's long poll) needs.
+        self._watches = threading.BoundedSemaphore(max_watches)
+        self._max_watches = max_watches
 
     def _log(self, site: str) -> Any:
         """The audit log a compliance call reads: the gateway's own, or its copy of a remote
@@ -261,12 +270,19 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     def WatchJob(
         self, request: pb.WatchJobRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.JobEvent]:
-        # The watch ends once the watcher has gone (a cancelled or broken stream), instead
-        # of holding a server thread until the job's next event.
-        for event in self.g.watch(
-            principal=principal_of(context), job_id=request.job_id, alive=context.is_active
-        ):
-            yield convert.event_message(event)
+        if not self._watches.acquire(blocking=False):
+            raise ResourceExhausted(
+                f"{self._max_watches} job watches are open at this gateway: retry later"
+            )
+        try:
+            # The watch ends once the watcher has gone (a cancelled or broken stream), instead
+            # of holding a server thread until the job's next event.
+            for event in self.g.watch(
+                principal=principal_of(context), job_id=request.job_id, alive=context.is_active
+            ):
+                yield convert.event_message(event)
+        finally:
+            self._watches.release()
 
     def GetJobLogs(
         self, request: pb.GetJobLogsRequest, context: grpc.ServicerContext

@@ -93,3 +93,43 @@ def test_dropped_watches_free_their_threads(
             call = gpb_grpc.GatewayStub(ch).WatchJob(gpb.WatchJobRequest(job_id=job_id), timeout=5)
             assert next(call).state
             call.cancel()
+
+
+def test_watches_held_open_cannot_take_every_thread(
+    gateway: tuple[Running, dict[str, IdentityFiles]], tmp_path: Path
+) -> None:
+    """Watches that stay open (a flood of them, all reading) are capped below the server's
+    threads: past the cap a new watch is refused with RESOURCE_EXHAUSTED naming it, and every
+    other call is still answered; once they close, watching works again."""
+    import grpc
+
+    running, ids = gateway
+    address = f"localhost:{running.port}"
+    job_id = _waiting_job(address, ids, tmp_path)
+    cap = SERVER_THREADS // 2
+    with channel(address, ids["theo"]) as ch:
+        stub = gpb_grpc.GatewayStub(ch)
+        held = [stub.WatchJob(gpb.WatchJobRequest(job_id=job_id)) for _ in range(cap)]
+        for call in held:
+            assert next(call).state  # each one is being served, and stays open
+        refused = stub.WatchJob(gpb.WatchJobRequest(job_id=job_id), timeout=10)
+        with pytest.raises(grpc.RpcError) as e:
+            next(refused)
+        assert e.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"{cap} job watches are open" in (e.value.details() or "")
+        with Client(address, ids["olivia"], timeout_s=5) as owner:
+            assert owner.job(job_id).state == "PENDING_APPROVAL"  # answered at once
+        for call in held:
+            call.cancel()
+    deadline = time.monotonic() + 10
+    with channel(address, ids["theo"]) as ch:
+        while True:
+            call = gpb_grpc.GatewayStub(ch).WatchJob(gpb.WatchJobRequest(job_id=job_id), timeout=5)
+            try:
+                assert next(call).state
+                call.cancel()
+                break
+            except grpc.RpcError as err:
+                assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert time.monotonic() < deadline, "the closed watches were never released"
+                time.sleep(0.2)
