@@ -129,7 +129,7 @@ class SiteAgent:
         self._staging.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._log_key = site_secret(root / "keys" / "logs.key")
         self._bits = _channels.BitsLedger(root / "keys" / "channel-bits.json")
-        self._policy_book = sovereignty.PolicyBook(root / "keys" / "policy-versions.json")
+        self._policy_book = sovereignty.PolicyBook.of_site(root)
         # This site's containers, told apart from any other site's on the same engine (a
         # shared engine, or two deployments on one machine) even when their names agree.
         self.instance = site_secret(root / "keys" / "instance.id")[:8].hex()

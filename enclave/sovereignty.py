@@ -27,10 +27,12 @@ site, which shares the gateway's process). Raises :class:`policies.errors.Signat
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from enclave.contract import RunOrder
@@ -39,7 +41,7 @@ from enclave.signatures import verify
 from policies import access, document
 from policies.approval import ApprovalBinding
 from policies.document import ApprovalMode
-from policies.errors import PolicyViolation, SiteError
+from policies.errors import InvalidInput, PolicyViolation, SiteError
 from policies.identity import Role
 from policies.signing import approval_message, policy_message
 
@@ -128,13 +130,30 @@ class PolicyBook:
     """The newest policy version of each dataset this site has run under, with its text's
     digest, in the site's own file (one JSON object, rewritten atomically). An order under an
     older version, or under the same version with another text, is refused.
+
+    The dataset's owner may also tell the site a version directly (:meth:`pin`, ``sealroom site
+    policy pin``): from then on the site runs under nothing older, even a version it has never
+    seen an order under, so a gateway cannot hold back the owner's newer policy by sending only
+    orders under an older one. A pin records no text (the owner's signature on the order's
+    text is what vouches for it); the first order under that version records its digest.
+
+    The site process and the owner's CLI may write the file at once: each change takes an
+    exclusive lock on ``PATH.lock`` around its read and write.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
 
+    @classmethod
+    def of_site(cls, root: Path) -> PolicyBook:
+        """The record of the site whose state is under ``root`` (:class:`~enclave.agent.SiteAgent`
+        keeps it)."""
+        return cls(root / "keys" / "policy-versions.json")
+
     def held(self) -> dict[str, tuple[int, str]]:
+        """dataset -> (newest version, its text's digest; "" for a version pinned by its owner
+        and not yet run under)."""
         try:
             raw = json.loads(self.path.read_bytes())
         except FileNotFoundError:
@@ -146,11 +165,19 @@ class PolicyBook:
         except (AttributeError, TypeError, ValueError, IndexError) as e:
             raise SiteError(f"the site's policy record {self.path.name} is malformed") from e
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, tuple[int, str]]]:
+        with self._lock, open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield self.held()
+
+    def _write(self, held: Mapping[str, tuple[int, str]]) -> None:
+        write_secret(self.path, json.dumps(dict(held), sort_keys=True).encode())
+
     def admit(self, versions: Mapping[str, tuple[int, str]]) -> None:
         """Check ``versions`` (dataset -> (version, text digest)) against the record and keep
         the newer ones; raises PolicyViolation, recording nothing, for one that is older."""
-        with self._lock:
-            held = self.held()
+        with self._locked() as held:
             for name, (version, digest) in sorted(versions.items()):
                 if name not in held:
                     continue
@@ -158,18 +185,40 @@ class PolicyBook:
                 if version < newest:
                     raise PolicyViolation(
                         f"dataset {name}: the order runs under policy version {version}, but "
-                        f"this site has run under version {newest}: an older policy is never "
-                        "used again"
+                        + (
+                            f"this site has run under version {newest}: an older policy is "
+                            "never used again"
+                            if newest_digest
+                            else f"its owner told this site to run under version {newest} or "
+                            "a later one"
+                        )
                     )
-                if version == newest and digest != newest_digest:
+                if version == newest and newest_digest and digest != newest_digest:
                     raise PolicyViolation(
                         f"dataset {name}: policy version {version} is not the text this site "
                         "ran under as that version"
                     )
             changed = False
             for name, (version, digest) in versions.items():
-                if name not in held or version > held[name][0]:
+                if name not in held or version > held[name][0] or not held[name][1]:
                     held[name] = (version, digest)
                     changed = True
             if changed:
-                write_secret(self.path, json.dumps(held, sort_keys=True).encode())
+                self._write(held)
+
+    def pin(self, dataset: str, version: int) -> int:
+        """The owner's word: run ``dataset`` under ``version`` or a later one. Returns the
+        version now held; raises InvalidInput for a version older than the one held."""
+        if version < 1:
+            raise InvalidInput(f"a policy version is numbered from 1, not {version}")
+        with self._locked() as held:
+            newest = held.get(dataset, (0, ""))[0]
+            if version < newest:
+                raise InvalidInput(
+                    f"dataset {dataset}: this site already runs under policy version {newest} "
+                    f"or later; {version} is older"
+                )
+            if version > newest:
+                held[dataset] = (version, "")
+                self._write(held)
+            return version

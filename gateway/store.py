@@ -2,8 +2,9 @@
 
 Every write is one transaction, so a failed call leaves nothing half-written. Job state changes
 go through :meth:`Store.transition`, which checks the lifecycle edge under the store's lock
-and persists the new state before the caller acts on it. Rows come back as frozen values; the
-store hands out no cursors or connections.
+and persists the new state before the caller acts on it. Rows come back as frozen values (in
+:mod:`gateway._records`, with how each maps to its row; they are this module's public names
+too); the store hands out no cursors or connections.
 
 The leakage ledger (:mod:`gateway._ledger`) is written in the transaction of the change that
 incurs each charge.
@@ -11,18 +12,29 @@ incurs each charge.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from gateway import _ledger
 from gateway._ledger import ReleaseCharges
+from gateway._records import (
+    ApprovalRecord,
+    DatasetFileRecord,
+    DatasetRecord,
+    JobRecord,
+    PinnedDataset,
+    PolicyRecord,
+    dataset_from_row,
+    job_from_row,
+    job_row,
+    utcnow,
+)
 from policies.errors import AlreadyExists, InvalidState, NotFound
 from policies.lifecycle import JobState, check_transition
 
@@ -53,96 +65,6 @@ CREATE TABLE IF NOT EXISTS approvals (
     signature TEXT NOT NULL DEFAULT '', signer_cert TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (job_id, owner));
 """
-
-
-def utcnow() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-
-
-@dataclass(frozen=True)
-class DatasetFileRecord:
-    path: str
-    size: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class DatasetRecord:
-    name: str
-    version: int
-    owner: str
-    root_hash: str
-    size: int
-    files: tuple[DatasetFileRecord, ...]
-    description: str
-    created_at: str
-    site: str = ""
-    """The remote site that keeps it (its bytes never reach the gateway); empty: the gateway's
-    own local site."""
-
-
-@dataclass(frozen=True)
-class PolicyRecord:
-    dataset: str
-    version: int
-    document: str
-    sha256: str
-    author: str
-    created_at: str
-    signature: str = ""
-    """The author's signature (base64, ECDSA P-256) over :func:`policies.signing.policy_message`
-    of this text; empty for a version stored before policies were signed."""
-    signer_cert: str = ""
-    """The PEM certificate whose key made ``signature``."""
-
-
-@dataclass(frozen=True)
-class PinnedDataset:
-    """A dataset version a job is bound to."""
-
-    name: str
-    version: int
-    root_hash: str
-
-
-@dataclass(frozen=True)
-class ApprovalRecord:
-    job_id: str
-    owner: str
-    decision: str  # "approve" | "deny"
-    reason: str
-    binding: str
-    created_at: str
-    signature: str = ""
-    """The owner's signature (base64, ECDSA P-256) over :func:`policies.signing.
-    approval_message` of ``binding`` and ``decision``, made in the owner's client."""
-    signer_cert: str = ""
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    id: str
-    name: str
-    state: JobState
-    submitter: str
-    team: str
-    spec: str  # canonical JSON of the parsed spec
-    spec_sha256: str
-    bundle_sha256: str
-    datasets: tuple[PinnedDataset, ...]
-    policy_versions: Mapping[str, int]
-    reasons: tuple[str, ...] = ()
-    image_id: str = ""
-    metrics: Mapping[str, float] = field(default_factory=dict)
-    release_id: str = ""
-    binding: str = ""
-    created_at: str = ""
-    updated_at: str = ""
-    details: tuple[str, ...] = ()
-    """What the site said to the owners about the run (which check, which exit code): never
-    shown to the model team, whose ``reasons`` come from a fixed vocabulary."""
-    channel_bits: float = 0.0
-    """The capacity of what the team could observe of the run, charged when it started."""
 
 
 class Store:
@@ -180,7 +102,7 @@ class Store:
         with self._tx() as c:
             self._release_charges = release_charges
             rows = c.execute("SELECT * FROM jobs WHERE state = ?", (JobState.RELEASED.value,))
-            _ledger.build_epsilon(c, (_job(r) for r in rows), release_charges, utcnow())
+            _ledger.build_epsilon(c, (job_from_row(r) for r in rows), release_charges, utcnow())
 
     def close(self) -> None:
         with self._lock:
@@ -245,12 +167,12 @@ class Store:
         if row is None:
             which = "" if version is None else f" v{version}"
             raise NotFound(f"no dataset {name}{which}")
-        return _dataset(row)
+        return dataset_from_row(row)
 
     def datasets(self) -> list[DatasetRecord]:
         with self._lock:
             rows = self._conn.execute("SELECT * FROM datasets ORDER BY name, version").fetchall()
-        return [_dataset(r) for r in rows]
+        return [dataset_from_row(r) for r in rows]
 
     # -- policies ---------------------------------------------------------------------------
 
@@ -333,7 +255,7 @@ class Store:
             row = self._conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise NotFound(f"no job {job_id}")
-        return _job(row)
+        return job_from_row(row)
 
     def jobs(self, *, state: JobState | None = None) -> list[JobRecord]:
         with self._lock:
@@ -345,7 +267,7 @@ class Store:
                 rows = self._conn.execute(
                     "SELECT * FROM jobs WHERE state = ? ORDER BY created_at, rowid", (state.value,)
                 ).fetchall()
-        return [_job(r) for r in rows]
+        return [job_from_row(r) for r in rows]
 
     def jobs_of_team(
         self, *, submitter: str, team: str, state: JobState | None = None
@@ -358,7 +280,7 @@ class Store:
                 "AND (? IS NULL OR state = ?) ORDER BY created_at, rowid",
                 (submitter, team, team, *[None if state is None else state.value] * 2),
             ).fetchall()
-        return [_job(r) for r in rows]
+        return [job_from_row(r) for r in rows]
 
     # -- the leakage ledger -----------------------------------------------------------------
 
@@ -379,7 +301,7 @@ class Store:
             c.execute("DELETE FROM jobs WHERE id = ?", (before.id,))
         c.execute(
             "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            _job_row(after),
+            job_row(after),
         )
         _ledger.charge(c, before, after, self._release_charges)
 
@@ -400,7 +322,7 @@ class Store:
             row = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise NotFound(f"no job {job_id}")
-            before = _job(row)
+            before = job_from_row(row)
             if expect is not None and before.state not in expect:
                 raise InvalidState(
                     f"job {job_id} is {before.state}; expected one of "
@@ -419,7 +341,7 @@ class Store:
             row = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise NotFound(f"no job {job_id}")
-            before = _job(row)
+            before = job_from_row(row)
             after = replace(before, updated_at=utcnow(), **changes)
             self._write_job(c, before, after)
         return after
@@ -463,84 +385,13 @@ class Store:
         return out
 
 
-def _dataset(row: tuple[Any, ...]) -> DatasetRecord:
-    name, version, owner, root_hash, size, files, description, created_at, site = row
-    return DatasetRecord(
-        name=name,
-        version=int(version),
-        owner=owner,
-        root_hash=root_hash,
-        size=int(size),
-        files=tuple(DatasetFileRecord(p, int(s), h) for p, s, h in json.loads(files)),
-        description=description,
-        created_at=created_at,
-        site=site,
-    )
-
-
-def _job_row(job: JobRecord) -> tuple[Any, ...]:
-    return (
-        job.id,
-        job.name,
-        job.state.value,
-        job.submitter,
-        job.team,
-        job.spec,
-        job.spec_sha256,
-        job.bundle_sha256,
-        json.dumps([[d.name, d.version, d.root_hash] for d in job.datasets]),
-        json.dumps(dict(job.policy_versions), sort_keys=True),
-        json.dumps(list(job.reasons)),
-        job.image_id,
-        json.dumps(dict(job.metrics), sort_keys=True),
-        job.release_id,
-        job.binding,
-        job.created_at,
-        job.updated_at,
-        json.dumps({"details": list(job.details), "channel_bits": job.channel_bits}),
-    )
-
-
-def _job(row: tuple[Any, ...]) -> JobRecord:
-    (
-        id_,
-        name,
-        state,
-        submitter,
-        team,
-        spec,
-        spec_sha,
-        bundle_sha,
-        datasets,
-        policy_versions,
-        reasons,
-        image_id,
-        metrics,
-        release_id,
-        binding,
-        created_at,
-        updated_at,
-        owner_record,
-    ) = row
-    owner = json.loads(owner_record)
-    return JobRecord(
-        id=id_,
-        name=name,
-        state=JobState(state),
-        submitter=submitter,
-        team=team,
-        spec=spec,
-        spec_sha256=spec_sha,
-        bundle_sha256=bundle_sha,
-        datasets=tuple(PinnedDataset(n, int(v), h) for n, v, h in json.loads(datasets)),
-        policy_versions={k: int(v) for k, v in json.loads(policy_versions).items()},
-        reasons=tuple(json.loads(reasons)),
-        image_id=image_id,
-        metrics={k: float(v) for k, v in json.loads(metrics).items()},
-        release_id=release_id,
-        binding=binding,
-        created_at=created_at,
-        updated_at=updated_at,
-        details=tuple(owner.get("details", ())),
-        channel_bits=float(owner.get("channel_bits", 0.0)),
-    )
+__all__ = [
+    "ApprovalRecord",
+    "DatasetFileRecord",
+    "DatasetRecord",
+    "JobRecord",
+    "PinnedDataset",
+    "PolicyRecord",
+    "Store",
+    "utcnow",
+]

@@ -8,7 +8,8 @@ own audit log, its checkpoints signed with the site's release-signing key and pu
 gateway) and ``link/`` (leases on record). ``site join`` dials out to the gateway and serves
 until SIGTERM; ``site dataset register`` stores a dataset in this site's vault for one of the
 deployment's data owners and, when the site can reach the gateway, tells it the version's
-metadata (never its bytes).
+metadata (never its bytes); ``site policy pin`` records, for the owner, the oldest policy version
+the site may run a dataset under; ``site audit-export`` exports the site's own log.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ site_app = typer.Typer(
 )
 dataset_app = typer.Typer(help="Datasets kept at this site (data owner, at the site).")
 site_app.add_typer(dataset_app, name="dataset")
+policy_app = typer.Typer(help="The policy versions this site runs under (data owner, at the site).")
+site_app.add_typer(policy_app, name="policy")
 
 
 def _identity(name: str) -> tuple[IdentityFiles, IdentityFiles]:
@@ -166,6 +169,33 @@ def _push_now(address: str, site_name: str | None, datasets: SiteDatasets) -> bo
     with channel(address, tls) as ch:
         push_datasets(site_pb2_grpc.SiteLinkStub(ch), datasets.pushed())
     return True
+
+
+@policy_app.command("pin")
+def policy_pin(
+    dataset: str,
+    version: int,
+    owner: str = typer.Option(..., help="the data owner the dataset belongs to"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Tell this site to run DATASET under policy VERSION or a later one, whatever orders the
+    gateway sends: a gateway cannot then hold back a newer policy you wrote."""
+    from enclave.sovereignty import PolicyBook
+    from policies.errors import PermissionDenied
+
+    with errors(as_json):
+        root = STATE.home / "site"
+        known = _site_datasets(root).owners().get(dataset)
+        if known is None:
+            raise NotFound(f"no dataset {dataset} is kept at this site")
+        if known["owner"] != owner:
+            raise PermissionDenied(f"dataset {dataset} belongs to {known['owner']}")
+        held = PolicyBook.of_site(root).pin(dataset, version)
+        emit(
+            as_json,
+            {"dataset": dataset, "version": held},
+            f"this site runs {dataset} under policy version {held} or a later one",
+        )
 
 
 @site_app.command("audit-export")

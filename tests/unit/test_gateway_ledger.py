@@ -29,12 +29,8 @@ import pytest
 from gateway import _ledger as ledger_module
 from gateway._leakage import bits_spent, epsilon_spent, release_charges
 from gateway._ledger import BITS, EPSILON, WORST
-from gateway.store import (
-    JobRecord,
-    PinnedDataset,
-    Store,
-    _job_row,
-)
+from gateway._records import job_row
+from gateway.store import JobRecord, PinnedDataset, Store
 from policies.lifecycle import JobState
 
 S = JobState
@@ -328,7 +324,7 @@ def test_a_store_from_before_the_ledger_is_charged_once_as_today(tmp_path: Path)
     scratch = Store(tmp_path / "scratch.db")
     scratch.keep_ledger(release_charges(releases))
     _mixed_store(scratch, releases, random.Random(3), jobs=80)
-    rows = [_job_row(j) for j in scratch.jobs()]
+    rows = [job_row(j) for j in scratch.jobs()]
     scratch.close()
     old = sqlite3.connect(tmp_path / "old.db")
     old.executescript(OLD_SCHEMA)
@@ -361,7 +357,7 @@ def test_a_store_from_before_the_leakage_account_migrates(tmp_path: Path) -> Non
     _manifest(releases, "j", _gates({"books": 0.75}))
     old = sqlite3.connect(tmp_path / "old.db")
     old.executescript(OLD_SCHEMA.replace(",\n    owner_record TEXT NOT NULL DEFAULT '{}'", ""))
-    row = _job_row(replace(_job("j", ["books"]), state=S.RELEASED))
+    row = job_row(replace(_job("j", ["books"]), state=S.RELEASED))
     old.execute(f"INSERT INTO jobs VALUES ({', '.join('?' * 17)})", row[:17])
     old.commit()
     old.close()

@@ -28,7 +28,7 @@ from enclave.sovereignty import PolicyBook, check_order
 from gateway.identity import CertificateAuthority
 from policies import document
 from policies.approval import ApprovalBinding
-from policies.errors import PolicyViolation, SignatureError, SiteError
+from policies.errors import InvalidInput, PolicyViolation, SignatureError, SiteError
 from policies.identity import Role
 from policies.lifecycle import JobState
 from policies.signing import approval_message, policy_message
@@ -342,6 +342,41 @@ def test_a_policy_its_owner_replaced_is_never_run_under_again(
     (tmp_path / "policy-versions.json").write_text('{"books": 2}')
     with pytest.raises(SiteError, match="malformed"):
         check(_under(people, "job-8", 4, strict))
+
+
+def test_an_owner_pins_a_version_at_the_site_and_a_gateway_cannot_hold_it_back(
+    people: People, tmp_path: Path
+) -> None:
+    """The site never saw an order under version 2 (the gateway keeps sending version 1); the
+    owner tells the site directly. Orders under version 1 are refused from then on; the first
+    under version 2 records its text; the pin never goes back."""
+    book = PolicyBook.of_site(tmp_path)
+    (tmp_path / "keys").mkdir()
+    loose = policy("books", mode="automatic")
+    strict = policy("books", mode="manual")
+
+    def check(order: RunOrder) -> None:
+        parsed = {"books": document.parse_policy(order.policy_documents["books"])}
+        check_order(
+            order, parsed, ca_cert_pem=people.ca.cert_path.read_bytes(), owners={}.get, book=book
+        )
+
+    def automatic(job_id: str) -> RunOrder:
+        return dataclasses.replace(_under(people, job_id, 1, loose), approval_signatures={})
+
+    check(automatic("job-1"))
+    assert book.pin("books", 2) == 2
+    with pytest.raises(PolicyViolation, match="owner told this site to run under version 2"):
+        check(automatic("job-2"))
+    check(_under(people, "job-3", 2, strict))
+    assert book.held()["books"] == (2, hashlib.sha256(strict.encode()).hexdigest())
+    with pytest.raises(PolicyViolation, match="not the text"):
+        check(_under(people, "job-4", 2, loose))
+    with pytest.raises(InvalidInput, match="already runs under policy version 2"):
+        book.pin("books", 1)
+    with pytest.raises(InvalidInput, match="numbered from 1"):
+        book.pin("books", 0)
+    assert book.pin("books", 2) == 2 and book.held()["books"][1]  # the same again: kept
 
 
 def test_a_site_agent_ends_a_refused_order_error_before_anything_is_staged(
