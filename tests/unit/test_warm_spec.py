@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 import time
 from dataclasses import replace
@@ -192,7 +193,11 @@ def test_the_warm_harness_waits_for_its_assignment_then_runs_that_job(
     t.start()
     time.sleep(0.05)
     assert t.is_alive() and ran == []  # nothing runs before the site's assignment
-    assign.write_text(json.dumps({"env": {"SEALROOM_JOB": '{"job_id": "j"}', "JOB_SEED": "3"}}))
+    # Written as the site writes it (enclave._warm: whole, then renamed into place): a plain
+    # write_text let the harness, polling every millisecond, read the file while it was empty.
+    partial = assign.with_name(".partial")
+    partial.write_text(json.dumps({"env": {"SEALROOM_JOB": '{"job_id": "j"}', "JOB_SEED": "3"}}))
+    os.replace(partial, assign)
     t.join(60)
     assert result == [0]
     assert ran == [{"SEALROOM_JOB": '{"job_id": "j"}', "JOB_SEED": "3"}]
