@@ -31,7 +31,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -137,13 +136,13 @@ class PolicyBook:
     orders under an older one. A pin records no text (the owner's signature on the order's
     text is what vouches for it); the first order under that version records its digest.
 
-    The site process and the owner's CLI may write the file at once: each change takes an
-    exclusive lock on ``PATH.lock`` around its read and write.
+    The site process (its threads) and the owner's CLI may write the file at once: each change
+    takes an exclusive lock on ``PATH.lock`` around its read and write (``flock`` on a file
+    opened for the change, so threads of one process exclude each other too).
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock = threading.Lock()
 
     @classmethod
     def of_site(cls, root: Path) -> PolicyBook:
@@ -167,7 +166,7 @@ class PolicyBook:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, tuple[int, str]]]:
-        with self._lock, open(self.path.with_suffix(".lock"), "a") as lock:
+        with open(self.path.with_suffix(".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield self.held()
 

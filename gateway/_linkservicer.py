@@ -131,23 +131,15 @@ class SiteLinkServicer(pb_grpc.SiteLinkServicer):
         file's (sha256, size) by its relative path."""
         dest.mkdir(mode=0o700)
         digests: dict[str, tuple[str, int]] = {}
-        out: WriteBehind | None = None
-        rel, digest = "", hashlib.sha256()
-        left = total = 0
-
-        def finish() -> None:
-            if out is not None:
-                out.close()
-                digests[rel] = (digest.hexdigest(), out_size)
-
-        out_size = 0
+        current: _Incoming | None = None
+        total = 0
         try:
             for msg in it:
                 part = msg.WhichOneof("part")
                 if part == "file":
-                    if out is not None and left:
-                        raise InvalidInput("a file of the release ended early")
-                    finish()
+                    if current is not None:
+                        digests[current.rel] = current.finish()
+                        current = None
                     if len(digests) + 1 > MAX_RELEASE_FILES:
                         raise ResourceExhausted(f"a release has at most {MAX_RELEASE_FILES} files")
                     path = dest / _safe(msg.file.path)
@@ -155,29 +147,24 @@ class SiteLinkServicer(pb_grpc.SiteLinkServicer):
                     if rel in digests:
                         raise InvalidInput(f"a pushed release sends {rel} twice")
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    out, left, out_size = WriteBehind.create(path), msg.file.size, 0
-                    digest = hashlib.sha256()
+                    current = _Incoming(rel, path, msg.file.size)
                 elif part == "data":
-                    if out is None or len(msg.data) > left:
+                    if current is None:
                         raise InvalidInput("release bytes beyond the size their file announced")
                     total += len(msg.data)
                     if total > self.max_release_bytes:
                         raise ResourceExhausted(
                             f"a release is at most {self.max_release_bytes} bytes"
                         )
-                    digest.update(msg.data)
-                    out.write(msg.data)
-                    left -= len(msg.data)
-                    out_size += len(msg.data)
+                    current.write(msg.data)
                 else:
                     raise InvalidInput(f"unexpected {part or 'empty'} message in a pushed release")
-            if left:
-                raise InvalidInput("the last file of the release ended early")
-            finish()
-            out = None
+            if current is not None:
+                digests[current.rel] = current.finish()
+                current = None
         finally:
-            if out is not None:
-                out.close()
+            if current is not None:
+                current.out.close()
         return digests
 
     def PushDataset(
@@ -214,6 +201,30 @@ class SiteLinkServicer(pb_grpc.SiteLinkServicer):
             _site(context), cp, signer_cert=h.signer_cert, from_size=h.from_size, leaves=leaves()
         )
         return pb.PushAuditResponse(size=size)
+
+
+class _Incoming:
+    """One file of a pushed release as it arrives: written behind, hashed, counted down to the
+    size its header announced."""
+
+    def __init__(self, rel: str, path: Path, size: int) -> None:
+        self.rel, self.size, self.left = rel, size, size
+        self.digest = hashlib.sha256()
+        self.out = WriteBehind.create(path)
+
+    def write(self, data: bytes) -> None:
+        if len(data) > self.left:
+            raise InvalidInput("release bytes beyond the size their file announced")
+        self.digest.update(data)
+        self.out.write(data)
+        self.left -= len(data)
+
+    def finish(self) -> tuple[str, int]:
+        """(sha256, size) of the whole file. Raises InvalidInput if it ended early."""
+        if self.left:
+            raise InvalidInput(f"a file of the release ended early: {self.rel}")
+        self.out.close()
+        return self.digest.hexdigest(), self.size
 
 
 def _site(context: grpc.ServicerContext) -> str:

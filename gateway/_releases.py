@@ -248,9 +248,7 @@ def _safetensors_header(path: Path) -> list[tuple[str, tuple[int, ...]]]:
 
     try:
         with safe_open(str(path), framework="numpy") as f:
-            return [
-                (str(f.get_slice(k).get_dtype()), tuple(int(d) for d in f.get_slice(k).get_shape()))
-                for k in f.keys()  # noqa: SIM118 (safe_open is not a mapping)
-            ]
+            slices = [f.get_slice(k) for k in f.keys()]  # noqa: SIM118 (not a mapping)
+            return [(str(s.get_dtype()), tuple(int(d) for d in s.get_shape())) for s in slices]
     except (SafetensorError, OSError) as e:
         raise IntegrityError(f"{path.name}: not a safetensors file ({e})") from e

@@ -30,7 +30,7 @@ from policies.lifecycle import JobState
 
 CHUNK = 1 << 20
 MAX_WATCHES = 64
-"""Job watches open at once (a gateway's server has ``gateway.server.SERVER_THREADS``)."""
+"""Job watches open at once: half of ``gateway.server.SERVER_THREADS``."""
 
 
 class _Sink(Protocol):
@@ -91,14 +91,15 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         self._watches = threading.BoundedSemaphore(max_watches)
         self._max_watches = max_watches
 
+    def _sites(self, site: str) -> SiteAudits:
+        if self._site_audits is None:
+            raise NotFound(f"no audit log of a site named {site!r} reached this gateway")
+        return self._site_audits
+
     def _log(self, site: str) -> Any:
         """The audit log a compliance call reads: the gateway's own, or its copy of a remote
         site's (:mod:`gateway._siteaudit`). Raises NotFound for a site it holds no log of."""
-        if not site:
-            return self.g.audit
-        if self._site_audits is None:
-            raise NotFound(f"no audit log of a site named {site!r} reached this gateway")
-        return self._site_audits.log(site)
+        return self._sites(site).log(site) if site else self.g.audit
 
     def _job(self, j: JobRecord) -> pb.Job:
         return convert.job_message(j, self.g.approvals(j.id))
@@ -339,12 +340,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         if request.site:
             if request.fresh:
                 raise InvalidInput("a site signs the checkpoints of its own log: no fresh one")
-            assert self._site_audits is not None  # _log found the site's copy
-            held = self._log(request.site).held()
-            if held is None:
-                raise NotFound(f"the gateway holds no checkpoint of site {request.site}'s log")
+            held, cert = self._sites(request.site).checkpoint(request.site)
             message = convert.checkpoint_message(held)
-            message.signer_cert = self._site_audits.signer_cert(request.site)
+            message.signer_cert = cert
             return message
         cps = self.g.audit.checkpoints()
         cp = self.g.audit.checkpoint() if request.fresh or not cps else cps[-1]

@@ -25,14 +25,12 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from enclave.audit import AuditMirror, CheckpointError, SignedCheckpoint, checkpoint_details
+from enclave.audit import SITE_CHECKPOINT, AuditMirror, CheckpointError, SignedCheckpoint
 from enclave.provenance.verify import check_chain, load_ca, site_identity
 from enclave.secretfile import write_secret
 from policies.errors import InvalidInput, NotFound, SignatureError
 from policies.identity import Principal, Role
 from policies.spec import NAME_RE
-
-ACTION = "site.checkpoint"
 
 Record = Callable[..., int]
 """The gateway's audit append (``Gateway.record``)."""
@@ -47,7 +45,7 @@ class SiteAudits:
         self._ca = load_ca(ca_cert_pem)
         self._lock = threading.Lock()  # the table of open copies
         self._site_locks: dict[str, threading.Lock] = {}
-        self._open: dict[str, AuditMirror] = {}
+        self._open: dict[str, tuple[AuditMirror, str]] = {}  # the copy, its signer's PEM
 
     def _dir(self, site: str) -> Path:
         if not NAME_RE.match(site):
@@ -58,27 +56,31 @@ class SiteAudits:
         """How many records of ``site``'s log the gateway holds (all vouched for)."""
         if not (self._dir(site) / "signer.pem").exists():
             return 0
-        held = self.log(site).held()
+        held = self._opened(site)[0].held()
         return held.size if held is not None else 0
 
     def log(self, site: str) -> AuditMirror:
         """The copy of ``site``'s log. Raises NotFound for a site that never pushed one."""
+        return self._opened(site)[0]
+
+    def checkpoint(self, site: str) -> tuple[SignedCheckpoint, str]:
+        """The last checkpoint of ``site``'s log the gateway holds, and the PEM certificate of
+        the key that signed it. Raises NotFound."""
+        mirror, cert = self._opened(site)
+        held = mirror.held()
+        if held is None:
+            raise NotFound(f"the gateway holds no checkpoint of site {site}'s log")
+        return held, cert
+
+    def _opened(self, site: str) -> tuple[AuditMirror, str]:
         d = self._dir(site)
         with self._lock:
-            if site in self._open:
-                return self._open[site]
-            if not (d / "signer.pem").exists():
-                raise NotFound(f"no audit log of a site named {site!r} reached this gateway")
-            mirror = AuditMirror(d / "audit.db", public_key=self._key(self.signer_cert(site)))
-            self._open[site] = mirror
-            return mirror
-
-    def signer_cert(self, site: str) -> str:
-        """The PEM certificate of the key that signed ``site``'s last checkpoint."""
-        path = self._dir(site) / "signer.pem"
-        if not path.exists():
-            raise NotFound(f"no audit log of a site named {site!r} reached this gateway")
-        return path.read_text()
+            if site not in self._open:
+                if not (d / "signer.pem").exists():
+                    raise NotFound(f"no audit log of a site named {site!r} reached this gateway")
+                cert = (d / "signer.pem").read_text()
+                self._open[site] = (AuditMirror(d / "audit.db", public_key=self._key(cert)), cert)
+            return self._open[site]
 
     def _key(self, signer_cert: str, site: str | None = None) -> ed25519.Ed25519PublicKey:
         try:
@@ -116,14 +118,14 @@ class SiteAudits:
             if not (d / "signer.pem").exists():
                 d.mkdir(parents=True, exist_ok=True, mode=0o700)
                 write_secret(d / "signer.pem", signer_cert.encode(), mode=0o644)
-            mirror = self.log(site)
+            mirror, held_cert = self._opened(site)
             held = mirror.held()
             size = held.size if held is not None else 0
             if held is not None and (held.size, held.root) == (checkpoint.size, checkpoint.root):
                 return size  # again: acknowledged
             if from_size != size:
                 raise InvalidInput(f"site {site}: the gateway holds size {size}, not {from_size}")
-            if signer_cert != self.signer_cert(site):
+            if signer_cert != held_cert:
                 raise SignatureError(
                     f"site {site}: the checkpoint is signed by another key than the one that "
                     "signed its log so far"
@@ -132,11 +134,11 @@ class SiteAudits:
                 new = mirror.extend(checkpoint, leaves)
             except CheckpointError as e:
                 raise SignatureError(f"site {site}: {e}") from e
-            self._record(Principal(site, Role.SITE), ACTION, details=checkpoint_details(checkpoint))
+            self._record(Principal(site, Role.SITE), SITE_CHECKPOINT, details=checkpoint.to_dict())
             return new
 
     def close(self) -> None:
         with self._lock:
-            for mirror in self._open.values():
+            for mirror, _ in self._open.values():
                 mirror.close()
             self._open.clear()

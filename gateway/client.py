@@ -34,7 +34,7 @@ from gateway._views import JobEvent
 from gateway.store import DatasetRecord, PolicyRecord
 from policies.approval import ApprovalBinding
 from policies.document import parse_policy
-from policies.errors import IntegrityError, InvalidInput
+from policies.errors import IntegrityError, InvalidInput, NotFound
 from policies.identity import Principal
 from policies.review import ReviewReport
 from policies.signing import approval_message, policy_message
@@ -176,7 +176,10 @@ class Client:
         with its version number (:func:`policies.signing.policy_message`): a site accepts no
         policy its owner did not sign, and never an older version than one it has run under.
         Raises InvalidState when another version was written since this one was numbered."""
-        version = max((p.version for p in self.policy_versions(dataset)), default=0) + 1
+        try:
+            version = self.policy(dataset).version + 1  # the latest one, not every text
+        except NotFound:
+            version = 1
         signature = sign(self._key_pem, policy_message(dataset, version, document))
         p = self._call(
             self._stub.PutPolicy,
@@ -345,7 +348,7 @@ class Client:
 
     def audit_export(self, dest: Path, *, site: str = "") -> Path:
         """The log as JSON lines at ``dest``: the gateway's, or its copy of ``site``'s (which
-        verifies under that site's key: :meth:`site_signer_cert`)."""
+        verifies under that site's key: :meth:`site_checkpoint`)."""
         with dest.open("wb") as f:
             for chunk in self._stream(self._stub.ExportAudit, pb.ExportAuditRequest(site=site)):
                 f.write(chunk.data)
@@ -354,15 +357,16 @@ class Client:
     def audit_checkpoint(self, *, fresh: bool = False, site: str = "") -> SignedCheckpoint:
         """The latest signed checkpoint (a new one with ``fresh``), its signature not yet
         checked: call :meth:`SignedCheckpoint.verify` with the gateway's public key (for a
-        ``site``'s log, the key of :meth:`site_signer_cert`)."""
+        ``site``'s log, the key of :meth:`site_checkpoint`)."""
         cp = self._call(self._stub.GetCheckpoint, pb.GetCheckpointRequest(fresh=fresh, site=site))
         return _value(convert.checkpoint_value, cp)
 
-    def site_signer_cert(self, site: str) -> str:
-        """The PEM certificate of the key that signs ``site``'s audit log, as the gateway
-        holds it: check it against the deployment CA before trusting it
-        (:func:`enclave.provenance.verify.site_identity`)."""
-        return self._call(self._stub.GetCheckpoint, pb.GetCheckpointRequest(site=site)).signer_cert
+    def site_checkpoint(self, site: str) -> tuple[SignedCheckpoint, str]:
+        """The latest checkpoint of ``site``'s log the gateway holds (its signature not yet
+        checked) and the PEM certificate of the key that signed it: check that against the
+        deployment CA before trusting it (:func:`enclave.provenance.verify.site_identity`)."""
+        cp = self._call(self._stub.GetCheckpoint, pb.GetCheckpointRequest(site=site))
+        return _value(convert.checkpoint_value, cp), cp.signer_cert
 
     def audit_inclusion_proof(self, seq: int, tree_size: int = 0, *, site: str = "") -> AuditProof:
         p = self._call(

@@ -180,10 +180,7 @@ def build(
     )
     site_audits = SiteAudits(gw_dir / "sites", record=gateway.record, ca_cert_pem=ca_pem)
     gateway_pb2_grpc.add_GatewayServicer_to_server(
-        GatewayServicer(
-            gateway, links=links, site_audits=site_audits, max_watches=SERVER_THREADS // 2
-        ),
-        server,
+        GatewayServicer(gateway, links=links, site_audits=site_audits), server
     )
     ca = CertificateAuthority.load(home / "ca")
 

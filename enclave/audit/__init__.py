@@ -23,7 +23,8 @@ Errors, all :class:`policies.errors.AuditLogError`::
     └── ProofError         an inclusion or consistency proof does not prove its claim
 """
 
-from enclave.audit._crosscheck import CrossCheck, checkpoint_details, cross_check
+from enclave.audit._crosscheck import ACTION as SITE_CHECKPOINT
+from enclave.audit._crosscheck import CrossCheck, cross_check
 from enclave.audit._log import AuditLog
 from enclave.audit._merkle import ProofError, verify_consistency, verify_inclusion
 from enclave.audit._mirror import AuditMirror
@@ -39,6 +40,7 @@ from enclave.audit._report import DatasetReport
 from enclave.audit._verify import verify_export
 
 __all__ = [
+    "SITE_CHECKPOINT",
     "AuditEvent",
     "AuditLog",
     "AuditMirror",
@@ -50,7 +52,6 @@ __all__ = [
     "RecordError",
     "SignedCheckpoint",
     "VerifyResult",
-    "checkpoint_details",
     "cross_check",
     "verify_consistency",
     "verify_export",

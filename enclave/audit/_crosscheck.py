@@ -1,9 +1,9 @@
 """Two logs, one story, checked offline: a remote site's audit log against the gateway's.
 
 The gateway records each checkpoint a site pushes as a ``site.checkpoint`` event in its own
-log: the site's size, root, time and signature. :func:`cross_check` takes an export of each log
-(the site's from the site itself or from the gateway's copy of it) and the two public keys, and
-shows that
+log, the checkpoint whole (:meth:`SignedCheckpoint.to_dict`). :func:`cross_check` takes an
+export of each log (the site's from the site itself or from the gateway's copy of it) and the
+two public keys, and shows that
 
 - each export verifies on its own (:func:`~enclave.audit.verify_export`): no record edited,
   removed or reordered in either, every checkpoint signed by its log's key;
@@ -16,8 +16,6 @@ that drops a site's checkpoint breaks its own log's chain (the first).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +28,8 @@ from enclave.audit._verify import verify_export
 from policies.errors import AuditLogError, InvalidInput
 
 ACTION = "site.checkpoint"
+"""The gateway's record of a site checkpoint it took; its details are the checkpoint's
+:meth:`~enclave.audit.SignedCheckpoint.to_dict`."""
 
 
 @dataclass(frozen=True)
@@ -42,17 +42,6 @@ class CrossCheck:
     def latest(self) -> int:
         """The largest size of the site's log the gateway recorded (0: none)."""
         return self.recorded[-1].size if self.recorded else 0
-
-
-def checkpoint_details(cp: SignedCheckpoint) -> dict[str, object]:
-    """The details of the ``site.checkpoint`` event that records ``cp`` in the gateway's log
-    (what :func:`recorded_checkpoints` reads back)."""
-    return {
-        "size": cp.size,
-        "root": cp.root.hex(),
-        "time": cp.time,
-        "signature": base64.b64encode(cp.signature).decode(),
-    }
 
 
 def recorded_checkpoints(gateway_export: Path, site: str) -> list[SignedCheckpoint]:
@@ -69,18 +58,10 @@ def recorded_checkpoints(gateway_export: Path, site: str) -> list[SignedCheckpoi
                     continue
                 if leaf.get("principal") != site:
                     continue
-                d = leaf["details"]
-                found.append(
-                    SignedCheckpoint(
-                        size=int(d["size"]),
-                        root=bytes.fromhex(d["root"]),
-                        time=str(d["time"]),
-                        signature=base64.b64decode(d["signature"], validate=True),
-                    )
-                )
+                found.append(SignedCheckpoint.from_dict(leaf.get("details")))
     except OSError as e:
         raise AuditLogError(f"cannot read the export {gateway_export}: {e}") from e
-    except (ValueError, KeyError, TypeError, binascii.Error) as e:
+    except ValueError as e:
         raise InvalidInput(f"{gateway_export}: a {ACTION} record is malformed ({e})") from e
     return found
 

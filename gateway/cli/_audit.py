@@ -88,7 +88,7 @@ def audit_export(dest: Path, site: str = SiteOpt, as_json: bool = JsonOpt) -> No
             emit(as_json, {"export": str(dest)}, f"exported to {dest}")
             return
         cert = dest.with_name(dest.name + ".signer.pem")
-        cert.write_text(c.site_signer_cert(site))
+        cert.write_text(c.site_checkpoint(site)[1])
         emit(
             as_json,
             {"export": str(dest), "site": site, "signer_cert": str(cert)},
@@ -281,14 +281,15 @@ def _signed(
 ) -> SignedCheckpoint:
     """The log's latest checkpoint once its signature verifies under the gateway's key, or
     under a site's (raises CheckpointError); ``fresh``: a new one (the gateway's log only)."""
-    cp: SignedCheckpoint = c.audit_checkpoint(fresh=fresh and not site, site=site)
-    if site:
-        name, key = _site_key(c.site_signer_cert(site), ca)
-        if name != site:
-            raise SignatureError(f"the log of site {site} is signed by site {name}'s key")
-        cp.verify(key)
-    else:
+    if not site:
+        cp: SignedCheckpoint = c.audit_checkpoint(fresh=fresh)
         cp.verify(_gateway_key(public_key))
+        return cp
+    cp, cert = c.site_checkpoint(site)  # one call: the checkpoint and its signer
+    name, key = _site_key(cert, ca)
+    if name != site:
+        raise SignatureError(f"the log of site {site} is signed by site {name}'s key")
+    cp.verify(key)
     return cp
 
 

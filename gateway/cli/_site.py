@@ -181,15 +181,13 @@ def policy_pin(
     """Tell this site to run DATASET under policy VERSION or a later one, whatever orders the
     gateway sends: a gateway cannot then hold back a newer policy you wrote."""
     from enclave.sovereignty import PolicyBook
-    from policies.errors import PermissionDenied
 
     with errors(as_json):
         root = STATE.home / "site"
-        known = _site_datasets(root).owners().get(dataset)
-        if known is None:
+        datasets = _site_datasets(root)
+        if dataset not in datasets.owners():
             raise NotFound(f"no dataset {dataset} is kept at this site")
-        if known["owner"] != owner:
-            raise PermissionDenied(f"dataset {dataset} belongs to {known['owner']}")
+        datasets.check_owner(dataset, owner)
         held = PolicyBook.of_site(root).pin(dataset, version)
         emit(
             as_json,

@@ -109,7 +109,6 @@ def test_verify_names_the_edited_record_and_a_foreign_previous(tmp_path: Path) -
 def _site_and_gateway(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
     """A deployment CA, a site's own log signed with its CA-issued key, and a gateway log that
     recorded one checkpoint of it: (home, site export, site certificate, gateway export)."""
-    from enclave.audit import checkpoint_details
     from enclave.provenance import SiteSigner
     from gateway.identity import CertificateAuthority
 
@@ -127,7 +126,7 @@ def _site_and_gateway(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
     site.export(tmp_path / "site.jsonl")
     site.close()
     gw = AuditLog(home / "gateway" / "audit.db", signing_key=KEY, checkpoint_interval_s=0)
-    details = checkpoint_details(cp)
+    details = cp.to_dict()
     gw.append(AuditEvent("hospital", "site", "site.checkpoint", "ok", details=details))
     gw.export(gateway_export)
     gw.close()

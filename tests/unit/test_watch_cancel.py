@@ -23,6 +23,7 @@ from sealroom.v1 import gateway_pb2_grpc as gpb_grpc
 from enclave.fake import FakeSite
 from enclave.identity import IdentityFiles
 from enclave.link import channel
+from gateway._servicer import MAX_WATCHES
 from gateway.client import Client
 from gateway.identity import CertificateAuthority
 from gateway.server import SERVER_THREADS, Running
@@ -106,7 +107,7 @@ def test_watches_held_open_cannot_take_every_thread(
     running, ids = gateway
     address = f"localhost:{running.port}"
     job_id = _waiting_job(address, ids, tmp_path)
-    cap = SERVER_THREADS // 2
+    cap = MAX_WATCHES
     with channel(address, ids["theo"]) as ch:
         stub = gpb_grpc.GatewayStub(ch)
         held = [stub.WatchJob(gpb.WatchJobRequest(job_id=job_id)) for _ in range(cap)]
