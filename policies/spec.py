@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from policies._loader import Path, line_for, load_document
 from policies.errors import SpecError
+from policies.federation import FEDERATED_TRAINERS, FederationModel, FederationPlan
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 """Names of datasets, models and jobs: lowercase, short, safe as a path component."""
@@ -85,6 +86,7 @@ class _Spec(BaseModel):
     hyperparameters: dict[str, Scalar] = Field(default_factory=dict, max_length=64)
     resources: _Resources = Field(default_factory=_Resources)
     env: dict[str, str] = Field(default_factory=dict, max_length=32)
+    federation: FederationModel | None = None
 
     @field_validator("name", "base_model")
     @classmethod
@@ -174,12 +176,24 @@ class JobSpec:
     hyperparameters: Mapping[str, Scalar] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
     env: Mapping[str, str] = field(default_factory=dict)
+    federation: FederationPlan | None = None
+    """Set for a federated job (:mod:`policies.federation`): trained across sites in rounds."""
 
     @property
     def is_custom(self) -> bool:
         return self.trainer == "custom"
 
+    @property
+    def is_federated(self) -> bool:
+        return self.federation is not None
+
     def to_dict(self) -> dict[str, Any]:
+        out = self._base_dict()
+        if self.federation is not None:  # absent otherwise: older specs keep their digests
+            out["federation"] = self.federation.to_dict()
+        return out
+
+    def _base_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "datasets": [str(d) for d in self.datasets],
@@ -259,6 +273,9 @@ def _validate(raw: dict[Any, Any], *, lines: Mapping[Path, int] | None) -> JobSp
             f"job spec is invalid: {where('entrypoint')}entrypoint: only allowed when trainer is "
             "'custom'"
         )
+    federation = None
+    if model.federation is not None:
+        federation = _federation(model, where)
     refs = []
     for ref in model.datasets:
         m = DATASET_REF_RE.match(ref)
@@ -275,4 +292,32 @@ def _validate(raw: dict[Any, Any], *, lines: Mapping[Path, int] | None) -> JobSp
         hyperparameters=dict(model.hyperparameters),
         resources=Resources(**model.resources.model_dump()),
         env=dict(model.env),
+        federation=federation,
     )
+
+
+def _federation(model: _Spec, where: Callable[..., str]) -> FederationPlan:
+    """The plan of a federated spec, checked against the rest of the spec."""
+    assert model.federation is not None
+    if model.trainer not in FEDERATED_TRAINERS:
+        raise SpecError(
+            f"job spec is invalid: {where('trainer')}trainer: a federated job runs a built-in "
+            f"trainer ({', '.join(FEDERATED_TRAINERS)}), not {model.trainer!r}"
+        )
+    if len(model.datasets) < 2:
+        raise SpecError(
+            f"job spec is invalid: {where('datasets')}datasets: a federated job names datasets "
+            "held at two or more sites"
+        )
+    if model.federation.min_sites > len(model.datasets):
+        raise SpecError(
+            f"job spec is invalid: {where('federation', 'min_sites')}federation.min_sites: "
+            f"{model.federation.min_sites} sites cannot take part with {len(model.datasets)} "
+            "datasets"
+        )
+    if "max_steps" in model.hyperparameters:
+        raise SpecError(
+            f"job spec is invalid: {where('hyperparameters', 'max_steps')}hyperparameters."
+            "max_steps: a federated job's steps are federation.rounds times local_steps"
+        )
+    return FederationPlan.from_model(model.federation)
