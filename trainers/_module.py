@@ -54,6 +54,8 @@ class FineTuneModule(pl.LightningModule):
         self.resumed_from: int | None = None
         self._restored_rng: torch.Tensor | None = None
         self._empty_batch = False
+        self._proximal: tuple[float, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self._step_lr = 0.0
         # Checkpoints hold only what trains (a LoRA run's frozen base is the base model).
         self.strict_loading = False
 
@@ -100,6 +102,7 @@ class FineTuneModule(pl.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._step_lr = float(optimizer.param_groups[0]["lr"])  # the rate of this very step
         if self.private is not None and self._empty_batch:
             for p in self.net.parameters():
                 if p.requires_grad:
@@ -107,6 +110,25 @@ class FineTuneModule(pl.LightningModule):
                     p.grad_sample = torch.zeros(  # type: ignore[attr-defined]
                         (0, *p.shape), dtype=p.dtype, device=p.device
                     )
+
+    def pull_towards_start(self, mu: float) -> None:
+        """FedProx: after every optimizer step, move each trained tensor ``lr · mu`` of the way
+        (at most all of it) back to its value now (the round's global model). Decoupled from the loss, as AdamW's
+        weight decay is: the pull depends on no sample, so under DP-SGD it costs no privacy
+        (Opacus' per-sample gradients never see it) and the accountant's figure stands."""
+        anchors: list[tuple[torch.Tensor, torch.Tensor]] = [
+            (p, p.detach().clone()) for p in self.net.parameters() if p.requires_grad
+        ]
+        self._proximal = (mu, anchors)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._proximal is None:
+            return
+        mu, anchors = self._proximal
+        pull = min(1.0, self._step_lr * mu)  # never past the start
+        with torch.no_grad():
+            for p, start in anchors:
+                p.sub_(pull * (p - start))
 
     def configure_optimizers(self) -> Any:
         # No decay on norms and biases (1-D tensors), as is usual for transformers.

@@ -204,6 +204,8 @@ def _train(
         seed=hp.seed,
     )
     module = CausalLMModule.for_run(net, hp)
+    if ctx.proximal_mu is not None:
+        module.pull_towards_start(ctx.proximal_mu)
     if hp.dp is not None:
         data.setup("fit")
         assert data.train_blocks is not None
@@ -262,6 +264,8 @@ def run_lora(hp: LoRAHyperparameters, ctx: RunContext) -> dict[str, float]:
             # peft asking transformers for a name transformers deprecates: not ours.
             warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
             peft_net: torch.nn.Module = get_peft_model(net, config)
+        if ctx.start_weights is not None:
+            lora.load_adapter(peft_net, ctx.start_weights, expected=expected)
         return peft_net
 
     def export(net: torch.nn.Module) -> None:

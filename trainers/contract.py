@@ -9,6 +9,7 @@ beyond reading the environment.
 | --------------- | ----------------------------------------------------- | ---------- |
 | /data/<dataset> | the approved datasets, decrypted for this job only    | read-only  |
 | /model/base     | the base model (Hugging Face format directory)        | read-only  |
+| /model/start    | a federated round's starting weights (the global model) | read-only |
 | /code           | the code bundle                                       | read-only  |
 | /output         | the only writable place that outlives the job; capped | read-write |
 | /tmp            | scratch, memory-backed, capped                        | read-write |
@@ -37,6 +38,10 @@ WEIGHTS_DIR = OUTPUT_DIR / "weights"
 METRICS_FILE = OUTPUT_DIR / "metrics.json"
 PROGRESS_FILE = OUTPUT_DIR / "metrics.jsonl"
 CHECKPOINT_DIR = OUTPUT_DIR / "checkpoints"
+START_DIR = PurePosixPath("/model/start")
+START_WEIGHTS = START_DIR / "model.safetensors"
+"""A federated round's start: the global model's trainable tensors, in the layout the trainer
+writes (a LoRA adapter's tensors), mounted only for a round."""
 
 JOB_ENV = "SEALROOM_JOB"
 """Environment variable that carries :class:`JobConfig` as JSON."""
@@ -103,6 +108,35 @@ class DPParameters:
 
 
 @dataclass(frozen=True)
+class RoundTraining:
+    """One round of a federated job at a site: start from the global model's weights (mounted
+    at :data:`START_WEIGHTS`) and, for FedProx, pull each step back towards them by
+    ``proximal_mu``. The round's step count is the hyperparameters' ``max_steps``, which the site
+    sets to the plan's ``local_steps``. Raises ``ValueError`` for a bad ``proximal_mu``."""
+
+    round: int
+    proximal_mu: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.round, bool) or not isinstance(self.round, int) or self.round < 0:
+            raise ValueError("federated_round.round must be a non-negative integer")
+        mu = self.proximal_mu
+        if mu is not None and (
+            isinstance(mu, bool) or not isinstance(mu, int | float) or not 0 < mu <= 100
+        ):
+            raise ValueError("federated_round.proximal_mu must be a number in (0, 100]")
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"round": self.round, "proximal_mu": self.proximal_mu}
+
+    @classmethod
+    def from_obj(cls, raw: Any) -> RoundTraining:
+        if not isinstance(raw, dict) or set(raw) != {"round", "proximal_mu"}:
+            raise ValueError("federated_round must be an object of round, proximal_mu")
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """What the harness needs to know about the job. Built by the site agent from the spec.
 
@@ -117,6 +151,8 @@ class JobConfig:
     hyperparameters: Mapping[str, Any] = field(default_factory=dict)
     entrypoint: str | None = None
     dp: DPParameters | None = None
+    federated_round: RoundTraining | None = None
+    """Set for one round of a federated job: train from :data:`START_WEIGHTS`."""
 
     def to_json(self) -> str:
         return json.dumps(
@@ -127,6 +163,9 @@ class JobConfig:
                 "hyperparameters": dict(self.hyperparameters),
                 "entrypoint": self.entrypoint,
                 "dp": None if self.dp is None else self.dp.to_obj(),
+                "federated_round": None
+                if self.federated_round is None
+                else self.federated_round.to_obj(),
             },
             sort_keys=True,
         )
@@ -151,6 +190,7 @@ class JobConfig:
         if entrypoint is not None and not isinstance(entrypoint, str):
             raise ValueError(f"{JOB_ENV}: entrypoint must be a string or null")
         dp = raw.get("dp")
+        rnd = raw.get("federated_round")
         return cls(
             job_id=raw["job_id"],
             trainer=raw["trainer"],
@@ -158,6 +198,7 @@ class JobConfig:
             hyperparameters=hyperparameters,
             entrypoint=entrypoint,
             dp=None if dp is None else DPParameters.from_obj(dp),
+            federated_round=None if rnd is None else RoundTraining.from_obj(rnd),
         )
 
     @classmethod

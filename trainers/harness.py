@@ -131,7 +131,29 @@ def _context(job: JobConfig, paths: Paths) -> RunContext:
         scratch_dir=paths.tmp,
         checkpoint_dir=paths.checkpoint_dir,
         dp=job.dp,
+        **_round(job, paths),
     )
+
+
+ROUND_TRAINERS = ("causal-lm-lora",)
+"""The trainers a federated round runs today: LoRA first (the issue's order); a full
+fine-tune and a classifier need their weights loaded back from the exported layout."""
+
+
+def _round(job: JobConfig, paths: Paths) -> dict[str, Any]:
+    """A federated round's part of the run context: where it starts, and its FedProx pull."""
+    if job.federated_round is None:
+        return {}
+    if job.trainer not in ROUND_TRAINERS:
+        raise ConfigError(
+            "federated_round", f"a federated round of {job.trainer!r} is not supported"
+        )
+    if not paths.start_weights.is_file():
+        raise ConfigError("federated_round", "no starting weights are mounted for the round")
+    return {
+        "start_weights": paths.start_weights,
+        "proximal_mu": job.federated_round.proximal_mu,
+    }
 
 
 def write_metrics(metrics: Mapping[str, float], dest: Path) -> None:

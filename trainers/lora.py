@@ -19,9 +19,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trainers.errors import ConfigError
+from trainers.errors import ConfigError, WeightsError
 from trainers.hparams import PREFIX, LoRAHyperparameters
-from trainers.weights import TensorLayout, tensor_layout
+from trainers.weights import TensorLayout, tensor_layout, verify_layout
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -85,6 +85,23 @@ def adapter_layout(model_dir: Path, hp: LoRAHyperparameters) -> TensorLayout:
             f"the base model has no linear layer named {', '.join(missing)}",
         )
     return out
+
+
+def load_adapter(net: Any, path: Path, *, expected: TensorLayout) -> None:
+    """Set the adapter of the PEFT model ``net`` to the tensors in ``path`` (a federated
+    round's global adapter), which must have exactly the layout ``expected``. Raises
+    :class:`ConfigError` naming ``federated_round`` otherwise."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    try:
+        verify_layout(expected=expected, actual=tensor_layout(path))
+    except WeightsError as e:
+        raise ConfigError("federated_round", f"the starting adapter does not fit: {e}") from e
+    result = set_peft_model_state_dict(net, load_file(str(path)))
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise ConfigError("federated_round", f"the starting adapter has {unexpected[0]!r}")
 
 
 def adapter_config(hp: LoRAHyperparameters) -> dict[str, Any]:

@@ -54,6 +54,11 @@ class Paths:
         return cls.under(Path(root)) if root else cls.under(Path("/"))
 
     @property
+    def start_weights(self) -> Path:
+        """Where a federated round's starting weights are mounted."""
+        return self.model.parent / contract.START_WEIGHTS.relative_to(contract.MODEL_DIR.parent)
+
+    @property
     def weights_dir(self) -> Path:
         return self.output / contract.WEIGHTS_DIR.relative_to(contract.OUTPUT_DIR)
 
@@ -95,6 +100,10 @@ class RunContext:
     checkpoint_dir: Path | None = None
     dp: DPParameters | None = None
     """The site's DP-SGD parameters for this run (see :class:`trainers.contract.JobConfig`)."""
+    start_weights: Path | None = None
+    """A federated round's starting weights (:data:`trainers.contract.START_WEIGHTS`)."""
+    proximal_mu: float | None = None
+    """FedProx: each step pulls the trained tensors back towards ``start_weights``."""
 
 
 def find_text_files(dirs: Sequence[Path]) -> list[Path]:

@@ -80,6 +80,10 @@ def test_the_plan_is_in_the_digest_and_an_unfederated_spec_keeps_its_own() -> No
             "line 4: trainer: a federated job runs a built-in trainer",
         ),
         (
+            BASE.replace("trainer: causal-lm-lora", "trainer: classification") + PLAN,
+            "not 'classification'",
+        ),
+        (
             BASE.replace("batch_size: 4}", "batch_size: 4, max_steps: 9}") + PLAN,
             "rounds times local_steps",
         ),
