@@ -154,6 +154,24 @@ class TeamChannel:
         self._report(report)
 
 
+class OwnersChannel(TeamChannel):
+    """A federated round's publications: every reading to the owners at once, nothing on the
+    team's grid. The team sees a round only as its aggregate, which the gateway publishes on
+    the grid; what one site's round did stays with that site's owners."""
+
+    def __init__(self, job_id: str, *, report: Report) -> None:
+        super().__init__(job_id, rules=channels.ChannelRules(), total_steps=1, report=report)
+
+    def on_progress(self, progress: Progress) -> None:
+        self._report(SiteReport(self.job_id, owner_progress=progress))
+
+    def wait_for_grid(self) -> None:
+        return
+
+    def publish(self, report: SiteReport) -> None:
+        self._report(report)
+
+
 class Background:
     """A call run on its own thread, whose result the caller waits for up to a deadline (the
     release gate: when it overruns, the run's end is published at the deadline all the same)."""

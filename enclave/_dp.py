@@ -13,6 +13,7 @@ nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -35,7 +36,13 @@ def decide(spec: JobSpec, *, training_rows: Callable[[], int]) -> DPParameters |
         if request is None:
             return None
         rate = min(1.0, request.batch_size / training_rows())
-        return privacy.calibrate(request.settings, sample_rate=rate, steps=request.steps)
+        if spec.federation is None:
+            return privacy.calibrate(request.settings, sample_rate=rate, steps=request.steps)
+        # Federated: the noise is set for every round the site may train, and each round runs
+        # its share of the steps (the site's round record composes them: enclave.federated).
+        plan = spec.federation
+        whole = privacy.calibrate(request.settings, sample_rate=rate, steps=plan.total_steps)
+        return dataclasses.replace(whole, steps=plan.local_steps)
     except ConfigError as e:
         raise InvalidInput(f"{e.field}: DP-SGD cannot be set up for this job on this data") from e
 

@@ -18,7 +18,16 @@ from pathlib import Path
 from enclave.runtime import ContainerSpec
 from policies.errors import InvalidInput
 from policies.spec import JobSpec
-from trainers.contract import CODE_DIR, DATA_DIR, JOB_ENV, MODEL_DIR, DPParameters, JobConfig
+from trainers.contract import (
+    CODE_DIR,
+    DATA_DIR,
+    JOB_ENV,
+    MODEL_DIR,
+    START_DIR,
+    DPParameters,
+    JobConfig,
+    RoundTraining,
+)
 
 MAX_BUNDLE_FILES = 10_000
 MAX_BUNDLE_BYTES = 512 * 1024 * 1024
@@ -59,16 +68,28 @@ def job_container(
     code_dir: Path,
     output: Path,
     labels: Mapping[str, str],
+    federated_round: RoundTraining | None = None,
+    start_dir: Path | None = None,
 ) -> ContainerSpec:
     """The container one job runs in: the spec's resources within the site's limits, the data,
-    model and code read-only at the contract's paths, the job's configuration in its env."""
+    model and code read-only at the contract's paths, the job's configuration in its env. A
+    federated round also gets its start (``start_dir``, read-only at the contract's path) and
+    trains the plan's ``local_steps``."""
+    hyperparameters = dict(spec.hyperparameters)
+    mounts: dict[Path, str] = {}
+    if federated_round is not None:
+        if spec.federation is None or start_dir is None:
+            raise InvalidInput("a federated round needs the job's plan and the round's start")
+        hyperparameters["max_steps"] = spec.federation.local_steps
+        mounts[start_dir] = str(START_DIR)
     config = JobConfig(
         job_id=job_id,
         trainer=spec.trainer,
         datasets=tuple(data),
-        hyperparameters=dict(spec.hyperparameters),
+        hyperparameters=hyperparameters,
         entrypoint=spec.entrypoint,
         dp=dp,
+        federated_round=federated_round,
     )
     return ContainerSpec(
         image=image,
@@ -78,6 +99,7 @@ def job_container(
             **{path: str(DATA_DIR / name) for name, path in data.items()},
             model_dir: str(MODEL_DIR),
             code_dir: str(CODE_DIR),
+            **mounts,
         },
         output_dir=output,
         memory_bytes=min(spec.resources.memory_mb, limits.memory_mb) * 1024**2,

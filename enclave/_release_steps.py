@@ -113,36 +113,11 @@ def check_and_sign(
             memorization=memo,
             dp=dp,
         )
-        for check in result.checks:
-            report(
-                SiteReport(
-                    job,
-                    audit_action="release.check",
-                    audit_dataset=dataset,
-                    audit_outcome="ok" if check.passed else "denied",
-                    details={
-                        "check": str(check.name),
-                        "outcome": str(check.outcome),
-                        "reasons": list(check.reasons),
-                        "figures": jsonable(check.figures),
-                    },
-                )
-            )
+        audit_checks(job, report, dataset, result)
         gates[dataset] = result
-    refused = [
-        f"{d}: {c.name}: {', '.join(c.reasons) or c.outcome}"
-        for d, g in gates.items()
-        for c in g.checks
-        if not c.passed
-    ]
-    if refused:
-        first = next(c.name for g in gates.values() for c in g.checks if not c.passed)
-        return _channels.terminal(
-            job,
-            JobState.REJECTED,
-            REJECTED_BY_CHECK[CheckName(first)],
-            "release refused: " + "; ".join(refused),
-        )
+    refusal = refused(job, gates)
+    if refusal is not None:
+        return refusal
     context = ReleaseContext(
         job_id=job,
         spec_sha256=order.spec_sha256,
@@ -181,23 +156,78 @@ def check_and_sign(
     )
 
 
+def audit_checks(job: str, report: Report, dataset: str, result: GateResult) -> None:
+    """Report every check of one gate run as an audit record."""
+    for check in result.checks:
+        report(
+            SiteReport(
+                job,
+                audit_action="release.check",
+                audit_dataset=dataset,
+                audit_outcome="ok" if check.passed else "denied",
+                details={
+                    "check": str(check.name),
+                    "outcome": str(check.outcome),
+                    "reasons": list(check.reasons),
+                    "figures": jsonable(check.figures),
+                },
+            )
+        )
+
+
+def refused(job: str, gates: dict[str, GateResult]) -> SiteReport | None:
+    """The REJECTED end naming every refused check of ``gates``, or None when all passed."""
+    reasons = [
+        f"{d}: {c.name}: {', '.join(c.reasons) or c.outcome}"
+        for d, g in gates.items()
+        for c in g.checks
+        if not c.passed
+    ]
+    if not reasons:
+        return None
+    first = next(c.name for g in gates.values() for c in g.checks if not c.passed)
+    return _channels.terminal(
+        job,
+        JobState.REJECTED,
+        REJECTED_BY_CHECK[CheckName(first)],
+        "release refused: " + "; ".join(reasons),
+    )
+
+
 def dp_parameters(
     order: RunOrder, report: Report, vault: Vault, model_dir: Path, versions: list[VaultVersion]
 ) -> DPParameters | None:
     """The DP-SGD this site grants the job (None: none), its sample rate from the training
     samples counted in the site's own plaintext with the trainer's own rules."""
 
-    def dataset_files() -> Iterator[tuple[str, bytes]]:
-        return _audited_files(order, report, vault, versions, purpose="DP-SGD sample rate")
-
     return _dp.decide(
         order.spec,
-        training_rows=lambda: privacy.training_rows(
-            order.spec.trainer,
-            dict(order.spec.hyperparameters),
-            model_dir=model_dir,
-            dataset_files=dataset_files,
+        training_rows=lambda: training_rows(
+            order, report, vault, model_dir, versions, purpose="DP-SGD sample rate"
         ),
+    )
+
+
+def training_rows(
+    order: RunOrder,
+    report: Report,
+    vault: Vault,
+    model_dir: Path,
+    versions: list[VaultVersion],
+    *,
+    purpose: str,
+) -> int:
+    """The training samples the job's built-in trainer draws from, counted in the site's own
+    plaintext with the trainer's own rules (each read reported, for ``purpose``)."""
+
+    def dataset_files() -> Iterator[tuple[str, bytes]]:
+        return _audited_files(order, report, vault, versions, purpose=purpose)
+
+    return privacy.training_rows(
+        order.spec.trainer,
+        dict(order.spec.hyperparameters),
+        model_dir=model_dir,
+        dataset_files=dataset_files,
     )
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from enclave import _channels, _mounts, _progress, _warm, sovereignty
+from enclave._agent_rounds import RoundRuns, round_run_id
 from enclave._jobcontainer import (
     DEFAULT_LIMITS,
     MAX_BUNDLE_BYTES,
@@ -43,9 +44,11 @@ from enclave._jobcontainer import (
     unpack_bundle,
 )
 from enclave._release_steps import check_and_sign, dp_parameters
+from enclave._round_steps import check_round
 from enclave._run_audit import failure_phrase, report_stop
 from enclave._sitekeys import LOG_FILE, open_logs, seal_logs, site_secret
-from enclave.contract import Report, RunOrder, SiteReport, StoredDataset
+from enclave.contract import Report, RoundOrder, RoundUpdate, RunOrder, SiteReport, StoredDataset
+from enclave.federated import RoundBook
 from enclave.identity import IdentityFiles
 from enclave.ledger import AccessLedger, AccessRecord
 from enclave.models import ModelStore
@@ -56,7 +59,7 @@ from policies.channels import TeamReason
 from policies.errors import InvalidInput, SealroomError, SiteError
 from policies.lifecycle import JobState
 from policies.spec import JobSpec
-from trainers.contract import DPParameters
+from trainers.contract import DPParameters, RoundTraining
 
 __all__ = [
     "BUILTIN_DEFAULT_STEPS",
@@ -98,7 +101,7 @@ SITE_LABEL = "org.sealroom.site"
 SITE_INSTANCE_LABEL = "org.sealroom.site-instance"
 
 
-class SiteAgent:
+class SiteAgent(RoundRuns):
     """One enclave site. Implements :class:`enclave.contract.Site` in-process."""
 
     def __init__(
@@ -130,6 +133,8 @@ class SiteAgent:
         self._log_key = site_secret(root / "keys" / "logs.key")
         self._bits = _channels.BitsLedger(root / "keys" / "channel-bits.json")
         self._policy_book = sovereignty.PolicyBook.of_site(root)
+        self.rounds = RoundBook.of_site(root)
+        self._kept: dict[tuple[str, int], RoundUpdate] = {}  # gated round updates, in memory
         # This site's containers, told apart from any other site's on the same engine (a
         # shared engine, or two deployments on one machine) even when their names agree.
         self.instance = site_secret(root / "keys" / "instance.id")[:8].hex()
@@ -256,7 +261,7 @@ class SiteAgent:
                 report=report,
             )
             outcome = self._run(order, report, run_dir, team, policies)
-            if outcome is not None:
+            if isinstance(outcome, SiteReport):
                 team.publish(outcome)
         except Exception as e:  # the system's fault, never the job's: report and clean up
             report(
@@ -305,13 +310,18 @@ class SiteAgent:
         run_dir: Path,
         team: _channels.TeamChannel,
         policies: Mapping[str, document.PolicyDocument],
-    ) -> SiteReport | None:
-        """Run the job and clean up after it. Returns the run's end, to be published once
-        nothing of the run is left (None when it was published already)."""
+        rnd: RoundOrder | None = None,
+    ) -> SiteReport | RoundUpdate | None:
+        """Run the job (or, with ``rnd``, one federated round of it, as ``run_dir``'s run)
+        and clean up after it. Returns the run's end, to be published once nothing of the run
+        is left (None when it was published already), or the round's gated update."""
         job = order.job_id
+        run_id = job if rnd is None else round_run_id(job, rnd.round)
         spec = order.spec
+        if spec.is_federated and rnd is None:
+            raise InvalidInput("a federated job runs round by round (train_round), not whole")
         if run_dir.exists():
-            raise SiteError(f"run directory for {job} already exists: runs are never repeated")
+            raise SiteError(f"run directory for {run_id} already exists: runs are never repeated")
         run_dir.mkdir(mode=0o700)
         # Before any data is decrypted: what the owners signed covers exactly this order.
         sovereignty.check_order(
@@ -326,27 +336,31 @@ class SiteAgent:
                 f"the job asks for {spec.resources.gpus} GPUs; this site has {self.limits.gpus}"
             )
         model = self.models.get(spec.base_model)
-        rules = [(name, doc.release) for name, doc in policies.items()]
+        held = self._held(order, federated=rnd is not None)
+        mine = {n: d for n, d in policies.items() if n in dict(held)}
+        rules = [(name, doc.release) for name, doc in mine.items()]
         # Before any byte is decrypted: what the team could observe of this run, charged to
-        # each dataset in the site's own ledger (the gateway's tally is not trusted).
-        acct = access.job_account(spec, policies.values())
-        self._bits.charge(
-            acct,
-            datasets=policies,
-            budgets={n: d.channels.dataset_budget_bits for n, d in policies.items()},
-        )
+        # each dataset in the site's own ledger (the gateway's tally is not trusted). A
+        # federated job is charged once, at the first round this site trains.
+        acct = access.job_account(spec, mine.values())
+        if rnd is None or self.rounds.job(job) is None:
+            self._bits.charge(
+                acct,
+                datasets=mine,
+                budgets={n: d.channels.dataset_budget_bits for n, d in mine.items()},
+            )
         with ExitStack() as stack:
             code_dir = run_dir / "code"
             code_dir.mkdir(mode=0o755)
             if order.bundle is not None:
                 unpack_bundle(order.bundle, code_dir)
-            versions = [self.vault.get(n, v) for n, v in order.datasets]
+            versions = [self.vault.get(n, v) for n, v in held]
 
             def on_vault_event(event: StagingEvent) -> None:
                 for ref in event.datasets:
                     report(
                         SiteReport(
-                            job,
+                            run_id,
                             audit_action=f"data.{event.kind.value}",
                             audit_dataset=ref,
                             details={"total_bytes": event.total_bytes},
@@ -354,7 +368,7 @@ class SiteAgent:
                     )
 
             staging = stack.enter_context(
-                self.vault.stage(job, versions, dest_root=self._staging, on_event=on_vault_event)
+                self.vault.stage(run_id, versions, dest_root=self._staging, on_event=on_vault_event)
             )
 
             # Reads are audited when the container has stopped, each with its own time: sent as
@@ -373,26 +387,34 @@ class SiteAgent:
                     )
                 )
 
-            slot = self._warm.take() if self._warm.serves(order) else None
+            slot = self._warm.take() if rnd is None and self._warm.serves(order) else None
             if slot is not None:  # destroyed with the run, given or not
                 stack.callback(slot.destroy, self.runtime)
             output = slot.output if slot is not None else cold_output()
             if self._is_cancelled(job):
                 return SiteReport(job, state=JobState.CANCELLED, reason=TeamReason.CANCELLED)
             dp = self._dp[job] = dp_parameters(order, report, self.vault, model.path, versions)
+            start_dir = None
+            if rnd is not None:  # before the job runs: the round is within the plan and ε
+                start_dir = self._round_start(rnd, run_dir)
+                self._admit_round(rnd, dp, mine)
 
             def container(output: Path, code: Path) -> ContainerSpec:
                 return job_container(
                     spec,
                     dp=dp,
-                    job_id=job,
+                    job_id=run_id,
                     image=self.image,
                     limits=self.limits,
-                    data={n: staging.path(n) for n, _ in order.datasets},
+                    data={n: staging.path(n) for n, _ in held},
                     model_dir=model.path,
                     code_dir=code,
                     output=output,
                     labels=self.labels,
+                    federated_round=None
+                    if rnd is None or spec.federation is None
+                    else RoundTraining(rnd.round, spec.federation.proximal_mu),
+                    start_dir=start_dir,
                 )
 
             handle = None
@@ -417,7 +439,7 @@ class SiteAgent:
                 self.runtime.stop(handle)  # running yet, so stop it here
             report(
                 SiteReport(
-                    job,
+                    run_id,
                     state=JobState.RUNNING,
                     image_id=self.image,
                     reason=TeamReason.RUNNING,
@@ -441,16 +463,31 @@ class SiteAgent:
             ):
                 status = self.runtime.wait(handle, timeout_s=spec.resources.timeout_s)
             seal_logs(
-                self._log_key, job, run_dir, self.runtime.logs(handle, max_bytes=MAX_LOG_BYTES)
+                self._log_key, run_id, run_dir, self.runtime.logs(handle, max_bytes=MAX_LOG_BYTES)
             )
             summary = ledger.stop()
-            report_stop(job, report, reads, summary, status)
+            report_stop(run_id, report, reads, summary, status)
             if self._is_cancelled(job):
                 return SiteReport(job, state=JobState.CANCELLED, reason=TeamReason.CANCELLED)
             if status.state is not RunState.EXITED or status.exit_code != 0:
                 detail = f"{failure_phrase(status)} (exit code {status.exit_code}) {status.reason}"
                 return _channels.terminal(
                     job, JobState.FAILED, _channels.failure_reason(status), detail.strip()
+                )
+            if rnd is not None:
+                return check_round(
+                    rnd,
+                    report,
+                    run_id=run_id,
+                    vault=self.vault,
+                    run_dir=run_dir,
+                    output=output,
+                    rules=rules,
+                    model_dir=model.path,
+                    layout=model.layout,
+                    versions=versions,
+                    epsilon=self._round_epsilon(job, mine),
+                    weight=self._round_weight(order, report, model.path, versions),
                 )
             team.publish(SiteReport(job, state=JobState.CHECKING, reason=TeamReason.CHECKING))
             deadline = team.deadline(team.rules.gate_timeout_s)

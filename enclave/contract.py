@@ -63,6 +63,29 @@ class RunOrder:
 
 
 @dataclass(frozen=True)
+class RoundOrder:
+    """One round of a federated job at one site: the approved job (``order``, whole: its
+    binding covers every dataset at every site, and the site checks every owner's signature),
+    the round's number, and its start (the global model's trainable tensors, checked against
+    ``start_sha256``). The site trains on the datasets of the order it holds."""
+
+    order: RunOrder
+    round: int
+    start: Path
+    start_sha256: str
+
+
+@dataclass(frozen=True)
+class RoundUpdate:
+    """What a round leaves at its site once the gate passed: the gated update (trained minus
+    start, flat, then the round's training loss; :func:`enclave.federated.round_vector`) and
+    its FedAvg weight. It stays at the site; only its masked sum ever leaves."""
+
+    vector: Any  # numpy float64 vector
+    weight: int
+
+
+@dataclass(frozen=True)
 class SiteReport:
     """One thing a site tells the gateway about a run."""
 

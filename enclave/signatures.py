@@ -1,5 +1,6 @@
-"""Signing a statement with a person's CA-issued key, and checking one: ECDSA P-256 over
-SHA-256 (the ``cryptography`` package's), base64 in transit. What is signed is
+"""Signing a statement with a person's or a site's CA-issued key, and checking one: ECDSA P-256
+over SHA-256 (people's keys), or Ed25519 (a site's release-signing key), both the
+``cryptography`` package's, base64 in transit. What is signed is
 :mod:`policies.signing`'s; who signed is the certificate's, which must chain to the deployment
 CA, carry the expected role and name, and have been valid when checked.
 """
@@ -13,7 +14,7 @@ import datetime as dt
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
 from enclave.provenance.verify import check_chain, check_validity, load_ca
@@ -22,10 +23,12 @@ from policies.identity import Role
 
 
 def sign(key_pem: bytes, message: bytes) -> str:
-    """The base64 signature of ``message`` by the ECDSA private key in ``key_pem``."""
+    """The base64 signature of ``message`` by the ECDSA or Ed25519 private key in ``key_pem``."""
     key = serialization.load_pem_private_key(key_pem, password=None)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return base64.b64encode(key.sign(message)).decode()
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise SignatureError("the signing key is not an ECDSA key")
+        raise SignatureError("the signing key is neither an ECDSA nor an Ed25519 key")
     return base64.b64encode(key.sign(message, ec.ECDSA(hashes.SHA256()))).decode()
 
 
@@ -65,9 +68,12 @@ def verify(
             f"{what}: signed by {signer} ({signer_role}), not by {name} ({role.value})"
         )
     public = cert.public_key()
-    if not isinstance(public, ec.EllipticCurvePublicKey):
-        raise SignatureError(f"{what}: the signer's key is not an ECDSA key")
     try:
-        public.verify(raw, message, ec.ECDSA(hashes.SHA256()))
+        if isinstance(public, ed25519.Ed25519PublicKey):
+            public.verify(raw, message)
+        elif isinstance(public, ec.EllipticCurvePublicKey):
+            public.verify(raw, message, ec.ECDSA(hashes.SHA256()))
+        else:
+            raise SignatureError(f"{what}: the signer's key is neither ECDSA nor Ed25519")
     except InvalidSignature:
         raise SignatureError(f"{what}: the signature does not verify") from None

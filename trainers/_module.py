@@ -113,9 +113,10 @@ class FineTuneModule(pl.LightningModule):
 
     def pull_towards_start(self, mu: float) -> None:
         """FedProx: after every optimizer step, move each trained tensor ``lr · mu`` of the way
-        (at most all of it) back to its value now (the round's global model). Decoupled from the loss, as AdamW's
-        weight decay is: the pull depends on no sample, so under DP-SGD it costs no privacy
-        (Opacus' per-sample gradients never see it) and the accountant's figure stands."""
+        (at most all of it) back to its value now (the round's global model). Decoupled from
+        the loss, as AdamW's weight decay is: the pull depends on no sample, so under DP-SGD it
+        costs no privacy (Opacus' per-sample gradients never see it) and the accountant's
+        figure stands."""
         anchors: list[tuple[torch.Tensor, torch.Tensor]] = [
             (p, p.detach().clone()) for p in self.net.parameters() if p.requires_grad
         ]

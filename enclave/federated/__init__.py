@@ -1,14 +1,33 @@
 """A site's part in federated jobs: the record of the rounds it trained and masked
-(:class:`RoundBook`), and a round's update as the vector secure aggregation sums."""
+(:class:`RoundBook`), a round's update as the vector secure aggregation sums, and the site's
+side of each round's aggregation (:class:`Participant`)."""
 
+from enclave.federated._participant import Participant, RoundSite
 from enclave.federated._rounds import JobRounds, RoundBook
-from enclave.federated._update import apply_mean, update_layout, update_length, update_vector
+from enclave.federated._update import (
+    LOSS_MAX,
+    apply_mean,
+    initial_adapter,
+    read_vector,
+    round_vector,
+    split_mean,
+    update_layout,
+    update_length,
+    write_update,
+)
 
 __all__ = [
+    "LOSS_MAX",
     "JobRounds",
+    "Participant",
     "RoundBook",
+    "RoundSite",
     "apply_mean",
+    "initial_adapter",
+    "read_vector",
+    "round_vector",
+    "split_mean",
     "update_layout",
     "update_length",
-    "update_vector",
+    "write_update",
 ]

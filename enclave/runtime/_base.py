@@ -23,7 +23,7 @@ from types import MappingProxyType
 from typing import Protocol, runtime_checkable
 
 from policies.errors import InvalidInput
-from trainers.contract import CODE_DIR, DATA_DIR, MODEL_DIR, OUTPUT_DIR
+from trainers.contract import CODE_DIR, DATA_DIR, MODEL_DIR, OUTPUT_DIR, START_DIR
 
 JOB_LABEL = "org.sealroom.job"
 """Label naming the job on every container a backend creates."""
@@ -84,7 +84,7 @@ class ContainerStatus:
 
 
 def _allowed_target(target: PurePosixPath) -> bool:
-    return target in (MODEL_DIR, CODE_DIR) or (
+    return target in (MODEL_DIR, START_DIR, CODE_DIR) or (
         target.parent == DATA_DIR and target.name not in ("", ".", "..")
     )
 
@@ -171,7 +171,7 @@ class ContainerSpec:
             if str(tp) != target or not _allowed_target(tp):
                 raise InvalidInput(
                     f"read_only_mounts: {target!r} is not a contract path "
-                    f"({DATA_DIR}/<name>, {MODEL_DIR}, {CODE_DIR})"
+                    f"({DATA_DIR}/<name>, {MODEL_DIR}, {START_DIR}, {CODE_DIR})"
                 )
             if tp in targets:
                 raise InvalidInput(f"read_only_mounts: {target!r} is mounted twice")

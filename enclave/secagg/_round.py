@@ -40,6 +40,7 @@ class RoundConfig:
     max_weight: int
     degree: int = 0  # 0: every other member
     frac_bits: int = 40
+    attempt: int = 0  # a round tried again (too few sites the first time) is a new aggregation
 
     def __post_init__(self) -> None:
         n = len(self.members)
@@ -69,7 +70,7 @@ class RoundConfig:
             n * self.max_weight >= 2 ** (_WORD_BITS - 1)
         ):
             raise InvalidInput("secure aggregation: clip or max_weight too large to sum")
-        if self.round < 0 or not self.job_id:
+        if self.round < 0 or self.attempt < 0 or not self.job_id:
             raise InvalidInput("secure aggregation: a job id and a round number")
 
     @property

@@ -14,7 +14,16 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from enclave.federated import RoundBook, apply_mean, update_length, update_vector
+from enclave.federated import (
+    RoundBook,
+    apply_mean,
+    read_vector,
+    round_vector,
+    split_mean,
+    update_layout,
+    update_length,
+    write_update,
+)
 from policies.errors import IntegrityError, PolicyViolation
 from trainers import privacy
 from trainers.contract import DPParameters
@@ -139,8 +148,14 @@ def test_the_update_is_the_difference_and_the_mean_applies_back(tmp_path: Path) 
     shapes = {"b.lora_A.weight": (4, 8), "a.lora_B.weight": (8, 4)}
     start = _weights(tmp_path / "start.safetensors", 0, **shapes)
     trained = _weights(tmp_path / "trained.safetensors", 1, **shapes)
-    vec = update_vector(tmp_path / "trained.safetensors", tmp_path / "start.safetensors")
-    assert vec.shape == (64,) and vec.dtype == np.float64
+    write_update(
+        tmp_path / "trained.safetensors",
+        tmp_path / "start.safetensors",
+        tmp_path / "update" / "w.safetensors",
+    )
+    layout = update_layout(tmp_path / "start.safetensors")
+    vec = read_vector(tmp_path / "update" / "w.safetensors", layout)
+    assert vec.shape == (64,) and vec.dtype == np.float64 and update_length(layout) == 64
     # Name order: a.* first.
     assert np.allclose(vec[:32], (trained["a.lora_B.weight"] - start["a.lora_B.weight"]).ravel())
     apply_mean(tmp_path / "start.safetensors", vec, tmp_path / "next.safetensors")
@@ -148,7 +163,22 @@ def test_the_update_is_the_difference_and_the_mean_applies_back(tmp_path: Path) 
     for n in shapes:
         assert back[n].dtype == np.float32
         assert np.allclose(back[n], trained[n], atol=1e-6)
-    assert update_length({n: ("F32", s) for n, s in shapes.items()}) == 64
+
+
+def test_a_gated_update_in_bf16_reads_back_and_the_loss_rides_along(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    layout = {"w": ("F32", (3, 2))}
+    values = torch.tensor([[0.5, -0.25], [1e-3, 0.0], [2.0, -3.0]])
+    save_torch({"w": values.to(torch.bfloat16)}, str(tmp_path / "gated.safetensors"))
+    vec = read_vector(tmp_path / "gated.safetensors", layout)
+    assert np.allclose(vec, values.numpy().ravel(), rtol=1e-2)
+    full = round_vector(vec, 2.5, clip=0.5)
+    assert full.shape == (7,)
+    mean, loss = split_mean(full, clip=0.5)
+    assert loss == pytest.approx(2.5) and np.array_equal(mean, vec)
+    assert split_mean(round_vector(vec, float("nan"), clip=1.0), clip=1.0)[1] == 64.0
 
 
 def test_updates_that_do_not_fit_the_start_are_refused(tmp_path: Path) -> None:
@@ -157,11 +187,17 @@ def test_updates_that_do_not_fit_the_start_are_refused(tmp_path: Path) -> None:
     _weights(tmp_path / "renamed.safetensors", 1, v=(4, 4))
     for bad in ("other", "renamed"):
         with pytest.raises(IntegrityError, match="do not fit"):
-            update_vector(tmp_path / f"{bad}.safetensors", tmp_path / "start.safetensors")
+            write_update(
+                tmp_path / f"{bad}.safetensors",
+                tmp_path / "start.safetensors",
+                tmp_path / "u.safetensors",
+            )
+        with pytest.raises(IntegrityError, match="does not fit"):
+            read_vector(tmp_path / f"{bad}.safetensors", {"w": ("F32", (4, 4))})
     with pytest.raises(IntegrityError, match="does not fit"):
         apply_mean(tmp_path / "start.safetensors", np.zeros(15), tmp_path / "n.safetensors")
     with pytest.raises(IntegrityError, match="does not fit"):
         apply_mean(tmp_path / "start.safetensors", np.full(16, np.nan), tmp_path / "n.safetensors")
     save_file({"w": np.zeros((2, 2), dtype=np.int32)}, str(tmp_path / "ints.safetensors"))
     with pytest.raises(IntegrityError, match="cannot be averaged"):
-        update_vector(tmp_path / "ints.safetensors", tmp_path / "ints.safetensors")
+        update_layout(tmp_path / "ints.safetensors")

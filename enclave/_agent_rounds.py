@@ -1,0 +1,206 @@
+"""The site agent's federated rounds (:class:`RoundRuns`, a part of
+:class:`enclave.agent.SiteAgent`): one round runs as a job does (the same checks of the order,
+staging, container and access ledger, in :meth:`SiteAgent._run`), from the round's start, for
+the plan's local steps, on the datasets of the job this site holds; its update goes through the
+gate (:mod:`enclave._round_steps`) and is kept here for the round's secure aggregation
+(:class:`enclave.federated.Participant`). The site's round record
+(:class:`enclave.federated.RoundBook`) bounds what any gateway can ask.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from enclave import _channels
+from enclave._release_steps import training_rows
+from enclave.contract import Report, RoundOrder, RoundUpdate, RunOrder, SiteReport
+from enclave.federated import RoundBook
+from enclave.models import ModelStore
+from enclave.vault import Vault
+from policies import document
+from policies.errors import IntegrityError, InvalidInput, SiteError
+from policies.federation import FEDERATED_TRAINERS
+from trainers.contract import DPParameters
+from trainers.release import expected_release
+from trainers.weights import TensorLayout
+
+MAX_ROUND_WEIGHT = 2**20
+"""The most a site's FedAvg weight counts for: the masked sum's fixed point is sized for it."""
+ROUND_DELTA = 1e-5
+"""The δ a round's ε is reported at when no held dataset's policy sets one."""
+
+
+def _dp_limits(policies: Mapping[str, document.PolicyDocument]) -> tuple[float, float]:
+    """The per-job ε cap and the δ a federated job is accounted at here: the tightest of the
+    held datasets' DP rules (no cap where none has any)."""
+    rules = [d.release.dp for d in policies.values() if d.release.dp is not None]
+    if not rules:
+        return math.inf, ROUND_DELTA
+    return min(r.max_epsilon_per_job for r in rules), min(r.delta for r in rules)
+
+
+def round_run_id(job: str, round_no: int) -> str:
+    """The id of one round's run at a site: what its audit records and its container carry."""
+    return f"{job}-round-{round_no}"
+
+
+class RoundRuns:
+    """The federated half of :class:`enclave.agent.SiteAgent` (which provides what is declared
+    here)."""
+
+    vault: Vault
+    models: ModelStore
+    rounds: RoundBook
+    _runs: Path
+    _lock: threading.Lock
+    _kept: dict[tuple[str, int], RoundUpdate]
+    _handles: dict[str, Any]
+    _dp: dict[str, DPParameters | None]
+
+    def _run(
+        self,
+        order: RunOrder,
+        report: Report,
+        run_dir: Path,
+        team: _channels.TeamChannel,
+        policies: Mapping[str, document.PolicyDocument],
+        rnd: RoundOrder | None = None,
+    ) -> SiteReport | RoundUpdate | None:
+        raise NotImplementedError
+
+    def _policies(self, order: RunOrder) -> dict[str, document.PolicyDocument]:
+        raise NotImplementedError
+
+    def train_round(self, rnd: RoundOrder, report: Report) -> RoundUpdate | None:
+        """Train one round of a federated job on the order's datasets this site holds, from the
+        round's start, and gate its update; keep the update here and return it. A round this
+        site trained already returns the update it kept (no new training, no new privacy cost).
+        None when the round ended without an update (the job failed, the gate refused it, it
+        was cancelled): why is audited here and told to the owners (``detail``); the team
+        learns only that this site is not in the round's sum. Reports carry the round's run
+        id (``JOB.rN``) and no team-facing state or progress: the team sees the round's
+        aggregate, from the gateway. Raises :class:`PolicyViolation` for a round the owners'
+        plan or this site's ε does not allow, before the job runs."""
+        job, key = rnd.order.job_id, (rnd.order.job_id, rnd.round)
+        with self._lock:
+            kept = self._kept.get(key)
+        if kept is not None:
+            return kept
+        run_id = round_run_id(job, rnd.round)
+        rounds_dir = self._runs / f"{job}.rounds"
+        rounds_dir.mkdir(mode=0o700, exist_ok=True)
+        run_dir = rounds_dir / f"r{rnd.round}"
+
+        def owners_only(r: SiteReport) -> None:
+            if r.state is None and r.progress is None:
+                report(r)
+
+        team = _channels.OwnersChannel(run_id, report=owners_only)
+        try:
+            policies = self._policies(rnd.order)
+            outcome = self._run(rnd.order, owners_only, run_dir, team, policies, rnd=rnd)
+        finally:
+            with self._lock:
+                self._handles.pop(job, None)
+                self._dp.pop(job, None)
+        if isinstance(outcome, RoundUpdate):
+            with self._lock:
+                self._kept[key] = outcome
+            report(SiteReport(run_id, audit_action="round.update", details={"round": rnd.round}))
+            return outcome
+        if outcome is not None:
+            report(
+                SiteReport(
+                    run_id,
+                    detail=outcome.detail,
+                    audit_action="round.left-out",
+                    audit_outcome="denied",
+                    details={
+                        "round": rnd.round,
+                        "state": str(outcome.state),
+                        "why": outcome.detail,
+                    },
+                )
+            )
+        return None
+
+    def round_layout(self, order: RunOrder) -> tuple[TensorLayout, bytes]:
+        """The layout of the job's update and its adapter config, from this site's base model
+        and the approved spec (no data read). Raises :class:`InvalidInput` for a job whose
+        trainer has no federated form."""
+        spec = order.spec
+        if spec.trainer not in FEDERATED_TRAINERS:
+            raise InvalidInput(f"trainer {spec.trainer!r} has no federated round")
+        expected = expected_release(
+            spec.trainer,
+            dict(spec.hyperparameters),
+            model_dir=self.models.get(spec.base_model).path,
+        )
+        return expected.layout, expected.config or b""
+
+    def _held(self, order: RunOrder, *, federated: bool) -> list[tuple[str, int]]:
+        """The order's dataset versions this site runs on: all of them (a version it does not
+        hold is an error further on), or for a federated job those it holds."""
+        if not federated:
+            return list(order.datasets)
+        held = [(n, v) for n, v in order.datasets if n in self.vault.datasets()]
+        if not held:
+            raise InvalidInput("this site holds none of the federated job's datasets")
+        return held
+
+    def _round_start(self, rnd: RoundOrder, run_dir: Path) -> Path:
+        """The round's start, copied into the run and checked against its digest."""
+        start_dir = run_dir / "start"
+        start_dir.mkdir(mode=0o755)
+        dest = start_dir / "model.safetensors"
+        shutil.copyfile(rnd.start, dest)
+        dest.chmod(0o644)
+        if hashlib.sha256(dest.read_bytes()).hexdigest() != rnd.start_sha256:
+            raise IntegrityError("the round's start does not match its digest")
+        return start_dir
+
+    def _admit_round(
+        self,
+        rnd: RoundOrder,
+        dp: DPParameters | None,
+        mine: Mapping[str, document.PolicyDocument],
+    ) -> None:
+        plan = rnd.order.spec.federation
+        if plan is None:
+            raise InvalidInput("a round of a job that is not federated")
+        cap, delta = _dp_limits(mine)
+        trains = self.rounds.train(
+            rnd.order.job_id,
+            rnd.round,
+            local_steps=plan.local_steps,
+            planned_rounds=plan.rounds,
+            dp=dp,
+            max_epsilon=cap,
+            delta=delta,
+        )
+        if not trains:  # trained before this site restarted: the kept update went with it
+            raise SiteError(f"round {rnd.round} was trained here before a restart; not again")
+
+    def _round_epsilon(self, job: str, mine: Mapping[str, document.PolicyDocument]) -> float:
+        rec = self.rounds.job(job)
+        _, delta = _dp_limits(mine)
+        return math.inf if rec is None else rec.epsilon(delta=delta)
+
+    def _round_weight(
+        self, order: RunOrder, report: Report, model_dir: Path, versions: list[Any]
+    ) -> int:
+        """The round's FedAvg weight: the training samples this site holds (never more than
+        the sum can carry). It goes only into the masked sum."""
+        rows = training_rows(
+            order, report, self.vault, model_dir, versions, purpose="FedAvg weight"
+        )
+        plan = order.spec.federation
+        if plan is not None and plan.weight_by == "tokens":
+            rows *= int(order.spec.hyperparameters.get("block_size", 64))
+        return max(1, min(rows, MAX_ROUND_WEIGHT))

@@ -1,0 +1,98 @@
+"""The end of a federated round that exited cleanly, at the site: the update goes through the
+site's release gate before anything of it may leave, then waits at the site for the masking.
+
+The job's trained weights minus the round's start is written as a weights file next to the
+job's metrics (:func:`enclave.federated.write_update`), and :func:`enclave.gate.run_gate` checks
+it under each held dataset's release rules, as it would a release: structure against the form
+the approved spec gives, re-quantisation to the release dtype and scrubbing, the metrics rules,
+and the DP check against the ε this site has spent on the job so far (composed over its rounds).
+The memorization probe waits for the final model (:mod:`enclave.federated`). The update read
+back from the gated file, with the gated training loss, is the round's :class:`RoundUpdate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from enclave import _channels
+from enclave._release_steps import audit_checks, refused, release_form
+from enclave.contract import Report, RoundOrder, RoundUpdate, SiteReport
+from enclave.federated import read_vector, round_vector, update_layout, write_update
+from enclave.gate import RELEASED_METRICS, DPInputs, GateResult, run_gate
+from enclave.vault import DatasetVersion, Vault
+from policies.channels import TeamReason
+from policies.errors import IntegrityError, SiteError
+from policies.lifecycle import JobState
+from policies.release import CheckName, ReleaseRules
+from trainers.contract import METRICS_FILE, OUTPUT_DIR, WEIGHTS_DIR
+
+_WEIGHTS = WEIGHTS_DIR.relative_to(OUTPUT_DIR) / "model.safetensors"
+_METRICS = METRICS_FILE.relative_to(OUTPUT_DIR)
+
+
+def check_round(
+    rnd: RoundOrder,
+    report: Report,
+    *,
+    run_id: str,
+    vault: Vault,
+    run_dir: Path,
+    output: Path,
+    rules: list[tuple[str, ReleaseRules]],
+    model_dir: Path,
+    layout: Any,
+    versions: list[DatasetVersion],
+    epsilon: float,
+    weight: int,
+) -> RoundUpdate | SiteReport:
+    """Gate the round's update; the update, or the REJECTED report that left it out."""
+    order = rnd.order
+    gate_in = run_dir / "update"
+    try:
+        write_update(output / _WEIGHTS, rnd.start, gate_in / _WEIGHTS)
+    except IntegrityError as e:
+        return refused_structure(run_id, str(e))
+    if (output / _METRICS).is_file():
+        shutil.copyfile(output / _METRICS, gate_in / _METRICS)
+    form = release_form(order, report, vault, model_dir, versions, code_dir=None)
+    if form is None:
+        raise SiteError("a federated round runs a built-in trainer: it has a release form")
+    gates: dict[str, GateResult] = {}
+    for dataset, r in rules:
+        round_rules = dataclasses.replace(r, checks=r.checks - {CheckName.MEMORIZATION})
+        dp = (
+            DPInputs(spent=order.epsilon_spent.get(dataset, 0.0), epsilon=epsilon)
+            if CheckName.DP in r.checks and r.dp is not None
+            else None
+        )
+        result = run_gate(
+            gate_in,
+            rules=round_rules,
+            base_layout=layout,
+            form=form,
+            dest_dir=run_dir / f"gate-{dataset}",
+            dp=dp,
+        )
+        audit_checks(run_id, report, dataset, result)
+        gates[dataset] = result
+    refusal = refused(run_id, gates)
+    if refusal is not None:
+        return refusal
+    first = gates[sorted(gates)[0]]
+    assert first.release_dir is not None  # passed
+    vector = read_vector(first.release_dir / form.weights_path, update_layout(rnd.start))
+    metrics = json.loads((first.release_dir / RELEASED_METRICS).read_text())
+    loss = float(metrics.get("train_loss", math.nan))
+    clip = order.spec.federation.update_clip if order.spec.federation else 1.0
+    return RoundUpdate(vector=round_vector(vector, loss, clip=clip), weight=weight)
+
+
+def refused_structure(run_id: str, detail: str) -> SiteReport:
+    return _channels.terminal(
+        run_id, JobState.REJECTED, TeamReason.REJECTED_WEIGHTS, f"round refused: {detail}"
+    )

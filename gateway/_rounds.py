@@ -1,0 +1,227 @@
+"""The gateway's side of a federated job: it runs the plan round by round across the sites that
+hold the job's datasets, relays each round's secure aggregation, and keeps the global model.
+
+Each round: every site trains from the round's start and gates its update at home
+(:meth:`enclave.federated.RoundSite.join`); the gateway relays the aggregation's messages
+(:class:`enclave.secagg.Aggregator`) and learns only the weighted mean of the survivors'
+updates and losses; the next start is this start plus that mean (FedAvg; a FedProx plan differs
+only in the sites' training). A round with fewer than the plan's ``min_sites`` in its sum is
+tried once more (sites whose update went into a sum already sit the retry out); then the job
+fails, with the reason. The team sees the round, the sites in its sum and the mean loss (coarse),
+each published on the job's time grid; never which site did what.
+
+Each round's start is kept under ``<home>/federated/<job>/`` with a journal of the rounds done,
+so the job's history (and, on a restart, where it stopped) is on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from enclave.contract import Report, RoundOrder, RunOrder, SiteReport
+from enclave.federated import (
+    RoundSite,
+    apply_mean,
+    initial_adapter,
+    split_mean,
+    update_layout,
+    update_length,
+)
+from enclave.secagg import Aggregator, RoundConfig
+from enclave.secretfile import write_secret
+from policies import channels
+from policies.errors import InvalidState, SealroomError
+
+log = logging.getLogger(__name__)
+
+MAX_ROUND_WEIGHT = 2**20  # as each site caps its weight (enclave._agent_rounds)
+ATTEMPTS = 2
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    round: int
+    sites: int
+    loss: float
+    start_sha256: str
+    model_sha256: str
+
+
+class FederatedJob:
+    """One federated job, run to its last round by :meth:`run`."""
+
+    def __init__(
+        self,
+        order: RunOrder,
+        report: Report,
+        *,
+        sites: Mapping[str, RoundSite],
+        home: Path,
+        loss_digits: int = 2,
+    ) -> None:
+        if order.spec.federation is None:
+            raise InvalidState("not a federated job")
+        self.order, self.plan = order, order.spec.federation
+        self._report = report
+        self.sites = dict(sorted(sites.items()))
+        self.home = home / order.job_id
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._loss_digits = loss_digits
+        self.history: list[RoundResult] = []
+
+    def run(self) -> Path:
+        """Run every round; return the final global model (``final.safetensors``). Raises
+        :class:`InvalidState` naming the round when too few sites could take part."""
+        start = self._first_start()
+        for r in range(self.plan.rounds):
+            result, start = self._round(r, start)
+            self.history.append(result)
+            self._journal()
+            self._report(
+                SiteReport(
+                    self.order.job_id,
+                    progress=(
+                        r + 1,
+                        self.plan.rounds,
+                        channels.coarse_loss(result.loss, self._loss_digits),
+                    ),
+                    owner_progress=(r + 1, self.plan.rounds, result.loss),
+                    audit_action="federated.round",
+                    details={
+                        "round": r,
+                        "sites": result.sites,
+                        "start_sha256": result.start_sha256,
+                        "model_sha256": result.model_sha256,
+                    },
+                )
+            )
+        final = self.home / "final.safetensors"
+        final.write_bytes(start.read_bytes())
+        return final
+
+    # -- one round ---------------------------------------------------------------------------
+
+    def _first_start(self) -> Path:
+        """Round 0's start, from the update layout every site agrees on."""
+        answers = self._each(lambda s: s.round_layout(self.order), list(self.sites.values()))
+        layouts = {json.dumps(sorted(a[0].items()), default=list) for a in answers.values()}
+        if len(answers) != len(self.sites) or len(layouts) != 1:
+            raise InvalidState(
+                "the sites do not agree on what the job's update is (their base models differ)"
+            )
+        layout, self.adapter_config = next(iter(answers.values()))
+        seed = int(self.order.spec.hyperparameters.get("seed", 0))
+        start = self.home / "round-0.safetensors"
+        initial_adapter(layout, seed=seed, dest=start)
+        return start
+
+    def _round(self, r: int, start: Path) -> tuple[RoundResult, Path]:
+        digest = hashlib.sha256(start.read_bytes()).hexdigest()
+        rnd = RoundOrder(self.order, r, start, digest)
+        why = ""
+        for attempt in range(ATTEMPTS):
+            try:
+                mean, loss, sites = self._aggregate(rnd, attempt)
+            except InvalidState as e:
+                why = str(e)
+                log.info("job %s round %d attempt %d: %s", self.order.job_id, r, attempt, e)
+                continue
+            finally:
+                self._forget(r)
+            nxt = self.home / f"round-{r + 1}.safetensors"
+            apply_mean(start, mean, nxt)
+            model = hashlib.sha256(nxt.read_bytes()).hexdigest()
+            return RoundResult(r, sites, loss, digest, model), nxt
+        raise InvalidState(f"round {r}: {why}")
+
+    def _aggregate(self, rnd: RoundOrder, attempt: int) -> tuple[Any, float, int]:
+        job, r = self.order.job_id, rnd.round
+        members = tuple(self.sites)
+        n = len(members)
+        threshold = n // 2 + 1
+        config = RoundConfig(
+            job_id=job,
+            round=r,
+            members=members,
+            threshold=threshold,
+            min_survivors=max(self.plan.min_sites, threshold),
+            length=update_length(update_layout(rnd.start)) + 1,
+            clip=self.plan.update_clip,
+            max_weight=MAX_ROUND_WEIGHT,
+            attempt=attempt,
+        )
+        agg = Aggregator(config)
+        joined = self._each(lambda s: s.join(rnd, config, self._site_report), self._all())
+        adverts = agg.adverts({m: a for m, a in joined.items() if a is not None})
+        self._enough(config, adverts, "trained and passed their gate")
+        sealed = self._each(lambda s: s.share(job, r, adverts), self._of(adverts))
+        inbox = agg.route(sealed)
+        self._enough(config, inbox, "shared their keys")
+        masked = self._each(lambda s: s.mask(job, r, inbox[s.name]), self._of(inbox))
+        survivors = agg.survivors(masked)
+        signed = self._each(lambda s: s.confirm(job, r, survivors), self._of(survivors))
+        reveals = self._each(lambda s: s.reveal(job, r, survivors, signed), self._of(signed))
+        mean, _ = agg.unmask(reveals)
+        update, loss = split_mean(mean, clip=config.clip)
+        return update, loss, len(survivors)
+
+    def _enough(self, config: RoundConfig, got: Mapping[str, Any], what: str) -> None:
+        if len(got) < config.min_survivors:
+            raise InvalidState(
+                f"{len(got)} of {len(config.members)} sites {what}; the plan needs "
+                f"{config.min_survivors} in each sum"
+            )
+
+    # -- calling the sites -------------------------------------------------------------------
+
+    def _all(self) -> list[RoundSite]:
+        return list(self.sites.values())
+
+    def _of(self, names: Mapping[str, Any] | tuple[str, ...]) -> list[RoundSite]:
+        return [self.sites[n] for n in names]
+
+    def _each(self, call: Callable[[RoundSite], T], sites: list[RoundSite]) -> dict[str, T]:
+        """``call`` on every site at once; a site that raises is left out (and logged)."""
+        out: dict[str, T] = {}
+        if not sites:
+            return out
+        with ThreadPoolExecutor(max_workers=len(sites)) as pool:
+            futures = {s.name: pool.submit(call, s) for s in sites}
+            for name, future in futures.items():
+                try:
+                    out[name] = future.result()
+                except SealroomError as e:
+                    log.info("job %s: site %s left out: %s", self.order.job_id, name, e)
+                    self._site_report(
+                        SiteReport(
+                            self.order.job_id,
+                            site=name,
+                            audit_action="federated.left-out",
+                            audit_outcome="denied",
+                            details={"error": type(e).__name__, "message": str(e)},
+                        )
+                    )
+        return out
+
+    def _forget(self, r: int) -> None:
+        for site in self.sites.values():
+            with contextlib.suppress(SealroomError):
+                site.forget(self.order.job_id, r)
+
+    def _site_report(self, report: SiteReport) -> None:
+        """What a site tells of its round: audit records and owner progress only."""
+        if report.state is None and report.progress is None:
+            self._report(report)
+
+    def _journal(self) -> None:
+        body = {"job_id": self.order.job_id, "rounds": [vars(h) for h in self.history]}
+        write_secret(self.home / "journal.json", json.dumps(body, indent=1).encode())
