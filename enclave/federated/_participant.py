@@ -10,6 +10,7 @@ memory only; a site that restarts mid-round drops out of that round.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Mapping
 from typing import Protocol
@@ -17,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from enclave import signatures
-from enclave.contract import Report, RoundOrder, RoundUpdate, RunOrder
+from enclave.contract import Report, RoundOrder, RoundUpdate, RunOrder, SiteReport
 from enclave.federated._rounds import RoundBook
 from enclave.federated._update import update_layout, update_length
 from enclave.identity import IdentityFiles
@@ -89,7 +90,11 @@ class Participant:
         site's signed round keys; None when the round left this site out (see ``train``).
         Raises :class:`PolicyViolation` for settings the approved plan does not allow."""
         self._check(rnd, config)
-        update = self._train(rnd, report)
+
+        def tagged(r: SiteReport) -> None:  # the coordinator audits it under this site's name
+            report(dataclasses.replace(r, site=self.name))
+
+        update = self._train(rnd, tagged)
         if update is None:
             return None
         state = SiteRound(

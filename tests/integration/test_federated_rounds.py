@@ -10,11 +10,15 @@ import json
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from enclave.contract import SiteReport
+from enclave.federated import Participant
 from gateway._rounds import FederatedJob
+from policies.errors import InvalidState, SiteError
+from tests.integration._deployment import policy
 from tests.integration._federated import OWNERS, federation
 
 pytestmark = pytest.mark.docker
@@ -73,3 +77,82 @@ def test_a_federated_lora_job_converges_and_its_model_loads(
     ids = tokenizer("The", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 5
+
+
+class _Drops(Participant):
+    """A site whose process dies at one step of one round (its call raises, as a lost
+    connection does)."""
+
+    def __init__(self, inner: Participant, *, step: str, round_no: int) -> None:
+        self.__dict__.update(inner.__dict__)
+        self._step, self._round = step, round_no
+
+    def _maybe(self, step: str, round_no: int) -> None:
+        if (step, round_no) == (self._step, self._round):
+            raise SiteError(f"{self.name} is gone ({step}, round {round_no})")
+
+    def mask(self, job: str, round_no: int, inbox: Any) -> Any:
+        self._maybe("mask", round_no)
+        return super().mask(job, round_no, inbox)
+
+    def reveal(self, job: str, round_no: int, survivors: Any, confirmations: Any) -> Any:
+        self._maybe("reveal", round_no)
+        return super().reveal(job, round_no, survivors, confirmations)
+
+    def join(self, rnd: Any, config: Any, report: Any) -> Any:
+        self._maybe("join", rnd.round)
+        return super().join(rnd, config, report)
+
+
+def test_sites_that_drop_mid_round_are_covered_by_the_others(
+    tmp_path: Path, runtime_image: str
+) -> None:
+    """Round 0: site-c dies after sending its masked update, before revealing (its self-mask is
+    rebuilt from the others' shares: its update is in the sum). Round 1: site-b dies after
+    sharing, before masking (its pairwise masks are rebuilt: the sum is of the other two)."""
+    reports: list[SiteReport] = []
+    with federation(tmp_path / "fed") as fed:
+        sites = fed.participants()
+        sites["site-c"] = _Drops(sites["site-c"], step="reveal", round_no=0)
+        sites["site-b"] = _Drops(sites["site-b"], step="mask", round_no=1)
+        order = fed.order("fed-2", rounds=2, local_steps=3)
+        job = FederatedJob(order, reports.append, sites=sites, home=tmp_path / "gw")
+        job.run()
+    assert [h.sites for h in job.history] == [3, 2]
+    left = [
+        (r.site, r.details.get("message", ""))
+        for r in reports
+        if r.audit_action == "federated.left-out"
+    ]
+    assert left == [
+        ("site-c", "site-c is gone (reveal, round 0)"),
+        ("site-b", "site-b is gone (mask, round 1)"),
+    ]
+
+
+def test_a_gate_refusal_leaves_a_site_out_and_too_few_sites_fail_the_job(
+    tmp_path: Path, runtime_image: str
+) -> None:
+    """site-c's owner allows one metric name only: the round's metrics fail its gate each round
+    and it is left out, the reason audited at site-c. In round 1 site-b is gone as well: one
+    site cannot make a sum of the plan's two, the round is tried again, then the job fails
+    saying so."""
+    policies = {ds: policy(ds, memorization=False) for _, ds in OWNERS.values()}
+    policies["books-c"] = policies["books-c"].replace(
+        "allowed: [train_loss, eval_loss, perplexity, accuracy, steps, tokens_seen, epsilon]",
+        "allowed: [accuracy]",
+    )
+    reports: list[SiteReport] = []
+    with federation(tmp_path / "fed", policies=policies) as fed:
+        sites = fed.participants()
+        sites["site-b"] = _Drops(sites["site-b"], step="join", round_no=1)
+        order = fed.order("fed-3", rounds=2, local_steps=3)
+        job = FederatedJob(order, reports.append, sites=sites, home=tmp_path / "gw")
+        with pytest.raises(InvalidState, match=r"round 1: 1 of 3 sites trained and passed"):
+            job.run()
+    assert [h.sites for h in job.history] == [2]
+    refused = [r for r in reports if r.audit_action == "round.left-out"]
+    assert {r.site for r in refused} == {"site-c"}
+    assert all("metrics" in r.details["why"] for r in refused)
+    checks = [r for r in reports if r.audit_action == "release.check" and r.site == "site-c"]
+    assert any(r.audit_outcome == "denied" for r in checks)
