@@ -9,6 +9,7 @@ gate (:mod:`enclave._round_steps`) and is kept here for the round's secure aggre
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import shutil
@@ -17,15 +18,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from enclave import _channels
-from enclave._release_steps import training_rows
+from enclave import _channels, signatures, sovereignty
+from enclave._release_steps import audit_checks, memorization_inputs, release_form, training_rows
 from enclave.contract import Report, RoundOrder, RoundUpdate, RunOrder, SiteReport
 from enclave.federated import RoundBook
+from enclave.gate import run_gate
+from enclave.identity import IdentityFiles
 from enclave.models import ModelStore
+from enclave.provenance.federated import Countersign, countersign_message
 from enclave.vault import Vault
 from policies import document
-from policies.errors import IntegrityError, InvalidInput, SiteError
+from policies.errors import IntegrityError, InvalidInput, InvalidState, ReleaseRefused, SiteError
 from policies.federation import FEDERATED_TRAINERS
+from policies.release import MANDATORY_CHECKS, CheckName
 from trainers.contract import DPParameters
 from trainers.release import expected_release
 from trainers.weights import TensorLayout
@@ -54,8 +59,11 @@ class RoundRuns:
     """The federated half of :class:`enclave.agent.SiteAgent` (which provides what is declared
     here)."""
 
+    name: str
+    owners: sovereignty.Owners
     vault: Vault
     models: ModelStore
+    signer: IdentityFiles
     rounds: RoundBook
     _runs: Path
     _lock: threading.Lock
@@ -96,6 +104,11 @@ class RoundRuns:
         rounds_dir = self._runs / f"{job}.rounds"
         rounds_dir.mkdir(mode=0o700, exist_ok=True)
         run_dir = rounds_dir / f"r{rnd.round}"
+        rec = self.rounds.job(job)
+        if run_dir.exists() and (rec is None or rnd.round not in rec.trained):
+            # An earlier try of this round was refused before it trained (its record says so):
+            # nothing of a job ran in it, and its mounts went with that try.
+            shutil.rmtree(run_dir)
 
         def owners_only(r: SiteReport) -> None:
             if r.state is None and r.progress is None:
@@ -143,6 +156,83 @@ class RoundRuns:
             model_dir=self.models.get(spec.base_model).path,
         )
         return expected.layout, expected.config or b""
+
+    def countersign(self, order: RunOrder, final: Path, report: Report) -> Countersign:
+        """Probe the job's final model for memorization of this site's data (each held
+        dataset's rules), then countersign it: its hash, the held dataset versions, the rounds
+        this site trained and the ε they cost it. Raises :class:`ReleaseRefused` naming the
+        dataset when the probe refuses (the checks audited here), :class:`InvalidState` when
+        this site trained no round of the job."""
+        job = order.job_id
+        rec = self.rounds.job(job)
+        if rec is None or not rec.trained:
+            raise InvalidState(f"job {job}: this site trained none of its rounds")
+        run_id = f"{job}-final"
+        run_dir = self._runs / f"{job}.rounds" / "final"
+        shutil.rmtree(run_dir, ignore_errors=True)  # a repeat of the probe starts afresh
+        gate_in = run_dir / "in" / "weights"
+        gate_in.mkdir(parents=True, mode=0o700)
+        shutil.copyfile(final, gate_in / "model.safetensors")
+        held = self._held(order, federated=True)
+        mine = {n: d for n, d in self._policies(order).items() if n in dict(held)}
+        model = self.models.get(order.spec.base_model)
+        versions = [self.vault.get(n, v) for n, v in held]
+        form = release_form(order, report, self.vault, model.path, versions, code_dir=None)
+        for dataset, doc in sorted(mine.items()):
+            if CheckName.MEMORIZATION not in doc.release.checks:
+                continue
+            result = run_gate(
+                gate_in.parent,
+                rules=dataclasses.replace(
+                    doc.release, checks=MANDATORY_CHECKS | {CheckName.MEMORIZATION}
+                ),
+                base_layout=model.layout,
+                form=form,
+                dest_dir=run_dir / f"gate-{dataset}",
+                memorization=memorization_inputs(
+                    run_id, report, self.vault, model.path, versions, dataset
+                ),
+            )
+            audit_checks(run_id, report, dataset, result)
+            if not result.passed:
+                raise ReleaseRefused(f"the final model fails the release checks of {dataset}")
+        _, delta = _dp_limits(mine)
+        epsilon = rec.epsilon(delta=delta)
+        shown = None if math.isinf(epsilon) else epsilon
+        digest = hashlib.sha256(final.read_bytes()).hexdigest()
+        message = countersign_message(
+            job_id=job,
+            model_sha256=digest,
+            site=self.name,
+            datasets=dict(held),
+            rounds=len(rec.trained),
+            epsilon=shown,
+        )
+        signature = signatures.sign(self.signer.key.read_bytes(), message)
+        report(
+            SiteReport(
+                run_id,
+                audit_action="federated.countersign",
+                details={"model_sha256": digest, "rounds": len(rec.trained), "epsilon": shown},
+            )
+        )
+        return Countersign(
+            self.name, dict(held), len(rec.trained), shown, self.signer.cert.read_text(), signature
+        )
+
+    def _owners_for(self, order: RunOrder, held: list[tuple[str, int]]) -> sovereignty.Owners:
+        """Whose approval each dataset of ``order`` needs: this site's own record for the
+        datasets it holds; for a federated job's datasets held at other sites, the owner the
+        order names (their signatures are still checked against the CA; each of those sites
+        checks its own record)."""
+        mine = {n for n, _ in held}
+
+        def owner(dataset: str) -> str | None:
+            if dataset in mine or not order.spec.is_federated:
+                return self.owners(dataset)
+            return order.dataset_owners.get(dataset)
+
+        return owner
 
     def _held(self, order: RunOrder, *, federated: bool) -> list[tuple[str, int]]:
         """The order's dataset versions this site runs on: all of them (a version it does not

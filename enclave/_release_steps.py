@@ -72,28 +72,7 @@ def check_and_sign(
     for dataset, r in rules:
         memo = None
         if CheckName.MEMORIZATION in r.checks:
-            from transformers import AutoTokenizer
-            from transformers.utils import logging as hf_logging
-
-            # The probe tokenises whole documents, longer than the model's context on
-            # purpose (it samples windows from them): that warning is noise here.
-            hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-            texts = [
-                data.decode("utf-8", "replace")
-                for v in versions
-                if v.name == dataset
-                for _, data in vault.iter_plaintext(v)
-            ]
-            report(
-                SiteReport(
-                    job,
-                    audit_action="data.gate-read",
-                    audit_dataset=dataset,
-                    details={"purpose": "memorization check", "files": len(texts)},
-                )
-            )
-            memo = MemorizationInputs(model_dir=model_dir, tokenizer=tokenizer, texts=texts)
+            memo = memorization_inputs(job, report, vault, model_dir, versions, dataset)
         dp = (
             DPInputs(
                 spent=order.epsilon_spent.get(dataset, 0.0),
@@ -154,6 +133,40 @@ def check_and_sign(
         audit_action="release.sign",
         details={"manifest_sha256": signed.manifest_sha256},
     )
+
+
+def memorization_inputs(
+    job: str,
+    report: Report,
+    vault: Vault,
+    model_dir: Path,
+    versions: list[VaultVersion],
+    dataset: str,
+) -> MemorizationInputs:
+    """What the memorization probe reads: the base model's tokenizer and ``dataset``'s
+    documents, from the site's own plaintext (the read reported)."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # The probe tokenises whole documents, longer than the model's context on purpose (it
+    # samples windows from them): that warning is noise here.
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    texts = [
+        data.decode("utf-8", "replace")
+        for v in versions
+        if v.name == dataset
+        for _, data in vault.iter_plaintext(v)
+    ]
+    report(
+        SiteReport(
+            job,
+            audit_action="data.gate-read",
+            audit_dataset=dataset,
+            details={"purpose": "memorization check", "files": len(texts)},
+        )
+    )
+    return MemorizationInputs(model_dir=model_dir, tokenizer=tokenizer, texts=texts)
 
 
 def audit_checks(job: str, report: Report, dataset: str, result: GateResult) -> None:

@@ -323,12 +323,13 @@ class SiteAgent(RoundRuns):
         if run_dir.exists():
             raise SiteError(f"run directory for {run_id} already exists: runs are never repeated")
         run_dir.mkdir(mode=0o700)
+        held = self._held(order, federated=rnd is not None)
         # Before any data is decrypted: what the owners signed covers exactly this order.
         sovereignty.check_order(
             order,
             policies,
             ca_cert_pem=self.signer.ca_cert.read_bytes(),
-            owners=self.owners,
+            owners=self._owners_for(order, held),
             book=self._policy_book,
         )
         if spec.resources.gpus > self.limits.gpus:  # before any data is decrypted
@@ -336,7 +337,6 @@ class SiteAgent(RoundRuns):
                 f"the job asks for {spec.resources.gpus} GPUs; this site has {self.limits.gpus}"
             )
         model = self.models.get(spec.base_model)
-        held = self._held(order, federated=rnd is not None)
         mine = {n: d for n, d in policies.items() if n in dict(held)}
         rules = [(name, doc.release) for name, doc in mine.items()]
         # Before any byte is decrypted: what the team could observe of this run, charged to

@@ -39,6 +39,8 @@ from sealroom.v1 import site_pb2_grpc as pb_grpc
 
 from enclave.audit import AuditEvent, AuditLog
 from enclave.contract import Site, SiteReport, StoredDataset
+from enclave.federated import RoundSite
+from enclave.federated._serve import RoundServer
 from enclave.identity import IdentityFiles
 from enclave.linkwire import order_from_json, report_message
 from enclave.provenance import SiteSigner
@@ -124,8 +126,11 @@ class SiteLink:
         datasets: Callable[[], Iterable[PushedDataset]] = lambda: (),
         audit: AuditLog | None = None,
         audit_cert: str = "",
+        rounds: RoundSite | None = None,
     ) -> None:
         self.site = site
+        self._state = state
+        self.rounds = rounds  # this site's part in federated rounds (None: it takes none)
         # The site's own audit log (signed with its release-signing key, whose certificate is
         # audit_cert): what happens here is recorded here first, then told to the gateway.
         self._audit = audit
@@ -156,6 +161,11 @@ class SiteLink:
         """Connect, pull and run until :meth:`stop`; returns once the runs it started ended."""
         beat = threading.Thread(target=self._heartbeats, name="site-heartbeat", daemon=True)
         beat.start()
+        if self.rounds is not None:
+            server = RoundServer(
+                self._stub, self.rounds, state=self._state, record=self._record, stop=self._stop
+            )
+            threading.Thread(target=server.serve, name="site-rounds", daemon=True).start()
         backoff = 0.2
         while not self._stop.is_set():
             try:

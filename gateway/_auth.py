@@ -81,9 +81,13 @@ ROLES: dict[str, frozenset[Role]] = {
     "SiteLink.PushRelease": frozenset({Role.SITE}),
     "SiteLink.PushDataset": frozenset({Role.SITE}),
     "SiteLink.PushAudit": frozenset({Role.SITE}),
+    "SiteLink.PullRound": frozenset({Role.SITE}),
+    "SiteLink.AnswerRound": frozenset({Role.SITE}),
 }
 
-QUIET = frozenset({"SiteLink.PullWork", "SiteLink.Heartbeat", "SiteLink.Report"})
+QUIET = frozenset(
+    {"SiteLink.PullWork", "SiteLink.Heartbeat", "SiteLink.Report", "SiteLink.PullRound"}
+)
 """Calls whose success is not an audit record of its own: a site's polls and heartbeats say
 nothing, and what a report carries is recorded by the gateway as it applies it (the state, the
 site's audit events). Their refusals and errors are recorded like any call's."""

@@ -57,16 +57,23 @@ class Evaluator:
     # -- which policies ----------------------------------------------------------------------
 
     def pin(self, spec: JobSpec) -> tuple[PinnedDataset, ...]:
-        """The dataset versions the spec names, all kept at one site (a job runs at one
-        site). Raises NotFound, or InvalidInput naming the sites."""
+        """The dataset versions the spec names: all kept at one site (a job runs at one
+        site), or, for a federated job, at two or more (it runs at each, in rounds). Raises
+        NotFound, or InvalidInput naming the sites."""
         pinned = []
         sites: dict[str, list[str]] = {}
         for ref in spec.datasets:
             rec = self.store.dataset(ref.name, ref.version)
             pinned.append(PinnedDataset(rec.name, rec.version, rec.root_hash))
             sites.setdefault(rec.site or "the gateway's local site", []).append(rec.name)
-        if len(sites) > 1:
-            where = "; ".join(f"{', '.join(names)} at {site}" for site, names in sites.items())
+        where = "; ".join(f"{', '.join(names)} at {site}" for site, names in sites.items())
+        if spec.federation is not None:
+            if len(sites) < max(2, spec.federation.min_sites):
+                raise InvalidInput(
+                    f"a federated job runs at {max(2, spec.federation.min_sites)} sites or "
+                    f"more, and its datasets are kept at {len(sites)}: {where}"
+                )
+        elif len(sites) > 1:
             raise InvalidInput(
                 f"a job runs at one site, and its datasets are kept at several: {where}"
             )

@@ -4,8 +4,11 @@ dial in over the site link (:mod:`gateway._sitelink`).
 
 A job runs where its datasets are kept: the catalogue records, for each dataset version, the
 remote site that keeps it (empty for the local site). A job whose datasets are kept at two sites
-is refused at submission (federated jobs are another kind); should one reach a run, it ends
-``ERROR`` here, before any site sees it.
+is refused at submission; should one reach a run, it ends ``ERROR`` here, before any site sees
+it. A federated job is the exception: it runs in rounds at every site that keeps one of its
+datasets (:mod:`gateway._rounds`), each remote site reached through its round mailbox
+(:mod:`gateway._roundlink`), the local site in process; its release is signed here, with the
+gateway's identity, and countersigned by each site.
 
 Datasets of remote sites are registered at the site (their bytes never reach the gateway);
 ``store_dataset`` stores into the local site, and without one says where to register instead.
@@ -14,13 +17,19 @@ The run logs of a remote site stay there, like its data.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import BinaryIO
 
 from enclave.contract import Report, RunOrder, Site, SiteReport, StoredDataset
+from enclave.federated import RoundSite
+from enclave.identity import IdentityFiles
+from gateway._roundlink import RemoteRoundSite, RoundMailbox
+from gateway._rounds import FederatedJob
 from gateway._sitelink import SiteLinks
 from policies.channels import TeamReason
-from policies.errors import InvalidInput, SiteError
+from policies.errors import InvalidInput, ReleaseRefused, SealroomError, SiteError
 from policies.lifecycle import JobState
 
 Locate = Callable[[str, int], str]
@@ -30,11 +39,25 @@ Locate = Callable[[str, int], str]
 class Sites:
     """The local site (or None) and the remote ones, routed by where a job's data is kept."""
 
-    def __init__(self, local: Site | None, links: SiteLinks, *, locate: Locate) -> None:
+    def __init__(
+        self,
+        local: Site | None,
+        links: SiteLinks,
+        *,
+        locate: Locate,
+        rounds: RoundMailbox | None = None,
+        local_rounds: RoundSite | None = None,
+        federated_home: Path | None = None,
+        signer: IdentityFiles | None = None,
+    ) -> None:
         self.local = local
         self.links = links
         self._locate = locate
         self.name = local.name if local is not None else "remote-sites"
+        self.rounds = rounds
+        self.local_rounds = local_rounds
+        self._federated_home = federated_home
+        self._signer = signer
 
     def where(self, datasets: tuple[tuple[str, int], ...]) -> set[str]:
         """The sites that keep ``datasets`` ("" is the local site)."""
@@ -49,6 +72,9 @@ class Sites:
         return self.local.store_dataset(name, archive=archive)
 
     def run(self, order: RunOrder, report: Report) -> None:
+        if order.spec.is_federated:
+            self._federated(order, report)
+            return
         where = self.where(order.datasets)
         if len(where) != 1:
             report(
@@ -67,6 +93,58 @@ class Sites:
             self.local.run(order, report)
         else:
             raise SiteError("a dataset is recorded at the local site, and this gateway has none")
+
+    def _federated(self, order: RunOrder, report: Report) -> None:
+        """Run a federated job's rounds, then its release (see the module)."""
+        job = order.job_id
+
+        def end(state: JobState, reason: TeamReason, detail: str) -> None:
+            report(SiteReport(job, state=state, reason=reason, detail=detail))
+
+        if self.rounds is None or self._federated_home is None or self._signer is None:
+            end(JobState.ERROR, TeamReason.ERROR, "this gateway runs no federated jobs")
+            return
+        sites: dict[str, RoundSite] = {}
+        for name in sorted(self.where(order.datasets)):
+            if name:
+                sites[name] = RemoteRoundSite(name, self.rounds)
+            elif self.local_rounds is not None:
+                sites[self.local_rounds.name] = self.local_rounds
+        if len(sites) < 2:
+            end(JobState.ERROR, TeamReason.ERROR, f"a federated job at {len(sites)} site(s)")
+            return
+        report(
+            SiteReport(
+                job,
+                state=JobState.RUNNING,
+                reason=TeamReason.RUNNING,
+                audit_action="federated.start",
+                details={"sites": sorted(sites)},
+            )
+        )
+        fed = FederatedJob(order, report, sites=sites, home=self._federated_home)
+        try:
+            final = fed.run()
+            report(SiteReport(job, state=JobState.CHECKING, reason=TeamReason.CHECKING))
+            release = fed.release(final, signer=self._signer)
+        except ReleaseRefused as e:
+            end(JobState.REJECTED, TeamReason.REJECTED_MEMORIZATION, str(e))
+            return
+        except SealroomError as e:
+            end(JobState.ERROR, TeamReason.ERROR, f"federated: {e}")
+            return
+        metrics = json.loads((release / "metrics.json").read_text())
+        report(
+            SiteReport(
+                job,
+                state=JobState.RELEASED,
+                reason=TeamReason.RELEASED,
+                release_dir=release,
+                metrics={k: float(v) for k, v in metrics.items()},
+                audit_action="federated.release",
+                details={"rounds": len(fed.history), "sites": sorted(sites)},
+            )
+        )
 
     def held(self) -> list[str]:
         """Jobs a previous gateway process leased to a remote site whose leases are still live

@@ -14,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+from enclave.provenance.federated import SCHEMA as FEDERATED
 from gateway._ledger import BITS, EPSILON, WORST, ReleaseCharges
 from gateway.store import JobRecord, Store
 
@@ -32,6 +33,8 @@ def release_charges(releases: Path) -> ReleaseCharges:
         charged = dict.fromkeys(touched, 0.0)
         try:
             manifest = json.loads((releases / job.id / "manifest.json").read_bytes())
+            if manifest.get("schema") == FEDERATED:
+                return _federated_charges(manifest, charged)
             for gate in manifest["gates"]:
                 if gate["dataset"] not in charged:
                     continue
@@ -46,6 +49,23 @@ def release_charges(releases: Path) -> ReleaseCharges:
         return charged
 
     return charges
+
+
+def _federated_charges(manifest: dict[str, object], charged: dict[str, float]) -> dict[str, float]:
+    """A federated release charges each dataset, once, the ε its site countersigned (composed
+    over every round it trained); a site with no DP it set (no ε) charges nothing."""
+    sites = manifest["sites"]
+    assert isinstance(sites, list)
+    for site in sites:
+        eps = site["epsilon"]
+        if eps is None:
+            continue
+        ok = isinstance(eps, int | float) and not isinstance(eps, bool)
+        ok = ok and math.isfinite(eps) and eps >= 0
+        for dataset in site["datasets"]:
+            if dataset in charged:
+                charged[dataset] = float(eps) if ok else WORST
+    return charged
 
 
 def epsilon_spent(store: Store, names: list[str]) -> dict[str, float]:

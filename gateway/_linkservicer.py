@@ -25,11 +25,19 @@ from enclave.contract import StoredDataset
 from enclave.provenance.verify import verify_release
 from enclave.writebehind import WriteBehind
 from gateway._auth import principal_of
+from gateway._roundlink import RoundMailbox
 from gateway._siteaudit import SiteAudits
 from gateway._sitelink import SiteLinks
-from policies.errors import IntegrityError, InvalidInput, ResourceExhausted, SealroomError
+from policies.errors import (
+    IntegrityError,
+    InvalidInput,
+    InvalidState,
+    ResourceExhausted,
+    SealroomError,
+)
 
 CHUNK = 1 << 20
+MAX_ROUND_WAIT_S = 30.0
 MAX_RELEASE_FILES = 10_000
 
 PushDataset = Callable[[str, str, StoredDataset, str], None]
@@ -45,8 +53,10 @@ class SiteLinkServicer(pb_grpc.SiteLinkServicer):
         max_release_bytes: int,
         push_dataset: PushDataset,
         site_audits: SiteAudits | None = None,
+        rounds: RoundMailbox | None = None,
     ) -> None:
         self.site_audits = site_audits
+        self.rounds = rounds
         self.links = links
         self.ca_cert_pem = ca_cert_pem
         self.max_release_bytes = max_release_bytes
@@ -166,6 +176,53 @@ class SiteLinkServicer(pb_grpc.SiteLinkServicer):
             if current is not None:
                 current.out.close()
         return digests
+
+    def PullRound(
+        self, request: pb.PullRoundRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.RoundChunk]:
+        if self.rounds is None:
+            return
+        step = self.rounds.pull(_site(context), wait_s=min(request.wait_s, MAX_ROUND_WAIT_S))
+        if step is None:
+            return
+        yield pb.RoundChunk(
+            header=pb.RoundStepHeader(
+                step_id=step.step_id, kind=step.kind, job_id=step.job_id, round=step.round
+            )
+        )
+        for at in range(0, len(step.payload), CHUNK):
+            yield pb.RoundChunk(data=step.payload[at : at + CHUNK])
+
+    def AnswerRound(
+        self, request_iterator: Iterator[pb.RoundChunk], context: grpc.ServicerContext
+    ) -> pb.AnswerRoundResponse:
+        if self.rounds is None:
+            raise InvalidState("this gateway runs no federated rounds")
+        header: pb.RoundStepHeader | None = None
+        parts: list[bytes] = []
+        size = 0
+        for chunk in request_iterator:
+            if chunk.HasField("header"):
+                if header is not None:
+                    raise InvalidInput("a round answer has one header")
+                header = chunk.header
+                continue
+            if header is None:
+                raise InvalidInput("a round answer starts with its header")
+            size += len(chunk.data)
+            if size > self.max_release_bytes:
+                raise ResourceExhausted("a round answer is larger than a release may be")
+            parts.append(chunk.data)
+        if header is None:
+            raise InvalidInput("a round answer has no header")
+        self.rounds.answer(
+            _site(context),
+            header.step_id,
+            error=header.error,
+            error_kind=header.error_kind,
+            payload=b"".join(parts),
+        )
+        return pb.AnswerRoundResponse()
 
     def PushDataset(
         self, request: pb.PushDatasetRequest, context: grpc.ServicerContext

@@ -20,6 +20,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
+import shutil
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,10 +37,12 @@ from enclave.federated import (
     update_layout,
     update_length,
 )
+from enclave.identity import IdentityFiles
+from enclave.provenance.federated import write_federated_release
 from enclave.secagg import Aggregator, RoundConfig
 from enclave.secretfile import write_secret
 from policies import channels
-from policies.errors import InvalidState, SealroomError
+from policies.errors import InvalidState, ReleaseRefused, SealroomError, SiteError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ class RoundResult:
     loss: float
     start_sha256: str
     model_sha256: str
+    survivors: tuple[str, ...] = ()
 
 
 class FederatedJob:
@@ -77,6 +82,47 @@ class FederatedJob:
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._loss_digits = loss_digits
         self.history: list[RoundResult] = []
+        self._refusals: dict[str, str] = {}  # the last error class of each site left out
+
+    def release(self, final: Path, *, signer: IdentityFiles) -> Path:
+        """Have every site that was in a round's sum probe the final model on its data and
+        countersign it, then write the release signed by the gateway (``signer``); return its
+        directory. Raises :class:`ReleaseRefused` when a site's probe refuses, and
+        :class:`SiteError` when a site that trained cannot countersign."""
+        needed = sorted({s for h in self.history for s in h.survivors})
+        signed = self._each(
+            lambda s: s.countersign(self.order, final, self._site_report), self._of(tuple(needed))
+        )
+        missing = [s for s in needed if s not in signed]
+        if missing:
+            refused = [s for s in missing if self._refusals.get(s) == "ReleaseRefused"]
+            if refused:
+                raise ReleaseRefused(
+                    f"the final model fails the release checks at {', '.join(refused)}"
+                )
+            raise SiteError(f"sites {', '.join(missing)} could not countersign the final model")
+        cert, key, ca = signer.read()
+        dest = self.home / "release"
+        shutil.rmtree(dest, ignore_errors=True)
+        last = self.history[-1]
+        write_federated_release(
+            dest,
+            job_id=self.order.job_id,
+            spec_sha256=self.order.spec_sha256,
+            approval_binding=self.order.approval_binding,
+            weights=final,
+            adapter_config=self.adapter_config,
+            metrics={"train_loss": _significant(last.loss, 4), "rounds": float(len(self.history))},
+            rounds=[
+                {"round": h.round, "sites": h.sites, "model_sha256": h.model_sha256}
+                for h in self.history
+            ],
+            sites=list(signed.values()),
+            gateway_cert_pem=cert,
+            gateway_key_pem=key,
+            ca_cert_pem=ca,
+        )
+        return dest
 
     def run(self) -> Path:
         """Run every round; return the final global model (``final.safetensors``). Raises
@@ -140,10 +186,10 @@ class FederatedJob:
             nxt = self.home / f"round-{r + 1}.safetensors"
             apply_mean(start, mean, nxt)
             model = hashlib.sha256(nxt.read_bytes()).hexdigest()
-            return RoundResult(r, sites, loss, digest, model), nxt
+            return RoundResult(r, len(sites), loss, digest, model, sites), nxt
         raise InvalidState(f"round {r}: {why}")
 
-    def _aggregate(self, rnd: RoundOrder, attempt: int) -> tuple[Any, float, int]:
+    def _aggregate(self, rnd: RoundOrder, attempt: int) -> tuple[Any, float, tuple[str, ...]]:
         job, r = self.order.job_id, rnd.round
         members = tuple(self.sites)
         n = len(members)
@@ -172,7 +218,7 @@ class FederatedJob:
         reveals = self._each(lambda s: s.reveal(job, r, survivors, signed), self._of(signed))
         mean, _ = agg.unmask(reveals)
         update, loss = split_mean(mean, clip=config.clip)
-        return update, loss, len(survivors)
+        return update, loss, survivors
 
     def _enough(self, config: RoundConfig, got: Mapping[str, Any], what: str) -> None:
         if len(got) < config.min_survivors:
@@ -201,6 +247,7 @@ class FederatedJob:
                     out[name] = future.result()
                 except SealroomError as e:
                     log.info("job %s: site %s left out: %s", self.order.job_id, name, e)
+                    self._refusals[name] = type(e).__name__
                     self._site_report(
                         SiteReport(
                             self.order.job_id,
@@ -223,5 +270,15 @@ class FederatedJob:
             self._report(report)
 
     def _journal(self) -> None:
-        body = {"job_id": self.order.job_id, "rounds": [vars(h) for h in self.history]}
+        body = {
+            "job_id": self.order.job_id,
+            "rounds": [{**vars(h), "survivors": list(h.survivors)} for h in self.history],
+        }
         write_secret(self.home / "journal.json", json.dumps(body, indent=1).encode())
+
+
+def _significant(value: float, digits: int) -> float:
+    """``value`` to ``digits`` significant digits (what a release's metrics carry)."""
+    if value == 0 or not math.isfinite(value):
+        return value
+    return round(value, digits - 1 - math.floor(math.log10(abs(value))))

@@ -30,11 +30,13 @@ from sealroom.v1 import gateway_pb2_grpc, site_pb2_grpc
 
 from enclave.audit import AuditEvent, AuditLog
 from enclave.contract import Site, StoredDataset
+from enclave.federated import RoundSite
 from enclave.identity import IdentityFiles
 from enclave.secretfile import ensure_secret, write_secret
 from gateway._auth import AuthInterceptor
 from gateway._federation import Sites
 from gateway._linkservicer import SiteLinkServicer
+from gateway._roundlink import RoundMailbox
 from gateway._servicer import GatewayServicer
 from gateway._siteaudit import SiteAudits
 from gateway._sitelink import HEARTBEAT_S, LEASE_S, SiteLinks
@@ -151,7 +153,16 @@ def build(
         signer = ca.site_signer(name, out_dir=signer_dir(site_root))
         site = SiteAgent.open(site_root, name=name, signer=signer, limits=limits)
     links = SiteLinks(gw_dir / "links", lease_s=lease_s, heartbeat_s=heartbeat_s)
-    sites = Sites(site, links, locate=lambda name, version: store.dataset(name, version).site)
+    rounds = RoundMailbox()
+    sites = Sites(
+        site,
+        links,
+        locate=lambda name, version: store.dataset(name, version).site,
+        rounds=rounds,
+        local_rounds=_local_rounds(site),
+        federated_home=gw_dir / "federated",
+        signer=identity,
+    )
     gateway = Gateway(
         home=gw_dir,
         store=store,
@@ -200,6 +211,7 @@ def build(
             max_release_bytes=max_release_bytes,
             push_dataset=push_dataset,
             site_audits=site_audits,
+            rounds=rounds,
         ),
         server,
     )
@@ -229,6 +241,23 @@ def build(
         site=site,
         links=links,
         site_audits=site_audits,
+    )
+
+
+def _local_rounds(site: Site | None) -> RoundSite | None:
+    """The local site's part in federated rounds (a :class:`SiteAgent` has one)."""
+    train = getattr(site, "train_round", None)
+    if site is None or train is None:
+        return None
+    from enclave.federated import Participant
+
+    return Participant(
+        name=site.name,
+        train=train,
+        layout=site.round_layout,  # type: ignore[attr-defined]
+        finish=site.countersign,  # type: ignore[attr-defined]
+        rounds=site.rounds,  # type: ignore[attr-defined]
+        identity=site.signer,  # type: ignore[attr-defined]
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -22,6 +23,7 @@ from enclave.contract import Report, RoundOrder, RoundUpdate, RunOrder, SiteRepo
 from enclave.federated._rounds import RoundBook
 from enclave.federated._update import update_layout, update_length
 from enclave.identity import IdentityFiles
+from enclave.provenance.federated import Countersign
 from enclave.secagg import Advert, Reveal, RoundConfig, SiteRound
 from policies.errors import InvalidState, PolicyViolation
 from policies.identity import Role
@@ -29,6 +31,7 @@ from trainers.weights import TensorLayout
 
 Train = Callable[[RoundOrder, Report], RoundUpdate | None]
 Layout = Callable[[RunOrder], tuple[TensorLayout, bytes]]
+Finish = Callable[[RunOrder, Path, Report], Countersign]
 
 
 class RoundSite(Protocol):
@@ -59,6 +62,8 @@ class RoundSite(Protocol):
 
     def forget(self, job: str, round_no: int) -> None: ...
 
+    def countersign(self, order: RunOrder, final: Path, report: Report) -> Countersign: ...
+
 
 class Participant:
     """The secure-aggregation side of one site, for every federated job it takes part in."""
@@ -69,12 +74,14 @@ class Participant:
         name: str,
         train: Train,
         layout: Layout,
+        finish: Finish,
         rounds: RoundBook,
         identity: IdentityFiles,
     ) -> None:
         self.name = name
         self._train = train
         self._layout = layout
+        self._finish = finish
         self._book = rounds
         self._cert, self._key, self._ca = identity.read()
         self._lock = threading.Lock()
@@ -130,6 +137,15 @@ class Participant:
         out = self._state(job, round_no)[0].reveal(survivors, confirmations)
         self.forget(job, round_no)
         return out
+
+    def countersign(self, order: RunOrder, final: Path, report: Report) -> Countersign:
+        """The memorization probe of the job's final model on this site's data, then this
+        site's countersignature of it (see the site's ``countersign``)."""
+
+        def tagged(r: SiteReport) -> None:
+            report(dataclasses.replace(r, site=self.name))
+
+        return self._finish(order, final, tagged)
 
     def forget(self, job: str, round_no: int) -> None:
         """Drop a round's secrets (after its reveal, or when the gateway gave it up)."""

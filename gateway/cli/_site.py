@@ -75,6 +75,7 @@ def join(
     import dataclasses
 
     from enclave.agent import DEFAULT_LIMITS, SiteAgent
+    from enclave.federated import Participant
     from enclave.link import SiteLink, open_site_audit
     from enclave.owners import OwnerRecord, SiteDatasets
 
@@ -96,6 +97,14 @@ def join(
             datasets=datasets.pushed,
             audit=audit,
             audit_cert=audit_cert,
+            rounds=Participant(
+                name=name,
+                train=site.train_round,
+                layout=site.round_layout,
+                finish=site.countersign,
+                rounds=site.rounds,
+                identity=signer,
+            ),
         )
         serving = threading.Thread(target=link.serve, name="site-link")
         serving.start()

@@ -64,6 +64,7 @@ class Federation:
                 name=name,
                 train=agent.train_round,
                 layout=agent.round_layout,
+                finish=agent.countersign,
                 rounds=agent.rounds,
                 identity=self.signers[name],
             )

@@ -15,6 +15,7 @@ from safetensors.numpy import save_file
 
 from enclave.contract import Report, RoundOrder, RoundUpdate, RunOrder
 from enclave.federated import Participant, RoundBook
+from enclave.provenance.federated import Countersign
 from enclave.secagg import Aggregator, RoundConfig
 from gateway.identity import CertificateAuthority
 from policies.errors import PolicyViolation, SignatureError
@@ -29,6 +30,10 @@ purpose: testing
 federation: {rounds: 2, local_steps: 3, min_sites: 3, update_clip: 0.5}
 """)
 MEMBERS = ("site-a", "site-b", "site-c")
+
+
+def _no_finish(order: RunOrder, final: Path, report: Report) -> Countersign:
+    raise AssertionError("no release in these tests")
 
 
 @pytest.fixture
@@ -74,6 +79,7 @@ def world(tmp_path: Path) -> tuple[dict[str, Participant], RoundOrder]:
                 name=name,
                 train=train,
                 layout=lambda o: ({}, b""),
+                finish=_no_finish,
                 rounds=book,
                 identity=ca.site_signer(name, out_dir=tmp_path / name / "identity"),
             )
@@ -166,6 +172,7 @@ def test_an_advert_from_a_site_of_another_deployment_is_refused(
         name="site-c",
         train=lambda r, rep: RoundUpdate(vector=np.zeros(9), weight=1),
         layout=lambda o: ({}, b""),
+        finish=_no_finish,
         rounds=RoundBook.of_site(tmp_path / "rogue"),
         identity=rogue_ca.site_signer("site-c", out_dir=tmp_path / "rogue" / "identity"),
     )

@@ -693,3 +693,101 @@ class PushAuditResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PushAuditResponse: _TypeAlias = PushAuditResponse  # noqa: Y015
+
+@_typing.final
+class PullRoundRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAIT_S_FIELD_NUMBER: _builtins.int
+    wait_s: _builtins.float
+    def __init__(
+        self,
+        *,
+        wait_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["wait_s", b"wait_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PullRoundRequest: _TypeAlias = PullRoundRequest  # noqa: Y015
+
+@_typing.final
+class RoundStepHeader(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    ERROR_KIND_FIELD_NUMBER: _builtins.int
+    step_id: _builtins.str
+    kind: _builtins.str
+    """layout, join, share, mask, confirm, reveal, forget"""
+    job_id: _builtins.str
+    round: _builtins.int
+    error: _builtins.str
+    """in an answer: why the site could not take the step (empty: it did)"""
+    error_kind: _builtins.str
+    """the class of that error (policies.errors)"""
+    def __init__(
+        self,
+        *,
+        step_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        error: _builtins.str = ...,
+        error_kind: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "error_kind", b"error_kind", "job_id", b"job_id", "kind", b"kind", "round", b"round", "step_id", b"step_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoundStepHeader: _TypeAlias = RoundStepHeader  # noqa: Y015
+
+@_typing.final
+class RoundChunk(_message.Message):
+    """A step or its answer: the header, then the payload (enclave/federated/_wire.py) in chunks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    @_builtins.property
+    def header(self) -> Global___RoundStepHeader: ...
+    def __init__(
+        self,
+        *,
+        header: Global___RoundStepHeader | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "data"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___RoundChunk: _TypeAlias = RoundChunk  # noqa: Y015
+
+@_typing.final
+class AnswerRoundResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnswerRoundResponse: _TypeAlias = AnswerRoundResponse  # noqa: Y015

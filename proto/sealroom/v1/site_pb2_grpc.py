@@ -74,6 +74,16 @@ class SiteLinkStub:
                 request_serializer=sealroom_dot_v1_dot_site__pb2.SiteAuditChunk.SerializeToString,
                 response_deserializer=sealroom_dot_v1_dot_site__pb2.PushAuditResponse.FromString,
                 _registered_method=True)
+        self.PullRound = channel.unary_stream(
+                '/sealroom.v1.SiteLink/PullRound',
+                request_serializer=sealroom_dot_v1_dot_site__pb2.PullRoundRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_site__pb2.RoundChunk.FromString,
+                _registered_method=True)
+        self.AnswerRound = channel.stream_unary(
+                '/sealroom.v1.SiteLink/AnswerRound',
+                request_serializer=sealroom_dot_v1_dot_site__pb2.RoundChunk.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_site__pb2.AnswerRoundResponse.FromString,
+                _registered_method=True)
 
 
 class SiteLinkServicer:
@@ -147,6 +157,25 @@ class SiteLinkServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullRound(self, request, context):
+        """Long poll (up to wait_s) for one step of a federated job's round addressed to this site
+        (enclave.federated.RoundSite: layout, join, share, mask, confirm, reveal, forget): the
+        step's header first, then its payload in chunks; an empty stream is no step within wait_s.
+        A step is given out once; one the site does not answer in time leaves it out of the round.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AnswerRound(self, request_iterator, context):
+        """The answer to a step: the header (its step id, and the error for a step the site refused
+        or could not take), then the payload in chunks. An answer to a step this site was not
+        given, or given already, is refused (FAILED_PRECONDITION).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SiteLinkServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +218,16 @@ def add_SiteLinkServicer_to_server(servicer, server):
                     servicer.PushAudit,
                     request_deserializer=sealroom_dot_v1_dot_site__pb2.SiteAuditChunk.FromString,
                     response_serializer=sealroom_dot_v1_dot_site__pb2.PushAuditResponse.SerializeToString,
+            ),
+            'PullRound': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullRound,
+                    request_deserializer=sealroom_dot_v1_dot_site__pb2.PullRoundRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_site__pb2.RoundChunk.SerializeToString,
+            ),
+            'AnswerRound': grpc.stream_unary_rpc_method_handler(
+                    servicer.AnswerRound,
+                    request_deserializer=sealroom_dot_v1_dot_site__pb2.RoundChunk.FromString,
+                    response_serializer=sealroom_dot_v1_dot_site__pb2.AnswerRoundResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -407,6 +446,60 @@ class SiteLink:
             '/sealroom.v1.SiteLink/PushAudit',
             sealroom_dot_v1_dot_site__pb2.SiteAuditChunk.SerializeToString,
             sealroom_dot_v1_dot_site__pb2.PushAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sealroom.v1.SiteLink/PullRound',
+            sealroom_dot_v1_dot_site__pb2.PullRoundRequest.SerializeToString,
+            sealroom_dot_v1_dot_site__pb2.RoundChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnswerRound(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/sealroom.v1.SiteLink/AnswerRound',
+            sealroom_dot_v1_dot_site__pb2.RoundChunk.SerializeToString,
+            sealroom_dot_v1_dot_site__pb2.AnswerRoundResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -76,6 +76,17 @@ class SiteLinkStub:
     drop a record unnoticed; a compliance officer reads the copy through the gateway. The
     checkpoint the gateway holds already is acknowledged.
     """
+    PullRound: _grpc.UnaryStreamMultiCallable[_site_pb2.PullRoundRequest, _site_pb2.RoundChunk]
+    """Long poll (up to wait_s) for one step of a federated job's round addressed to this site
+    (enclave.federated.RoundSite: layout, join, share, mask, confirm, reveal, forget): the
+    step's header first, then its payload in chunks; an empty stream is no step within wait_s.
+    A step is given out once; one the site does not answer in time leaves it out of the round.
+    """
+    AnswerRound: _grpc.StreamUnaryMultiCallable[_site_pb2.RoundChunk, _site_pb2.AnswerRoundResponse]
+    """The answer to a step: the header (its step id, and the error for a step the site refused
+    or could not take), then the payload in chunks. An answer to a step this site was not
+    given, or given already, is refused (FAILED_PRECONDITION).
+    """
 
 @_typing.type_check_only
 class SiteLinkAsyncStub(SiteLinkStub):
@@ -112,6 +123,17 @@ class SiteLinkAsyncStub(SiteLinkStub):
     root, and records each checkpoint in its own log (site.checkpoint), so neither log can
     drop a record unnoticed; a compliance officer reads the copy through the gateway. The
     checkpoint the gateway holds already is acknowledged.
+    """
+    PullRound: _aio.UnaryStreamMultiCallable[_site_pb2.PullRoundRequest, _site_pb2.RoundChunk]  # type: ignore[assignment]
+    """Long poll (up to wait_s) for one step of a federated job's round addressed to this site
+    (enclave.federated.RoundSite: layout, join, share, mask, confirm, reveal, forget): the
+    step's header first, then its payload in chunks; an empty stream is no step within wait_s.
+    A step is given out once; one the site does not answer in time leaves it out of the round.
+    """
+    AnswerRound: _aio.StreamUnaryMultiCallable[_site_pb2.RoundChunk, _site_pb2.AnswerRoundResponse]  # type: ignore[assignment]
+    """The answer to a step: the header (its step id, and the error for a step the site refused
+    or could not take), then the payload in chunks. An answer to a step this site was not
+    given, or given already, is refused (FAILED_PRECONDITION).
     """
 
 class SiteLinkServicer(metaclass=_abc_1.ABCMeta):
@@ -194,6 +216,29 @@ class SiteLinkServicer(metaclass=_abc_1.ABCMeta):
         root, and records each checkpoint in its own log (site.checkpoint), so neither log can
         drop a record unnoticed; a compliance officer reads the copy through the gateway. The
         checkpoint the gateway holds already is acknowledged.
+        """
+
+    @_abc_1.abstractmethod
+    def PullRound(
+        self,
+        request: _site_pb2.PullRoundRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_site_pb2.RoundChunk], _abc.AsyncIterator[_site_pb2.RoundChunk]]:
+        """Long poll (up to wait_s) for one step of a federated job's round addressed to this site
+        (enclave.federated.RoundSite: layout, join, share, mask, confirm, reveal, forget): the
+        step's header first, then its payload in chunks; an empty stream is no step within wait_s.
+        A step is given out once; one the site does not answer in time leaves it out of the round.
+        """
+
+    @_abc_1.abstractmethod
+    def AnswerRound(
+        self,
+        request_iterator: _MaybeAsyncIterator[_site_pb2.RoundChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_site_pb2.AnswerRoundResponse, _abc.Awaitable[_site_pb2.AnswerRoundResponse]]:
+        """The answer to a step: the header (its step id, and the error for a step the site refused
+        or could not take), then the payload in chunks. An answer to a step this site was not
+        given, or given already, is refused (FAILED_PRECONDITION).
         """
 
 def add_SiteLinkServicer_to_server(servicer: SiteLinkServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
