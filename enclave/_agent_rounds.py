@@ -68,6 +68,7 @@ class RoundRuns:
     _runs: Path
     _lock: threading.Lock
     _kept: dict[tuple[str, int], RoundUpdate]
+    _training: dict[tuple[str, int], threading.Event]
     _handles: dict[str, Any]
     _dp: dict[str, DPParameters | None]
 
@@ -95,11 +96,28 @@ class RoundRuns:
         id (``JOB.rN``) and no team-facing state or progress: the team sees the round's
         aggregate, from the gateway. Raises :class:`PolicyViolation` for a round the owners'
         plan or this site's ε does not allow, before the job runs."""
-        job, key = rnd.order.job_id, (rnd.order.job_id, rnd.round)
+        key = (rnd.order.job_id, rnd.round)
         with self._lock:
             kept = self._kept.get(key)
+            busy = self._training.get(key)
+            if kept is None and busy is None:
+                self._training[key] = threading.Event()
         if kept is not None:
             return kept
+        if busy is not None:
+            # The same round asked again while it trains (a gateway that restarted meanwhile
+            # asks afresh): one training, whose update both answers get.
+            busy.wait()
+            with self._lock:
+                return self._kept.get(key)
+        try:
+            return self._train_round(rnd, report)
+        finally:
+            with self._lock:
+                self._training.pop(key).set()
+
+    def _train_round(self, rnd: RoundOrder, report: Report) -> RoundUpdate | None:
+        job, key = rnd.order.job_id, (rnd.order.job_id, rnd.round)
         run_id = round_run_id(job, rnd.round)
         rounds_dir = self._runs / f"{job}.rounds"
         rounds_dir.mkdir(mode=0o700, exist_ok=True)
@@ -111,8 +129,13 @@ class RoundRuns:
             shutil.rmtree(run_dir)
 
         def owners_only(r: SiteReport) -> None:
-            if r.state is None and r.progress is None:
-                report(r)
+            # The run's audit records and the owners' progress; no state or point of the team's.
+            if r.audit_action or r.owner_progress is not None:
+                report(
+                    dataclasses.replace(
+                        r, state=None, reason="", progress=None, channel_bits=None, image_id=""
+                    )
+                )
 
         team = _channels.OwnersChannel(run_id, report=owners_only)
         try:

@@ -135,6 +135,7 @@ class SiteAgent(RoundRuns):
         self._policy_book = sovereignty.PolicyBook.of_site(root)
         self.rounds = RoundBook.of_site(root)
         self._kept: dict[tuple[str, int], RoundUpdate] = {}  # gated round updates, in memory
+        self._training: dict[tuple[str, int], threading.Event] = {}  # rounds training now
         # This site's containers, told apart from any other site's on the same engine (a
         # shared engine, or two deployments on one machine) even when their names agree.
         self.instance = site_secret(root / "keys" / "instance.id")[:8].hex()

@@ -17,6 +17,7 @@ The run logs of a remote site stay there, like its data.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -94,8 +95,9 @@ class Sites:
         else:
             raise SiteError("a dataset is recorded at the local site, and this gateway has none")
 
-    def _federated(self, order: RunOrder, report: Report) -> None:
-        """Run a federated job's rounds, then its release (see the module)."""
+    def _federated(self, order: RunOrder, report: Report, *, resumed: bool = False) -> None:
+        """Run a federated job's rounds, then its release (see the module); ``resumed``: a
+        job a previous gateway process started, gone on with from its last completed round."""
         job = order.job_id
 
         def end(state: JobState, reason: TeamReason, detail: str) -> None:
@@ -113,26 +115,31 @@ class Sites:
         if len(sites) < 2:
             end(JobState.ERROR, TeamReason.ERROR, f"a federated job at {len(sites)} site(s)")
             return
+        fed = FederatedJob(order, report, sites=sites, home=self._federated_home)
         report(
             SiteReport(
                 job,
-                state=JobState.RUNNING,
+                state=None if resumed else JobState.RUNNING,
                 reason=TeamReason.RUNNING,
-                audit_action="federated.start",
-                details={"sites": sorted(sites)},
+                audit_action="federated.resume" if resumed else "federated.start",
+                details={"sites": sorted(sites), "rounds_done": len(fed.history)},
             )
         )
-        fed = FederatedJob(order, report, sites=sites, home=self._federated_home)
+        all_done = len(fed.history) == fed.plan.rounds  # a restart during the release checks
         try:
             final = fed.run()
-            report(SiteReport(job, state=JobState.CHECKING, reason=TeamReason.CHECKING))
+            if not (resumed and all_done):
+                report(SiteReport(job, state=JobState.CHECKING, reason=TeamReason.CHECKING))
             release = fed.release(final, signer=self._signer)
         except ReleaseRefused as e:
+            fed.finished()
             end(JobState.REJECTED, TeamReason.REJECTED_MEMORIZATION, str(e))
             return
         except SealroomError as e:
+            fed.finished()
             end(JobState.ERROR, TeamReason.ERROR, f"federated: {e}")
             return
+        fed.finished()
         metrics = json.loads((release / "metrics.json").read_text())
         report(
             SiteReport(
@@ -141,20 +148,35 @@ class Sites:
                 reason=TeamReason.RELEASED,
                 release_dir=release,
                 metrics={k: float(v) for k, v in metrics.items()},
-                audit_action="federated.release",
-                details={"rounds": len(fed.history), "sites": sorted(sites)},
+                # Signed here: the release record a takedown report lists, as a site's is.
+                audit_action="release.sign",
+                details={
+                    "manifest_sha256": hashlib.sha256(
+                        (release / "manifest.json").read_bytes()
+                    ).hexdigest(),
+                    "federated": True,
+                    "rounds": len(fed.history),
+                    "sites": sorted(sites),
+                },
             )
         )
 
     def held(self) -> list[str]:
-        """Jobs a previous gateway process leased to a remote site whose leases are still live
-        (on record): the dispatcher takes each up again with :meth:`resume` rather than ending
-        it as a run the restart cut short (:mod:`gateway._sitelink`)."""
-        return self.links.held()
+        """Jobs a previous gateway process left going: those it leased to a remote site whose
+        leases are still live (on record), and federated jobs whose rounds or release it did not
+        finish. The dispatcher takes each up again with :meth:`resume` rather than ending it as
+        a run the restart cut short (:mod:`gateway._sitelink`, :mod:`gateway._rounds`)."""
+        federated = FederatedJob.unfinished(self._federated_home) if self._federated_home else []
+        return self.links.held() + federated
 
     def resume(self, job_id: str, report: Report) -> bool:
-        """Take up a live lease of a previous gateway process: ``report`` gets its reports,
-        and this blocks until the run ends (as :meth:`run`). False at once when none waits."""
+        """Take up what a previous gateway process left going: ``report`` gets its reports,
+        and this blocks until the run ends (as :meth:`run`). False at once when none waits.
+        A federated job goes on from its last completed round."""
+        home = self._federated_home
+        if home is not None and job_id in FederatedJob.unfinished(home):
+            self._federated(FederatedJob.saved_order(home, job_id), report, resumed=True)
+            return True
         return self.links.resume(job_id, report)
 
     def cancel(self, job_id: str) -> None:

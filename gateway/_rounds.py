@@ -38,6 +38,7 @@ from enclave.federated import (
     update_length,
 )
 from enclave.identity import IdentityFiles
+from enclave.linkwire import order_from_json, order_json
 from enclave.provenance.federated import write_federated_release
 from enclave.secagg import Aggregator, RoundConfig
 from enclave.secretfile import write_secret
@@ -46,6 +47,8 @@ from policies.errors import InvalidState, ReleaseRefused, SealroomError, SiteErr
 
 log = logging.getLogger(__name__)
 
+ORDER_FILE = "order.json"
+DONE_FILE = "done"
 MAX_ROUND_WEIGHT = 2**20  # as each site caps its weight (enclave._agent_rounds)
 ATTEMPTS = 2
 T = TypeVar("T")
@@ -83,6 +86,30 @@ class FederatedJob:
         self._loss_digits = loss_digits
         self.history: list[RoundResult] = []
         self._refusals: dict[str, str] = {}  # the last error class of each site left out
+        self.adapter_config = b""
+        self._load_journal()
+        if not (self.home / ORDER_FILE).exists():  # what a restarted gateway resumes from
+            write_secret(self.home / ORDER_FILE, order_json(order).encode())
+
+    @staticmethod
+    def unfinished(home: Path) -> list[str]:
+        """Jobs under ``home`` whose rounds or release a previous process did not finish."""
+        if not home.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in home.iterdir()
+            if (p / ORDER_FILE).is_file() and not (p / DONE_FILE).exists()
+        )
+
+    @staticmethod
+    def saved_order(home: Path, job_id: str) -> RunOrder:
+        """The order a previous process started ``job_id`` with."""
+        return order_from_json((home / job_id / ORDER_FILE).read_text(), bundle=None)
+
+    def finished(self) -> None:
+        """Mark the job done here (released, refused or failed): nothing to resume."""
+        (self.home / DONE_FILE).touch()
 
     def release(self, final: Path, *, signer: IdentityFiles) -> Path:
         """Have every site that was in a round's sum probe the final model on its data and
@@ -113,10 +140,9 @@ class FederatedJob:
             weights=final,
             adapter_config=self.adapter_config,
             metrics={"train_loss": _significant(last.loss, 4), "rounds": float(len(self.history))},
-            rounds=[
-                {"round": h.round, "sites": h.sites, "model_sha256": h.model_sha256}
-                for h in self.history
-            ],
+            # How many sites were in each sum stays with the owners (the journal, the audit):
+            # a count per round the data could steer is not the team's to see.
+            rounds=[{"round": h.round, "model_sha256": h.model_sha256} for h in self.history],
             sites=list(signed.values()),
             gateway_cert_pem=cert,
             gateway_key_pem=key,
@@ -127,8 +153,12 @@ class FederatedJob:
     def run(self) -> Path:
         """Run every round; return the final global model (``final.safetensors``). Raises
         :class:`InvalidState` naming the round when too few sites could take part."""
-        start = self._first_start()
-        for r in range(self.plan.rounds):
+        start = (
+            self._first_start()
+            if not self.history
+            else self.home / f"round-{len(self.history)}.safetensors"
+        )
+        for r in range(len(self.history), self.plan.rounds):
             result, start = self._round(r, start)
             self.history.append(result)
             self._journal()
@@ -220,6 +250,17 @@ class FederatedJob:
         update, loss = split_mean(mean, clip=config.clip)
         return update, loss, survivors
 
+    def _load_journal(self) -> None:
+        """The rounds a previous process completed (a restarted gateway goes on from there)."""
+        path = self.home / "journal.json"
+        if not path.is_file():
+            return
+        body = json.loads(path.read_bytes())
+        self.adapter_config = str(body["adapter_config"]).encode()
+        self.history = [
+            RoundResult(**{**r, "survivors": tuple(r["survivors"])}) for r in body["rounds"]
+        ]
+
     def _enough(self, config: RoundConfig, got: Mapping[str, Any], what: str) -> None:
         if len(got) < config.min_survivors:
             raise InvalidState(
@@ -272,6 +313,7 @@ class FederatedJob:
     def _journal(self) -> None:
         body = {
             "job_id": self.order.job_id,
+            "adapter_config": self.adapter_config.decode(),
             "rounds": [{**vars(h), "survivors": list(h.survivors)} for h in self.history],
         }
         write_secret(self.home / "journal.json", json.dumps(body, indent=1).encode())

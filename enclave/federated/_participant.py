@@ -98,8 +98,8 @@ class Participant:
         Raises :class:`PolicyViolation` for settings the approved plan does not allow."""
         self._check(rnd, config)
 
-        def tagged(r: SiteReport) -> None:  # the coordinator audits it under this site's name
-            report(dataclasses.replace(r, site=self.name))
+        def tagged(r: SiteReport) -> None:
+            report(_as_job(r, rnd.order.job_id, self.name))
 
         update = self._train(rnd, tagged)
         if update is None:
@@ -143,7 +143,7 @@ class Participant:
         site's countersignature of it (see the site's ``countersign``)."""
 
         def tagged(r: SiteReport) -> None:
-            report(dataclasses.replace(r, site=self.name))
+            report(_as_job(r, order.job_id, self.name))
 
         return self._finish(order, final, tagged)
 
@@ -187,3 +187,12 @@ class Participant:
             role=Role.SITE,
             what=f"secure aggregation: {site}'s statement",
         )
+
+
+def _as_job(report: SiteReport, job_id: str, site: str) -> SiteReport:
+    """A round's report as the federated job's, from ``site``: the audit records carry the job
+    (the round's run is named in the details), so the gateway files them under the job."""
+    if report.job_id == job_id:
+        return dataclasses.replace(report, site=site)
+    details = {**report.details, "run": report.job_id}
+    return dataclasses.replace(report, job_id=job_id, site=site, details=details)

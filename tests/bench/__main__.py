@@ -49,6 +49,7 @@ ENTRIES = (
     Entry("tests.bench.gateway", "bench_launch"),
     Entry("tests.bench.sitelink", "bench_site_link"),
     Entry("tests.bench.first_step", "bench_first_step"),
+    Entry("tests.bench.federated", "bench_federated_round"),
 )
 
 
