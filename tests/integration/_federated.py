@@ -40,7 +40,7 @@ datasets: [books-a, books-b, books-c]
 base_model: tiny-lm
 trainer: causal-lm-lora
 purpose: testing
-hyperparameters: {{lora_r: 4, batch_size: 4, block_size: 32, learning_rate: 0.02, seed: 3}}
+hyperparameters: {{lora_r: 4, batch_size: 4, block_size: 32, learning_rate: 0.02, seed: 3{dp}}}
 resources: {{cpus: 1, memory_mb: 2048, timeout_s: 300}}
 federation:
   rounds: {rounds}
@@ -71,9 +71,12 @@ class Federation:
             for name, agent in self.agents.items()
         }
 
-    def order(self, job_id: str, *, rounds: int = 3, local_steps: int = 4) -> RunOrder:
+    def order(
+        self, job_id: str, *, rounds: int = 3, local_steps: int = 4, dp_epsilon: float = 0.0
+    ) -> RunOrder:
         """The order an honest gateway sends: every owner's signed policy and approval."""
-        spec: JobSpec = parse_spec(SPEC.format(rounds=rounds, local_steps=local_steps))
+        dp = f", dp_epsilon: {dp_epsilon}" if dp_epsilon else ""
+        spec: JobSpec = parse_spec(SPEC.format(rounds=rounds, local_steps=local_steps, dp=dp))
         datasets = tuple((ds, 1) for _, ds in OWNERS.values())
         owner_of = {ds: owner for owner, ds in OWNERS.values()}
         order = RunOrder(

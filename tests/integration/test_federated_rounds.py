@@ -6,6 +6,7 @@ converges (the last round's mean loss below the first's, measured), its model lo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import warnings
@@ -156,3 +157,37 @@ def test_a_gate_refusal_leaves_a_site_out_and_too_few_sites_fail_the_job(
     assert all("metrics" in r.details["why"] for r in refused)
     checks = [r for r in reports if r.audit_action == "release.check" and r.site == "site-c"]
     assert any(r.audit_outcome == "denied" for r in checks)
+
+
+def test_dp_epsilon_is_composed_over_the_rounds_and_countersigned_per_site(
+    tmp_path: Path, runtime_image: str
+) -> None:
+    """DP-SGD at every site, its noise set by the site for the whole plan: after the job each
+    site's ε (composed over the rounds it trained, Opacus' RDP accountant) is within the
+    per-job cap and near the spec's target, the release states it per site (countersigned),
+    and a round past the plan is refused before it trains."""
+    from enclave.contract import RoundOrder
+    from enclave.provenance.federated import verify_federated_release
+    from policies.errors import PolicyViolation
+    from policies.identity import Role
+    from tests.integration._deployment import DP_BUDGET
+
+    policies = {ds: policy(ds, memorization=False) + DP_BUDGET for _, ds in OWNERS.values()}
+    reports: list[SiteReport] = []
+    with federation(tmp_path / "fed", policies=policies) as fed:
+        order = fed.order("fed-dp", rounds=2, local_steps=3, dp_epsilon=4.0)
+        job = FederatedJob(order, reports.append, sites=fed.participants(), home=tmp_path / "gw")
+        final = job.run()
+        gateway = fed.ca.issue("gateway", role=Role.OPERATOR, out_dir=tmp_path / "gw-id")
+        release = job.release(final, signer=gateway)
+        manifest = verify_federated_release(release, ca_cert_pem=fed.ca.cert_pem).manifest
+        epsilons = {s["site"]: s["epsilon"] for s in manifest["sites"]}
+        assert set(epsilons) == set(OWNERS)
+        for site, eps in epsilons.items():
+            assert 3.0 < eps <= 4.0 + 1e-6, (site, eps)  # calibrated for the plan, capped at 5
+            rec = fed.agents[site].rounds.job("fed-dp")
+            assert rec is not None and rec.trained == (0, 1) and rec.dp is not None
+        start = tmp_path / "gw" / "fed-dp" / "round-2.safetensors"
+        digest = hashlib.sha256(start.read_bytes()).hexdigest()
+        with pytest.raises(PolicyViolation, match="beyond the 2 rounds"):
+            fed.agents["site-a"].train_round(RoundOrder(order, 2, start, digest), reports.append)

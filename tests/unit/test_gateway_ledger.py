@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from enclave.provenance.federated import SCHEMA as FEDERATED
 from gateway import _ledger as ledger_module
 from gateway._leakage import bits_spent, epsilon_spent, release_charges
 from gateway._ledger import BITS, EPSILON, WORST
@@ -455,3 +456,41 @@ def test_a_crash_between_the_state_change_and_its_charge_loses_neither(tmp_path:
     store.transition("j", S.RELEASED)  # released again: charged, once
     assert epsilon_spent(store, ["books"]) == {"books": 1.25}
     store.close()
+
+
+def _federated(per_site: dict[str, tuple[list[str], Any]]) -> dict[str, Any]:
+    """A federated release's manifest: each site's datasets and the ε it countersigned."""
+    return {
+        "schema": FEDERATED,
+        "sites": [
+            {"site": s, "datasets": dict.fromkeys(ds, 1), "epsilon": eps}
+            for s, (ds, eps) in per_site.items()
+        ],
+    }
+
+
+def test_a_federated_release_charges_each_dataset_its_sites_epsilon_once(
+    ledger: tuple[Store, Path],
+) -> None:
+    """Each dataset is charged, once per job, the ε its own site composed over the rounds it
+    trained; a site with no DP it set charges nothing; a figure that is not a finite number
+    >= 0 charges everything (fail closed), and only that site's datasets."""
+    store, releases = ledger
+    names = ["books-a", "books-b", "books-c", "notes"]
+    store.add_job(_job("fed", names))
+    _manifest(
+        releases,
+        "fed",
+        _federated(
+            {
+                "site-a": (["books-a", "notes"], 2.25),
+                "site-b": (["books-b"], None),
+                "site-c": (["books-c"], float("nan")),
+            }
+        ),
+    )
+    _run(store, "fed", S.RELEASED)
+    spent = epsilon_spent(store, names)
+    assert spent["books-a"] == spent["notes"] == 2.25
+    assert spent["books-b"] == 0.0
+    assert spent["books-c"] == WORST
