@@ -27,8 +27,9 @@ from enclave.contract import Report, RunOrder, Site, SiteReport, StoredDataset
 from enclave.federated import RoundSite
 from enclave.identity import IdentityFiles
 from gateway._roundlink import RemoteRoundSite, RoundMailbox
-from gateway._rounds import FederatedJob
+from gateway._rounds import FederatedJob, OnGrid
 from gateway._sitelink import SiteLinks
+from policies import channels, document
 from policies.channels import TeamReason
 from policies.errors import InvalidInput, ReleaseRefused, SealroomError, SiteError
 from policies.lifecycle import JobState
@@ -98,6 +99,18 @@ class Sites:
     def _federated(self, order: RunOrder, report: Report, *, resumed: bool = False) -> None:
         """Run a federated job's rounds, then its release (see the module); ``resumed``: a
         job a previous gateway process started, gone on with from its last completed round."""
+        rules = channels.job_channel_rules(
+            document.parse_policy(t) for t in order.policy_documents.values()
+        )
+        team = OnGrid(report, quantum_s=rules.time_quantum_s)
+        try:
+            self._federated_on(order, team, resumed=resumed, loss_digits=rules.loss_digits)
+        finally:
+            team.close()
+
+    def _federated_on(
+        self, order: RunOrder, report: Report, *, resumed: bool, loss_digits: int
+    ) -> None:
         job = order.job_id
 
         def end(state: JobState, reason: TeamReason, detail: str) -> None:
@@ -115,7 +128,9 @@ class Sites:
         if len(sites) < 2:
             end(JobState.ERROR, TeamReason.ERROR, f"a federated job at {len(sites)} site(s)")
             return
-        fed = FederatedJob(order, report, sites=sites, home=self._federated_home)
+        fed = FederatedJob(
+            order, report, sites=sites, home=self._federated_home, loss_digits=loss_digits
+        )
         report(
             SiteReport(
                 job,

@@ -17,11 +17,15 @@ so the job's history (and, on a restart, where it stopped) is on disk.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import math
+import queue
 import shutil
+import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -324,3 +328,44 @@ def _significant(value: float, digits: int) -> float:
     if value == 0 or not math.isfinite(value):
         return value
     return round(value, digits - 1 - math.floor(math.log10(abs(value))))
+
+
+class OnGrid:
+    """A federated job's publications: what the team sees (its states and one point a round)
+    each at the first grid point of the job's time quantum after it is known, in order, as a
+    site publishes a job's (``enclave._channels.TeamChannel``); audit records and the owners'
+    progress at once. :meth:`close` waits until all is published."""
+
+    def __init__(
+        self,
+        report: Report,
+        *,
+        quantum_s: float,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._report, self._quantum = report, quantum_s
+        self._clock, self._sleep = clock, sleep
+        self._queue: queue.Queue[tuple[float, SiteReport] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._publish, name="federated-grid", daemon=True)
+        self._thread.start()
+
+    def __call__(self, r: SiteReport) -> None:
+        if r.state is None and r.progress is None:
+            self._report(r)
+            return
+        if r.audit_action or r.owner_progress is not None:  # the owners' part, now
+            self._report(dataclasses.replace(r, state=None, reason="", progress=None))
+            r = dataclasses.replace(r, audit_action="", owner_progress=None, details={})
+        self._queue.put((channels.next_tick(self._clock(), self._quantum), r))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _publish(self) -> None:
+        while (item := self._queue.get()) is not None:
+            due, r = item
+            while (left := due - self._clock()) > 0:
+                self._sleep(left)
+            self._report(r)

@@ -404,13 +404,17 @@ def evaluate_submission(
 
 
 def job_account(spec: JobSpec, policies: Iterable[PolicyDocument]) -> channels.LeakageAccount:
-    """What the team could observe of ``spec``'s job under ``policies``, in bits."""
+    """What the team could observe of ``spec``'s job under ``policies``, in bits. A federated
+    job runs up to ``rounds`` times ``timeout_s`` and shows the team one point (its mean loss)
+    per round."""
     bound = list(policies)
+    plan = spec.federation
     return channels.account(
         channels.job_channel_rules(bound),
         [p.release for p in bound],
-        timeout_s=spec.resources.timeout_s,
+        timeout_s=spec.resources.timeout_s * (plan.rounds if plan else 1),
         team_reads_logs=any(p.logs is LogVisibility.MODEL_TEAM for p in bound),
+        points=plan.rounds if plan else None,
     )
 
 

@@ -235,8 +235,11 @@ def account(
     *,
     timeout_s: float,
     team_reads_logs: bool = False,
+    points: int | None = None,
 ) -> LeakageAccount:
-    """The capacity of every channel the team observes for a job with a ``timeout_s`` run.
+    """The capacity of every channel the team observes for a job with a ``timeout_s`` run,
+    shown ``points`` progress points (the rules' number unless given: a federated job shows one
+    per round).
 
     Raises :class:`InvalidInput` when there are no release rules (fail closed).
     """
@@ -246,7 +249,8 @@ def account(
         raise InvalidInput("timeout_s must be a finite number > 0")
     items: dict[str, float] = {}
     ticks = grid_ticks(timeout_s + STOP_GRACE_S, rules.time_quantum_s)
-    points = rules.progress_points
+    if points is None:
+        points = rules.progress_points
     if points:
         loss_values = 6 * _rounded_values(rules.loss_digits, 1) + 2  # 6 decades, 0, LOSS_MAX
         items["progress.loss"] = points * math.log2(loss_values)
