@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from policies.errors import IntegrityError, InvalidInput, SealroomError
 
 log = logging.getLogger(__name__)
 PULL_WAIT_S = 20.0
+_STEP_ID = re.compile(r"[0-9a-f]{32}")
 CHUNK = 1 << 20
 _RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 Record = Callable[[str, SiteReport], None]
@@ -86,10 +88,15 @@ class RoundServer:
     def _take(self, header: pb.RoundStepHeader, payload: bytes) -> None:
         error, kind, answer = "", "", b""
         try:
+            if not _STEP_ID.fullmatch(header.step_id):  # it names a file here: never a path
+                raise InvalidInput("round step: a malformed step id")
             doc, blob = wire.unpack(payload)
             answer = self._do(header, doc, blob)
         except SealroomError as e:
             error, kind = str(e), type(e).__name__
+        except Exception as e:  # answered all the same: the gateway must not wait it out
+            log.exception("round step %s failed", header.kind)
+            error, kind = f"the site failed ({type(e).__name__})", "SiteError"
         if header.kind == "forget":
             return
         reply = pb.RoundStepHeader(step_id=header.step_id, error=error, error_kind=kind)
@@ -113,7 +120,7 @@ class RoundServer:
             layout, config = self._rounds.round_layout(_order(doc))
             return wire.pack({"layout": wire.layout_doc(layout), "config": wire.b64(config)})
         if h.kind == "join":
-            return self._join(job, r, doc, blob)
+            return self._join(h.step_id, job, r, doc, blob)
         if h.kind == "share":
             adverts = doc.get("adverts")
             if not isinstance(adverts, dict):
@@ -123,7 +130,8 @@ class RoundServer:
             )
             return wire.pack({"sealed": wire.boxes_doc(sealed)})
         if h.kind == "mask":
-            words = self._rounds.mask(job, r, wire.boxes_value(doc.get("inbox"), "inbox"))
+            inbox = wire.boxes_value(doc.get("inbox"), "inbox")  # decoded before anything runs
+            words = self._rounds.mask(job, r, inbox)
             return wire.pack({}, words.astype("<u8").tobytes())
         if h.kind == "confirm":
             survivors = wire.survivors_value(doc.get("survivors"))
@@ -143,17 +151,17 @@ class RoundServer:
             self._rounds.forget(job, r)
             return b""
         if h.kind == "countersign":
-            return self._countersign(job, doc, blob)
+            return self._countersign(h.step_id, job, doc, blob)
         raise InvalidInput(f"round step {h.kind!r} is unknown")
 
-    def _join(self, job: str, r: int, doc: dict[str, Any], blob: bytes) -> bytes:
+    def _join(self, step: str, job: str, r: int, doc: dict[str, Any], blob: bytes) -> bytes:
         order = _order(doc)
         if order.job_id != job:
             raise InvalidInput("round payload: the order is another job's")
         digest = doc.get("start_sha256")
         if hashlib.sha256(blob).hexdigest() != digest:
             raise IntegrityError("the round's start does not match its digest")
-        start = self._starts / f"{job}-r{r}.safetensors"
+        start = self._starts / f"{step}.safetensors"  # a file of this step's own
         start.write_bytes(blob)
         reports: list[SiteReport] = []
 
@@ -176,11 +184,11 @@ class RoundServer:
             }
         )
 
-    def _countersign(self, job: str, doc: dict[str, Any], blob: bytes) -> bytes:
+    def _countersign(self, step: str, job: str, doc: dict[str, Any], blob: bytes) -> bytes:
         order = _order(doc)
         if order.job_id != job:
             raise InvalidInput("round payload: the order is another job's")
-        final = self._starts / f"{job}-final.safetensors"
+        final = self._starts / f"{step}.safetensors"
         final.write_bytes(blob)
         reports: list[SiteReport] = []
 
