@@ -8,7 +8,8 @@ update hidden, whatever the gateway does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from enclave.secagg._round import RoundConfig, seed_commit
 from enclave.secagg._site import Advert, Reveal, pair_mask_key, pair_sign
 from enclave.secagg._vector import decode
 from policies.errors import IntegrityError, InvalidState
+
+MAX_SUBSETS = 5000
+"""How many threshold-sized sets of shares the gateway tries before it gives up on a secret."""
 
 
 class Aggregator:
@@ -73,14 +77,10 @@ class Aggregator:
         for words in self._masked.values():
             total += words
         for site in survivors:
-            seed = self._recover(site, reveals, "seeds")
-            if seed_commit(ctx, site, seed) != self._adverts[site].seed_commit:
-                raise IntegrityError(f"secure aggregation: {site!r}'s seed does not rebuild")
+            seed = self._recover(site, reveals, "seeds", _commits(ctx, self._adverts[site]))
             total -= _crypto.mask(seed, len(total))
         for gone in (s for s in self._shared if s not in self._masked):
-            key = self._recover(gone, reveals, "keys")
-            if _crypto.public_key(key) != self._adverts[gone].mask_key:
-                raise IntegrityError(f"secure aggregation: {gone!r}'s mask key does not rebuild")
+            key = self._recover(gone, reveals, "keys", _opens(self._adverts[gone]))
             for site in survivors:
                 if site in cfg.neighbours(gone):
                     pad = _crypto.mask(
@@ -93,15 +93,53 @@ class Aggregator:
                         total += pad
         return decode(cfg, total)
 
-    def _recover(self, owner: str, reveals: Mapping[str, Reveal], kind: str) -> bytes:
-        shares = [
-            getattr(r, kind)[owner]
-            for holder, r in reveals.items()
-            if holder in self._masked and owner in getattr(r, kind)
-        ]
-        if len(shares) < self._config.threshold:
+    def _recover(
+        self,
+        owner: str,
+        reveals: Mapping[str, Reveal],
+        kind: str,
+        fits: Callable[[bytes], bool],
+    ) -> bytes:
+        """``owner``'s secret from the holders' shares, checked by ``fits`` (its commitment, or
+        its public key). A share that is not its holder's (wrong x-coordinate) is set aside, and
+        when all of them together do not rebuild it, every set of a threshold of them is tried
+        (up to :data:`MAX_SUBSETS`): a malicious site's bad share cannot spoil a round that a
+        threshold of honest holders can complete. Raises :class:`InvalidState` for fewer shares
+        than the threshold, :class:`IntegrityError` when no set of them rebuilds the secret."""
+        cfg = self._config
+        shares = []
+        for holder, r in sorted(reveals.items()):
+            share = getattr(r, kind).get(owner)
+            if holder not in self._masked or share is None:
+                continue
+            if len(share) == 1 + _crypto.SECRET_BYTES and share[0] == cfg.holder_number(holder):
+                shares.append(share)
+        if len(shares) < cfg.threshold:
             raise InvalidState(
                 f"secure aggregation: {len(shares)} shares of {owner!r}'s secret came back, "
-                f"fewer than the threshold {self._config.threshold}"
+                f"fewer than the threshold {cfg.threshold}"
             )
-        return _crypto.combine(shares)
+        tries = itertools.chain(
+            [shares], itertools.islice(itertools.combinations(shares, cfg.threshold), MAX_SUBSETS)
+        )
+        for subset in tries:
+            try:
+                secret = _crypto.combine(list(subset))
+            except IntegrityError:
+                continue
+            if fits(secret):
+                return secret
+        raise IntegrityError(
+            f"secure aggregation: no {cfg.threshold} of the {len(shares)} shares of {owner!r}'s "
+            "secret rebuild it"
+        )
+
+
+def _commits(context: bytes, advert: Advert) -> Callable[[bytes], bool]:
+    """Whether a rebuilt seed is the one ``advert`` committed to."""
+    return lambda seed: seed_commit(context, advert.site, seed) == advert.seed_commit
+
+
+def _opens(advert: Advert) -> Callable[[bytes], bool]:
+    """Whether a rebuilt mask key is the private key of ``advert``'s mask key."""
+    return lambda key: _crypto.public_key(key) == advert.mask_key

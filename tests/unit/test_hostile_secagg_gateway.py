@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 
 import numpy as np
 import pytest
 
 from enclave import secagg
-from enclave.secagg import Advert, RoundConfig, SiteRound, _crypto, encode
+from enclave.secagg import Advert, Reveal, RoundConfig, SiteRound, _crypto, encode, resolution
 from enclave.secagg._site import pair_mask_key, pair_sign
 from gateway.identity import CertificateAuthority
 from policies.errors import IntegrityError, InvalidState, SignatureError
 from policies.identity import Role
-from tests.unit._secagg_support import Identities, run_round
+from tests.unit._secagg_support import Identities, fedavg, run_round
 
 MEMBERS = ("alpha", "bravo", "charlie")
 
@@ -333,3 +334,54 @@ def test_a_gateway_cannot_shrink_the_sum_to_one_site(ids: Identities) -> None:
     _, _, _, sites = _masked(ids, config, ups, ws)
     with pytest.raises(InvalidState, match="fewer than the 2"):
         sites["alpha"].confirm(("alpha",))
+
+
+# A hostile site: it cannot spoil a round that a threshold of honest holders can complete.
+
+
+def _spoilt(reveal: Reveal, kind: str) -> Reveal:
+    """Each share's number kept, its value replaced by random bytes (a constant pattern would
+    cancel out of some interpolations: Shamir's sharing is linear)."""
+    bad = {k: v[:1] + os.urandom(len(v) - 1) for k, v in getattr(reveal, kind).items()}
+    return dataclasses.replace(reveal, **{kind: bad})
+
+
+@pytest.mark.parametrize("kind", ["seeds", "keys"])
+def test_a_site_revealing_bad_shares_cannot_spoil_the_sum(ids: Identities, kind: str) -> None:
+    """With five sites (threshold 3) a holder answers the reveal with altered shares (and, for
+    the seeds, another with shares under another holder's number): the gateway tries sets of a
+    threshold of shares until one rebuilds the committed secret (or the advertised key), and
+    the round decodes to the plain FedAvg."""
+    members = ("alpha", "bravo", "charlie", "delta", "echo")
+    config = _config(members)
+    ups, ws = _updates(config)
+    agg, _, masked, sites = _masked(ids, config, ups, ws)
+    gone = "echo" if kind == "keys" else None  # a dropped site, so that keys are revealed
+    if gone:
+        masked = {m: w for m, w in masked.items() if m != gone}
+    survivors = agg.survivors(masked)
+    signed = {m: sites[m].confirm(survivors) for m in survivors}
+    reveals = {m: sites[m].reveal(survivors, signed) for m in survivors}
+    reveals["bravo"] = _spoilt(reveals["bravo"], kind)
+    if kind == "seeds":  # five holders: a second bad one still leaves three honest
+        renumbered = {k: bytes([1]) + v[1:] for k, v in reveals["charlie"].seeds.items()}
+        reveals["charlie"] = dataclasses.replace(reveals["charlie"], seeds=renumbered)
+    mean, weight = agg.unmask(reveals)
+    kept = [m for m in members if m != gone]
+    want = fedavg({m: ups[m] for m in kept}, {m: ws[m] for m in kept}, config.clip)
+    assert weight == sum(ws[m] for m in kept)
+    assert np.max(np.abs(mean - want)) <= resolution(config, len(kept), weight) * 1.01
+
+
+def test_too_many_bad_shares_fail_the_round_naming_whose_secret(ids: Identities) -> None:
+    members = ("alpha", "bravo", "charlie", "delta", "echo")
+    config = _config(members)
+    ups, ws = _updates(config)
+    agg, _, masked, sites = _masked(ids, config, ups, ws)
+    survivors = agg.survivors(masked)
+    signed = {m: sites[m].confirm(survivors) for m in survivors}
+    reveals = {m: sites[m].reveal(survivors, signed) for m in survivors}
+    for m in ("bravo", "charlie", "delta"):  # three of five: no threshold of honest ones left
+        reveals[m] = _spoilt(reveals[m], "seeds")
+    with pytest.raises(IntegrityError, match="no 3 of the 5 shares of 'alpha'"):
+        agg.unmask(reveals)
