@@ -21,7 +21,7 @@ from typing import Any
 from enclave import _channels, signatures, sovereignty
 from enclave._release_steps import audit_checks, memorization_inputs, release_form, training_rows
 from enclave.contract import Report, RoundOrder, RoundUpdate, RunOrder, SiteReport
-from enclave.federated import RoundBook
+from enclave.federated import MAX_ROUND_WEIGHT, RoundBook
 from enclave.gate import run_gate
 from enclave.identity import IdentityFiles
 from enclave.models import ModelStore
@@ -35,8 +35,6 @@ from trainers.contract import DPParameters
 from trainers.release import expected_release
 from trainers.weights import TensorLayout
 
-MAX_ROUND_WEIGHT = 2**20
-"""The most a site's FedAvg weight counts for: the masked sum's fixed point is sized for it."""
 ROUND_DELTA = 1e-5
 """The δ a round's ε is reported at when no held dataset's policy sets one."""
 

@@ -7,8 +7,8 @@ Each round: every site trains from the round's start and gates its update at hom
 updates and losses; the next start is this start plus that mean (FedAvg; a FedProx plan differs
 only in the sites' training). A round with fewer than the plan's ``min_sites`` in its sum is
 tried once more (sites whose update went into a sum already sit the retry out); then the job
-fails, with the reason. The team sees the round, the sites in its sum and the mean loss (coarse),
-each published on the job's time grid; never which site did what.
+fails, with the reason. The team sees the round and the mean loss (coarse), each published on
+the job's time grid (:class:`OnGrid`); never which site did what, nor how many were in a sum.
 
 Each round's start is kept under ``<home>/federated/<job>/`` with a journal of the rounds done,
 so the job's history (and, on a restart, where it stopped) is on disk.
@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 from enclave.contract import Report, RoundOrder, RunOrder, SiteReport
 from enclave.federated import (
+    MAX_ROUND_WEIGHT,
     RoundSite,
     apply_mean,
     initial_adapter,
@@ -53,7 +54,6 @@ log = logging.getLogger(__name__)
 
 ORDER_FILE = "order.json"
 DONE_FILE = "done"
-MAX_ROUND_WEIGHT = 2**20  # as each site caps its weight (enclave._agent_rounds)
 ATTEMPTS = 2
 T = TypeVar("T")
 

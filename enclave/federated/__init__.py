@@ -6,6 +6,7 @@ from enclave.federated._participant import Participant, RoundSite
 from enclave.federated._rounds import JobRounds, RoundBook
 from enclave.federated._update import (
     LOSS_MAX,
+    MAX_ROUND_WEIGHT,
     apply_mean,
     initial_adapter,
     read_vector,
@@ -18,6 +19,7 @@ from enclave.federated._update import (
 
 __all__ = [
     "LOSS_MAX",
+    "MAX_ROUND_WEIGHT",
     "JobRounds",
     "Participant",
     "RoundBook",

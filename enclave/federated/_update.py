@@ -25,6 +25,9 @@ from trainers.errors import WeightsError
 from trainers.weights import TensorLayout, tensor_layout, verify_layout
 
 _DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+MAX_ROUND_WEIGHT = 2**20
+"""The most a site's FedAvg weight counts for: the masked sum's fixed point is sized for it
+(the round's ``max_weight``)."""
 LOSS_MAX = 64.0
 """The round's training loss rides in the sum as ``loss / LOSS_MAX`` of the clip range: losses
 above this are summed as this."""
