@@ -14,7 +14,7 @@ import hashlib
 import math
 import shutil
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,20 +69,7 @@ class RoundRuns:
     _training: dict[tuple[str, int], threading.Event]
     _handles: dict[str, Any]
     _dp: dict[str, DPParameters | None]
-
-    def _run(
-        self,
-        order: RunOrder,
-        report: Report,
-        run_dir: Path,
-        team: _channels.TeamChannel,
-        policies: Mapping[str, document.PolicyDocument],
-        rnd: RoundOrder | None = None,
-    ) -> SiteReport | RoundUpdate | None:
-        raise NotImplementedError
-
-    def _policies(self, order: RunOrder) -> dict[str, document.PolicyDocument]:
-        raise NotImplementedError
+    _run: Callable[..., SiteReport | RoundUpdate | None]  # one run (or round) of a job
 
     def train_round(self, rnd: RoundOrder, report: Report) -> RoundUpdate | None:
         """Train one round of a federated job on the order's datasets this site holds, from the
@@ -137,7 +124,7 @@ class RoundRuns:
 
         team = _channels.OwnersChannel(run_id, report=owners_only)
         try:
-            policies = self._policies(rnd.order)
+            policies = sovereignty.order_policies(rnd.order)
             outcome = self._run(rnd.order, owners_only, run_dir, team, policies, rnd=rnd)
         finally:
             with self._lock:
@@ -195,7 +182,7 @@ class RoundRuns:
         gate_in.mkdir(parents=True, mode=0o700)
         shutil.copyfile(final, gate_in / "model.safetensors")
         held = self._held(order, federated=True)
-        mine = {n: d for n, d in self._policies(order).items() if n in dict(held)}
+        mine = {n: d for n, d in sovereignty.order_policies(order).items() if n in dict(held)}
         model = self.models.get(order.spec.base_model)
         versions = [self.vault.get(n, v) for n, v in held]
         form = release_form(order, report, self.vault, model.path, versions, code_dir=None)

@@ -18,7 +18,7 @@ One run, in order (every step reported to the gateway, which audits it):
 Stdout and stderr are kept in the site (size-capped); they can carry data.
 
 The steps live here (:class:`SiteAgent`); the container and the bundle in
-:mod:`enclave._jobcontainer`, what is audited once the container stopped in
+:mod:`enclave._jobcontainer`, what is audited of its start, its stop and its errors in
 :mod:`enclave._run_audit`, the gate and signing in :mod:`enclave._release_steps`, the site's
 secrets and sealed logs in :mod:`enclave._sitekeys`.
 """
@@ -45,7 +45,13 @@ from enclave._jobcontainer import (
 )
 from enclave._release_steps import check_and_sign, dp_parameters
 from enclave._round_steps import check_round
-from enclave._run_audit import failure_phrase, report_stop
+from enclave._run_audit import (
+    failure_phrase,
+    report_error,
+    report_start,
+    report_stop,
+    vault_events,
+)
 from enclave._sitekeys import LOG_FILE, open_logs, seal_logs, site_secret
 from enclave.contract import Report, RoundOrder, RoundUpdate, RunOrder, SiteReport, StoredDataset
 from enclave.federated import RoundBook
@@ -53,13 +59,18 @@ from enclave.identity import IdentityFiles
 from enclave.ledger import AccessLedger, AccessRecord
 from enclave.models import ModelStore
 from enclave.runtime import ContainerSpec, DockerRuntime, RunState, Runtime
-from enclave.vault import StagingEvent, Vault, iter_tar, wipe_leftovers
+from enclave.vault import Vault, iter_tar, wipe_leftovers
 from policies import access, channels, document
 from policies.channels import TeamReason
-from policies.errors import InvalidInput, SealroomError, SiteError
+from policies.errors import InvalidInput, SiteError
 from policies.lifecycle import JobState
-from policies.spec import JobSpec
-from trainers.contract import DPParameters, RoundTraining
+from trainers.contract import (
+    BUILTIN_DEFAULT_STEPS,
+    CUSTOM_DEFAULT_STEPS,
+    DPParameters,
+    RoundTraining,
+    planned_steps,
+)
 
 __all__ = [
     "BUILTIN_DEFAULT_STEPS",
@@ -86,10 +97,6 @@ MAX_LOG_BYTES = channels.LOG_CAP_BYTES
 PROGRESS_INTERVAL_S = _channels.MAX_READING_INTERVAL_S
 """The longest interval between two readings of a job's progress (owners see each reading); the
 readings fall just before every point of the team's time grid (:class:`_channels.TeamChannel`)."""
-BUILTIN_DEFAULT_STEPS = 30
-"""``max_steps`` of a built-in trainer when the spec leaves it out (:mod:`trainers.hparams`)."""
-CUSTOM_DEFAULT_STEPS = 100
-"""``max_steps`` of the team's own module when the spec leaves it out (:mod:`trainers.custom`)."""
 
 
 def signer_dir(root: Path) -> Path:
@@ -254,42 +261,18 @@ class SiteAgent(RoundRuns):
         run_dir = self._runs / _safe(job)
         team: _channels.TeamChannel | None = None
         try:
-            policies = self._policies(order)
+            policies = sovereignty.order_policies(order)
             team = _channels.TeamChannel(
                 job,
                 rules=channels.job_channel_rules(policies.values()),
-                total_steps=_total_steps(order.spec),
+                total_steps=planned_steps(order.spec.hyperparameters, custom=order.spec.is_custom),
                 report=report,
             )
             outcome = self._run(order, report, run_dir, team, policies)
             if isinstance(outcome, SiteReport):
                 team.publish(outcome)
         except Exception as e:  # the system's fault, never the job's: report and clean up
-            report(
-                SiteReport(
-                    job,
-                    audit_action="run.error",
-                    audit_outcome="error",
-                    details={
-                        "error": type(e).__name__,
-                        "message": str(e),
-                        # The third-party error under ours (the engine's URL, a container ID):
-                        # the site's business, kept here and never in the team's reason.
-                        "cause": repr(e.__cause__)[:2000] if e.__cause__ is not None else "",
-                    },
-                )
-            )
-            # For the owners and operators only (the team gets the vocabulary's ERROR): our
-            # own errors say what went wrong, the site's own failures with the engine's words
-            # under them (its address and container ids are the site's business, not the
-            # job's data); anything else only its kind (its text may carry what the job wrote).
-            if isinstance(e, SiteError):
-                said = str(e) + (f" ({e.__cause__})" if e.__cause__ is not None else "")
-            elif isinstance(e, SealroomError):
-                said = str(e)
-            else:
-                said = f"unexpected {type(e).__name__}"
-            failed = _channels.terminal(job, JobState.ERROR, TeamReason.ERROR, f"site: {said}")
+            failed = report_error(job, e, report)
             # The job may have caused it: published on the grid like any end it can influence.
             if team is None:
                 report(failed)
@@ -357,19 +340,10 @@ class SiteAgent(RoundRuns):
                 unpack_bundle(order.bundle, code_dir)
             versions = [self.vault.get(n, v) for n, v in held]
 
-            def on_vault_event(event: StagingEvent) -> None:
-                for ref in event.datasets:
-                    report(
-                        SiteReport(
-                            run_id,
-                            audit_action=f"data.{event.kind.value}",
-                            audit_dataset=ref,
-                            details={"total_bytes": event.total_bytes},
-                        )
-                    )
-
             staging = stack.enter_context(
-                self.vault.stage(run_id, versions, dest_root=self._staging, on_event=on_vault_event)
+                self.vault.stage(
+                    run_id, versions, dest_root=self._staging, on_event=vault_events(run_id, report)
+                )
             )
 
             # Reads are audited when the container has stopped, each with its own time: sent as
@@ -438,23 +412,8 @@ class SiteAgent(RoundRuns):
             self.runtime.start(handle)
             if self._is_cancelled(job):  # cancelled while it started: cancel found no container
                 self.runtime.stop(handle)  # running yet, so stop it here
-            report(
-                SiteReport(
-                    run_id,
-                    state=JobState.RUNNING,
-                    image_id=self.image,
-                    reason=TeamReason.RUNNING,
-                    channel_bits=acct.total,
-                    audit_action="container.start",
-                    details={
-                        "image": self.image,
-                        "gpus": cspec.gpus,
-                        "memory_bytes": cspec.memory_bytes,
-                        "warm_container": slot is not None and output == slot.output,
-                        "channels": acct.to_dict(),
-                    },
-                )
-            )
+            warm = slot is not None and output == slot.output
+            report(report_start(run_id, self.image, cspec, acct, warm_container=warm))
             team.started = True
             with _progress.follow(
                 output,
@@ -523,28 +482,9 @@ class SiteAgent(RoundRuns):
             gate.join()  # the output and the staging outlive the gate's last read
             return outcome
 
-    def _policies(self, order: RunOrder) -> dict[str, document.PolicyDocument]:
-        """The policies in force for the run's datasets, parsed from the order's texts."""
-        out = {}
-        for dataset, _ in order.datasets:
-            text = order.policy_documents.get(dataset)
-            if text is None:
-                raise SiteError(f"no policy for {dataset} came with the run order")
-            out[dataset] = document.parse_policy(text)
-        return out
-
     def _is_cancelled(self, job_id: str) -> bool:
         with self._lock:
             return job_id in self._cancelled
-
-
-def _total_steps(spec: JobSpec) -> int:
-    """The steps the run's progress schedule is laid over: the spec's ``max_steps``, else the
-    trainer's default (the team's own code: the harness's)."""
-    steps = spec.hyperparameters.get("max_steps")
-    if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
-        return steps
-    return CUSTOM_DEFAULT_STEPS if spec.is_custom else BUILTIN_DEFAULT_STEPS
 
 
 def _safe(job_id: str) -> str:

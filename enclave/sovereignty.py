@@ -48,6 +48,19 @@ Owners = Callable[[str], str | None]
 """dataset -> its owner as the site records it (None: the site keeps no record of it)."""
 
 
+def order_policies(order: RunOrder) -> dict[str, document.PolicyDocument]:
+    """The policies in force for the order's datasets, parsed from the order's texts (checked
+    against their owners' signatures by :func:`check_order`). Raises :class:`SiteError` for a
+    dataset whose policy did not come with the order."""
+    out = {}
+    for dataset, _ in order.datasets:
+        text = order.policy_documents.get(dataset)
+        if text is None:
+            raise SiteError(f"no policy for {dataset} came with the run order")
+        out[dataset] = document.parse_policy(text)
+    return out
+
+
 def check_order(
     order: RunOrder,
     policies: Mapping[str, document.PolicyDocument],

@@ -30,6 +30,20 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
+BUILTIN_DEFAULT_STEPS = 30
+"""``max_steps`` of a built-in trainer when the spec leaves it out (:mod:`trainers.hparams`)."""
+CUSTOM_DEFAULT_STEPS = 100
+"""``max_steps`` of the team's own module when the spec leaves it out (:mod:`trainers.custom`)."""
+
+
+def planned_steps(hyperparameters: Mapping[str, object], *, custom: bool) -> int:
+    """The optimizer steps a job runs: its ``max_steps``, else the trainer's default."""
+    steps = hyperparameters.get("max_steps")
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
+        return steps
+    return CUSTOM_DEFAULT_STEPS if custom else BUILTIN_DEFAULT_STEPS
+
+
 DATA_DIR = PurePosixPath("/data")
 MODEL_DIR = PurePosixPath("/model/base")
 CODE_DIR = PurePosixPath("/code")

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from trainers.contract import CUSTOM_DEFAULT_STEPS
 from trainers.errors import ConfigError, TrainerError
 from trainers.runtime import RunContext
 
@@ -55,7 +56,7 @@ def run(cls: type, hyperparameters: Mapping[str, Any], ctx: RunContext) -> dict[
     from trainers.weights import export_like
 
     hp = dict(hyperparameters)
-    max_steps = hp.pop("max_steps", 100)
+    max_steps = hp.pop("max_steps", CUSTOM_DEFAULT_STEPS)
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ConfigError(
             "hyperparameters.max_steps", f"must be a positive integer, got {max_steps!r}"

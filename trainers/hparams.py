@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self, TypeVar
 
+from trainers.contract import BUILTIN_DEFAULT_STEPS
 from trainers.errors import ConfigError
 
 PREFIX = "hyperparameters"
@@ -57,7 +58,7 @@ class TrainingHyperparameters:
     checkpoints and differential privacy. DP-SGD is on when ``dp_epsilon`` is set (the same
     name the access policy charges the dataset's privacy budget with)."""
 
-    max_steps: int = _spec(30, lo=1, hi=1_000_000, doc="optimizer steps")
+    max_steps: int = _spec(BUILTIN_DEFAULT_STEPS, lo=1, hi=1_000_000, doc="optimizer steps")
     learning_rate: float = _spec(1e-3, lo=0.0, hi=1.0, lo_open=True, doc="peak AdamW rate")
     batch_size: int = _spec(8, lo=1, hi=4096, doc="samples per step (expected, under DP)")
     seed: int = _spec(0, lo=0, hi=2**32 - 1, doc="seeds split, shuffling and torch")
