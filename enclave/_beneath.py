@@ -252,3 +252,29 @@ def read_new(
         return _pread_upto(fd, max_bytes, offset)
     finally:
         os.close(fd)
+
+
+def copy_beneath(root: Path | int, relpath: str, dest: Path, *, max_bytes: int) -> None:
+    """Copy the regular file ``relpath`` beneath ``root`` to ``dest`` (a new file, 0600), at
+    most ``max_bytes``, streamed: for a job-written file the site then reads by name.
+
+    Raises :class:`BeneathRefused` (see :func:`open_beneath`), or when the file is larger;
+    ``dest`` is not left behind then."""
+    fd = open_beneath(root, relpath)
+    try:
+        if os.fstat(fd).st_size > max_bytes:
+            raise BeneathRefused(TOO_LARGE)
+        out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(out, "wb") as f:
+                got = 0
+                while chunk := os.pread(fd, 1 << 20, got):
+                    got += len(chunk)
+                    if got > max_bytes:  # it grew while read
+                        raise BeneathRefused(TOO_LARGE)
+                    f.write(chunk)
+        except BaseException:
+            dest.unlink()
+            raise
+    finally:
+        os.close(fd)

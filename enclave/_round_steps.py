@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from enclave import _channels
+from enclave import _beneath, _channels
 from enclave._release_steps import audit_checks, refused, release_form
 from enclave.contract import Report, RoundOrder, RoundUpdate, SiteReport
 from enclave.federated import read_vector, round_vector, update_layout, write_update
@@ -28,7 +28,7 @@ from enclave.vault import DatasetVersion, Vault
 from policies.channels import TeamReason
 from policies.errors import IntegrityError, SiteError
 from policies.lifecycle import JobState
-from policies.release import CheckName, ReleaseRules
+from policies.release import CheckName, OutputLimits, ReleaseRules
 from trainers.contract import METRICS_FILE, OUTPUT_DIR, WEIGHTS_DIR
 
 _WEIGHTS = WEIGHTS_DIR.relative_to(OUTPUT_DIR) / "model.safetensors"
@@ -54,11 +54,12 @@ def check_round(
     order = rnd.order
     gate_in = run_dir / "update"
     try:
-        write_update(output / _WEIGHTS, rnd.start, gate_in / _WEIGHTS)
+        taken = take_output(output, run_dir / "taken", [r.limits for _, r in rules])
+        write_update(taken / _WEIGHTS, rnd.start, gate_in / _WEIGHTS)
     except IntegrityError as e:
         return refused_structure(run_id, str(e))
-    if (output / _METRICS).is_file():
-        shutil.copyfile(output / _METRICS, gate_in / _METRICS)
+    if (taken / _METRICS).is_file():
+        shutil.copyfile(taken / _METRICS, gate_in / _METRICS)
     form = release_form(order, report, vault, model_dir, versions, code_dir=None)
     if form is None:
         raise SiteError("a federated round runs a built-in trainer: it has a release form")
@@ -90,6 +91,30 @@ def check_round(
     loss = float(metrics.get("train_loss", math.nan))
     clip = order.spec.federation.update_clip if order.spec.federation else 1.0
     return RoundUpdate(vector=round_vector(vector, loss, clip=clip), weight=weight)
+
+
+def take_output(output: Path, dest: Path, limits: list[OutputLimits]) -> Path:
+    """Copy the job's trained weights and its metrics (if it wrote any) out of ``output`` into
+    ``dest``, the site's own, opening nothing the job could have pointed elsewhere (no link
+    followed, nothing outside ``output`` or on another filesystem, no FIFO or device, no hard
+    link; :mod:`enclave._beneath`), each within the tightest of ``limits``. Returns ``dest``.
+    Raises :class:`IntegrityError` with the reason, whose text never names what the job wrote."""
+    dest.mkdir(mode=0o700)
+    (dest / _WEIGHTS).parent.mkdir(mode=0o700)
+    try:
+        max_weights = min(x.max_file_bytes for x in limits)
+        _beneath.copy_beneath(output, str(_WEIGHTS), dest / _WEIGHTS, max_bytes=max_weights)
+    except _beneath.BeneathRefused as e:
+        raise IntegrityError(
+            f"federated round: the trained weights were not read: {e.reason}"
+        ) from e
+    try:
+        max_metrics = min(x.max_metrics_bytes for x in limits)
+        _beneath.copy_beneath(output, str(_METRICS), dest / _METRICS, max_bytes=max_metrics)
+    except _beneath.BeneathRefused as e:
+        if e.reason != _beneath.MISSING:
+            raise IntegrityError(f"federated round: the metrics were not read: {e.reason}") from e
+    return dest
 
 
 def refused_structure(run_id: str, detail: str) -> SiteReport:
