@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from enclave import _channels, signatures, sovereignty
-from enclave._release_steps import audit_checks, memorization_inputs, release_form, training_rows
+from enclave._release_steps import gate_each, memorization_inputs, release_form, training_rows
 from enclave.contract import Report, RoundOrder, RoundUpdate, RunOrder, SiteReport
 from enclave.federated import MAX_ROUND_WEIGHT, RoundBook
-from enclave.gate import run_gate
 from enclave.identity import IdentityFiles
 from enclave.models import ModelStore
 from enclave.provenance.federated import Countersign, countersign_message
@@ -186,22 +185,26 @@ class RoundRuns:
         model = self.models.get(order.spec.base_model)
         versions = [self.vault.get(n, v) for n, v in held]
         form = release_form(order, report, self.vault, model.path, versions, code_dir=None)
-        for dataset, doc in sorted(mine.items()):
-            if CheckName.MEMORIZATION not in doc.release.checks:
-                continue
-            result = run_gate(
-                gate_in.parent,
-                rules=dataclasses.replace(
-                    doc.release, checks=MANDATORY_CHECKS | {CheckName.MEMORIZATION}
-                ),
-                base_layout=model.layout,
-                form=form,
-                dest_dir=run_dir / f"gate-{dataset}",
-                memorization=memorization_inputs(
-                    run_id, report, self.vault, model.path, versions, dataset
-                ),
-            )
-            audit_checks(run_id, report, dataset, result)
+        probe = MANDATORY_CHECKS | {CheckName.MEMORIZATION}
+        gates = gate_each(
+            run_id,
+            report,
+            gate_in.parent,
+            [
+                (dataset, dataclasses.replace(doc.release, checks=probe))
+                for dataset, doc in sorted(mine.items())
+                if CheckName.MEMORIZATION in doc.release.checks
+            ],
+            layout=model.layout,
+            form=form,
+            run_dir=run_dir,
+            spent={},
+            epsilon=lambda delta: math.inf,  # no DP check: the rounds' gates had theirs
+            memorization=lambda dataset: memorization_inputs(
+                run_id, report, self.vault, model.path, versions, dataset
+            ),
+        )
+        for dataset, result in sorted(gates.items()):
             if not result.passed:
                 raise ReleaseRefused(f"the final model fails the release checks of {dataset}")
         _, delta = _dp_limits(mine)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,32 +68,22 @@ def check_and_sign(
     job = order.job_id
     code_dir = run_dir / "code" if order.bundle is not None else None
     form = release_form(order, report, vault, model_dir, versions, code_dir=code_dir)
-    gates: dict[str, GateResult] = {}
-    for dataset, r in rules:
-        memo = None
-        if CheckName.MEMORIZATION in r.checks:
-            memo = memorization_inputs(job, report, vault, model_dir, versions, dataset)
-        dp = (
-            DPInputs(
-                spent=order.epsilon_spent.get(dataset, 0.0),
-                # The site's accountant over the DP-SGD it set (+inf where it set none),
-                # at this policy's delta: never what the job wrote.
-                epsilon=_dp.charged_epsilon(dp_set, delta=r.dp.delta),
-            )
-            if CheckName.DP in r.checks and r.dp is not None
-            else None
-        )
-        result = run_gate(
-            output,
-            rules=r,
-            base_layout=layout,
-            form=form,
-            dest_dir=run_dir / f"gate-{dataset}",
-            memorization=memo,
-            dp=dp,
-        )
-        audit_checks(job, report, dataset, result)
-        gates[dataset] = result
+    gates = gate_each(
+        job,
+        report,
+        output,
+        rules,
+        layout=layout,
+        form=form,
+        run_dir=run_dir,
+        spent=order.epsilon_spent,
+        # The site's accountant over the DP-SGD it set (+inf where it set none), at each
+        # policy's delta: never what the job wrote.
+        epsilon=lambda delta: _dp.charged_epsilon(dp_set, delta=delta),
+        memorization=lambda dataset: memorization_inputs(
+            job, report, vault, model_dir, versions, dataset
+        ),
+    )
     refusal = refused(job, gates)
     if refusal is not None:
         return refusal
@@ -133,6 +123,43 @@ def check_and_sign(
         audit_action="release.sign",
         details={"manifest_sha256": signed.manifest_sha256},
     )
+
+
+def gate_each(
+    run_id: str,
+    report: Report,
+    source: Path,
+    rules: list[tuple[str, ReleaseRules]],
+    *,
+    layout: Any,
+    form: ReleaseForm | None,
+    run_dir: Path,
+    spent: Mapping[str, float],
+    epsilon: Callable[[float], float],
+    memorization: Callable[[str], MemorizationInputs],
+) -> dict[str, GateResult]:
+    """Run the gate over ``source`` once per dataset's rules (into ``run_dir/gate-DATASET``)
+    and audit every check. The DP check, where a dataset's rules have it, weighs the ε the
+    site charges (``epsilon`` at the rules' δ) against what the dataset has ``spent``; the
+    memorization probe, where they have it, gets ``memorization(dataset)``."""
+    gates: dict[str, GateResult] = {}
+    for dataset, r in rules:
+        dp = None
+        if CheckName.DP in r.checks and r.dp is not None:
+            dp = DPInputs(spent=spent.get(dataset, 0.0), epsilon=epsilon(r.dp.delta))
+        memo = memorization(dataset) if CheckName.MEMORIZATION in r.checks else None
+        result = run_gate(
+            source,
+            rules=r,
+            base_layout=layout,
+            form=form,
+            dest_dir=run_dir / f"gate-{dataset}",
+            memorization=memo,
+            dp=dp,
+        )
+        audit_checks(run_id, report, dataset, result)
+        gates[dataset] = result
+    return gates
 
 
 def memorization_inputs(

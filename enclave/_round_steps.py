@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from enclave import _beneath, _channels
-from enclave._release_steps import audit_checks, refused, release_form
+from enclave._release_steps import gate_each, refused, release_form
 from enclave.contract import Report, RoundOrder, RoundUpdate, SiteReport
 from enclave.federated import read_vector, round_vector, update_layout, write_update
-from enclave.gate import RELEASED_METRICS, DPInputs, GateResult, run_gate
+from enclave.gate import RELEASED_METRICS
 from enclave.vault import DatasetVersion, Vault
 from policies.channels import TeamReason
 from policies.errors import IntegrityError, SiteError
@@ -63,24 +63,19 @@ def check_round(
     form = release_form(order, report, vault, model_dir, versions, code_dir=None)
     if form is None:
         raise SiteError("a federated round runs a built-in trainer: it has a release form")
-    gates: dict[str, GateResult] = {}
-    for dataset, r in rules:
-        round_rules = dataclasses.replace(r, checks=r.checks - {CheckName.MEMORIZATION})
-        dp = (
-            DPInputs(spent=order.epsilon_spent.get(dataset, 0.0), epsilon=epsilon)
-            if CheckName.DP in r.checks and r.dp is not None
-            else None
-        )
-        result = run_gate(
-            gate_in,
-            rules=round_rules,
-            base_layout=layout,
-            form=form,
-            dest_dir=run_dir / f"gate-{dataset}",
-            dp=dp,
-        )
-        audit_checks(run_id, report, dataset, result)
-        gates[dataset] = result
+    gates = gate_each(
+        run_id,
+        report,
+        gate_in,
+        # The memorization probe waits for the final model (RoundRuns.countersign).
+        [(d, dataclasses.replace(r, checks=r.checks - {CheckName.MEMORIZATION})) for d, r in rules],
+        layout=layout,
+        form=form,
+        run_dir=run_dir,
+        spent=order.epsilon_spent,
+        epsilon=lambda delta: epsilon,
+        memorization=_no_probe,
+    )
     refusal = refused(run_id, gates)
     if refusal is not None:
         return refusal
@@ -91,6 +86,10 @@ def check_round(
     loss = float(metrics.get("train_loss", math.nan))
     clip = order.spec.federation.update_clip if order.spec.federation else 1.0
     return RoundUpdate(vector=round_vector(vector, loss, clip=clip), weight=weight)
+
+
+def _no_probe(dataset: str) -> Any:
+    raise AssertionError("a round's update is never probed for memorization")
 
 
 def take_output(output: Path, dest: Path, limits: list[OutputLimits]) -> Path:

@@ -97,11 +97,7 @@ class Participant:
         site's signed round keys; None when the round left this site out (see ``train``).
         Raises :class:`PolicyViolation` for settings the approved plan does not allow."""
         self._check(rnd, config)
-
-        def tagged(r: SiteReport) -> None:
-            report(_as_job(r, rnd.order.job_id, self.name))
-
-        update = self._train(rnd, tagged)
+        update = self._train(rnd, self._tagged(report, rnd.order.job_id))
         if update is None:
             return None
         state = SiteRound(
@@ -141,11 +137,12 @@ class Participant:
     def countersign(self, order: RunOrder, final: Path, report: Report) -> Countersign:
         """The memorization probe of the job's final model on this site's data, then this
         site's countersignature of it (see the site's ``countersign``)."""
+        return self._finish(order, final, self._tagged(report, order.job_id))
 
-        def tagged(r: SiteReport) -> None:
-            report(_as_job(r, order.job_id, self.name))
-
-        return self._finish(order, final, tagged)
+    def _tagged(self, report: Report, job: str) -> Report:
+        """``report``, for the reports of one round's run (or the final probe's): each said
+        of the job, from this site (:func:`_as_job`)."""
+        return lambda r: report(_as_job(r, job, self.name))
 
     def forget(self, job: str, round_no: int) -> None:
         """Drop a round's secrets (after its reveal, or when the gateway gave it up)."""

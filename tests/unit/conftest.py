@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,3 +17,12 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Read-only trainer inputs for a module's runs: a text dataset and a tiny base model
+    (:func:`tests.unit._trainer_support.make_inputs`); a module that needs others overrides it."""
+    from tests.unit._trainer_support import make_inputs
+
+    return make_inputs(tmp_path_factory.mktemp("inputs"))

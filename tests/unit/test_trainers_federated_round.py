@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.unit._trainer_support import make_inputs, mount, run_harness
+from tests.unit._trainer_support import mount, run_harness
 from trainers import contract
 from trainers.contract import JobConfig, RoundTraining
 from trainers.runtime import Paths
@@ -28,11 +28,6 @@ FAST: dict[str, Any] = {
     "lora_r": 4,
     "learning_rate": 0.01,
 }
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 @pytest.fixture(scope="module")

@@ -19,17 +19,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.unit._trainer_support import FAST, digests, make_inputs, mount, run_harness
+from tests.unit._trainer_support import FAST, digests, mount, run_harness
 from trainers import contract
 from trainers.basemodel import tensor_layout
 from trainers.harness import TRAINERS, main
 from trainers.runtime import ROOT_ENV
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Read-only inputs shared by every run: a dataset and a tiny base model."""
-    return make_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from enclave.gate import MemorizationInputs, ReleaseForm, ReleaseKind, run_gate
 from enclave.provenance import SiteSigner, sign_release, verify_release
 from policies.release import CheckName, MemorizationRules
 from tests.unit._release_support import key_pem, make_ca, make_site_cert, rules
-from tests.unit._trainer_support import digests, make_inputs, mount, run_harness
+from tests.unit._trainer_support import digests, mount, run_harness
 from tests.unit.test_provenance import _context
 from trainers import contract, lora
 from trainers.errors import ConfigError
@@ -41,11 +41,6 @@ FAST = {
     "lora_r": 4,
     "learning_rate": 0.01,
 }
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 @pytest.fixture(scope="module")
