@@ -144,9 +144,10 @@ class FederatedJob:
             weights=final,
             adapter_config=self.adapter_config,
             metrics={"train_loss": _significant(last.loss, 4), "rounds": float(len(self.history))},
-            # How many sites were in each sum stays with the owners (the journal, the audit):
-            # a count per round the data could steer is not the team's to see.
-            rounds=[{"round": h.round, "model_sha256": h.model_sha256} for h in self.history],
+            # How many sites were in each sum, and each round's model, stay with the owners
+            # (the journal, the audit): a count the data could steer, or 256 bits of a model
+            # the team never receives (an oracle for a guess at the data), is not the team's.
+            rounds=[{"round": h.round} for h in self.history],
             sites=list(signed.values()),
             gateway_cert_pem=cert,
             gateway_key_pem=key,
