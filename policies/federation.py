@@ -14,10 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-FEDERATED_TRAINERS = ("causal-lm-lora",)
-"""Built-in trainers only (the site must know what an update is to gate it), and of those the
-ones whose round form is built: LoRA first. A full fine-tune and a classifier follow once their
-trainers load a round's start back from the exported layout (``trainers.harness``)."""
+FEDERATED_TRAINERS = ("causal-lm", "causal-lm-lora", "classification")
+"""Built-in trainers only: the site must know what an update is to gate it (a LoRA adapter, or
+a whole model's difference from the base: ``trainers.rounds``)."""
 
 MAX_ROUNDS = 1000
 

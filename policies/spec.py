@@ -320,4 +320,11 @@ def _federation(model: _Spec, where: Callable[..., str]) -> FederationPlan:
             f"job spec is invalid: {where('hyperparameters', 'max_steps')}hyperparameters."
             "max_steps: a federated job's steps are federation.rounds times local_steps"
         )
+    if model.trainer == "classification" and "labels" not in model.hyperparameters:
+        # Each site would take the classes from its own data: heads of different shapes (and
+        # the number of classes at each site, a fact of its data, would shape the update).
+        raise SpecError(
+            f"job spec is invalid: {where('hyperparameters')}hyperparameters.labels: a "
+            "federated classifier names its labels (every site trains the same head)"
+        )
     return FederationPlan.from_model(model.federation)

@@ -23,12 +23,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainers import lora, training
+from trainers import lora, rounds, training
 from trainers.errors import ConfigError, DataError, TrainingFailed
 from trainers.hparams import PREFIX, CausalLMHyperparameters, LoRAHyperparameters
 from trainers.runtime import RunContext, find_text_files
 from trainers.training import FineTuneModule, step_batches, step_loader
-from trainers.weights import export_layout, export_like
+from trainers.weights import export_layout, export_like, tensor_layout
 
 TRAIN_LOSS_WINDOW = training.TRAIN_LOSS_WINDOW
 
@@ -234,16 +234,30 @@ def _train(
 def run(hp: CausalLMHyperparameters, ctx: RunContext) -> dict[str, float]:
     """Fine-tune the base model in ``ctx.model_dir`` on the text under ``ctx.dataset_dirs``.
 
-    Writes ``ctx.weights_file`` (the base model's exact tensor layout) and appends progress to
+    Writes ``ctx.weights_file`` (the base model's exact tensor layout; in a federated round,
+    from and to the global difference: :mod:`trainers.rounds`) and appends progress to
     ``ctx.progress_file``; returns the flat metrics for ``metrics.json``. Raises
     :class:`ConfigError` for a block size beyond the model's context, :class:`DataError` for
     unusable data and :class:`TrainingFailed` for a non-finite loss.
     """
 
-    def export(net: torch.nn.Module) -> None:
-        export_like(net.state_dict(), base_dir=ctx.model_dir, dest=ctx.weights_file)
+    release = tensor_layout(ctx.model_dir)
+    start = ctx.start_weights  # a federated round: base plus the global difference
 
-    return _train(hp, ctx, trainer_name="causal-lm", prepare=lambda net: net, export=export)
+    def prepare(net: torch.nn.Module) -> torch.nn.Module:
+        if start is not None:
+            rounds.apply_start(net, start, release=release, model_dir=ctx.model_dir)
+        return net
+
+    def export(net: torch.nn.Module) -> None:
+        if start is None:
+            export_like(net.state_dict(), base_dir=ctx.model_dir, dest=ctx.weights_file)
+        else:
+            rounds.export_difference(
+                net.state_dict(), release=release, model_dir=ctx.model_dir, dest=ctx.weights_file
+            )
+
+    return _train(hp, ctx, trainer_name="causal-lm", prepare=prepare, export=export)
 
 
 def run_lora(hp: LoRAHyperparameters, ctx: RunContext) -> dict[str, float]:

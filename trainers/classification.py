@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from trainers import labelled, training
+from trainers import labelled, rounds, training
 from trainers.errors import ConfigError, DataError, TrainingFailed
 from trainers.hparams import PREFIX, ClassificationHyperparameters
 from trainers.runtime import RunContext
@@ -175,6 +175,8 @@ def run(hp: ClassificationHyperparameters, ctx: RunContext) -> dict[str, float]:
         use_safetensors=True,
         dtype=torch.float32,
     )
+    if ctx.start_weights is not None:  # a federated round: base plus the global difference
+        rounds.apply_start(net, ctx.start_weights, release=expected, model_dir=ctx.model_dir)
     index = {name: i for i, name in enumerate(classes)}
     rows: list[Row] = []
     for text, label in examples:
@@ -193,6 +195,8 @@ def run(hp: ClassificationHyperparameters, ctx: RunContext) -> dict[str, float]:
         seed=hp.seed,
     )
     module = ClassifierModule.for_run(net, hp)
+    if ctx.proximal_mu is not None:
+        module.pull_towards_start(ctx.proximal_mu)
     if hp.dp is not None:
         module.private = data.private = training.PrivateTraining.attach(
             net,
@@ -206,5 +210,10 @@ def run(hp: ClassificationHyperparameters, ctx: RunContext) -> dict[str, float]:
     if module.eval_loss is None or module.accuracy is None or not math.isfinite(module.eval_loss):
         raise TrainingFailed(f"evaluation loss is missing or not finite ({module.eval_loss})")
     metrics = training.common_metrics(module, trainer)
-    export_layout(net.state_dict(), expected=expected, dest=ctx.weights_file)
+    if ctx.start_weights is None:
+        export_layout(net.state_dict(), expected=expected, dest=ctx.weights_file)
+    else:
+        rounds.export_difference(
+            net.state_dict(), release=expected, model_dir=ctx.model_dir, dest=ctx.weights_file
+        )
     return {**metrics, "eval_loss": module.eval_loss, "accuracy": module.accuracy}

@@ -135,9 +135,10 @@ def _context(job: JobConfig, paths: Paths) -> RunContext:
     )
 
 
-ROUND_TRAINERS = ("causal-lm-lora",)
-"""The trainers a federated round runs today: LoRA first (the issue's order); a full
-fine-tune and a classifier need their weights loaded back from the exported layout."""
+ROUND_TRAINERS = ("causal-lm", "causal-lm-lora", "classification")
+"""The trainers a federated round runs: a LoRA adapter starts from the global adapter
+(:func:`trainers.lora.load_adapter`), a whole model from the base plus the global difference
+(:mod:`trainers.rounds`)."""
 
 
 def _round(job: JobConfig, paths: Paths) -> dict[str, Any]:

@@ -80,8 +80,12 @@ def test_the_plan_is_in_the_digest_and_an_unfederated_spec_keeps_its_own() -> No
             "line 4: trainer: a federated job runs a built-in trainer",
         ),
         (
+            BASE.replace("trainer: causal-lm-lora", "trainer: private") + PLAN,
+            "not 'private'",
+        ),
+        (
             BASE.replace("trainer: causal-lm-lora", "trainer: classification") + PLAN,
-            "not 'classification'",
+            "line 6: hyperparameters.labels: a federated classifier names its labels",
         ),
         (
             BASE.replace("batch_size: 4}", "batch_size: 4, max_steps: 9}") + PLAN,
