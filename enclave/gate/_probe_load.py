@@ -11,12 +11,15 @@ release that cannot be loaded that way raises :class:`NotProbeable`, and the gat
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -26,10 +29,29 @@ CONFIG_FILES = ("config.json", "generation_config.json")
 LM_HEAD_PREFIX = "lm_head."
 
 
+_LOADING = threading.RLock()
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _one_at_a_time(load: _F) -> _F:
+    """One model load in this process at a time: transformers' loading sets process-wide
+    state (its init and device contexts), and two gates probing at once (two jobs at one site,
+    or sites that share a process) loaded a model with keys missing. Re-entrant: a release's
+    load may load the base."""
+
+    @functools.wraps(load)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with _LOADING:
+            return load(*args, **kwargs)
+
+    return locked  # type: ignore[return-value]
+
+
 class NotProbeable(InvalidInput):
     """The release cannot be loaded as the model it claims to be, so it cannot be probed."""
 
 
+@_one_at_a_time
 def load_released_model(model_dir: Path, weights: Path) -> Any:
     """The base model's architecture with exactly ``weights`` (a canonical safetensors file).
 
@@ -62,6 +84,7 @@ def load_released_model(model_dir: Path, weights: Path) -> Any:
     return model
 
 
+@_one_at_a_time
 def _load_base(model_dir: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
@@ -74,6 +97,7 @@ def _load_base(model_dir: Path) -> Any:
     )
 
 
+@_one_at_a_time
 def load_adapter_release(model_dir: Path, weights: Path) -> Any:
     """The base model with the released LoRA adapter (``weights`` and the
     ``adapter_config.json`` beside it) loaded by ``PeftModel.from_pretrained``, then merged.
@@ -105,6 +129,7 @@ def load_adapter_release(model_dir: Path, weights: Path) -> Any:
     return merged
 
 
+@_one_at_a_time
 def load_backbone_release(model_dir: Path, weights: Path) -> Any:
     """The base causal LM with a classifier release's backbone laid over it.
 

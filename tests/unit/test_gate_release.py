@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -318,3 +319,36 @@ def test_released_model_loader_refuses_weights_that_do_not_fill_the_model(
     (tmp_path / "empty").mkdir()
     with pytest.raises(InvalidInput, match="no safetensors weights"):
         layout_from_model_dir(tmp_path / "empty")
+
+
+def test_releases_load_whole_while_other_gates_load_theirs(tmp_path: Path) -> None:
+    """Two gates probing at once in one process (two jobs at one site, or sites that share a
+    process) each load the release they checked, whole. transformers' loading keeps
+    process-wide state (its weight tying: huggingface/transformers#44940): a base with tied
+    embeddings, loaded in four threads at once, came out with keys missing; loads take turns."""
+    import threading
+
+    from enclave.gate._probe_load import _load_base
+    from trainers.basemodel import create_base_model
+    from trainers.synthetic import corpus
+
+    base = create_base_model(tmp_path / "tied", texts=corpus(documents=20, seed=1000), seed=0)
+    weights = base / "model.safetensors"
+    errors: list[BaseException] = []
+
+    def load(fn: Callable[[], object]) -> None:
+        try:
+            for _ in range(5):
+                fn()
+        except BaseException as e:  # collected for the assertion below
+            errors.append(e)
+
+    threads = [
+        threading.Thread(target=load, args=(lambda: load_released_model(base, weights),))
+        for _ in range(3)
+    ] + [threading.Thread(target=load, args=(lambda: _load_base(base),))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
