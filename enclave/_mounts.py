@@ -17,6 +17,7 @@ import ctypes.util
 import errno
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -167,9 +168,21 @@ def mount_tmpfs(
         raise SiteError(f"cannot mount a tmpfs on {target}: {os.strerror(err)}")
 
 
+REMOUNT_TRIES = 20
+REMOUNT_WAIT_S = 0.05
+
+
 def remount_readonly(target: Path) -> None:
+    """Make the tmpfs at ``target`` read-only. The kernel refuses (EBUSY) while any file of it
+    is open for writing anywhere: briefly so when another thread of the site forks or an engine
+    copies the mount table as a container starts (sites sharing a process, two jobs staging at
+    once); so EBUSY is tried again for up to a second before it is the site's error."""
     _require_root(f"remount {target}")
-    err = _mount("none", target, None, MS_REMOUNT | MS_RDONLY | _SAFE, None)
+    for _ in range(REMOUNT_TRIES):
+        err = _mount("none", target, None, MS_REMOUNT | MS_RDONLY | _SAFE, None)
+        if err != errno.EBUSY:
+            break
+        time.sleep(REMOUNT_WAIT_S)
     if err:
         raise SiteError(f"cannot remount {target} read-only: {os.strerror(err)}")
 

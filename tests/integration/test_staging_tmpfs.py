@@ -315,3 +315,31 @@ def test_bench_hook_reports_both_figures(tmp_path: Path) -> None:
     assert r.first_mb_s == r.stage_values[0]
     assert r.total_bytes == 8 << 20
     assert list(tmp_path.iterdir()) == []  # cleaned up, nothing mounted
+
+
+def test_a_remount_waits_out_a_brief_writer_and_refuses_a_lasting_one(tmp_path: Path) -> None:
+    """Read-only is refused by the kernel while a file is open for writing: a writer that
+    closes within the wait (another thread's fork, an engine copying the mounts) is waited
+    out; one that stays open is the site's error, and the tmpfs stays writable to no one
+    else's surprise (it is torn down with the run)."""
+    import errno
+    import threading
+
+    from enclave import _mounts
+    from policies.errors import SiteError
+
+    brief, lasting = tmp_path / "brief", tmp_path / "lasting"
+    with _mounts.tmpfs(brief, size_bytes=1 << 20, owner=(0, 0)):
+        writer = (brief / "x").open("wb")
+        threading.Timer(0.2, writer.close).start()
+        _mounts.remount_readonly(brief)
+        assert writer.closed
+        with pytest.raises(OSError) as e:
+            (brief / "y").write_bytes(b"no")
+        assert e.value.errno == errno.EROFS
+    with (
+        _mounts.tmpfs(lasting, size_bytes=1 << 20, owner=(0, 0)),
+        (lasting / "x").open("wb"),
+        pytest.raises(SiteError, match="read-only: Device or resource busy"),
+    ):
+        _mounts.remount_readonly(lasting)
