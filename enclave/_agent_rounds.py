@@ -22,6 +22,7 @@ from enclave import _channels, signatures, sovereignty
 from enclave._release_steps import gate_each, memorization_inputs, release_form, training_rows
 from enclave.contract import Report, RoundOrder, RoundUpdate, RunOrder, SiteReport
 from enclave.federated import MAX_ROUND_WEIGHT, RoundBook
+from enclave.gate import ReleaseKind
 from enclave.identity import IdentityFiles
 from enclave.models import ModelStore
 from enclave.provenance.federated import Countersign, countersign_message
@@ -30,9 +31,11 @@ from policies import document
 from policies.errors import IntegrityError, InvalidInput, InvalidState, ReleaseRefused, SiteError
 from policies.federation import FEDERATED_TRAINERS
 from policies.release import MANDATORY_CHECKS, CheckName
+from trainers import rounds as model_rounds
 from trainers.contract import DPParameters
+from trainers.errors import WeightsError
 from trainers.release import expected_release
-from trainers.weights import TensorLayout
+from trainers.weights import WEIGHTS_FILE, TensorLayout
 
 ROUND_DELTA = 1e-5
 """The δ a round's ε is reported at when no held dataset's policy sets one."""
@@ -151,22 +154,28 @@ class RoundRuns:
         return None
 
     def round_layout(self, order: RunOrder) -> tuple[TensorLayout, bytes]:
-        """The layout of the job's update and its adapter config, from this site's base model
-        and the approved spec (no data read). Raises :class:`InvalidInput` for a job whose
-        trainer has no federated form."""
+        """The layout of the job's update (the release's names and shapes, in F32:
+        :func:`trainers.rounds.round_layout`) and its release's config, from this site's base
+        model and the approved spec (no data read). Raises :class:`InvalidInput` for a job whose
+        trainer has no federated form, or a whole model whose base is sharded (not composed
+        yet)."""
         spec = order.spec
         if spec.trainer not in FEDERATED_TRAINERS:
             raise InvalidInput(f"trainer {spec.trainer!r} has no federated round")
-        expected = expected_release(
-            spec.trainer,
-            dict(spec.hyperparameters),
-            model_dir=self.models.get(spec.base_model).path,
-        )
-        return expected.layout, expected.config or b""
+        model_dir = self.models.get(spec.base_model).path
+        if spec.trainer != "causal-lm-lora" and not (model_dir / WEIGHTS_FILE).is_file():
+            raise InvalidInput(
+                f"base model {spec.base_model!r} is sharded: a federated {spec.trainer} job "
+                "needs its weights in one file"
+            )
+        expected = expected_release(spec.trainer, dict(spec.hyperparameters), model_dir=model_dir)
+        return model_rounds.round_layout(expected.layout), expected.config or b""
 
-    def countersign(self, order: RunOrder, final: Path, report: Report) -> Countersign:
-        """Probe the job's final model for memorization of this site's data (each held
-        dataset's rules), then countersign it: its hash, the held dataset versions, the rounds
+    def countersign(self, order: RunOrder, final: Path, report: Report, dest: Path) -> Countersign:
+        """Probe the job's final model (``final``: the global adapter, or a whole model's
+        global difference, composed here with the base into the release) for memorization of
+        this site's data (each held dataset's rules), then countersign it and write it to
+        ``dest`` (the release's weights): its hash, the held dataset versions, the rounds
         this site trained and the ε they cost it. Raises :class:`ReleaseRefused` naming the
         dataset when the probe refuses (the checks audited here), :class:`InvalidState` when
         this site trained no round of the job."""
@@ -179,12 +188,24 @@ class RoundRuns:
         shutil.rmtree(run_dir, ignore_errors=True)  # a repeat of the probe starts afresh
         gate_in = run_dir / "in" / "weights"
         gate_in.mkdir(parents=True, mode=0o700)
-        shutil.copyfile(final, gate_in / "model.safetensors")
         held = self._held(order, federated=True)
         mine = {n: d for n, d in sovereignty.order_policies(order).items() if n in dict(held)}
         model = self.models.get(order.spec.base_model)
         versions = [self.vault.get(n, v) for n, v in held]
         form = release_form(order, report, self.vault, model.path, versions, code_dir=None)
+        if form is None:
+            raise SiteError("a federated job runs a built-in trainer: it has a release form")
+        released = gate_in / "model.safetensors"
+        if form.kind is ReleaseKind.LORA_ADAPTER:  # the global adapter is the release
+            shutil.copyfile(final, released)
+        else:  # a whole model: the base plus the global difference
+            try:
+                release = expected_release(
+                    order.spec.trainer, dict(order.spec.hyperparameters), model_dir=model.path
+                ).layout
+                model_rounds.compose(final, release=release, model_dir=model.path, dest=released)
+            except WeightsError as e:
+                raise IntegrityError(f"the final global model is not usable: {e}") from e
         probe = MANDATORY_CHECKS | {CheckName.MEMORIZATION}
         gates = gate_each(
             run_id,
@@ -210,7 +231,7 @@ class RoundRuns:
         _, delta = _dp_limits(mine)
         epsilon = rec.epsilon(delta=delta)
         shown = None if math.isinf(epsilon) else epsilon
-        digest = hashlib.sha256(final.read_bytes()).hexdigest()
+        digest = hashlib.sha256(released.read_bytes()).hexdigest()
         message = countersign_message(
             job_id=job,
             model_sha256=digest,
@@ -227,6 +248,7 @@ class RoundRuns:
                 details={"model_sha256": digest, "rounds": len(rec.trained), "epsilon": shown},
             )
         )
+        shutil.copyfile(released, dest)
         return Countersign(
             self.name, dict(held), len(rec.trained), shown, self.signer.cert.read_text(), signature
         )

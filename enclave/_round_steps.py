@@ -28,8 +28,9 @@ from enclave.vault import DatasetVersion, Vault
 from policies.channels import TeamReason
 from policies.errors import IntegrityError, SiteError
 from policies.lifecycle import JobState
-from policies.release import CheckName, OutputLimits, ReleaseRules
+from policies.release import CheckName, OutputLimits, ReleaseRules, make_layout
 from trainers.contract import METRICS_FILE, OUTPUT_DIR, WEIGHTS_DIR
+from trainers.rounds import ROUND_DTYPE
 
 _WEIGHTS = WEIGHTS_DIR.relative_to(OUTPUT_DIR) / "model.safetensors"
 _METRICS = METRICS_FILE.relative_to(OUTPUT_DIR)
@@ -63,6 +64,11 @@ def check_round(
     form = release_form(order, report, vault, model_dir, versions, code_dir=None)
     if form is None:
         raise SiteError("a federated round runs a built-in trainer: it has a release form")
+    # The update's form: the release's names and shapes, in F32 (trainers.rounds).
+    layout = make_layout(form.layout)
+    form = dataclasses.replace(
+        form, layout={n: (ROUND_DTYPE, spec.shape) for n, spec in layout.items()}
+    )
     gates = gate_each(
         run_id,
         report,

@@ -206,8 +206,8 @@ class RemoteRoundSite:
         )
         return wire.reveal_value(doc.get("reveal"))
 
-    def countersign(self, order: RunOrder, final: Path, report: Report) -> Countersign:
-        doc, _ = self._call(
+    def countersign(self, order: RunOrder, final: Path, report: Report, dest: Path) -> Countersign:
+        doc, model = self._call(
             "countersign",
             order.job_id,
             -1,
@@ -217,7 +217,9 @@ class RemoteRoundSite:
         )
         for r in wire.reports_value(doc.get("reports", []), site=self.name):
             report(r)
-        return wire.countersign_value(doc.get("countersign"))
+        signed = wire.countersign_value(doc.get("countersign"))
+        dest.write_bytes(model)  # the model it signed; checked against every signature
+        return signed
 
     def forget(self, job: str, round_no: int) -> None:
         self._lengths.pop((job, round_no), None)

@@ -37,7 +37,7 @@ from enclave.federated import (
     MAX_ROUND_WEIGHT,
     RoundSite,
     apply_mean,
-    initial_adapter,
+    initial_start,
     split_mean,
     update_layout,
     update_length,
@@ -49,6 +49,7 @@ from enclave.secagg import Aggregator, RoundConfig
 from enclave.secretfile import write_secret
 from policies import channels
 from policies.errors import InvalidState, ReleaseRefused, SealroomError, SiteError
+from trainers.release import release_names
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class FederatedJob:
         self._loss_digits = loss_digits
         self.history: list[RoundResult] = []
         self._refusals: dict[str, str] = {}  # the last error class of each site left out
-        self.adapter_config = b""
+        self.config = b""  # the release's config file, as the sites gave it
         self._load_journal()
         if not (self.home / ORDER_FILE).exists():  # what a restarted gateway resumes from
             write_secret(self.home / ORDER_FILE, order_json(order).encode())
@@ -121,8 +122,14 @@ class FederatedJob:
         directory. Raises :class:`ReleaseRefused` when a site's probe refuses, and
         :class:`SiteError` when a site that trained cannot countersign."""
         needed = sorted({s for h in self.history for s in h.survivors})
+        models = self.home / "countersigned"
+        shutil.rmtree(models, ignore_errors=True)
+        models.mkdir(mode=0o700)
         signed = self._each(
-            lambda s: s.countersign(self.order, final, self._site_report), self._of(tuple(needed))
+            lambda s: s.countersign(
+                self.order, final, self._site_report, models / f"{s.name}.safetensors"
+            ),
+            self._of(tuple(needed)),
         )
         missing = [s for s in needed if s not in signed]
         if missing:
@@ -136,13 +143,17 @@ class FederatedJob:
         dest = self.home / "release"
         shutil.rmtree(dest, ignore_errors=True)
         last = self.history[-1]
+        weights_name, config_name = release_names(self.order.spec.trainer)
         write_federated_release(
             dest,
             job_id=self.order.job_id,
             spec_sha256=self.order.spec_sha256,
             approval_binding=self.order.approval_binding,
-            weights=final,
-            adapter_config=self.adapter_config,
+            # The model the sites signed: the global adapter, or a whole model the sites
+            # composed from their base and the global difference (the gateway holds no base).
+            # Whichever copy most sites sent; every site's signature is checked against it.
+            weights=(weights_name, _most_sent([models / f"{s}.safetensors" for s in signed])),
+            config=None if config_name is None else (config_name, self.config),
             metrics={"train_loss": _significant(last.loss, 4), "rounds": float(len(self.history))},
             # How many sites were in each sum, and each round's model, stay with the owners
             # (the journal, the audit): a count the data could steer, or 256 bits of a model
@@ -199,10 +210,10 @@ class FederatedJob:
             raise InvalidState(
                 "the sites do not agree on what the job's update is (their base models differ)"
             )
-        layout, self.adapter_config = next(iter(answers.values()))
+        layout, self.config = next(iter(answers.values()))
         seed = int(self.order.spec.hyperparameters.get("seed", 0))
         start = self.home / "round-0.safetensors"
-        initial_adapter(layout, seed=seed, dest=start)
+        initial_start(self.order.spec.trainer, layout, seed=seed, dest=start)
         return start
 
     def _round(self, r: int, start: Path) -> tuple[RoundResult, Path]:
@@ -261,7 +272,7 @@ class FederatedJob:
         if not path.is_file():
             return
         body = json.loads(path.read_bytes())
-        self.adapter_config = str(body["adapter_config"]).encode()
+        self.config = str(body["config"]).encode()
         self.history = [
             RoundResult(**{**r, "survivors": tuple(r["survivors"])}) for r in body["rounds"]
         ]
@@ -318,7 +329,7 @@ class FederatedJob:
     def _journal(self) -> None:
         body = {
             "job_id": self.order.job_id,
-            "adapter_config": self.adapter_config.decode(),
+            "config": self.config.decode(),
             "rounds": [{**vars(h), "survivors": list(h.survivors)} for h in self.history],
         }
         write_secret(self.home / "journal.json", json.dumps(body, indent=1).encode())
@@ -370,3 +381,10 @@ class OnGrid:
             while (left := due - self._clock()) > 0:
                 self._sleep(left)
             self._report(r)
+
+
+def _most_sent(copies: list[Path]) -> Path:
+    """The copy whose bytes most of ``copies`` hold (the first of them on a tie)."""
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in copies]
+    best = max(digests, key=digests.count)
+    return copies[digests.index(best)]

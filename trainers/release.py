@@ -33,6 +33,7 @@ from trainers.weights import WEIGHTS_FILE, TensorLayout, tensor_layout
 FULL = "full"
 LORA_ADAPTER = "lora-adapter"
 CLASSIFIER = "classifier"
+CLASSIFIER_CONFIG = "config.json"
 GRAPH_PARAMETERS = "graph-parameters"
 """The trainable parameters of a team's graph (``trainer: private``), as the site's DP-SGD
 trainer wrote them; not a model the base's libraries load."""
@@ -49,6 +50,20 @@ class ExpectedRelease:
     weights_name: str
     config_name: str | None = None
     config: bytes | None = field(default=None, repr=False)
+
+
+def release_names(trainer: str) -> tuple[str, str | None]:
+    """The names a built-in ``trainer``'s release gives its weights and its config file (None:
+    the base model's config serves). Raises :class:`ConfigError` for another trainer."""
+    names: dict[str, tuple[str, str | None]] = {
+        "causal-lm": (WEIGHTS_FILE, None),
+        "causal-lm-lora": (lora.ADAPTER_WEIGHTS, lora.ADAPTER_CONFIG),
+        "classification": (WEIGHTS_FILE, CLASSIFIER_CONFIG),
+        "private": (WEIGHTS_FILE, None),
+    }
+    if trainer not in names:
+        raise ConfigError("trainer", f"{trainer!r} is not a built-in trainer")
+    return names[trainer]
 
 
 DatasetFiles = Callable[[], Iterable[tuple[str, bytes]]]
@@ -109,7 +124,7 @@ def expected_release(
             CLASSIFIER,
             labelled.released_layout(model_dir, count),
             WEIGHTS_FILE,
-            "config.json",
+            CLASSIFIER_CONFIG,
             labelled.release_config_bytes(model_dir, names),
         )
     raise ConfigError("trainer", f"{trainer!r} is not a built-in trainer")

@@ -41,23 +41,29 @@ def base_names(model_dir: Path) -> frozenset[str]:
     return frozenset(tensor_layout(model_dir))
 
 
-def initial_start(
-    layout: TensorLayout, *, base: frozenset[str] | None, seed: int
-) -> dict[str, Any]:
-    """Round 0's start of a whole-model job as numpy arrays: zero for the tensors in ``base``
-    (the base model unchanged); a new head's matrix drawn from N(0, ``HEAD_INIT_STD``²) with
-    ``seed`` and its vectors zero. ``base`` None: every tensor is the base's (a full fine-tune)."""
+def initial_start(layout: TensorLayout, *, new: frozenset[str], seed: int) -> dict[str, Any]:
+    """Round 0's start of a whole-model job as numpy arrays: zero for the base's tensors (the
+    base model unchanged); for a ``new`` tensor (a classifier's head) its matrix drawn from
+    N(0, ``HEAD_INIT_STD``²) with ``seed``, its vectors zero."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {}
     for name in sorted(layout):
         _, shape = layout[name]
-        if base is None or name in base or len(shape) < 2:
-            out[name] = np.zeros(shape, dtype=np.float32)
-        else:
+        if name in new and len(shape) >= 2:
             out[name] = rng.normal(0.0, HEAD_INIT_STD, size=shape).astype(np.float32)
+        else:
+            out[name] = np.zeros(shape, dtype=np.float32)
     return out
+
+
+def new_tensors(trainer: str) -> frozenset[str]:
+    """The tensors of ``trainer``'s release the base model does not have: a classifier's
+    head."""
+    from trainers import labelled
+
+    return frozenset({labelled.HEAD}) if trainer == "classification" else frozenset()
 
 
 def apply_start(net: Any, start: Path, *, release: TensorLayout, model_dir: Path) -> None:

@@ -31,7 +31,7 @@ from trainers.weights import TensorLayout
 
 Train = Callable[[RoundOrder, Report], RoundUpdate | None]
 Layout = Callable[[RunOrder], tuple[TensorLayout, bytes]]
-Finish = Callable[[RunOrder, Path, Report], Countersign]
+Finish = Callable[[RunOrder, Path, Report, Path], Countersign]
 
 
 class RoundSite(Protocol):
@@ -62,7 +62,9 @@ class RoundSite(Protocol):
 
     def forget(self, job: str, round_no: int) -> None: ...
 
-    def countersign(self, order: RunOrder, final: Path, report: Report) -> Countersign: ...
+    def countersign(
+        self, order: RunOrder, final: Path, report: Report, dest: Path
+    ) -> Countersign: ...
 
 
 class Participant:
@@ -134,10 +136,10 @@ class Participant:
         self.forget(job, round_no)
         return out
 
-    def countersign(self, order: RunOrder, final: Path, report: Report) -> Countersign:
+    def countersign(self, order: RunOrder, final: Path, report: Report, dest: Path) -> Countersign:
         """The memorization probe of the job's final model on this site's data, then this
         site's countersignature of it (see the site's ``countersign``)."""
-        return self._finish(order, final, self._tagged(report, order.job_id))
+        return self._finish(order, final, self._tagged(report, order.job_id), dest)
 
     def _tagged(self, report: Report, job: str) -> Report:
         """``report``, for the reports of one round's run (or the final probe's): each said

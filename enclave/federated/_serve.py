@@ -196,12 +196,16 @@ class RoundServer:
             self._record(rep.job_id, rep)
             reports.append(rep)
 
+        released = self._starts / f"{step}.release.safetensors"
         try:
-            signed = self._rounds.countersign(order, final, report)
+            signed = self._rounds.countersign(order, final, report, released)
+            model = released.read_bytes()
         finally:
             final.unlink(missing_ok=True)
+            released.unlink(missing_ok=True)
         return wire.pack(
-            {"countersign": wire.countersign_doc(signed), "reports": wire.reports_doc(reports)}
+            {"countersign": wire.countersign_doc(signed), "reports": wire.reports_doc(reports)},
+            model,
         )
 
 

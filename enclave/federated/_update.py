@@ -21,6 +21,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from policies.errors import IntegrityError
+from trainers import rounds
 from trainers.errors import WeightsError
 from trainers.weights import TensorLayout, tensor_layout, verify_layout
 
@@ -113,6 +114,23 @@ def initial_adapter(layout: TensorLayout, *, seed: int, dest: Path) -> None:
             raise IntegrityError(f"federated round: {name} is not a LoRA matrix")
     dest.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(dest), metadata={"format": "pt"})
+
+
+def initial_start(trainer: str, layout: TensorLayout, *, seed: int, dest: Path) -> None:
+    """Write round 0's start of a federated job of ``trainer``: a LoRA adapter's
+    (:func:`initial_adapter`), or a whole model's difference from the base (zero, and a new
+    head drawn from ``seed``: :func:`trainers.rounds.initial_start`). A function of the public
+    layout and the spec, never of any data. Raises :class:`IntegrityError` for a layout that is
+    not the trainer's."""
+    if trainer == "causal-lm-lora":
+        initial_adapter(layout, seed=seed, dest=dest)
+        return
+    odd = sorted(n for n, (dtype, _) in layout.items() if dtype != rounds.ROUND_DTYPE)
+    if odd or not layout:
+        raise IntegrityError(f"federated round: tensors not in {rounds.ROUND_DTYPE}: {odd[:3]}")
+    start = rounds.initial_start(layout, new=rounds.new_tensors(trainer), seed=seed)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    save_file(start, str(dest), metadata={"format": "pt"})
 
 
 def apply_mean(start: Path, mean: np.ndarray, dest: Path) -> None:

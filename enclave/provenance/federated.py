@@ -4,10 +4,15 @@ with the deployment CA's certificate alone.
 
 A federated release directory holds::
 
-    weights/adapter_model.safetensors, weights/adapter_config.json, metrics.json
-    manifest.json   canonical JSON: the job, its spec and approval binding, every round (how
-                    many sites were in its sum, the model it gave), every file's SHA-256 and
-                    size, and each site's countersignature
+    weights/WEIGHTS  the model, named as the trainer's release names it
+                    (adapter_model.safetensors for a LoRA adapter, model.safetensors for a
+                    whole model)
+    weights/CONFIG  its config where the trainer releases one (adapter_config.json, a
+                    classifier's config.json; a full fine-tune's is the base model's)
+    metrics.json
+    manifest.json   canonical JSON: the job, its spec and approval binding, every round's
+                    number, which file is the weights, every file's SHA-256 and size, and
+                    each site's countersignature
     manifest.sig    the gateway's ECDSA signature (base64) over CONTEXT + manifest.json
     gateway.pem     the gateway's certificate (role operator, issued by the deployment CA)
 
@@ -31,7 +36,7 @@ from typing import Any
 
 from enclave import signatures
 from enclave.provenance.verify import hash_file, list_release
-from policies.errors import IntegrityError, SealroomError
+from policies.errors import IntegrityError, InvalidInput, SealroomError
 from policies.identity import Role
 
 SCHEMA = "sealroom.federated-release/v1"
@@ -40,8 +45,6 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 GATEWAY_CERT = "gateway.pem"
 GATEWAY_NAME = "gateway"
-WEIGHTS = "weights/adapter_model.safetensors"
-ADAPTER_CONFIG = "weights/adapter_config.json"
 METRICS = "metrics.json"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
@@ -95,8 +98,8 @@ def write_federated_release(
     job_id: str,
     spec_sha256: str,
     approval_binding: str,
-    weights: Path,
-    adapter_config: bytes,
+    weights: tuple[str, Path],
+    config: tuple[str, bytes] | None,
     metrics: Mapping[str, float],
     rounds: list[Mapping[str, Any]],
     sites: list[Countersign],
@@ -107,18 +110,25 @@ def write_federated_release(
     """Write and sign the release into ``dest`` (which must not exist), then verify it as the
     team will; returns the manifest's SHA-256. Raises as :func:`verify_federated_release` does
     (a countersignature not over these weights, by another site), leaving nothing at ``dest``."""
+    written = {f"weights/{weights[0]}": weights[1].read_bytes(), METRICS: _canonical(dict(metrics))}
+    if config is not None:
+        written[f"weights/{config[0]}"] = config[1]
+    if len(written) != 2 + (config is not None) or any(
+        "/" in n for n, _ in [weights, *([config] if config else [])]
+    ):
+        raise InvalidInput("the release's weights and config need two plain, different names")
     dest.mkdir(parents=True)
     (dest / "weights").mkdir()
-    (dest / WEIGHTS).write_bytes(weights.read_bytes())
-    (dest / ADAPTER_CONFIG).write_bytes(adapter_config)
-    (dest / METRICS).write_bytes(_canonical(dict(metrics)))
-    files = {rel: hash_file(dest / rel) for rel in (WEIGHTS, ADAPTER_CONFIG, METRICS)}
+    for rel, data in written.items():
+        (dest / rel).write_bytes(data)
+    files = {rel: hash_file(dest / rel) for rel in written}
     manifest = {
         "schema": SCHEMA,
         "job_id": job_id,
         "spec_sha256": spec_sha256,
         "approval_binding": approval_binding,
         "rounds": [dict(r) for r in rounds],
+        "weights": f"weights/{weights[0]}",
         "files": {rel: {"sha256": h, "size": n} for rel, (h, n) in sorted(files.items())},
         "sites": [s.to_obj() for s in sorted(sites, key=lambda s: s.site)],
     }
@@ -174,7 +184,8 @@ def verify_federated_release(directory: Path, *, ca_cert_pem: bytes) -> Verified
         what="the federated release's manifest",
     )
     files = manifest.get("files")
-    if not isinstance(files, dict) or WEIGHTS not in files:
+    weights = manifest.get("weights")
+    if not isinstance(files, dict) or not isinstance(weights, str) or weights not in files:
         raise IntegrityError("the manifest lists no weights")
     present = list_release(directory) - {MANIFEST, SIGNATURE, GATEWAY_CERT}
     if present != set(files):
@@ -187,7 +198,7 @@ def verify_federated_release(directory: Path, *, ca_cert_pem: bytes) -> Verified
         if [want.get("sha256"), want.get("size")] != list(got):
             raise IntegrityError(f"{rel}: sha256/size {got} != manifest {want}")
     verify_federated_release_sites(
-        manifest, model_sha256=files[WEIGHTS]["sha256"], ca_cert_pem=ca_cert_pem
+        manifest, model_sha256=files[weights]["sha256"], ca_cert_pem=ca_cert_pem
     )
     return VerifiedFederated(
         job_id=str(manifest.get("job_id")),

@@ -1,6 +1,7 @@
 """Three sites of one deployment, each with its own home and vault (in this process, on the real
-Docker engine), each holding one owner's dataset; a federated LoRA job's signed order over the
-three; the sites' parts in its rounds. Shared by the federated tests."""
+Docker engine), each holding one owner's dataset (text, or labelled examples); a federated
+job's signed order over the three (LoRA, a full fine-tune or a classifier); the sites' parts in
+its rounds. Shared by the federated tests."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from policies.signing import approval_message, policy_message
 from policies.spec import JobSpec, parse_spec
 from tests.integration._deployment import policy
 from trainers.basemodel import create_base_model
-from trainers.synthetic import corpus, write_corpus
+from trainers.synthetic import corpus, write_corpus, write_labelled
 
 OWNERS = {
     "site-a": ("olivia", "books-a"),
@@ -34,13 +35,20 @@ OWNERS = {
     "site-c": ("oscar", "books-c"),
 }
 
+HYPERPARAMETERS = {
+    "causal-lm-lora": "lora_r: 4, batch_size: 4, block_size: 32, learning_rate: 0.02, seed: 3",
+    "causal-lm": "batch_size: 4, block_size: 32, learning_rate: 0.002, seed: 3",
+    "classification": (
+        "batch_size: 8, labels: 'weather,speech,errand', learning_rate: 0.005, seed: 3"
+    ),
+}
 SPEC = """\
-name: fed-lora
+name: fed
 datasets: [books-a, books-b, books-c]
 base_model: tiny-lm
-trainer: causal-lm-lora
+trainer: {trainer}
 purpose: testing
-hyperparameters: {{lora_r: 4, batch_size: 4, block_size: 32, learning_rate: 0.02, seed: 3{dp}}}
+hyperparameters: {{{hp}{dp}}}
 resources: {{cpus: 1, memory_mb: 2048, timeout_s: 300}}
 federation:
   rounds: {rounds}
@@ -72,11 +80,25 @@ class Federation:
         }
 
     def order(
-        self, job_id: str, *, rounds: int = 3, local_steps: int = 4, dp_epsilon: float = 0.0
+        self,
+        job_id: str,
+        *,
+        rounds: int = 3,
+        local_steps: int = 4,
+        dp_epsilon: float = 0.0,
+        trainer: str = "causal-lm-lora",
     ) -> RunOrder:
         """The order an honest gateway sends: every owner's signed policy and approval."""
         dp = f", dp_epsilon: {dp_epsilon}" if dp_epsilon else ""
-        spec: JobSpec = parse_spec(SPEC.format(rounds=rounds, local_steps=local_steps, dp=dp))
+        spec: JobSpec = parse_spec(
+            SPEC.format(
+                trainer=trainer,
+                hp=HYPERPARAMETERS[trainer],
+                rounds=rounds,
+                local_steps=local_steps,
+                dp=dp,
+            )
+        )
         datasets = tuple((ds, 1) for _, ds in OWNERS.values())
         owner_of = {ds: owner for owner, ds in OWNERS.values()}
         order = RunOrder(
@@ -130,8 +152,11 @@ def _tar(source: Path) -> io.BytesIO:
 
 
 @contextmanager
-def federation(root: Path, *, policies: dict[str, str] | None = None) -> Iterator[Federation]:
-    """Three sites, each with its owner's dataset (a different generated corpus) registered."""
+def federation(
+    root: Path, *, policies: dict[str, str] | None = None, labelled: bool = False
+) -> Iterator[Federation]:
+    """Three sites, each with its owner's dataset (a different generated corpus, or labelled
+    examples) registered."""
     ca = CertificateAuthority.init(root / "ca")
     owners = {
         owner: ca.issue(owner, role=Role.DATA_OWNER, out_dir=root / "people")
@@ -149,7 +174,10 @@ def federation(root: Path, *, policies: dict[str, str] | None = None) -> Iterato
             agents[site] = agent
             agent.models.register("tiny-lm", base)
             source = root / f"{ds}-source"
-            write_corpus(source, documents=10, seed=40 + i)
+            if labelled:
+                write_labelled(source, count=80, seed=40 + i)
+            else:
+                write_corpus(source, documents=10, seed=40 + i)
             agent.store_dataset(ds, archive=_tar(source))
         yield Federation(ca, owners, agents, signers, base, texts)
     finally:

@@ -68,8 +68,8 @@ def test_a_federated_lora_job_converges_and_its_model_loads(
     release = tmp_path / "release"
     release.mkdir()
     shutil.copy(final, release / "adapter_model.safetensors")
-    (release / "adapter_config.json").write_bytes(job.adapter_config)
-    assert json.loads(job.adapter_config)["r"] == 4
+    (release / "adapter_config.json").write_bytes(job.config)
+    assert json.loads(job.config)["r"] == 4
     base = AutoModelForCausalLM.from_pretrained(fed.base_model)
     with warnings.catch_warnings():  # peft asking transformers for a deprecated name: not ours
         warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
@@ -191,3 +191,89 @@ def test_dp_epsilon_is_composed_over_the_rounds_and_countersigned_per_site(
         digest = hashlib.sha256(start.read_bytes()).hexdigest()
         with pytest.raises(PolicyViolation, match="beyond the 2 rounds"):
             fed.agents["site-a"].train_round(RoundOrder(order, 2, start, digest), reports.append)
+
+
+def _release(fed: Any, job: FederatedJob, final: Path, tmp_path: Path) -> Path:
+    from policies.identity import Role
+
+    gateway = fed.ca.issue("gateway", role=Role.OPERATOR, out_dir=tmp_path / "gw-id")
+    return job.release(final, signer=gateway)
+
+
+def test_a_federated_full_fine_tune_converges_and_releases_a_whole_model(
+    tmp_path: Path, runtime_image: str
+) -> None:
+    """The whole model federated: each round's update is the weight delta, the gateway keeps
+    the global difference from the base (it holds no base), every site composes the same final
+    model from its own base, probes it for memorization of its data and countersigns it; the
+    release is the base's layout and loads as a causal LM."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from enclave.provenance.federated import verify_federated_release
+
+    policies = {ds: policy(ds, memorization=True) for _, ds in OWNERS.values()}
+    reports: list[SiteReport] = []
+    with federation(tmp_path / "fed", policies=policies) as fed:
+        order = fed.order("fed-full", rounds=3, local_steps=6, trainer="causal-lm")
+        job = FederatedJob(order, reports.append, sites=fed.participants(), home=tmp_path / "gw")
+        final = job.run()
+        release = _release(fed, job, final, tmp_path)
+        verified = verify_federated_release(release, ca_cert_pem=fed.ca.cert_pem)
+        base = fed.base_model
+
+    assert [h.sites for h in job.history] == [3, 3, 3]
+    losses = [h.loss for h in job.history]
+    assert losses[-1] < losses[0], losses
+    assert verified.manifest["weights"] == "weights/model.safetensors"
+    assert sorted(verified.manifest["files"]) == ["metrics.json", "weights/model.safetensors"]
+    assert sorted(verified.sites) == sorted(OWNERS)
+    # Each site probed the final (composed) model on its own data before it countersigned.
+    probes = [
+        r
+        for r in reports
+        if r.audit_action == "release.check" and (r.details or {}).get("check") == "memorization"
+    ]
+    assert {r.site for r in probes} >= set(OWNERS), [r.audit_action for r in reports][-20:]
+    # The release is the base's layout with new values, and loads and generates as it is.
+    released = load_file(str(release / "weights" / "model.safetensors"))
+    original = load_file(str(base / "model.safetensors"))
+    assert released.keys() == original.keys()
+    assert all(released[k].dtype == original[k].dtype for k in original)
+    assert max(float((released[k] - original[k]).abs().max()) for k in original) > 1e-4
+    model_dir = tmp_path / "loadable"
+    model_dir.mkdir()
+    shutil.copy(base / "config.json", model_dir / "config.json")
+    shutil.copy(release / "weights" / "model.safetensors", model_dir / "model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = _prompt_ids(base)
+    assert model.generate(ids, max_new_tokens=5, do_sample=False).shape[1] == ids.shape[1] + 5
+
+
+def _prompt_ids(base: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base)("The", return_tensors="pt").input_ids
+
+
+def test_a_federated_classifier_trains_one_head_across_sites(
+    tmp_path: Path, runtime_image: str
+) -> None:
+    """A classifier federated: the head starts from the gateway's seeded draw at every site
+    and is averaged like the backbone; the release (weights and the classifier's config)
+    loads as a sequence classifier over the spec's labels."""
+    from transformers import AutoModelForSequenceClassification
+
+    reports: list[SiteReport] = []
+    with federation(tmp_path / "fed", labelled=True) as fed:
+        order = fed.order("fed-cls", rounds=2, local_steps=4, trainer="classification")
+        job = FederatedJob(order, reports.append, sites=fed.participants(), home=tmp_path / "gw")
+        final = job.run()
+        release = _release(fed, job, final, tmp_path)
+
+    assert [h.sites for h in job.history] == [3, 3]
+    assert all(h.loss == h.loss for h in job.history)  # finite
+    weights = release / "weights"
+    assert sorted(p.name for p in weights.iterdir()) == ["config.json", "model.safetensors"]
+    model = AutoModelForSequenceClassification.from_pretrained(weights)
+    assert model.config.id2label == {0: "weather", 1: "speech", 2: "errand"}

@@ -32,7 +32,7 @@ federation: {rounds: 2, local_steps: 3, min_sites: 3, update_clip: 0.5}
 MEMBERS = ("site-a", "site-b", "site-c")
 
 
-def _no_finish(order: RunOrder, final: Path, report: Report) -> Countersign:
+def _no_finish(order: RunOrder, final: Path, report: Report, dest: Path) -> Countersign:
     raise AssertionError("no release in these tests")
 
 

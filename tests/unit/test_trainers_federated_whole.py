@@ -61,7 +61,7 @@ def test_a_full_fine_tune_round_starts_from_base_plus_difference(
 ) -> None:
     base = template / "model" / "base"
     layout = rounds.round_layout(tensor_layout(base))
-    zero = rounds.initial_start(layout, base=None, seed=0)
+    zero = rounds.initial_start(layout, new=frozenset(), seed=0)
     assert all(not v.any() for v in zero.values())
     rng = np.random.default_rng(5)
     moved = {k: rng.normal(0, 0.01, size=v.shape).astype(np.float32) for k, v in zero.items()}
@@ -114,7 +114,9 @@ def test_a_classifier_round_starts_its_head_from_the_start(
 ) -> None:
     base = labelled_template / "model" / "base"
     release = labelled.released_layout(base, 3)
-    start = rounds.initial_start(rounds.round_layout(release), base=rounds.base_names(base), seed=4)
+    new = rounds.new_tensors("classification")
+    assert new == set(release) - rounds.base_names(base)
+    start = rounds.initial_start(rounds.round_layout(release), new=new, seed=4)
     head = start[labelled.HEAD]
     assert head.std() == pytest.approx(rounds.HEAD_INIT_STD, rel=0.3)
     assert all(not v.any() for k, v in start.items() if k != labelled.HEAD)
@@ -135,7 +137,7 @@ def test_a_start_that_does_not_fit_the_whole_model_is_a_bad_config(
     template: Path, tmp_path: Path
 ) -> None:
     layout = rounds.round_layout(tensor_layout(template / "model" / "base"))
-    start = rounds.initial_start(layout, base=None, seed=0)
+    start = rounds.initial_start(layout, new=frozenset(), seed=0)
     name = sorted(start)[0]
     for case, bad in {
         "missing": {k: v for k, v in start.items() if k != name},
