@@ -177,3 +177,30 @@ def test_a_file_added_to_the_release_fails(made: Made) -> None:
     with pytest.raises(IntegrityError, match="extra"):
         verify_federated_release(release, ca_cert_pem=ca.cert_pem)
     assert issubclass(IntegrityError, SealroomError)
+
+
+def test_a_site_sending_another_model_than_it_signed_gets_nothing_released(
+    made: Made, tmp_path: Path
+) -> None:
+    """A whole model's release is composed at the sites, each sending the copy it signed. The
+    gateway releases the copy most sites sent; a lying minority is outvoted, and a lying
+    majority's copy fails every honest countersignature: nothing is released."""
+    from gateway._rounds import _most_sent
+
+    _, ca, ids = made
+    signed = tmp_path / "final.safetensors"
+    other = tmp_path / "other.safetensors"
+    save_file({"x.lora_A.weight": np.zeros((2, 3), np.float32)}, str(other))
+    copies = {}
+    for site, source in (("site-a", other), ("site-b", signed), ("site-c", signed)):
+        copies[site] = tmp_path / f"{site}.safetensors"
+        shutil.copy(source, copies[site])
+    chosen = _most_sent([copies[s] for s in sorted(copies)])
+    assert chosen.read_bytes() == signed.read_bytes()
+    _write(tmp_path / "outvoted", chosen, ca, ids, _sign_all(ids, signed))
+    shutil.copy(other, copies["site-b"])
+    chosen = _most_sent([copies[s] for s in sorted(copies)])
+    assert chosen.read_bytes() == other.read_bytes()
+    with pytest.raises(SignatureError, match="countersignature of site site-a"):
+        _write(tmp_path / "majority", chosen, ca, ids, _sign_all(ids, signed))
+    assert not (tmp_path / "majority").exists()
