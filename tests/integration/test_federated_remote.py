@@ -40,7 +40,7 @@ def test_a_federated_job_across_three_site_processes_releases_a_verified_model(
 ) -> None:
     fed.start_gateway()
     fed.start_sites()
-    job_id = fed.submit(rounds=2)
+    job_id = fed.submit(rounds=2, local_steps=6)
     with fed.client("theo") as team:
         events = list(team.watch(job_id, timeout=900))
         final = team.job(job_id)
@@ -52,7 +52,11 @@ def test_a_federated_job_across_three_site_processes_releases_a_verified_model(
     verified = verify_federated_release(dest, ca_cert_pem=fed.ca.cert_path.read_bytes())
     assert verified.sites == ("site-a", "site-b", "site-c") and verified.rounds == 2
     # Every round summed all three sites (the gateway's journal: the owners', not the team's).
-    assert [r["sites"] for r in fed.journal(job_id)["rounds"]] == [3, 3]  # type: ignore[index]
+    rounds = fed.journal(job_id)["rounds"]
+    assert [r["sites"] for r in rounds] == [3, 3]  # type: ignore[index]
+    # It converges: the second round's mean training loss (secure-summed) below the first's.
+    losses = [r["loss"] for r in rounds]  # type: ignore[index]
+    assert losses[1] < losses[0], losses
     assert [sorted(r) for r in verified.manifest["rounds"]] == [["round"], ["round"]]
     with fed.client("carol") as carol:  # each dataset's takedown report lists the release
         for _, ds in SITES.values():
