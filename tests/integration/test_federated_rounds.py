@@ -193,11 +193,19 @@ def test_dp_epsilon_is_composed_over_the_rounds_and_countersigned_per_site(
             fed.agents["site-a"].train_round(RoundOrder(order, 2, start, digest), reports.append)
 
 
-def _release(fed: Any, job: FederatedJob, final: Path, tmp_path: Path) -> Path:
+def _run_and_release(
+    fed: Any, tmp_path: Path, job_id: str, **plan: Any
+) -> tuple[FederatedJob, list[SiteReport], Path]:
+    """Run ``job_id`` (the order's ``plan``) to its last round, then release it under a
+    gateway identity of the federation's CA: the job, every site report, the release."""
     from policies.identity import Role
 
+    reports: list[SiteReport] = []
+    order = fed.order(job_id, **plan)
+    job = FederatedJob(order, reports.append, sites=fed.participants(), home=tmp_path / "gw")
+    final = job.run()
     gateway = fed.ca.issue("gateway", role=Role.OPERATOR, out_dir=tmp_path / "gw-id")
-    return job.release(final, signer=gateway)
+    return job, reports, job.release(final, signer=gateway)
 
 
 def test_a_federated_full_fine_tune_converges_and_releases_a_whole_model(
@@ -213,12 +221,10 @@ def test_a_federated_full_fine_tune_converges_and_releases_a_whole_model(
     from enclave.provenance.federated import verify_federated_release
 
     policies = {ds: policy(ds, memorization=True) for _, ds in OWNERS.values()}
-    reports: list[SiteReport] = []
     with federation(tmp_path / "fed", policies=policies) as fed:
-        order = fed.order("fed-full", rounds=3, local_steps=6, trainer="causal-lm")
-        job = FederatedJob(order, reports.append, sites=fed.participants(), home=tmp_path / "gw")
-        final = job.run()
-        release = _release(fed, job, final, tmp_path)
+        job, reports, release = _run_and_release(
+            fed, tmp_path, "fed-full", rounds=3, local_steps=6, trainer="causal-lm"
+        )
         verified = verify_federated_release(release, ca_cert_pem=fed.ca.cert_pem)
         base = fed.base_model
 
@@ -264,12 +270,10 @@ def test_a_federated_classifier_trains_one_head_across_sites(
     loads as a sequence classifier over the spec's labels."""
     from transformers import AutoModelForSequenceClassification
 
-    reports: list[SiteReport] = []
     with federation(tmp_path / "fed", labelled=True) as fed:
-        order = fed.order("fed-cls", rounds=2, local_steps=4, trainer="classification")
-        job = FederatedJob(order, reports.append, sites=fed.participants(), home=tmp_path / "gw")
-        final = job.run()
-        release = _release(fed, job, final, tmp_path)
+        job, _, release = _run_and_release(
+            fed, tmp_path, "fed-cls", rounds=2, local_steps=4, trainer="classification"
+        )
 
     assert [h.sites for h in job.history] == [3, 3]
     assert all(h.loss == h.loss for h in job.history)  # finite
