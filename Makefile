@@ -9,7 +9,7 @@ VPY       := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 PROTO_SRC := $(wildcard proto/sealroom/v1/*.proto)
 
-.PHONY: all venv docker image proto proto-check test test-unit demo bench bench-ci lint clean
+.PHONY: all venv docker slurm image proto proto-check test test-unit demo bench bench-ci lint clean
 
 all: test
 
@@ -26,6 +26,9 @@ venv: $(STAMP)
 docker:
 	enclave/image/ensure-docker.sh
 
+slurm:
+	enclave/image/ensure-slurm.sh
+
 image: venv docker
 	enclave/image/build.sh $(abspath $(VPY))
 
@@ -35,7 +38,7 @@ proto: venv
 proto-check: venv
 	$(VPY) -m gateway._protogen --check
 
-test: image lint
+test: image slurm lint
 	CI=$${CI:-} $(VPY) -m pytest -q
 
 test-unit: venv

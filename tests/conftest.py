@@ -2,8 +2,10 @@
 
 Docker: tests marked ``docker`` get a client from :func:`docker_client`. Where no engine answers
 they are skipped on a developer's machine, and they *fail* when ``CI=true``: in CI a missing
-engine is a broken set-up, never a pass. Every container and volume a test run creates carries
-the label ``org.sealroom.test-run=<run id>`` and is removed at the end of the session.
+engine is a broken set-up, never a pass. Slurm: tests marked ``slurm`` get the test cluster from
+:func:`slurm_cluster` (``enclave/image/ensure-slurm.sh``), under the same rule. Every container
+and volume a test run creates carries the label ``org.sealroom.test-run=<run id>`` and is
+removed at the end of the session.
 """
 
 from __future__ import annotations
@@ -61,3 +63,19 @@ def runtime_image(docker_client: Any) -> str:
 @pytest.fixture
 def test_labels() -> dict[str, str]:
     return {TEST_RUN_LABEL: TEST_RUN_ID}
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> str:
+    """The partition of the test cluster (two nodes, ``node-a`` and ``node-b``), started by
+    ``enclave/image/ensure-slurm.sh`` if it does not answer."""
+    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [os.path.join(top, "enclave/image/ensure-slurm.sh")], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        why = (done.stderr or done.stdout).strip()[-2000:]
+        if _in_ci():
+            pytest.fail(f"CI=true and the Slurm test cluster does not start: {why}")
+        pytest.skip(f"no Slurm test cluster: {why}")
+    return "enclave"
