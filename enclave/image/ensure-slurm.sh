@@ -15,7 +15,7 @@ HOST_IP=10.213.0.1
 NODE_B_IP=10.213.0.2
 
 up() {
-  sinfo -h -N -o '%N %t' 2>/dev/null | awk '$2 ~ /^(idle|mix|alloc)/ {n++} END {exit n != 2}'
+  [ -s /etc/slurm/oci.conf ] && sinfo -h -N -o '%N %t' 2>/dev/null | awk '$2 ~ /^(idle|mix|alloc)/ {n++} END {exit n != 2}'
 }
 
 if up; then
@@ -102,6 +102,14 @@ NodeName=node-b NodeAddr=$NODE_B_IP CPUs=$cpus RealMemory=$mem_mb Feature=node-b
 PartitionName=enclave Nodes=node-a,node-b Default=YES MaxTime=60 State=UP OverSubscribe=NO
 EOF
 install -d -m 0755 /var/spool/slurmd/node-a /var/spool/slurmd/node-b
+# srun --container=BUNDLE starts the bundle with runc (Debian's crun 1.8 fails on this host's
+# hybrid cgroups); the bundle's config.json carries the isolation (enclave/runtime/_oci.py).
+cat > /etc/slurm/oci.conf <<'EOF'
+RunTimeQuery="runc --root=/run/sealroom-runc state %n.%u.%j.%s.%t"
+RunTimeKill="runc --root=/run/sealroom-runc kill -a %n.%u.%j.%s.%t SIGKILL"
+RunTimeDelete="runc --root=/run/sealroom-runc delete --force %n.%u.%j.%s.%t"
+RunTimeRun="runc --root=/run/sealroom-runc run %n.%u.%j.%s.%t -b %b"
+EOF
 
 if ! scontrol ping 2>/dev/null | grep -q UP; then
   setsid /usr/sbin/slurmctld -i </dev/null >/dev/null 2>&1 &
