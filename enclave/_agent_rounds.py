@@ -19,13 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from enclave import _channels, signatures, sovereignty
-from enclave._release_steps import gate_each, memorization_inputs, release_form, training_rows
+from enclave._release_steps import (
+    gate_each,
+    memorization_inputs,
+    release_form,
+    release_layout,
+    training_rows,
+)
 from enclave.contract import Report, RoundOrder, RoundUpdate, RunOrder, SiteReport
 from enclave.federated import MAX_ROUND_WEIGHT, RoundBook
-from enclave.gate import ReleaseKind
 from enclave.identity import IdentityFiles
 from enclave.models import ModelStore
 from enclave.provenance.federated import Countersign, countersign_message
+from enclave.provenance.verify import hash_file
 from enclave.vault import Vault
 from policies import document
 from policies.errors import IntegrityError, InvalidInput, InvalidState, ReleaseRefused, SiteError
@@ -163,7 +169,7 @@ class RoundRuns:
         if spec.trainer not in FEDERATED_TRAINERS:
             raise InvalidInput(f"trainer {spec.trainer!r} has no federated round")
         model_dir = self.models.get(spec.base_model).path
-        if spec.trainer != "causal-lm-lora" and not (model_dir / WEIGHTS_FILE).is_file():
+        if model_rounds.whole_model(spec.trainer) and not (model_dir / WEIGHTS_FILE).is_file():
             raise InvalidInput(
                 f"base model {spec.base_model!r} is sharded: a federated {spec.trainer} job "
                 "needs its weights in one file"
@@ -196,14 +202,13 @@ class RoundRuns:
         if form is None:
             raise SiteError("a federated job runs a built-in trainer: it has a release form")
         released = gate_in / "model.safetensors"
-        if form.kind is ReleaseKind.LORA_ADAPTER:  # the global adapter is the release
+        if not model_rounds.whole_model(order.spec.trainer):  # the global adapter is it
             shutil.copyfile(final, released)
         else:  # a whole model: the base plus the global difference
             try:
-                release = expected_release(
-                    order.spec.trainer, dict(order.spec.hyperparameters), model_dir=model.path
-                ).layout
-                model_rounds.compose(final, release=release, model_dir=model.path, dest=released)
+                model_rounds.compose(
+                    final, release=release_layout(form), model_dir=model.path, dest=released
+                )
             except WeightsError as e:
                 raise IntegrityError(f"the final global model is not usable: {e}") from e
         probe = MANDATORY_CHECKS | {CheckName.MEMORIZATION}
@@ -219,8 +224,7 @@ class RoundRuns:
             layout=model.layout,
             form=form,
             run_dir=run_dir,
-            spent={},
-            epsilon=lambda delta: math.inf,  # no DP check: the rounds' gates had theirs
+            # No DP check here: the rounds' gates had theirs.
             memorization=lambda dataset: memorization_inputs(
                 run_id, report, self.vault, model.path, versions, dataset
             ),
@@ -231,7 +235,7 @@ class RoundRuns:
         _, delta = _dp_limits(mine)
         epsilon = rec.epsilon(delta=delta)
         shown = None if math.isinf(epsilon) else epsilon
-        digest = hashlib.sha256(released.read_bytes()).hexdigest()
+        digest, _ = hash_file(released)
         message = countersign_message(
             job_id=job,
             model_sha256=digest,

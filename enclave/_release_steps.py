@@ -37,12 +37,13 @@ from policies import channels
 from policies.channels import REJECTED_BY_CHECK, TeamReason
 from policies.errors import ReleaseRefused, SiteError
 from policies.lifecycle import JobState
-from policies.release import CheckName, ReleaseRules
+from policies.release import CheckName, ReleaseRules, make_layout
 from trainers import privacy
 from trainers.contract import DPParameters
 from trainers.errors import TrainerError
 from trainers.labelled import labelled_file
 from trainers.release import expected_release
+from trainers.weights import TensorLayout
 
 
 def check_and_sign(
@@ -134,20 +135,23 @@ def gate_each(
     layout: Any,
     form: ReleaseForm | None,
     run_dir: Path,
-    spent: Mapping[str, float],
-    epsilon: Callable[[float], float],
-    memorization: Callable[[str], MemorizationInputs],
+    spent: Mapping[str, float] | None = None,
+    epsilon: Callable[[float], float] | None = None,
+    memorization: Callable[[str], MemorizationInputs] | None = None,
 ) -> dict[str, GateResult]:
     """Run the gate over ``source`` once per dataset's rules (into ``run_dir/gate-DATASET``)
     and audit every check. The DP check, where a dataset's rules have it, weighs the ε the
     site charges (``epsilon`` at the rules' δ) against what the dataset has ``spent``; the
-    memorization probe, where they have it, gets ``memorization(dataset)``."""
+    memorization probe, where they have it, gets ``memorization(dataset)``. Rules that ask for
+    a check whose inputs are not given are refused by the gate (:class:`InvalidInput`)."""
     gates: dict[str, GateResult] = {}
     for dataset, r in rules:
         dp = None
-        if CheckName.DP in r.checks and r.dp is not None:
-            dp = DPInputs(spent=spent.get(dataset, 0.0), epsilon=epsilon(r.dp.delta))
-        memo = memorization(dataset) if CheckName.MEMORIZATION in r.checks else None
+        if CheckName.DP in r.checks and r.dp is not None and epsilon is not None:
+            dp = DPInputs(spent=(spent or {}).get(dataset, 0.0), epsilon=epsilon(r.dp.delta))
+        memo = None
+        if CheckName.MEMORIZATION in r.checks and memorization is not None:
+            memo = memorization(dataset)
         result = run_gate(
             source,
             rules=r,
@@ -160,6 +164,11 @@ def gate_each(
         audit_checks(run_id, report, dataset, result)
         gates[dataset] = result
     return gates
+
+
+def release_layout(form: ReleaseForm) -> TensorLayout:
+    """A release form's layout as the trainers write it (name -> (dtype, shape))."""
+    return {n: (s.dtype, s.shape) for n, s in make_layout(form.layout).items()}
 
 
 def memorization_inputs(

@@ -15,12 +15,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
 from enclave import _beneath, _channels
-from enclave._release_steps import gate_each, refused, release_form
+from enclave._release_steps import gate_each, refused, release_form, release_layout
 from enclave.contract import Report, RoundOrder, RoundUpdate, SiteReport
 from enclave.federated import read_vector, round_vector, update_layout, write_update
 from enclave.gate import RELEASED_METRICS
@@ -28,9 +27,9 @@ from enclave.vault import DatasetVersion, Vault
 from policies.channels import TeamReason
 from policies.errors import IntegrityError, SiteError
 from policies.lifecycle import JobState
-from policies.release import CheckName, OutputLimits, ReleaseRules, make_layout
+from policies.release import CheckName, OutputLimits, ReleaseRules
 from trainers.contract import METRICS_FILE, OUTPUT_DIR, WEIGHTS_DIR
-from trainers.rounds import ROUND_DTYPE
+from trainers.rounds import round_layout
 
 _WEIGHTS = WEIGHTS_DIR.relative_to(OUTPUT_DIR) / "model.safetensors"
 _METRICS = METRICS_FILE.relative_to(OUTPUT_DIR)
@@ -59,16 +58,13 @@ def check_round(
         write_update(taken / _WEIGHTS, rnd.start, gate_in / _WEIGHTS)
     except IntegrityError as e:
         return refused_structure(run_id, str(e))
-    if (taken / _METRICS).is_file():
-        shutil.copyfile(taken / _METRICS, gate_in / _METRICS)
+    if (taken / _METRICS).is_file():  # the site's own copy: moved, not copied again
+        (taken / _METRICS).rename(gate_in / _METRICS)
     form = release_form(order, report, vault, model_dir, versions, code_dir=None)
     if form is None:
         raise SiteError("a federated round runs a built-in trainer: it has a release form")
     # The update's form: the release's names and shapes, in F32 (trainers.rounds).
-    layout = make_layout(form.layout)
-    form = dataclasses.replace(
-        form, layout={n: (ROUND_DTYPE, spec.shape) for n, spec in layout.items()}
-    )
+    form = dataclasses.replace(form, layout=round_layout(release_layout(form)))
     gates = gate_each(
         run_id,
         report,
@@ -80,7 +76,6 @@ def check_round(
         run_dir=run_dir,
         spent=order.epsilon_spent,
         epsilon=lambda delta: epsilon,
-        memorization=_no_probe,
     )
     refusal = refused(run_id, gates)
     if refusal is not None:
@@ -92,10 +87,6 @@ def check_round(
     loss = float(metrics.get("train_loss", math.nan))
     clip = order.spec.federation.update_clip if order.spec.federation else 1.0
     return RoundUpdate(vector=round_vector(vector, loss, clip=clip), weight=weight)
-
-
-def _no_probe(dataset: str) -> Any:
-    raise AssertionError("a round's update is never probed for memorization")
 
 
 def take_output(output: Path, dest: Path, limits: list[OutputLimits]) -> Path:

@@ -23,12 +23,25 @@ from pathlib import Path
 from typing import Any
 
 from trainers.errors import ConfigError, WeightsError
-from trainers.weights import WEIGHTS_FILE, TensorLayout, tensor_layout, verify_layout
+from trainers.weights import (
+    WEIGHTS_FILE,
+    TensorLayout,
+    export_layout,
+    tensor_layout,
+    verify_layout,
+)
 
 ROUND_DTYPE = "F32"
+WHOLE_MODEL_TRAINERS = ("causal-lm", "classification")
 HEAD_INIT_STD = 0.02
 """The standard deviation of a new head's round-0 initialisation (Hugging Face's default
 ``initializer_range``)."""
+
+
+def whole_model(trainer: str) -> bool:
+    """Whether a federated job of ``trainer`` federates the whole model (as its difference
+    from the base) rather than a LoRA adapter."""
+    return trainer in WHOLE_MODEL_TRAINERS
 
 
 def round_layout(release: TensorLayout) -> TensorLayout:
@@ -101,8 +114,6 @@ def export_difference(
     import torch
     from safetensors import safe_open
 
-    from trainers.weights import export_layout
-
     out: dict[str, torch.Tensor] = {}
     with safe_open(str(model_dir / WEIGHTS_FILE), framework="pt") as base:
         stored = set(base.keys())
@@ -122,8 +133,6 @@ def compose(difference: Path, *, release: TensorLayout, model_dir: Path, dest: P
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file
-
-    from trainers.weights import export_layout
 
     verify_layout(expected=round_layout(release), actual=tensor_layout(difference))
     values = load_file(str(difference))

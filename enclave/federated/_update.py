@@ -122,7 +122,7 @@ def initial_start(trainer: str, layout: TensorLayout, *, seed: int, dest: Path) 
     head drawn from ``seed``: :func:`trainers.rounds.initial_start`). A function of the public
     layout and the spec, never of any data. Raises :class:`IntegrityError` for a layout that is
     not the trainer's."""
-    if trainer == "causal-lm-lora":
+    if not rounds.whole_model(trainer):
         initial_adapter(layout, seed=seed, dest=dest)
         return
     odd = sorted(n for n, (dtype, _) in layout.items() if dtype != rounds.ROUND_DTYPE)

@@ -57,7 +57,7 @@ def test_two_jobs_run_on_two_nodes_at_once_and_cancel_pending_or_running(
     slurm_cluster: str,
 ) -> None:
     jobs = [
-        _run("sbatch", "--parsable", "-p", slurm_cluster, "-w", n, "--exclusive",
+        _run("sbatch", "--parsable", "-o", "/dev/null", "-p", slurm_cluster, "-w", n, "--exclusive",
              "--wrap", "sleep 30")
         for n in NODES
     ]  # fmt: skip
@@ -67,8 +67,8 @@ def test_two_jobs_run_on_two_nodes_at_once_and_cancel_pending_or_running(
         nodes = {_run("squeue", "-h", "-j", j, "-o", "%N") for j in jobs}
         assert nodes == set(NODES)
         # A third, exclusive on a busy node, waits; cancelled while pending it never runs.
-        pending = _run("sbatch", "--parsable", "-p", slurm_cluster, "-w", "node-a",
-                       "--exclusive", "--wrap", "true")  # fmt: skip
+        pending = _run("sbatch", "--parsable", "-o", "/dev/null", "-p", slurm_cluster,
+                       "-w", "node-a", "--exclusive", "--wrap", "true")  # fmt: skip
         assert _state(pending) == "PENDING"
         _run("scancel", pending)
         assert _until(pending, {"CANCELLED"}) == "CANCELLED"
